@@ -1,0 +1,107 @@
+"""Put LoRA factors into a PEFT model and take them out again.
+
+The base model is wrapped once (:func:`wrap`) with the global adapter named ``"default"`` at rank
+r_max. A client's adapter of rank r_k is added next to it, trained, read out and deleted
+(:func:`attach`, :func:`detach`), so one base model serves every simulated client. Module names
+are the base model's own (``model.layers.0.self_attn.q_proj``).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from hetlora.errors import HetLoRAError
+from hetlora.lora import Factors
+
+GLOBAL = "default"
+CLIENT = "client"
+_PREFIX = "base_model.model."
+
+
+def lora_config(rank: int, scale: float, target_modules: list[str]) -> LoraConfig:
+    """A PEFT config whose scale ``lora_alpha / r`` equals ``scale`` for every rank."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=scale * rank,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def wrap(model: torch.nn.Module, rank: int, scale: float, target_modules: list[str]) -> PeftModel:
+    """Wrap the frozen base once, with the global adapter at ``rank`` (PEFT's init: B = 0)."""
+    try:
+        peft_model = get_peft_model(model, lora_config(rank, scale, target_modules))
+    except ValueError as exc:
+        raise HetLoRAError(f"cannot put LoRA on modules {target_modules}: {exc}") from None
+    return peft_model
+
+
+def live_factors(
+    peft_model: PeftModel, adapter: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's ``(B, A)`` weight parameters per module (live, not copies)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+            out[key] = (module.lora_B[adapter].weight, module.lora_A[adapter].weight)
+    if not out:
+        raise HetLoRAError(f"the model has no LoRA adapter named {adapter!r}")
+    return out
+
+
+def read_factors(peft_model: PeftModel, adapter: str = GLOBAL) -> Factors:
+    """Detached CPU fp32 copies of an adapter's factors."""
+    return {
+        k: (b.detach().float().cpu().clone(), a.detach().float().cpu().clone())
+        for k, (b, a) in live_factors(peft_model, adapter).items()
+    }
+
+
+@torch.no_grad()
+def write_factors(peft_model: PeftModel, factors: Factors, adapter: str = GLOBAL) -> None:
+    """Copy ``factors`` into an adapter of the same module names and shapes."""
+    live = live_factors(peft_model, adapter)
+    if set(live) != set(factors):
+        missing, extra = sorted(set(live) - set(factors)), sorted(set(factors) - set(live))
+        raise HetLoRAError(
+            f"factor modules do not match the adapter: missing {missing[:3]}, extra {extra[:3]}"
+        )
+    for name, (b, a) in factors.items():
+        lb, la = live[name]
+        if lb.shape != b.shape or la.shape != a.shape:
+            raise HetLoRAError(
+                f"{name}: factors of shape {tuple(b.shape)}, {tuple(a.shape)} do not fit "
+                f"the adapter's {tuple(lb.shape)}, {tuple(la.shape)}"
+            )
+        lb.copy_(b)
+        la.copy_(a)
+
+
+def attach(
+    peft_model: PeftModel, factors: Factors, rank: int, scale: float, target_modules: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Add the client adapter at ``rank`` holding ``factors``, make it the only trainable one."""
+    peft_model.add_adapter(CLIENT, lora_config(rank, scale, target_modules))
+    peft_model.set_adapter(CLIENT)
+    write_factors(peft_model, factors, CLIENT)
+    live = live_factors(peft_model, CLIENT)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    for b, a in live.values():
+        b.requires_grad_(True)
+        a.requires_grad_(True)
+    return live
+
+
+def detach(peft_model: PeftModel) -> None:
+    """Delete the client adapter and make the global adapter active again."""
+    peft_model.set_adapter(GLOBAL)
+    peft_model.delete_adapter(CLIENT)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)

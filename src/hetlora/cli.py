@@ -1,0 +1,231 @@
+"""The ``hetlora`` command line: federated fine-tuning runs with live progress and a summary table.
+
+Only this module prints. Expected failures (:class:`~hetlora.errors.HetLoRAError`) become one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hetlora.errors import HetLoRAError
+
+app = typer.Typer(
+    help="HetLoRA: federated fine-tuning with heterogeneous LoRA ranks (arXiv 2401.06432).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class LiveProgress:
+    """Turns the engine's progress events into a rich display: rounds, client steps, loss, rank."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.rounds = progress.add_task("rounds", total=None, status="setting up")
+        self.steps = progress.add_task("client", total=None, status="", visible=False)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        p = self.progress
+        if kind == "setup":
+            p.update(self.rounds, status=f"loading {event['stage']}")
+        elif kind == "eval":
+            p.update(self.rounds, status=f"evaluating round {event['round']}")
+        elif kind == "generate":
+            p.update(self.rounds, status=f"generating ({event['which']} model) for ROUGE-L")
+        elif kind == "round_start":
+            p.update(self.rounds, total=event["rounds"], status=f"round {event['round']}")
+        elif kind == "client_start":
+            p.update(
+                self.steps,
+                description=f"client {event['index'] + 1}/{event['of']}",
+                completed=0,
+                total=None,
+                visible=True,
+                status=f"{event['client']}  rank {event['rank']}",
+            )
+        elif kind == "step":
+            p.update(
+                self.steps,
+                completed=event["step"],
+                total=event["of"],
+                status=f"{event['client']}  loss {event['loss']:.3f}",
+            )
+        elif kind == "client_end":
+            p.update(
+                self.steps,
+                status=f"{event['client']}  loss {event['loss']:.3f}  rank {event['rank_received']}->{event['rank']}",
+            )
+        elif kind == "round_end":
+            row = event["row"]
+            if row["round"] > 0:
+                p.advance(self.rounds)
+            ppl = f"  eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""
+            loss = (
+                f"  train loss {row['train_loss']:.3f}" if row.get("train_loss") is not None else ""
+            )
+            ranks = row.get("client_ranks")
+            rank_text = f"  ranks {sorted(ranks.values())}" if ranks else ""
+            p.console.print(
+                f"round {row['round']:>3}{loss}{ppl}{rank_text}  ({row['wall_s']:.1f}s)",
+                highlight=False,
+            )
+        elif kind == "done":
+            p.update(self.steps, visible=False)
+            p.update(self.rounds, status="done")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_ranks(ranks: list[int]) -> str:
+    if not ranks:
+        return "-"
+    return f"{sum(ranks) / len(ranks):.1f} [{min(ranks)}-{max(ranks)}]"
+
+
+def _final_table(metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
+    table = Table(title=f"HetLoRA run: {summary['clients']} clients, {summary['rounds']} rounds")
+    for col in (
+        "round",
+        "train loss",
+        "eval loss",
+        "eval ppl",
+        "rank mean [min-max]",
+        "bytes up",
+        "bytes down",
+        "wall s",
+    ):
+        table.add_column(col, justify="right")
+    for m in metrics:
+        ranks = m.get("client_ranks") or {}
+        table.add_row(
+            str(m["round"]),
+            f"{m['train_loss']:.3f}" if m.get("train_loss") is not None else "-",
+            f"{m['eval_loss']:.3f}" if "eval_loss" in m else "-",
+            f"{m['eval_ppl']:.2f}" if "eval_ppl" in m else "-",
+            _fmt_ranks(list(ranks.values())),
+            _fmt_bytes(m.get("bytes_up", 0)),
+            _fmt_bytes(m.get("bytes_down", 0)),
+            f"{m['wall_s']:.1f}",
+        )
+    return table
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file of config keys (see README).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (must be empty or new).")
+    ] = Path("runs/latest"),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set rounds=5 (repeatable)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    """Run federated fine-tuning (HetLoRA by default) in-process and write the run directory.
+
+    Writes config.toml (resolved), metrics.jsonl (one JSON object per round), adapter/ (the
+    global LoRA adapter in PEFT format), samples.jsonl (generations) and summary.json.
+    """
+    import json
+
+    _quiet_libraries(verbose)
+    try:
+        from hetlora.config import load_config
+        from hetlora.runtime.local import Simulation, check_out_dir
+
+        cfg = load_config(config, set_ or [])
+        check_out_dir(out, overwrite)
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            transient=False,
+        ) as progress:
+            live = LiveProgress(progress)
+            sim = Simulation(cfg, progress=live)
+            summary = sim.run(out, overwrite=overwrite)
+    except HetLoRAError as exc:
+        _fail(str(exc))
+        return
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    console.print(_final_table(metrics, summary))
+    console.print(
+        f"perplexity {summary['base_ppl']:.2f} (base) -> {summary['final_ppl']:.2f} (final), "
+        f"best {summary['best_ppl']:.2f} at round {summary['best_round']}"
+    )
+    if "rouge_l" in summary:
+        console.print(
+            f"ROUGE-L {summary['rouge_l_base']:.3f} (base) -> {summary['rouge_l']:.3f} (final)"
+        )
+    console.print(
+        f"mean client rank {summary['mean_rank_initial']:.1f} -> {summary['mean_rank_final']:.1f} "
+        f"({summary['clients_pruned']} of {summary['clients']} clients pruned)"
+    )
+    console.print(f"run directory: {out}  (global adapter: {out / 'adapter'})")
+
+
+@app.command()
+def defaults() -> None:
+    """Print every config key with its default value, as TOML."""
+    from hetlora.config import Config
+
+    sys.stdout.write(Config().to_toml())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

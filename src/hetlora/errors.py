@@ -1,0 +1,11 @@
+"""The one error type for expected failures: bad config, bad data, bad client update.
+
+The CLI turns a :class:`HetLoRAError` into one clear line on stderr and exit code 2.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class HetLoRAError(Exception):
+    """An expected failure caused by the user's input or a client's reply."""

@@ -1,0 +1,183 @@
+"""LoRA factor math on plain tensors: the heart of HetLoRA (Cho et al., EMNLP 2024, Sec. 3).
+
+An adapted linear layer has frozen ``W0`` (d_out x d_in) and factors ``B`` (d_out x r),
+``A`` (r x d_in); the layer computes ``W0 + s * B @ A`` with a scale ``s`` that is the same for
+every rank. A *factor dict* maps a module name to its ``(B, A)`` pair. Nothing here knows about
+models, runtimes or I/O, so every runtime (in-process, Flower) calls the same functions.
+
+* :func:`truncate` -- distribution: client k receives ``B[:, :r_k]`` and ``A[:r_k, :]``.
+* :func:`pad` -- zero-padding of a rank-r_k pair to rank r_max before aggregation.
+* :func:`tail_norm` -- the self-pruning regulariser
+  ``sum_modules ||B[:, g:r]||_F * ||A[g:r, :]||_F`` with ``g = floor(gamma * r)`` (with gradient).
+* :func:`pruned_rank` -- the pruning rule ``r <- max(r_min, floor(gamma * r))``.
+* :func:`product_fro_norm` -- ``||B A||_F`` from the r x r Gram matrices, never forming B A.
+* :func:`aggregation_weights` and :class:`WeightedFactorSum` -- sparsity-weighted aggregation
+  ``B = sum_k w_k pad(B_k)``, ``A = sum_k w_k pad(A_k)``, ``w_k ∝ ||dW_k||_F``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from hetlora.errors import HetLoRAError
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def rank_of(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """The common rank of a factor dict (every module must have the same rank)."""
+    ranks = {b.shape[1] for b, _ in factors.values()} | {a.shape[0] for _, a in factors.values()}
+    if len(ranks) != 1:
+        raise HetLoRAError(f"factors have mixed ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def truncate(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> Factors:
+    """Keep the first ``rank`` columns of every B and rows of every A (HetLoRA distribution)."""
+    if rank < 1:
+        raise HetLoRAError(f"rank must be >= 1, got {rank}")
+    out: Factors = {}
+    for name, (b, a) in factors.items():
+        if rank > b.shape[1]:
+            raise HetLoRAError(f"cannot truncate {name} of rank {b.shape[1]} to rank {rank}")
+        out[name] = (b[:, :rank].clone(), a[:rank, :].clone())
+    return out
+
+
+def pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``B`` (columns) and ``A`` (rows) from their rank up to ``rank``."""
+    r = b.shape[1]
+    if r > rank:
+        raise HetLoRAError(f"cannot pad rank {r} down to rank {rank}")
+    b_full = torch.zeros(b.shape[0], rank, dtype=b.dtype, device=b.device)
+    a_full = torch.zeros(rank, a.shape[1], dtype=a.dtype, device=a.device)
+    b_full[:, :r] = b
+    a_full[:r, :] = a
+    return b_full, a_full
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """``g = floor(gamma * rank)``: the first index of the tail the regulariser penalises."""
+    return math.floor(gamma * rank)
+
+
+def tail_norm(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | Mapping[str, tuple[torch.Tensor, ...]],
+    gamma: float,
+) -> torch.Tensor:
+    """Self-pruning regulariser ``sum_m ||B_m[:, g:r]||_F * ||A_m[g:r, :]||_F``.
+
+    ``g = floor(gamma * r)`` per module (:func:`tail_start`).
+
+    Works on the live (trainable) tensors, so the result carries gradient to the tail columns
+    of B and tail rows of A and to nothing else. Returns a 0-dim tensor.
+    """
+    items = pairs.values() if isinstance(pairs, Mapping) else pairs
+    total: torch.Tensor | None = None
+    for b, a in items:
+        g = tail_start(b.shape[1], gamma)
+        term = torch.linalg.vector_norm(b[:, g:]) * torch.linalg.vector_norm(a[g:, :])
+        total = term if total is None else total + term
+    if total is None:
+        raise HetLoRAError("no LoRA modules to regularise")
+    return total
+
+
+def pruned_rank(rank: int, r_min: int, gamma: float, tail_before: float, tail_after: float) -> int:
+    """HetLoRA's pruning rule, applied once after local training.
+
+    If local training shrank the tail (``tail_after < tail_before``), the rank drops to
+    ``max(r_min, floor(gamma * rank))``; otherwise it stays. It never grows.
+    """
+    if tail_after < tail_before:
+        return max(r_min, min(rank, tail_start(rank, gamma)))
+    return rank
+
+
+def product_fro_norm_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``||B A||_F^2 = sum((B^T B) * (A A^T))``.
+
+    Two r x r Gram matrices, never the d_out x d_in product; computed in float64.
+    """
+    b64, a64 = b.double(), a.double()
+    return ((b64.T @ b64) * (a64 @ a64.T)).sum()
+
+
+def product_fro_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``||B A||_F`` via :func:`product_fro_norm_sq` (clamped at 0 against round-off)."""
+    return product_fro_norm_sq(b, a).clamp_min(0).sqrt()
+
+
+def update_norm(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``||dW_k||_F`` of one client: ``sqrt(sum_modules ||B_k A_k||_F^2)``."""
+    return math.sqrt(max(0.0, sum(float(product_fro_norm_sq(b, a)) for b, a in factors.values())))
+
+
+def aggregation_weights(scores: Sequence[float]) -> list[float]:
+    """Normalise non-negative scores to weights that sum to 1 (uniform if all scores are 0)."""
+    if not scores:
+        raise HetLoRAError("no client updates to aggregate")
+    if any(s < 0 or not math.isfinite(s) for s in scores):
+        raise HetLoRAError(f"aggregation scores must be finite and >= 0, got {list(scores)}")
+    total = sum(scores)
+    if total == 0:
+        return [1.0 / len(scores)] * len(scores)
+    return [s / total for s in scores]
+
+
+class WeightedFactorSum:
+    """Running ``sum_k w_k pad(B_k)``, ``sum_k w_k pad(A_k)`` with unnormalised scores.
+
+    Client replies are folded in one at a time, so server memory stays at a couple of rank-r_max
+    copies of the adapter however many clients reply; :meth:`result` divides by the total score,
+    which equals the weighted average with ``w_k = score_k / sum_j score_j``. A score is one number
+    per client, or one per module (``per_module`` weighting). If every score of a module is 0
+    (e.g. every client returned B = 0), the module falls back to the uniform average.
+    """
+
+    def __init__(self, r_max: int) -> None:
+        self.r_max = r_max
+        self._sum: dict[str, list[torch.Tensor]] = {}  # name -> [sum s*B, sum s*A]
+        self._total: dict[str, float] = {}
+        self._zero: dict[str, list[torch.Tensor]] = {}  # name -> [sum B, sum A] over score 0
+        self._zero_n: dict[str, int] = {}
+
+    def add(
+        self,
+        factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        score: float | Mapping[str, float],
+    ) -> None:
+        """Fold in one client's factors with its score (one number, or one per module)."""
+        for name, (b, a) in factors.items():
+            s = float(score[name]) if isinstance(score, Mapping) else float(score)
+            if s < 0 or not math.isfinite(s):
+                raise HetLoRAError(f"aggregation score for {name} must be finite and >= 0: {s}")
+            b_pad, a_pad = pad(b.detach().float(), a.detach().float(), self.r_max)
+            acc = self._sum.setdefault(name, [torch.zeros_like(b_pad), torch.zeros_like(a_pad)])
+            acc[0].add_(b_pad, alpha=s)
+            acc[1].add_(a_pad, alpha=s)
+            self._total[name] = self._total.get(name, 0.0) + s
+            if s == 0:
+                zero = self._zero.setdefault(
+                    name, [torch.zeros_like(b_pad), torch.zeros_like(a_pad)]
+                )
+                zero[0].add_(b_pad)
+                zero[1].add_(a_pad)
+                self._zero_n[name] = self._zero_n.get(name, 0) + 1
+
+    def result(self) -> Factors:
+        """The weighted average of everything added, at rank r_max."""
+        if not self._sum:
+            raise HetLoRAError("no client updates to aggregate")
+        out: Factors = {}
+        for name, (sum_b, sum_a) in self._sum.items():
+            total = self._total[name]
+            if total > 0:
+                out[name] = (sum_b / total, sum_a / total)
+            else:
+                n = self._zero_n[name]
+                out[name] = (self._zero[name][0] / n, self._zero[name][1] / n)
+        return out

@@ -1,0 +1,1 @@
+"""Federated methods, one file each. ``hetlora`` is the paper's method."""

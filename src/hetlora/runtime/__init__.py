@@ -1,0 +1,1 @@
+"""Runtimes that drive the method: ``local`` (in-process simulation, the default)."""
