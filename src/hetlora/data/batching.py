@@ -59,15 +59,30 @@ def collate(items: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batch_stream(
-    items: Sequence[Tokenized], batch_size: int, rng: np.random.Generator, pad_id: int
+    items: Sequence[Tokenized],
+    batch_size: int,
+    rng: np.random.Generator,
+    pad_id: int,
+    group: int = 8,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled epochs over ``items`` in batches of ``batch_size`` (the last may be short)."""
+    """Endless shuffled epochs over ``items`` in length-grouped batches of ``batch_size``.
+
+    Each epoch is shuffled, cut into windows of ``group * batch_size`` examples, each window is
+    sorted by length and cut into batches, and the batches are shuffled again. Examples of similar
+    length share a batch, so little compute goes to padding, while every example is still seen
+    once per epoch in random company. ``group=1`` gives plain shuffled batches.
+    """
     if not items:
         raise ValueError("no examples to batch")
+    window = max(1, group) * batch_size
     while True:
         order = rng.permutation(len(items))
-        for start in range(0, len(order), batch_size):
-            yield collate([items[j] for j in order[start : start + batch_size]], pad_id)
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda j: len(items[j].ids))
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        for k in rng.permutation(len(batches)):
+            yield collate([items[j] for j in batches[k]], pad_id)
 
 
 def eval_batches(

@@ -136,7 +136,12 @@ class Simulation:
         """Mean NLL and perplexity of the current global adapter on the held-out set."""
         adapters.write_factors(self.peft_model, self.state.factors)
         return perplexity(
-            self.peft_model, self.eval_items, self.cfg.eval_batch_size, self.pad_id, self.device
+            self.peft_model,
+            self.eval_items,
+            self.cfg.eval_batch_size,
+            self.pad_id,
+            self.device,
+            bf16=self.bf16,
         )
 
     def run_round(self) -> dict[str, Any]:

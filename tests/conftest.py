@@ -1,0 +1,28 @@
+"""Shared fixtures: private caches, and a tiny random Llama built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _private_caches(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep Hugging Face's and hetlora's caches out of the user's home, and stay offline."""
+    root = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "hf" / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HETLORA_CACHE", str(root / "hetlora-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised Llama with a 512-token BPE tokenizer."""
+    from hetlora.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

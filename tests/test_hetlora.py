@@ -1,0 +1,125 @@
+"""HetLoRA's server steps: rank assignment, distribution, aggregation, rank persistence."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from hetlora.errors import HetLoRAError
+from hetlora.lora import pad, truncate, update_norm
+from hetlora.methods import hetlora
+
+
+def global_factors(r_max: int = 8, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layers.0.q": (torch.randn(12, r_max, generator=g), torch.randn(r_max, 10, generator=g)),
+        "layers.0.v": (torch.randn(6, r_max, generator=g), torch.randn(r_max, 10, generator=g)),
+    }
+
+
+def update(state, client, rank, seed, n=10):
+    f = truncate(global_factors(state.r_max, seed), rank)
+    return hetlora.ClientUpdate(client_id=client, factors=f, rank=rank, num_examples=n)
+
+
+def test_assign_ranks_uniform_is_seeded_and_in_range():
+    ids = [f"c{i}" for i in range(200)]
+    r1 = hetlora.assign_ranks(ids, 5, 50, seed=1)
+    assert r1 == hetlora.assign_ranks(ids, 5, 50, seed=1)
+    assert r1 != hetlora.assign_ranks(ids, 5, 50, seed=2)
+    assert set(r1) == set(ids)
+    assert min(r1.values()) >= 5 and max(r1.values()) <= 50
+    assert len(set(r1.values())) > 20
+
+
+def test_assign_ranks_tiers_follow_shares():
+    ids = [f"c{i}" for i in range(10)]
+    tiers = [
+        {"name": "phone", "rank": 4, "share": 0.7},
+        {"name": "laptop", "rank": 16, "share": 0.3},
+    ]
+    ranks = hetlora.assign_ranks(ids, 4, 16, seed=0, tiers=tiers)
+    assert Counter(ranks.values()) == {4: 7, 16: 3}
+
+
+def test_client_message_truncates_to_current_rank():
+    state = hetlora.init(global_factors(8), {"a": 3, "b": 8})
+    msg = hetlora.client_message(state, "a")
+    torch.testing.assert_close(msg["layers.0.q"][0], state.factors["layers.0.q"][0][:, :3])
+    torch.testing.assert_close(msg["layers.0.q"][1], state.factors["layers.0.q"][1][:3])
+    with pytest.raises(HetLoRAError):
+        hetlora.init(global_factors(8), {"a": 9})
+
+
+def test_sparsity_weighted_aggregation_and_rank_persistence():
+    state = hetlora.init(global_factors(8), {"a": 3, "b": 8, "c": 5})
+    ua, ub = update(state, "a", 2, seed=1), update(state, "b", 8, seed=2)  # a pruned 3 -> 2
+    new = hetlora.aggregate(state, [ua, ub])
+    na, nb = update_norm(ua.factors), update_norm(ub.factors)
+    wa, wb = na / (na + nb), nb / (na + nb)
+    for name in state.factors:
+        exp_b = wa * pad(*ua.factors[name], 8)[0] + wb * pad(*ub.factors[name], 8)[0]
+        exp_a = wa * pad(*ua.factors[name], 8)[1] + wb * pad(*ub.factors[name], 8)[1]
+        torch.testing.assert_close(new.factors[name][0], exp_b)
+        torch.testing.assert_close(new.factors[name][1], exp_a)
+    assert new.ranks == {"a": 2, "b": 8, "c": 5}  # pruned rank kept, unsampled client untouched
+    assert new.round == 1
+    assert hetlora.client_message(new, "a")["layers.0.q"][0].shape[1] == 2
+    # a pruned client can't grow back: an update above its current rank is refused
+    with pytest.raises(HetLoRAError, match="assigned 2"):
+        hetlora.aggregate(new, [update(new, "a", 3, seed=3)])
+
+
+def test_uniform_and_data_size_weights():
+    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    ua, ub = update(state, "a", 4, 1, n=30), update(state, "b", 4, 2, n=10)
+    uni = hetlora.aggregate(state, [ua, ub], aggregation="uniform")
+    size = hetlora.aggregate(state, [ua, ub], aggregation="data_size")
+    name = "layers.0.v"
+    torch.testing.assert_close(
+        uni.factors[name][0], (ua.factors[name][0] + ub.factors[name][0]) / 2
+    )
+    torch.testing.assert_close(
+        size.factors[name][1], 0.75 * ua.factors[name][1] + 0.25 * ub.factors[name][1]
+    )
+
+
+def test_per_module_weights_differ_from_per_client():
+    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    ua, ub = update(state, "a", 4, 1), update(state, "b", 4, 2)
+    # scale one module of client b so per-module and per-client weights disagree
+    b_q = ub.factors["layers.0.q"]
+    ub.factors["layers.0.q"] = (b_q[0] * 10, b_q[1])
+    per_client = hetlora.aggregate(state, [ua, ub])
+    per_module = hetlora.aggregate(state, [ua, ub], per_module=True)
+    assert not torch.allclose(
+        per_client.factors["layers.0.v"][0], per_module.factors["layers.0.v"][0]
+    )
+
+
+def test_aggregator_weights_sum_to_one_and_rejects_bad_updates():
+    state = hetlora.init(global_factors(4), {"a": 4, "b": 2})
+    agg = hetlora.Aggregator(state)
+    agg.add(update(state, "a", 4, 1))
+    agg.add(update(state, "b", 2, 2))
+    assert sum(agg.weights().values()) == pytest.approx(1.0)
+    with pytest.raises(HetLoRAError, match="unknown client"):
+        agg.add(update(state, "zzz", 2, 3))
+    bad = update(state, "a", 4, 4)
+    bad.factors.pop("layers.0.v")
+    with pytest.raises(HetLoRAError, match="modules"):
+        agg.add(bad)
+    with pytest.raises(HetLoRAError):
+        hetlora.Aggregator(state).finish()
+
+
+def test_one_client_at_full_rank_returns_its_factors():
+    state = hetlora.init(global_factors(4), {"a": 4})
+    ua = update(state, "a", 4, 7)
+    new = hetlora.aggregate(state, [ua])
+    for name in state.factors:
+        torch.testing.assert_close(new.factors[name][0], ua.factors[name][0])
+        torch.testing.assert_close(new.factors[name][1], ua.factors[name][1])
