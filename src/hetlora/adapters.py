@@ -105,3 +105,34 @@ def detach(peft_model: PeftModel) -> None:
     peft_model.delete_adapter(CLIENT)
     for p in peft_model.parameters():
         p.requires_grad_(False)
+
+
+def base_parameters(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's own parameters by name (no LoRA factors), for full fine-tuning."""
+    return {
+        name: p for name, p in peft_model.get_base_model().named_parameters() if "lora_" not in name
+    }
+
+
+def module_shapes(peft_model: PeftModel, adapter: str = GLOBAL) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of every adapted module."""
+    return {n: (b.shape[0], a.shape[1]) for n, (b, a) in live_factors(peft_model, adapter).items()}
+
+
+@torch.no_grad()
+def add_to_base(peft_model: PeftModel, deltas: dict[str, torch.Tensor]) -> None:
+    """Merge dense updates into the adapted modules' base weights: ``W0 <- W0 + dW``."""
+    for name, module in peft_model.named_modules():
+        key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+        if isinstance(module, LoraLayer) and key in deltas:
+            weight = module.get_base_layer().weight
+            delta = deltas[key].to(weight.device, weight.dtype)
+            weight.add_(delta.T if getattr(module, "fan_in_fan_out", False) else delta)
+
+
+@torch.no_grad()
+def load_base_weights(peft_model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
+    """Copy named values into the base model's parameters."""
+    params = base_parameters(peft_model)
+    for name, value in weights.items():
+        params[name].copy_(value)

@@ -235,6 +235,33 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", help="The device tier's LoRA rank.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write (new or empty).")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Write the base model with the adapter merged in.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    """Export the global adapter cut to one device tier's rank (PEFT format), or merged.
+
+    A device of rank R runs the first R columns of B and rows of A at the same scale; the
+    adapter loads with PeftModel.from_pretrained, the merged folder with from_pretrained.
+    """
+    _quiet_libraries(verbose)
+    try:
+        from hetlora.export import export_run
+
+        path = export_run(run_dir, rank, out, merge=merge)
+    except HetLoRAError as exc:
+        _fail(str(exc))
+        return
+    kind = "merged model" if merge else "adapter"
+    console.print(f"wrote the rank-{rank} {kind} to {path}")
+
+
+@app.command()
 def defaults() -> None:
     """Print every config key with its default value, as TOML."""
     from hetlora.config import Config

@@ -15,15 +15,17 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft import PeftModel
 
 from hetlora import adapters
+from hetlora.errors import HetLoRAError
 from hetlora.evaluate import response_nll
 from hetlora.hardware import autocast
 from hetlora.lora import Factors, pruned_rank, rank_of, tail_norm, truncate
+from hetlora.methods.base import ClientTask, ClientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,44 @@ class ClientResult:
     tail_before: float
     tail_after: float
     tokens: int
+    target_tokens: int
     steps: int
     seconds: float
+
+
+def _local_steps(
+    peft_model: PeftModel,
+    params: list[torch.Tensor],
+    batches: Iterator[dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    device: torch.device,
+    regulariser: Callable[[], torch.Tensor] | None,
+    on_step: Callable[[int, float], None] | None,
+) -> tuple[list[float], int, int]:
+    """The local loop: AdamW on ``params`` for ``settings.local_steps`` batches.
+
+    Returns the per-step losses, the real (non-padding) tokens and the labelled tokens seen.
+    """
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    peft_model.train()
+    losses, tokens, targets = [], 0, 0
+    for step in range(settings.local_steps):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        with autocast(device, settings.bf16):
+            nll, n = response_nll(peft_model, batch)
+        loss = nll / max(n, 1)
+        objective = loss if regulariser is None else loss + settings.lambda_ * regulariser()
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        tokens += int(batch["attention_mask"].sum())
+        targets += n
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    return losses, tokens, targets
 
 
 def train_client(
@@ -71,34 +109,19 @@ def train_client(
     """Train the client adapter holding ``factors`` (rank r_k) and return the pruned upload.
 
     ``batches`` yields padded batches from the client's own data; ``on_step(step, loss)`` is
-    called after every optimizer step (for progress displays).
+    called after every optimizer step (for progress displays). The regulariser is added when
+    ``settings.lambda_ > 0``; the pruning rule is applied when ``settings.pruning``.
     """
     start = time.perf_counter()
     rank = rank_of(factors)
     tail_before = float(tail_norm(factors, settings.gamma))
     live = adapters.attach(peft_model, factors, rank, settings.lora_scale, target_modules)
     params = [p for pair in live.values() for p in pair]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    peft_model.train()
-    losses, tokens = [], 0
+    regulariser = (lambda: tail_norm(live, settings.gamma)) if settings.lambda_ > 0 else None
     try:
-        for step in range(settings.local_steps):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            with autocast(device, settings.bf16):
-                nll, n = response_nll(peft_model, batch)
-            loss = nll / max(n, 1)
-            objective = loss
-            if settings.lambda_ > 0:
-                objective = loss + settings.lambda_ * tail_norm(live, settings.gamma)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            tokens += int(batch["attention_mask"].sum())
-            if on_step is not None:
-                on_step(step + 1, losses[-1])
+        losses, tokens, targets = _local_steps(
+            peft_model, params, batches, settings, device, regulariser, on_step
+        )
         trained = adapters.read_factors(peft_model, adapters.CLIENT)
     finally:
         adapters.detach(peft_model)
@@ -106,15 +129,93 @@ def train_client(
     new_rank = rank
     if settings.pruning:
         new_rank = pruned_rank(rank, settings.r_min, settings.gamma, tail_before, tail_after)
-    mean_loss = sum(losses) / len(losses) if losses else math.nan
     return ClientResult(
         factors=truncate(trained, new_rank),
         rank_received=rank,
         rank=new_rank,
-        train_loss=mean_loss,
+        train_loss=sum(losses) / len(losses) if losses else math.nan,
         tail_before=tail_before,
         tail_after=tail_after,
         tokens=tokens,
+        target_tokens=targets,
         steps=len(losses),
         seconds=time.perf_counter() - start,
     )
+
+
+def train_full(
+    peft_model: PeftModel,
+    weights: dict[str, torch.Tensor],
+    batches: Iterator[dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], ClientResult]:
+    """Full fine-tuning of one client: load ``weights``, train every base weight, return them.
+
+    The LoRA adapters are switched off meanwhile; the model's weights are the client's own
+    until the runtime loads the next global weights.
+    """
+    start = time.perf_counter()
+    params = adapters.base_parameters(peft_model)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        with peft_model.disable_adapter():
+            losses, tokens, targets = _local_steps(
+                peft_model, list(params.values()), batches, settings, device, None, on_step
+            )
+        trained = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    result = ClientResult(
+        factors={},
+        rank_received=0,
+        rank=0,
+        train_loss=sum(losses) / len(losses) if losses else math.nan,
+        tail_before=0.0,
+        tail_after=0.0,
+        tokens=tokens,
+        target_tokens=targets,
+        steps=len(losses),
+        seconds=time.perf_counter() - start,
+    )
+    return trained, result
+
+
+def run_task(
+    peft_model: PeftModel,
+    task: ClientTask,
+    batches: Iterator[dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    target_modules: list[str],
+    device: torch.device,
+    num_examples: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[ClientUpdate, ClientResult]:
+    """Do what the server asked of one client and build its reply (any method, any runtime)."""
+    if task.kind == "full":
+        if task.weights is None:
+            raise HetLoRAError(f"task for {task.client_id} has no weights")
+        weights, result = train_full(peft_model, task.weights, batches, settings, device, on_step)
+        update = ClientUpdate(task.client_id, num_examples, weights=weights)
+    else:
+        if task.factors is None:
+            raise HetLoRAError(f"task for {task.client_id} has no factors")
+        local = replace(
+            settings,
+            pruning=settings.pruning and task.pruning,
+            lambda_=settings.lambda_ if task.regularise else 0.0,
+        )
+        result = train_client(
+            peft_model, task.factors, batches, local, target_modules, device, on_step
+        )
+        update = ClientUpdate(
+            task.client_id, num_examples, factors=result.factors, rank=result.rank
+        )
+    update.train_loss = result.train_loss
+    return update, result

@@ -20,7 +20,7 @@ import tomli_w
 
 from hetlora.errors import HetLoRAError
 
-METHODS = ("hetlora",)
+METHODS = ("hetlora", "homlora", "recon_svd", "flora", "full_ft")
 AGGREGATIONS = ("sparsity", "uniform", "data_size")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,7 +46,9 @@ class Config:
         max_seq_len: tokens per example (prompt truncated on the left, response on the right).
 
     Method:
-        method: ``"hetlora"``.
+        method: ``hetlora``, ``homlora``, ``recon_svd``, ``flora`` or ``full_ft``
+            (see :mod:`hetlora.methods`).
+        rank: the one rank of every client under ``homlora`` (0 means r_max).
         r_min, r_max: client ranks lie in [r_min, r_max]; the global adapter has rank r_max.
         rank_distribution: ``"uniform"`` (seeded, uniform over [r_min, r_max]) or ``"tiers"``.
         tiers: list of ``{name, rank, share}`` tables used when rank_distribution = "tiers".
@@ -86,6 +88,7 @@ class Config:
     max_seq_len: int = 128
 
     method: str = "hetlora"
+    rank: int = 0
     r_min: int = 4
     r_max: int = 16
     rank_distribution: str = "uniform"

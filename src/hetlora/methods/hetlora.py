@@ -18,12 +18,10 @@ place of sparsity weights, ``per_module`` sparsity weights, and a data-size fact
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import (
@@ -34,6 +32,7 @@ from hetlora.lora import (
     truncate,
     update_norm,
 )
+from hetlora.methods.base import ClientTask, ClientUpdate, Server
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +48,6 @@ class ServerState:
     @property
     def r_max(self) -> int:
         return rank_of(self.factors)
-
-
-@dataclass
-class ClientUpdate:
-    """One client's reply: its factors at its (possibly pruned) rank and its example count."""
-
-    client_id: str
-    factors: Factors
-    rank: int
-    num_examples: int
-    train_loss: float = math.nan
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def assign_ranks(
@@ -151,6 +138,8 @@ class Aggregator:
     def add(self, update: ClientUpdate) -> None:
         """Fold in one reply; its rank must not exceed the rank it was assigned."""
         assigned = self.state.ranks.get(update.client_id)
+        if update.factors is None:
+            raise HetLoRAError(f"client {update.client_id} sent no LoRA factors")
         if assigned is None:
             raise HetLoRAError(f"update from unknown client {update.client_id!r}")
         if rank_of(update.factors) != update.rank or update.rank > assigned:
@@ -191,8 +180,65 @@ def aggregate(state: ServerState, updates: Sequence[ClientUpdate], **options) ->
     return agg.finish()
 
 
-def factors_nbytes(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Bytes on the wire for a factor dict at its dtype and shapes."""
-    return sum(
-        b.numel() * b.element_size() + a.numel() * a.element_size() for b, a in factors.values()
-    )
+class HetLoRAServer(Server):
+    """HetLoRA as a :class:`~hetlora.methods.base.Server`: truncation out, zero-padding and
+    sparsity-weighted aggregation in, pruned ranks kept.
+
+    Args:
+        initial_factors: PEFT-initialised global factors at r_max.
+        ranks: every client's starting rank.
+        aggregation, per_module, data_size_factor: see :class:`Aggregator`.
+        pruning: let clients apply the self-pruning rule.
+        regularise: add the self-pruning regulariser to the local loss.
+    """
+
+    name = "hetlora"
+
+    def __init__(
+        self,
+        initial_factors: Factors,
+        ranks: Mapping[str, int],
+        aggregation: str = "sparsity",
+        per_module: bool = False,
+        data_size_factor: bool = False,
+        pruning: bool = True,
+        regularise: bool = True,
+    ) -> None:
+        super().__init__(ranks)
+        self.state = init(initial_factors, ranks)
+        self.options = {
+            "aggregation": aggregation,
+            "per_module": per_module,
+            "data_size_factor": data_size_factor,
+        }
+        self.pruning = pruning
+        self.regularise = regularise
+        self._agg: Aggregator | None = None
+
+    def task(self, client_id: str) -> ClientTask:
+        return ClientTask(
+            client_id=client_id,
+            kind="lora",
+            rank=self.state.ranks[client_id],
+            factors=client_message(self.state, client_id),
+            pruning=self.pruning,
+            regularise=self.regularise,
+        )
+
+    def add(self, update: ClientUpdate) -> None:
+        if self._agg is None:
+            self._agg = Aggregator(self.state, **self.options)
+        self._agg.add(update)
+
+    def finish(self) -> dict[str, float]:
+        if self._agg is None:
+            raise HetLoRAError("no client updates to aggregate")
+        weights = self._agg.weights()
+        self.state = self._agg.finish()
+        self._agg = None
+        self.ranks = dict(self.state.ranks)
+        self.round = self.state.round
+        return weights
+
+    def global_factors(self) -> Factors:
+        return self.state.factors

@@ -21,20 +21,30 @@ import numpy as np
 import torch
 
 from hetlora import adapters
-from hetlora.client import TrainSettings, train_client
+from hetlora.accounting import model_size, train_flops
+from hetlora.client import TrainSettings, run_task
 from hetlora.config import Config
 from hetlora.data import Example, load_clients, split_clients
 from hetlora.data.batching import Tokenized, batch_stream, tokenize_all
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, perplexity, rouge_l
+from hetlora.export import export_adapter
 from hetlora.hardware import resolve_bf16, resolve_device
-from hetlora.methods import hetlora
+from hetlora.lora import pad, rank_of, truncate
+from hetlora.methods import hetlora, make_server
 from hetlora.models import default_target_modules, load_base_model
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
-OUTPUT_FILES = ("config.toml", "metrics.jsonl", "summary.json", "samples.jsonl", "adapter")
+OUTPUT_FILES = (
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "samples.jsonl",
+    "adapter",
+    "model",
+)
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -58,7 +68,10 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 class Simulation:
-    """A prepared run: base model, clients, ranks and evaluation set, ready for :meth:`run`."""
+    """A prepared run: base model, clients, ranks, method server and evaluation set.
+
+    Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
+    """
 
     def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
         self.cfg = cfg
@@ -68,6 +81,7 @@ class Simulation:
         self._emit("setup", stage="data")
         self.train_data, test_data = federated_data(cfg)
         self.client_ids = sorted(self.train_data)
+        self._client_index = {c: i for i, c in enumerate(self.client_ids)}
         self._emit("setup", stage="model")
         base = load_base_model(cfg.model, self.device)
         self.tokenizer = base.tokenizer
@@ -75,6 +89,7 @@ class Simulation:
         self.target_modules = cfg.target_modules or default_target_modules(base.model)
         torch.manual_seed(cfg.seed)
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
+        self.size = model_size(self.peft_model)
         self.pad_id = self.tokenizer.pad_token_id
         self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
         self.eval_items = tokenize_all(self.tokenizer, self.eval_examples, cfg.max_seq_len)
@@ -86,8 +101,14 @@ class Simulation:
             cfg.seed,
             cfg.tiers if cfg.rank_distribution == "tiers" else None,
         )
-        self._initial_ranks = dict(ranks)
-        self.state = hetlora.init(adapters.read_factors(self.peft_model), ranks)
+        initial = adapters.read_factors(self.peft_model)
+        base_weights = (
+            {n: p.detach() for n, p in adapters.base_parameters(self.peft_model).items()}
+            if cfg.method == "full_ft"
+            else None
+        )
+        self.server = make_server(cfg, initial, ranks, self.client_ids, base_weights)
+        self._initial_ranks = dict(self.server.ranks)
         self.settings = TrainSettings(
             local_steps=cfg.local_steps,
             lr=cfg.lr,
@@ -115,13 +136,28 @@ class Simulation:
         """The round's clients: a seeded choice without replacement."""
         rng = np.random.default_rng([self.cfg.seed, round_idx, 0x5A])
         k = min(self.cfg.clients_per_round, len(self.client_ids))
-        return [
-            self.client_ids[i] for i in sorted(rng.choice(len(self.client_ids), k, replace=False))
-        ]
+        picked = sorted(rng.choice(len(self.client_ids), k, replace=False))
+        return [self.client_ids[i] for i in picked]
 
-    def evaluate(self) -> tuple[float, float]:
-        """Mean NLL and perplexity of the current global adapter on the held-out set."""
-        adapters.write_factors(self.peft_model, self.state.factors)
+    def _show_global(self, rank: int | None = None) -> None:
+        """Put the server's global adapter (cut to ``rank``) into the model; zeros if it has none."""
+        factors = self.server.global_factors()
+        if factors is None:
+            live = adapters.live_factors(self.peft_model, adapters.GLOBAL)
+            with torch.no_grad():
+                for b, _ in live.values():
+                    b.zero_()  # B = 0: the adapter adds nothing to the (merged) base
+            return
+        r_max = self.cfg.r_max
+        if rank is not None and rank < rank_of(factors):
+            factors = truncate(factors, rank)
+        adapters.write_factors(
+            self.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}
+        )
+
+    def evaluate(self, rank: int | None = None) -> tuple[float, float]:
+        """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out set."""
+        self._show_global(rank)
         return perplexity(
             self.peft_model,
             self.eval_items,
@@ -131,76 +167,84 @@ class Simulation:
             bf16=self.bf16,
         )
 
+    def _apply_base_update(self) -> None:
+        update = self.server.base_update()
+        if update is None:
+            return
+        if update.deltas:
+            adapters.add_to_base(self.peft_model, update.deltas)
+        if update.weights:
+            adapters.load_base_weights(self.peft_model, update.weights)
+
     def run_round(self) -> dict[str, Any]:
-        """One federated round: sample, distribute, train and prune locally, aggregate."""
+        """One federated round: sample, distribute, train (and prune) locally, aggregate."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        round_idx = self.state.round + 1
+        round_idx = self.server.round + 1
         sampled = self.sample_clients(round_idx)
-        agg = hetlora.Aggregator(
-            self.state,
-            aggregation=cfg.aggregation,
-            per_module=cfg.per_module_weights,
-            data_size_factor=cfg.data_size_factor,
-        )
-        losses, bytes_up, bytes_down, tokens = [], 0, 0, 0
-        ranks_received: dict[str, int] = {}
+        per_client: dict[str, dict[str, Any]] = {}
         for i, client_id in enumerate(sampled):
-            message = hetlora.client_message(self.state, client_id)
-            bytes_down += hetlora.factors_nbytes(message)
-            ranks_received[client_id] = self.state.ranks[client_id]
+            task = self.server.task(client_id)
             self._emit(
                 "client_start",
                 round=round_idx,
                 client=client_id,
                 index=i,
                 of=len(sampled),
-                rank=ranks_received[client_id],
+                rank=task.rank,
             )
-            index = self.client_ids.index(client_id)
-            rng = np.random.default_rng([cfg.seed, round_idx, index, 0xBA])
+            rng = np.random.default_rng([cfg.seed, round_idx, self._client_index[client_id], 0xBA])
             batches = batch_stream(self.client_items(client_id), cfg.batch_size, rng, self.pad_id)
-            result = train_client(
+            update, result = run_task(
                 self.peft_model,
-                message,
+                task,
                 batches,
                 self.settings,
                 self.target_modules,
                 self.device,
+                num_examples=len(self.train_data[client_id]),
                 on_step=lambda step, loss, c=client_id: self._emit(
                     "step", round=round_idx, client=c, step=step, of=cfg.local_steps, loss=loss
                 ),
             )
-            bytes_up += hetlora.factors_nbytes(result.factors)
-            tokens += result.tokens
-            losses.append(result.train_loss)
-            agg.add(
-                hetlora.ClientUpdate(
-                    client_id=client_id,
-                    factors=result.factors,
-                    rank=result.rank,
-                    num_examples=len(self.train_data[client_id]),
-                    train_loss=result.train_loss,
-                )
-            )
+            params = update.trainable_params
+            per_client[client_id] = {
+                "rank_received": task.rank,
+                "rank": update.rank,
+                "train_loss": result.train_loss,
+                "bytes_down": task.nbytes,
+                "bytes_up": update.nbytes,
+                "trainable_params": params,
+                "flops": train_flops(
+                    self.size, result.tokens, result.target_tokens, params, task.kind == "full"
+                ),
+                "tokens": result.tokens,
+            }
+            self.server.add(update)
+            del update
             self._emit(
                 "client_end",
                 round=round_idx,
                 client=client_id,
                 loss=result.train_loss,
-                rank=result.rank,
-                rank_received=result.rank_received,
+                rank=per_client[client_id]["rank"],
+                rank_received=task.rank,
             )
-        self.state = agg.finish()
+        weights = self.server.finish()
+        self._apply_base_update()
+        ranks = self.server.ranks
         row: dict[str, Any] = {
             "round": round_idx,
-            "train_loss": float(np.mean(losses)),
-            "client_ranks": {c: self.state.ranks[c] for c in sampled},
-            "ranks_received": ranks_received,
-            "weights": agg.weights(),
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "tokens": tokens,
+            "train_loss": float(np.mean([c["train_loss"] for c in per_client.values()])),
+            "client_ranks": {c: ranks[c] for c in sampled},
+            "ranks_received": {c: v["rank_received"] for c, v in per_client.items()},
+            "rank_counts": _counts(ranks.values()),
+            "weights": weights,
+            "bytes_up": sum(c["bytes_up"] for c in per_client.values()),
+            "bytes_down": sum(c["bytes_down"] for c in per_client.values()),
+            "flops": sum(c["flops"] for c in per_client.values()),
+            "tokens": sum(c["tokens"] for c in per_client.values()),
+            "clients": per_client,
         }
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             self._emit("eval", round=round_idx)
@@ -209,9 +253,9 @@ class Simulation:
         return row
 
     def generations(self) -> tuple[list[str], list[str]]:
-        """Greedy generations of the current global adapter on the ROUGE sample."""
+        """Greedy generations of the current global model on the ROUGE sample."""
         sample = self.eval_examples[: self.cfg.rouge_examples]
-        adapters.write_factors(self.peft_model, self.state.factors)
+        self._show_global()
         preds = generate_greedy(
             self.peft_model,
             self.tokenizer,
@@ -220,6 +264,44 @@ class Simulation:
             self.device,
         )
         return preds, [ex.response.strip() for ex in sample]
+
+    def tier_ranks(self) -> list[int]:
+        """Ranks at which the final global adapter is evaluated: every tier in use, r_min, r_max."""
+        cfg = self.cfg
+        if not self.server.has_global_adapter:
+            return []
+        in_use = set(self._initial_ranks.values()) | set(self.server.ranks.values())
+        if cfg.rank_distribution == "tiers" or cfg.method == "homlora":
+            ranks = in_use
+        else:  # uniform draws: every rank is "in use"; evaluate the ends and the middle
+            ranks = {cfg.r_min, (cfg.r_min + cfg.r_max) // 2}
+        top = self.server.r_max()
+        return sorted(r for r in ranks | {cfg.r_min, top} if 1 <= r <= top)
+
+    def save_model(self, out_dir: Path) -> None:
+        """The global adapter (``adapter/``), or the merged model (``model/``) for FLoRA/full FT.
+
+        For FLoRA and full fine-tuning this removes the LoRA layers: call it last.
+        """
+        if self.server.has_global_adapter:
+            self._show_global()
+            if self.server.r_max() < self.cfg.r_max:  # homlora at rank < r_max: save at its rank
+                export_adapter(
+                    adapters.read_factors(self.peft_model),
+                    self.server.r_max(),
+                    self.cfg.lora_scale,
+                    self.target_modules,
+                    self.model_path,
+                    out_dir / "adapter",
+                )
+            else:
+                self.peft_model.save_pretrained(
+                    str(out_dir / "adapter"), selected_adapters=[adapters.GLOBAL]
+                )
+            return
+        # The merged base is the global model; dropping the LoRA layers ends the simulation.
+        self.peft_model.unload().save_pretrained(str(out_dir / "model"))
+        self.tokenizer.save_pretrained(str(out_dir / "model"))
 
     def run(self, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
         """Run every round, writing the output directory as it goes; returns the summary."""
@@ -246,8 +328,10 @@ class Simulation:
                     "round": 0,
                     "eval_loss": loss0,
                     "eval_ppl": ppl0,
+                    "rank_counts": _counts(self.server.ranks.values()),
                     "bytes_up": 0,
                     "bytes_down": 0,
+                    "flops": 0,
                     "wall_s": time.perf_counter() - t0,
                 }
             )
@@ -256,13 +340,14 @@ class Simulation:
                 self._emit("generate", which="base")
                 base_preds, refs = self.generations()
             for _ in range(cfg.rounds):
-                self._emit("round_start", round=self.state.round + 1, rounds=cfg.rounds)
+                self._emit("round_start", round=self.server.round + 1, rounds=cfg.rounds)
                 record(self.run_round())
-        adapters.write_factors(self.peft_model, self.state.factors)
-        self.peft_model.save_pretrained(
-            str(out_dir / "adapter"), selected_adapters=[adapters.GLOBAL]
-        )
-        summary = self._summary(metrics, time.perf_counter() - start)
+        summary = self._summary(metrics)
+        tiers = {}
+        for rank in self.tier_ranks():
+            self._emit("eval", round=f"final, rank {rank}")
+            tiers[str(rank)] = self.evaluate(rank)[1]
+        summary["tier_ppl"] = tiers
         if cfg.rouge_examples:
             self._emit("generate", which="final")
             preds, refs = self.generations()
@@ -270,25 +355,20 @@ class Simulation:
             summary["rouge_l"] = rouge_l(preds, refs)
             with (out_dir / "samples.jsonl").open("w") as fh:
                 for ex, base, pred in zip(self.eval_examples, base_preds, preds, strict=False):
-                    fh.write(
-                        json.dumps(
-                            {
-                                "prompt": ex.prompt,
-                                "reference": ex.response.strip(),
-                                "base": base,
-                                "hetlora": pred,
-                            }
-                        )
-                        + "\n"
-                    )
+                    sample = {"prompt": ex.prompt, "reference": ex.response.strip()}
+                    sample.update({"base": base, cfg.method: pred})
+                    fh.write(json.dumps(sample) + "\n")
+        self.save_model(out_dir)
+        summary["wall_s"] = time.perf_counter() - start
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._emit("done", summary=summary)
         return summary
 
-    def _summary(self, metrics: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    def _summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         evals = [m for m in metrics if "eval_ppl" in m]
         best = min(evals, key=lambda m: m["eval_ppl"])
-        ranks = list(self.state.ranks.values())
+        ranks = list(self.server.ranks.values())
+        per_client = [c for m in metrics for c in m.get("clients", {}).values()]
         return {
             "method": self.cfg.method,
             "model": self.model_path,
@@ -303,15 +383,25 @@ class Simulation:
             "best_round": best["round"],
             "bytes_up": sum(m.get("bytes_up", 0) for m in metrics),
             "bytes_down": sum(m.get("bytes_down", 0) for m in metrics),
+            "flops": sum(m.get("flops", 0) for m in metrics),
             "tokens": sum(m.get("tokens", 0) for m in metrics),
+            "trainable_params_mean": float(np.mean([c["trainable_params"] for c in per_client]))
+            if per_client
+            else 0.0,
             "mean_rank_initial": float(np.mean(list(self._initial_ranks.values()))),
             "mean_rank_final": float(np.mean(ranks)),
             "clients_pruned": sum(
-                1 for c, r in self.state.ranks.items() if r < self._initial_ranks[c]
+                1 for c, r in self.server.ranks.items() if r < self._initial_ranks[c]
             ),
             "target_modules": self.target_modules,
-            "wall_s": wall_s,
         }
+
+
+def _counts(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
 def federated_data(cfg: Config) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:

@@ -1,0 +1,144 @@
+"""What every federated method shares: the task a client receives, its reply, the server API.
+
+A method is a :class:`Server` over plain tensors: it says what each sampled client gets
+(:meth:`Server.task`), folds replies in one at a time (:meth:`Server.add`), and closes the round
+(:meth:`Server.finish`). Runtimes (in-process, Flower) move tensors and run
+:func:`hetlora.client.run_task`; they never hold a second copy of a method's math.
+
+Two kinds of client work exist:
+
+* ``"lora"``: train LoRA factors (given at the client's rank) with the frozen base;
+* ``"full"``: train every weight of the base model (full fine-tuning).
+
+Some methods also change the base model itself each round (FLoRA merges the stacked adapters,
+full fine-tuning replaces the weights): :meth:`Server.base_update` hands the runtime that change.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from hetlora.lora import Factors, rank_of
+
+
+def tensors_nbytes(tensors: Mapping[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> int:
+    """Bytes on the wire for named tensors (or factor pairs) at their dtype and shapes."""
+    total = 0
+    for value in tensors.values():
+        for t in value if isinstance(value, tuple) else (value,):
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class ClientTask:
+    """What the server sends one sampled client this round.
+
+    Attributes:
+        client_id: the client.
+        kind: ``"lora"`` or ``"full"``.
+        rank: the client's LoRA rank (0 for ``"full"``).
+        factors: initial LoRA factors at ``rank`` (``"lora"``).
+        weights: the global base weights (``"full"``).
+        pruning: whether the client may apply the self-pruning rule.
+        regularise: whether the self-pruning regulariser is added to the loss.
+        download_nbytes: bytes actually sent, where they differ from the tensors above.
+    """
+
+    client_id: str
+    kind: str
+    rank: int = 0
+    factors: Factors | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    pruning: bool = False
+    regularise: bool = False
+    download_nbytes: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the server sends for this task (``download_nbytes`` where the method says)."""
+        if self.download_nbytes is not None:
+            return self.download_nbytes
+        return tensors_nbytes(self.factors if self.kind == "lora" else self.weights or {})
+
+
+@dataclass
+class ClientUpdate:
+    """One client's reply: factors at its (possibly pruned) rank, or full weights."""
+
+    client_id: str
+    num_examples: int
+    factors: Factors | None = None
+    rank: int = 0
+    weights: dict[str, torch.Tensor] | None = None
+    train_loss: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the client sends back."""
+        return tensors_nbytes(self.factors if self.factors is not None else self.weights or {})
+
+    @property
+    def trainable_params(self) -> int:
+        if self.factors is not None:
+            return sum(b.numel() + a.numel() for b, a in self.factors.values())
+        return sum(t.numel() for t in (self.weights or {}).values())
+
+
+@dataclass
+class BaseUpdate:
+    """A change the runtime applies to its base model after a round.
+
+    ``deltas``: module name -> dense ``dW`` (d_out x d_in) added to that module's weight.
+    ``weights``: parameter name -> new value of that base parameter.
+    """
+
+    deltas: dict[str, torch.Tensor] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+
+class Server(ABC):
+    """A federated method's server side over plain tensors.
+
+    Attributes:
+        ranks: every client's current LoRA rank (0 where the method has no ranks).
+        round: completed rounds.
+    """
+
+    name: str = ""
+    #: True when the global model is a LoRA adapter at r_max (saved as ``adapter/``).
+    has_global_adapter: bool = True
+
+    def __init__(self, ranks: Mapping[str, int]) -> None:
+        self.ranks: dict[str, int] = dict(ranks)
+        self.round = 0
+
+    @abstractmethod
+    def task(self, client_id: str) -> ClientTask:
+        """The work for one sampled client this round."""
+
+    @abstractmethod
+    def add(self, update: ClientUpdate) -> None:
+        """Fold in one reply (validated by the method; raises HetLoRAError when malformed)."""
+
+    @abstractmethod
+    def finish(self) -> dict[str, float]:
+        """Close the round; returns the normalised aggregation weight of each client."""
+
+    def global_factors(self) -> Factors | None:
+        """The global adapter at r_max (None for methods without one)."""
+        return None
+
+    def base_update(self) -> BaseUpdate | None:
+        """What the runtime must change in its base model after :meth:`finish` (or None)."""
+        return None
+
+    def r_max(self) -> int:
+        factors = self.global_factors()
+        return rank_of(factors) if factors else 0

@@ -1,0 +1,63 @@
+"""Full fine-tuning with FedAvg (McMahan et al., AISTATS 2017): the upper baseline.
+
+Every sampled client trains all weights of the base model; the server averages them weighted by
+examples, ``W = sum_k p_k W_k``. Bytes and FLOPs are charged for the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hetlora.errors import HetLoRAError
+from hetlora.methods.base import BaseUpdate, ClientTask, ClientUpdate, Server
+
+
+class FullFTServer(Server):
+    """FedAvg of every base weight, folded one reply at a time.
+
+    Args:
+        weights: the base model's parameters by name (the global model).
+        client_ids: every client.
+    """
+
+    name = "full_ft"
+    has_global_adapter = False
+
+    def __init__(self, weights: dict[str, torch.Tensor], client_ids: Sequence[str]) -> None:
+        super().__init__({c: 0 for c in client_ids})
+        self.weights = {n: w.detach().float().cpu().clone() for n, w in weights.items()}
+        self._sum: dict[str, torch.Tensor] = {}
+        self._total = 0.0
+        self._weights: dict[str, float] = {}
+
+    def task(self, client_id: str) -> ClientTask:
+        return ClientTask(client_id, "full", weights=self.weights)
+
+    def add(self, update: ClientUpdate) -> None:
+        if update.weights is None or set(update.weights) != set(self.weights):
+            raise HetLoRAError(f"client {update.client_id} sent the wrong set of weights")
+        p = float(update.num_examples)
+        for name, w in update.weights.items():
+            if w.shape != self.weights[name].shape:
+                raise HetLoRAError(f"client {update.client_id} sent {name} of the wrong shape")
+            acc = self._sum.get(name)
+            if acc is None:
+                self._sum[name] = w.detach().float().cpu() * p
+            else:
+                acc.add_(w.detach().float().cpu(), alpha=p)
+        self._total += p
+        self._weights[update.client_id] = p
+
+    def finish(self) -> dict[str, float]:
+        if not self._sum or self._total <= 0:
+            raise HetLoRAError("no client updates to aggregate")
+        self.weights = {n: s / self._total for n, s in self._sum.items()}
+        weights = {c: w / self._total for c, w in self._weights.items()}
+        self._sum, self._total, self._weights = {}, 0.0, {}
+        self.round += 1
+        return weights
+
+    def base_update(self) -> BaseUpdate | None:
+        return BaseUpdate(weights=self.weights) if self.round else None

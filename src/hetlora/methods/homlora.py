@@ -1,0 +1,35 @@
+"""HomLoRA (FedIT-style federated LoRA): every client at one rank ``r``, FedAvg of A and B.
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (FedIT, 2023),
+as the homogeneous baseline of Cho et al. (EMNLP 2024): ``B = sum_k p_k B_k``,
+``A = sum_k p_k A_k`` with ``p_k = n_k / sum_j n_j`` (examples per client). No self-pruning.
+The global adapter has rank ``r``; it is HetLoRA's engine with equal ranks and data-size weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hetlora.lora import Factors, truncate
+from hetlora.methods.hetlora import HetLoRAServer
+
+
+class HomLoRAServer(HetLoRAServer):
+    """Every client trains the same rank-``rank`` adapter; example-weighted FedAvg of factors.
+
+    Args:
+        initial_factors: PEFT-initialised factors (at least rank ``rank``; cut to ``rank``).
+        client_ids: every client.
+        rank: the one rank of all clients.
+    """
+
+    name = "homlora"
+
+    def __init__(self, initial_factors: Factors, client_ids: Sequence[str], rank: int) -> None:
+        super().__init__(
+            truncate(initial_factors, rank),
+            {c: rank for c in client_ids},
+            aggregation="data_size",
+            pruning=False,
+            regularise=False,
+        )

@@ -1,0 +1,150 @@
+"""Aggregation math of every baseline, each pinned down so a wrong formula fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetlora.config import make_config
+from hetlora.errors import HetLoRAError
+from hetlora.lora import truncate
+from hetlora.methods import make_server
+from hetlora.methods.base import ClientUpdate
+from hetlora.methods.flora import FLoRAServer, stack
+from hetlora.methods.full_ft import FullFTServer
+from hetlora.methods.hetlora import HetLoRAServer
+from hetlora.methods.homlora import HomLoRAServer
+from hetlora.methods.recon_svd import ReconSVDServer, svd_factors
+
+SHAPES = {"l0.q": (12, 10), "l0.v": (6, 10)}
+
+
+def factors(rank: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: (torch.randn(o, rank, generator=g), torch.randn(rank, i, generator=g))
+        for n, (o, i) in SHAPES.items()
+    }
+
+
+def reply(client, f, n=10, rank=None):
+    return ClientUpdate(client, n, factors=f, rank=rank or next(iter(f.values()))[0].shape[1])
+
+
+def test_homlora_one_client_returns_that_client():
+    server = HomLoRAServer(factors(8, 0), ["a", "b"], rank=4)
+    assert server.ranks == {"a": 4, "b": 4}
+    task = server.task("a")
+    assert task.rank == 4 and not task.pruning and not task.regularise
+    mine = factors(4, 1)
+    server.add(reply("a", mine))
+    server.finish()
+    for n in SHAPES:
+        torch.testing.assert_close(server.global_factors()[n][0], mine[n][0])
+        torch.testing.assert_close(server.global_factors()[n][1], mine[n][1])
+
+
+def test_homlora_is_example_weighted_fedavg_of_factors():
+    server = HomLoRAServer(factors(4, 0), ["a", "b"], rank=4)
+    fa, fb = factors(4, 1), factors(4, 2)
+    server.add(reply("a", fa, n=30))
+    server.add(reply("b", fb, n=10))
+    weights = server.finish()
+    assert weights == pytest.approx({"a": 0.75, "b": 0.25})
+    for n in SHAPES:
+        torch.testing.assert_close(server.global_factors()[n][0], 0.75 * fa[n][0] + 0.25 * fb[n][0])
+        torch.testing.assert_close(server.global_factors()[n][1], 0.75 * fa[n][1] + 0.25 * fb[n][1])
+
+
+def test_recon_svd_one_client_at_full_rank_returns_its_product():
+    server = ReconSVDServer(factors(6, 0), {"a": 6})
+    mine = factors(6, 3)
+    server.add(reply("a", mine))
+    server.finish()
+    for n in SHAPES:
+        b, a = server.global_factors()[n]
+        torch.testing.assert_close(b @ a, mine[n][0] @ mine[n][1], rtol=1e-4, atol=1e-4)
+
+
+def test_recon_svd_averages_products_and_truncates_optimally():
+    server = ReconSVDServer(factors(8, 0), {"a": 2, "b": 3})
+    fa, fb = factors(2, 1), factors(3, 2)
+    server.add(reply("a", fa, n=10))
+    server.add(reply("b", fb, n=30))
+    server.finish()
+    for n in SHAPES:
+        target = 0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1]  # rank <= 5 <= r_max
+        b, a = server.global_factors()[n]
+        torch.testing.assert_close(b @ a, target, rtol=1e-4, atol=1e-4)
+        # what a rank-2 client receives is the best rank-2 approximation (Eckart-Young)
+        b2, a2 = truncate(server.global_factors(), 2)[n]
+        u, s, vh = torch.linalg.svd(target)
+        torch.testing.assert_close(b2 @ a2, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-4, atol=1e-4)
+        # singular values are split evenly: ||B e_i|| = ||A^T e_i|| = sqrt(s_i)
+        torch.testing.assert_close(b.norm(dim=0)[:2], s[:2].sqrt(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.norm(dim=1)[:2], s[:2].sqrt(), rtol=1e-4, atol=1e-4)
+    b, a = svd_factors(torch.zeros(4, 3), 5)  # rank above the matrix size pads with zeros
+    assert b.shape == (4, 5) and a.shape == (5, 3)
+
+
+def test_flora_stacking_equals_weighted_sum_of_products():
+    fa, fb = factors(2, 1), factors(5, 2)
+    stacked = stack([(0.25, fa), (0.75, fb)])
+    for n in SHAPES:
+        b, a = stacked[n]
+        assert b.shape[1] == 7 and a.shape[0] == 7
+        torch.testing.assert_close(b @ a, 0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
+
+
+def test_flora_server_merges_scaled_weighted_products_and_sends_fresh_adapters():
+    server = FLoRAServer(SHAPES, {"a": 2, "b": 5}, scale=2.0, seed=0)
+    task = server.task("a")
+    assert task.rank == 2 and task.nbytes == 0  # round 1: nothing stacked yet
+    assert all(torch.count_nonzero(b) == 0 for b, _ in task.factors.values())  # B = 0
+    assert all(a.abs().max() <= 1 / 10**0.5 for _, a in task.factors.values())  # U(+-1/sqrt(d_in))
+    fa, fb = factors(2, 1), factors(5, 2)
+    server.add(reply("a", fa, n=10))
+    server.add(reply("b", fb, n=30))
+    server.finish()
+    deltas = server.base_update().deltas
+    for n in SHAPES:
+        expected = 2.0 * (0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
+        torch.testing.assert_close(deltas[n], expected, rtol=1e-5, atol=1e-5)
+    assert server.task("a").nbytes == sum(4 * (o * 7 + 7 * i) for o, i in SHAPES.values())
+    assert not torch.equal(server.task("a").factors["l0.q"][1], task.factors["l0.q"][1])  # fresh
+
+
+def test_full_ft_is_example_weighted_fedavg():
+    w0 = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
+    server = FullFTServer(w0, ["a", "b"])
+    assert server.task("a").kind == "full" and server.task("a").nbytes == 4 * 12
+    server.add(ClientUpdate("a", 10, weights={"w": torch.ones(3, 3), "b": torch.ones(3)}))
+    server.add(ClientUpdate("b", 30, weights={"w": 5 * torch.ones(3, 3), "b": torch.zeros(3)}))
+    server.finish()
+    new = server.base_update().weights
+    torch.testing.assert_close(new["w"], 4 * torch.ones(3, 3))
+    torch.testing.assert_close(new["b"], 0.25 * torch.ones(3))
+    with pytest.raises(HetLoRAError):
+        server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "b": torch.ones(3)}))
+
+
+def test_make_server_maps_methods_and_ablations():
+    init = factors(8, 0)
+    ranks = {"a": 3, "b": 8}
+    built = {}
+    for method in ("hetlora", "homlora", "recon_svd", "flora", "full_ft"):
+        cfg = make_config({"method": method, "r_min": 2, "r_max": 8})
+        built[method] = make_server(
+            cfg, init, ranks, ["a", "b"], base_weights={"w": torch.zeros(2)}
+        )
+    assert isinstance(built["hetlora"], HetLoRAServer) and built["hetlora"].task("a").regularise
+    assert type(built["homlora"]) is HomLoRAServer and built["homlora"].ranks == {"a": 8, "b": 8}
+    assert (
+        built["flora"].has_global_adapter is False and built["full_ft"].has_global_adapter is False
+    )
+    noprune = make_server(make_config({"pruning": False}), init, ranks, ["a", "b"])
+    assert not noprune.task("a").pruning and not noprune.task("a").regularise
+    uniform = make_server(make_config({"aggregation": "uniform"}), init, ranks, ["a", "b"])
+    uniform.add(reply("a", truncate(factors(8, 1), 3)))
+    uniform.add(reply("b", factors(8, 2)))
+    assert uniform.finish() == pytest.approx({"a": 0.5, "b": 0.5})
