@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,12 @@ class Simulation:
             self._tokenized[client_id] = items
         return self._tokenized[client_id]
 
+    def client_batches(self, client_id: str, round_idx: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The client's batch stream for one round, seeded by (seed, round, client index)."""
+        index = self._client_index[client_id]
+        rng = np.random.default_rng([self.cfg.seed, round_idx, index, 0xBA])
+        return batch_stream(self.client_items(client_id), self.cfg.batch_size, rng, self.pad_id)
+
     def sample_clients(self, round_idx: int) -> list[str]:
         """The round's clients: a seeded choice without replacement."""
         rng = np.random.default_rng([self.cfg.seed, round_idx, 0x5A])
@@ -193,8 +199,7 @@ class Simulation:
                 of=len(sampled),
                 rank=task.rank,
             )
-            rng = np.random.default_rng([cfg.seed, round_idx, self._client_index[client_id], 0xBA])
-            batches = batch_stream(self.client_items(client_id), cfg.batch_size, rng, self.pad_id)
+            batches = self.client_batches(client_id, round_idx)
             update, result = run_task(
                 self.peft_model,
                 task,
