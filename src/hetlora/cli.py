@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,12 +27,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI) gets a width that fits the tables instead of rich's default of 80.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -77,14 +79,14 @@ class LiveProgress:
                 completed=0,
                 total=None,
                 visible=True,
-                status=f"{event['client']}  rank {event['rank']}",
+                status=escape(f"{event['client']}  rank {event['rank']}"),
             )
         elif kind == "step":
             p.update(
                 self.steps,
                 completed=event["step"],
                 total=event["of"],
-                status=f"{event['client']}  loss {event['loss']:.3f}",
+                status=escape(f"{event['client']}  loss {event['loss']:.3f}"),
             )
         elif kind == "client_end":
             p.update(
@@ -176,15 +178,7 @@ def run(
 
         cfg = load_config(config, set_ or [])
         check_out_dir(out, overwrite)
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-            transient=False,
-        ) as progress:
+        with _progress_display() as progress:
             live = LiveProgress(progress)
             sim = Simulation(cfg, progress=live)
             summary = sim.run(out, overwrite=overwrite)
@@ -206,6 +200,107 @@ def run(
         f"({summary['clients_pruned']} of {summary['clients']} clients pruned)"
     )
     console.print(f"run directory: {out}  (global adapter: {out / 'adapter'})")
+
+
+def _progress_display() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def compare(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="TOML: shared keys plus [[compare]] entries.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output directory (must be empty or new).")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key for every method (repeatable)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    """Run several methods on the same clients, sampling and seeds; write tables and plots.
+
+    Writes one run directory per method, results.csv, results.md and PNG plots: eval
+    perplexity against round, cumulative bytes and cumulative client FLOPs, and client ranks
+    over rounds under self-pruning.
+    """
+    _quiet_libraries(verbose)
+    try:
+        from hetlora.runtime.compare import load_comparison, run_comparison
+        from hetlora.runtime.local import check_out_dir
+
+        entries = load_comparison(config, set_ or [])
+        check_out_dir(out, overwrite)
+        with _progress_display() as progress:
+            live = LiveProgress(progress)
+            methods = progress.add_task("methods", total=len(entries), status="")
+
+            def on_event(event: dict[str, Any]) -> None:
+                if event["event"] == "method_start":
+                    if event["index"]:
+                        progress.advance(methods)
+                    progress.update(methods, status=event["name"])
+                    progress.console.print(f"[bold]== {event['name']}[/]")
+                else:
+                    live(event)
+
+            result = run_comparison(entries, out, overwrite=overwrite, progress=on_event)
+            progress.advance(methods)
+    except HetLoRAError as exc:
+        _fail(str(exc))
+        return
+    _print_results(result, out)
+
+
+def _print_results(result: dict[str, Any], out: Path) -> None:
+    from hetlora.report import COLUMNS, _fmt
+
+    table = Table(title=f"results ({out / 'results.md'})")
+    short = {
+        "name": "method",
+        "final_ppl": "final ppl",
+        "best_ppl": "best",
+        "best_round": "at",
+        "rouge_l": "ROUGE-L",
+        "total_bytes": "bytes",
+        "client_flops": "FLOPs",
+        "mean_final_rank": "rank",
+    }
+    for key, _ in COLUMNS:
+        table.add_column(short[key], justify="left" if key == "name" else "right", no_wrap=True)
+    for row in result["rows"]:
+        table.add_row(*[_fmt(k, row[k]) for k, _ in COLUMNS])
+    console.print(table)
+    for path in result["plots"]:
+        console.print(f"plot: {path}")
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="A finished run or comparison directory.")],
+) -> None:
+    """Redraw the tables (results.csv, results.md) and plots of a finished run or comparison."""
+    try:
+        from hetlora.report import report as redraw
+
+        result = redraw(directory)
+    except HetLoRAError as exc:
+        _fail(str(exc))
+        return
+    _print_results(result, directory)
 
 
 @app.command()

@@ -1,0 +1,98 @@
+"""Several methods on the same clients, sampling and seeds, one after the other.
+
+A comparison file is a run config (any key, shared by every method) plus a list of
+``[[compare]]`` tables, each with a ``name`` and the keys it overrides::
+
+    rounds = 10
+    [[compare]]
+    name = "HetLoRA [4, 16]"
+    method = "hetlora"
+    [[compare]]
+    name = "HomLoRA r=4"
+    method = "homlora"
+    rank = 4
+
+Each entry runs with :class:`~hetlora.runtime.local.Simulation` into ``OUT/<slug>/``; then
+``results.csv``, ``results.md`` and the plots are written by :func:`hetlora.report.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hetlora.config import Config, _parse_override, make_config
+from hetlora.errors import HetLoRAError
+from hetlora.runtime.local import Progress, Simulation, check_out_dir
+
+
+@dataclass
+class Entry:
+    """One method of a comparison: its display name, folder and full config."""
+
+    name: str
+    slug: str
+    cfg: Config
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+
+
+def load_comparison(path: Path | str, overrides: list[str] | None = None) -> list[Entry]:
+    """Read a comparison file; ``overrides`` (``key=value``) apply to every entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise HetLoRAError(f"comparison file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise HetLoRAError(f"comparison file {path} is not valid TOML: {exc}") from None
+    entries = raw.pop("compare", None)
+    if not isinstance(entries, list) or not entries:
+        raise HetLoRAError(f"{path} has no [[compare]] entries")
+    shared = dict(raw)
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        shared[key] = value
+    out, seen = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise HetLoRAError(f"[[compare]] entry {i} needs a name")
+        name = entry["name"]
+        slug = _slug(name)
+        if slug in seen:
+            raise HetLoRAError(f"two [[compare]] entries are named like {name!r}")
+        seen.add(slug)
+        keys = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            cfg = make_config({**shared, **keys})
+        except HetLoRAError as exc:
+            raise HetLoRAError(f"[[compare]] entry {name!r}: {exc}") from None
+        out.append(Entry(name=name, slug=slug, cfg=cfg))
+    return out
+
+
+def run_comparison(
+    entries: list[Entry],
+    out_dir: Path | str,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run every entry into ``out_dir/<slug>/``, then write the tables and plots."""
+    from hetlora.report import report
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"runs": [{"name": e.name, "dir": e.slug, "method": e.cfg.method} for e in entries]}
+    (out_dir / "comparison.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    emit = progress or (lambda event: None)
+    for i, entry in enumerate(entries):
+        emit({"event": "method_start", "name": entry.name, "index": i, "of": len(entries)})
+        Simulation(entry.cfg, progress).run(out_dir / entry.slug, overwrite=overwrite)
+    return report(out_dir)

@@ -1,0 +1,129 @@
+"""`hetlora compare` of every method on the tiny model: one row per method, tables and plots."""
+
+from __future__ import annotations
+
+import csv
+
+from typer.testing import CliRunner
+
+from hetlora.cli import app
+
+COMPARISON = """
+rounds = 2
+clients_per_round = 2
+local_steps = 2
+batch_size = 4
+lr = 0.01
+eval_examples = 16
+rouge_examples = 1
+max_new_tokens = 4
+precision = "fp32"
+min_examples = 120
+r_min = 2
+r_max = 8
+
+[[compare]]
+name = "HetLoRA [2, 8]"
+method = "hetlora"
+lambda_ = 5.0
+gamma = 0.5
+
+[[compare]]
+name = "HetLoRA no pruning"
+method = "hetlora"
+pruning = false
+
+[[compare]]
+name = "Zero-pad uniform"
+method = "hetlora"
+aggregation = "uniform"
+
+[[compare]]
+name = "Zero-pad data-size"
+method = "hetlora"
+aggregation = "data_size"
+
+[[compare]]
+name = "HetLoRA per-module"
+method = "hetlora"
+per_module_weights = true
+
+[[compare]]
+name = "HomLoRA r=2"
+method = "homlora"
+rank = 2
+
+[[compare]]
+name = "Recon+SVD"
+method = "recon_svd"
+
+[[compare]]
+name = "FLoRA"
+method = "flora"
+
+[[compare]]
+name = "Full FT"
+method = "full_ft"
+"""
+
+
+def test_compare_all_methods_then_report(tiny_model, tmp_path):
+    config = tmp_path / "compare.toml"
+    config.write_text(COMPARISON)
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(
+        app,
+        ["compare", "--config", str(config), "--out", str(out), "--set", f"model='{tiny_model}'"],
+    )
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == [
+        "HetLoRA [2, 8]",
+        "HetLoRA no pruning",
+        "Zero-pad uniform",
+        "Zero-pad data-size",
+        "HetLoRA per-module",
+        "HomLoRA r=2",
+        "Recon+SVD",
+        "FLoRA",
+        "Full FT",
+    ]
+    for r in rows:
+        assert (
+            float(r["final_ppl"]) > 0
+            and float(r["total_bytes"]) > 0
+            and float(r["client_flops"]) > 0
+        )
+    full = next(r for r in rows if r["name"] == "Full FT")
+    het = rows[0]
+    assert float(full["total_bytes"]) > 10 * float(het["total_bytes"])
+    md = (out / "results.md").read_text()
+    assert md.count("\n") == 2 + len(rows)
+    plots = ["ppl_vs_round.png", "ppl_vs_bytes.png", "ppl_vs_flops.png", "ranks.png"]
+    for name in plots:
+        assert (out / name).stat().st_size > 1000, name
+        (out / name).unlink()
+    (out / "results.md").unlink()
+    redraw = CliRunner().invoke(app, ["report", str(out)])
+    assert redraw.exit_code == 0, redraw.output
+    assert (out / "results.md").read_text() == md
+    for name in plots:
+        assert (out / name).exists()
+
+
+def test_compare_errors(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('rounds = 1\n[[compare]]\nname = "a"\nmethod = "nope"\n')
+    result = CliRunner().invoke(
+        app, ["compare", "--config", str(config), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "entry 'a'" in result.stderr and "method" in result.stderr
+    config.write_text("rounds = 1\n")
+    result = CliRunner().invoke(
+        app, ["compare", "--config", str(config), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "no [[compare]] entries" in result.stderr
+    assert not (tmp_path / "o").exists()
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "neither a run nor a comparison" in result.stderr
