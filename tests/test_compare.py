@@ -127,3 +127,23 @@ def test_compare_errors(tmp_path):
     assert not (tmp_path / "o").exists()
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "neither a run nor a comparison" in result.stderr
+
+
+def test_groups_keep_the_best_of_a_grid(tiny_model, tmp_path):
+    config = tmp_path / "grid.toml"
+    config.write_text(
+        "rounds = 1\nclients_per_round = 2\nlocal_steps = 2\nbatch_size = 4\neval_examples = 8\n"
+        'rouge_examples = 0\nprecision = "fp32"\nmin_examples = 150\nr_min = 2\nr_max = 4\n'
+        '[[compare]]\nname = "H, lr 1e-4"\ngroup = "H"\nlr = 1e-4\n'
+        '[[compare]]\nname = "H, lr 3e-2"\ngroup = "H"\nlr = 3e-2\n'
+        '[[compare]]\nname = "Hom"\nmethod = "homlora"\nlr = 3e-2\n'
+    )
+    out = tmp_path / "grid"
+    args = ["compare", "--config", str(config), "--out", str(out), "--set", f"model='{tiny_model}'"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    with (out / "results.csv").open() as fh:
+        rows = {r["name"]: float(r["final_ppl"]) for r in csv.DictReader(fh)}
+    with (out / "best.csv").open() as fh:
+        best = [r["name"] for r in csv.DictReader(fh)]
+    winner = min(("H, lr 1e-4", "H, lr 3e-2"), key=rows.get)
+    assert best == [f"H ({winner})", "Hom"]

@@ -102,7 +102,7 @@ class LiveProgress:
                 f"  train loss {row['train_loss']:.3f}" if row.get("train_loss") is not None else ""
             )
             ranks = row.get("client_ranks")
-            rank_text = f"  ranks {sorted(ranks.values())}" if ranks else ""
+            rank_text = f"  ranks {sorted(ranks.values())}" if ranks and any(ranks.values()) else ""
             p.console.print(
                 f"round {row['round']:>3}{loss}{ppl}{rank_text}  ({row['wall_s']:.1f}s)",
                 highlight=False,
@@ -121,7 +121,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _fmt_ranks(ranks: list[int]) -> str:
-    if not ranks:
+    if not ranks or not any(ranks):
         return "-"
     return f"{sum(ranks) / len(ranks):.1f} [{min(ranks)}-{max(ranks)}]"
 

@@ -72,9 +72,9 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """``results.csv`` (raw numbers) and ``results.md`` (formatted)."""
-    with (out_dir / "results.csv").open("w", newline="") as fh:
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, stem: str = "results") -> None:
+    """``<stem>.csv`` (raw numbers) and ``<stem>.md`` (formatted)."""
+    with (out_dir / f"{stem}.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
@@ -84,7 +84,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
     ]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(k, row[k]) for k, _ in COLUMNS) + " |")
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def _curve(rows: list[dict[str, Any]], x: str) -> tuple[list[float], list[float]]:
@@ -183,32 +183,57 @@ def plot_ranks(runs: dict[str, list[dict[str, Any]]], out_dir: Path) -> Path | N
     return path
 
 
+def best_of_groups(
+    entries: list[dict[str, Any]], rows: list[dict[str, Any]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The best entry (lowest final perplexity) of each ``group`` (a hyperparameter grid of one
+    method), as (entry name, row labelled "group (entry name)"); untagged entries stand alone."""
+    best: dict[str, dict[str, Any]] = {}
+    for entry, row in zip(entries, rows, strict=True):
+        key = entry.get("group") or entry["name"]
+        if key not in best or row["final_ppl"] < best[key]["final_ppl"]:
+            best[key] = row
+    return [
+        (row["name"], {**row, "name": key if key == row["name"] else f"{key} ({row['name']})"})
+        for key, row in best.items()
+    ]
+
+
 def report(directory: Path | str) -> dict[str, Any]:
-    """Redraw the tables and plots of a finished run or comparison; returns what was written."""
+    """Redraw the tables and plots of a finished run or comparison; returns what was written.
+
+    A comparison whose entries carry a ``group`` (the same method over a hyperparameter grid)
+    also gets ``best.csv``/``best.md`` (the best entry of each group by final perplexity), and
+    its plots show one line per group, the best one.
+    """
     directory = Path(directory)
     manifest = directory / "comparison.json"
+    tables = [directory / "results.csv", directory / "results.md"]
     if manifest.is_file():
-        names = json.loads(manifest.read_text())["runs"]
-        runs = {}
-        rows = []
-        for entry in names:
+        entries = json.loads(manifest.read_text())["runs"]
+        metrics_by_name, rows = {}, []
+        for entry in entries:
             summary, metrics = load_run(directory / entry["dir"])
-            runs[entry["name"]] = metrics
+            metrics_by_name[entry["name"]] = metrics
             rows.append(result_row(entry["name"], summary))
+        write_tables(rows, directory)
+        if any(e.get("group") for e in entries):
+            best = best_of_groups(entries, rows)
+            write_tables([row for _, row in best], directory, stem="best")
+            tables += [directory / "best.csv", directory / "best.md"]
+            runs = {row["name"]: metrics_by_name[entry] for entry, row in best}
+        else:
+            runs = metrics_by_name
     elif (directory / "summary.json").is_file():
         summary, metrics = load_run(directory)
         name = summary.get("method", "run")
         runs = {name: metrics}
         rows = [result_row(name, summary)]
+        write_tables(rows, directory)
     else:
         raise HetLoRAError(f"{directory} is neither a run nor a comparison directory")
-    write_tables(rows, directory)
     plots = plot_curves(runs, directory)
     ranks = plot_ranks(runs, directory)
     if ranks:
         plots.append(ranks)
-    return {
-        "rows": rows,
-        "plots": plots,
-        "tables": [directory / "results.csv", directory / "results.md"],
-    }
+    return {"rows": rows, "plots": plots, "tables": tables}

@@ -1,7 +1,7 @@
 """Several methods on the same clients, sampling and seeds, one after the other.
 
 A comparison file is a run config (any key, shared by every method) plus a list of
-``[[compare]]`` tables, each with a ``name`` and the keys it overrides::
+``[[compare]]`` tables, each with a ``name``, an optional ``group`` and the keys it overrides::
 
     rounds = 10
     [[compare]]
@@ -32,11 +32,13 @@ from hetlora.runtime.local import Progress, Simulation, check_out_dir
 
 @dataclass
 class Entry:
-    """One method of a comparison: its display name, folder and full config."""
+    """One method of a comparison: its display name, folder, full config and optional group
+    (entries of one group are a hyperparameter grid of one method; reports keep the best)."""
 
     name: str
     slug: str
     cfg: Config
+    group: str = ""
 
 
 def _slug(name: str) -> str:
@@ -68,12 +70,15 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
         if slug in seen:
             raise HetLoRAError(f"two [[compare]] entries are named like {name!r}")
         seen.add(slug)
-        keys = {k: v for k, v in entry.items() if k != "name"}
+        group = entry.get("group", "")
+        if not isinstance(group, str):
+            raise HetLoRAError(f"[[compare]] entry {name!r}: group must be a string")
+        keys = {k: v for k, v in entry.items() if k not in ("name", "group")}
         try:
             cfg = make_config({**shared, **keys})
         except HetLoRAError as exc:
             raise HetLoRAError(f"[[compare]] entry {name!r}: {exc}") from None
-        out.append(Entry(name=name, slug=slug, cfg=cfg))
+        out.append(Entry(name=name, slug=slug, cfg=cfg, group=group))
     return out
 
 
@@ -89,7 +94,12 @@ def run_comparison(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"runs": [{"name": e.name, "dir": e.slug, "method": e.cfg.method} for e in entries]}
+    manifest = {
+        "runs": [
+            {"name": e.name, "dir": e.slug, "method": e.cfg.method, "group": e.group}
+            for e in entries
+        ]
+    }
     (out_dir / "comparison.json").write_text(json.dumps(manifest, indent=2) + "\n")
     emit = progress or (lambda event: None)
     for i, entry in enumerate(entries):
