@@ -37,7 +37,7 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs
 
-# The paper's claims on our model and data (docs/reproduction.md): about 75 minutes on 2 cores.
+# The paper's claims on our model and data (docs/reproduction.md): about an hour on 2 cores.
 # Runs every method into runs/reproduce/, then copies the tables and plots into docs/reproduction/.
 reproduce: $(STAMP)
 	$(VENV)/bin/hetlora compare --config configs/reproduce.toml --out runs/reproduce --overwrite
