@@ -131,6 +131,37 @@ class Server(ABC):
     def finish(self) -> dict[str, float]:
         """Close the round; returns the normalised aggregation weight of each client."""
 
+    @abstractmethod
+    def reset_round(self) -> None:
+        """Drop whatever was folded in this round (a skipped round leaves the state unchanged)."""
+
+    def check(self, update: ClientUpdate, max_norm: float = 0.0) -> None:
+        """Refuse a malformed reply with :class:`HetLoRAError` (see :mod:`.validate`).
+
+        LoRA methods check module names, shapes at the rank assigned this round, rank, finite
+        values and the optional norm bound; full fine-tuning checks names, shapes, values and
+        the norm of the change.
+        """
+        from hetlora.errors import HetLoRAError
+        from hetlora.methods.validate import check_full_update, check_lora_update
+
+        if update.client_id not in self.ranks:
+            raise HetLoRAError(f"reply from unknown client {update.client_id!r}")
+        reference = self.reference_weights()
+        if reference is not None:
+            check_full_update(update, reference, max_norm)
+        else:
+            check_lora_update(update, self.module_shapes(), self.ranks[update.client_id], max_norm)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(d_out, d_in)`` of every adapted module."""
+        factors = self.global_factors()
+        return {n: (b.shape[0], a.shape[1]) for n, (b, a) in (factors or {}).items()}
+
+    def reference_weights(self) -> dict[str, torch.Tensor] | None:
+        """The global weights a full-weights reply is checked against (None for LoRA methods)."""
+        return None
+
     def global_factors(self) -> Factors | None:
         """The global adapter at r_max (None for methods without one)."""
         return None

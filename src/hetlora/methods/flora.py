@@ -107,5 +107,11 @@ class FLoRAServer(Server):
         self.round += 1
         return weights
 
+    def reset_round(self) -> None:
+        self._replies = []
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self.shapes)
+
     def base_update(self) -> BaseUpdate | None:
         return BaseUpdate(deltas=self._merge) if self._merge is not None else None

@@ -59,5 +59,11 @@ class FullFTServer(Server):
         self.round += 1
         return weights
 
+    def reset_round(self) -> None:
+        self._sum, self._total, self._weights = {}, 0.0, {}
+
+    def reference_weights(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
     def base_update(self) -> BaseUpdate | None:
         return BaseUpdate(weights=self.weights) if self.round else None

@@ -240,5 +240,8 @@ class HetLoRAServer(Server):
         self.round = self.state.round
         return weights
 
+    def reset_round(self) -> None:
+        self._agg = None
+
     def global_factors(self) -> Factors:
         return self.state.factors

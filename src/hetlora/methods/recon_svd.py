@@ -75,5 +75,8 @@ class ReconSVDServer(Server):
         self.round += 1
         return weights
 
+    def reset_round(self) -> None:
+        self._sum, self._total, self._weights = {}, 0.0, {}
+
     def global_factors(self) -> Factors:
         return self.factors

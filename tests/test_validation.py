@@ -1,0 +1,120 @@
+"""Untrusted replies: every method's server refuses malformed updates, naming the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetlora.errors import HetLoRAError
+from hetlora.lora import truncate
+from hetlora.methods.base import ClientUpdate
+from hetlora.methods.flora import FLoRAServer
+from hetlora.methods.full_ft import FullFTServer
+from hetlora.methods.hetlora import HetLoRAServer
+from hetlora.methods.homlora import HomLoRAServer
+from hetlora.methods.recon_svd import ReconSVDServer
+
+SHAPES = {"l0.q": (12, 10), "l0.v": (6, 10)}
+
+
+def factors(rank: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: (torch.randn(o, rank, generator=g), torch.randn(rank, i, generator=g))
+        for n, (o, i) in SHAPES.items()
+    }
+
+
+def lora_servers():
+    ranks = {"a": 4, "b": 8}
+    return {
+        "hetlora": HetLoRAServer(factors(8), ranks),
+        "homlora": HomLoRAServer(factors(8), ["a", "b"], rank=4),
+        "recon_svd": ReconSVDServer(factors(8), ranks),
+        "flora": FLoRAServer(SHAPES, ranks, 2.0, 0),
+    }
+
+
+def with_value(f, name, which, value):
+    out = {k: (b.clone(), a.clone()) for k, (b, a) in f.items()}
+    out[name][which].view(-1)[0] = value
+    return out
+
+
+@pytest.mark.parametrize("method", ["hetlora", "homlora", "recon_svd", "flora"])
+def test_lora_servers_refuse_bad_replies(method):
+    server = lora_servers()[method]
+    good = ClientUpdate("a", 10, factors=factors(4, 1), rank=4)
+    server.check(good)
+    server.check(ClientUpdate("a", 10, factors=factors(3, 1), rank=3))  # pruned below: fine
+    cases = {
+        "non-finite": ClientUpdate(
+            "a", 10, factors=with_value(good.factors, "l0.q", 0, float("nan")), rank=4
+        ),
+        "non-finite values": ClientUpdate(
+            "a", 10, factors=with_value(good.factors, "l0.v", 1, float("inf")), rank=4
+        ),
+        "outside": ClientUpdate("a", 10, factors=factors(5, 1), rank=5),  # above the assigned 4
+        "shapes": ClientUpdate(
+            "a", 10, factors={**good.factors, "l0.v": (torch.ones(7, 4), torch.ones(4, 10))}, rank=4
+        ),
+        "wrong modules": ClientUpdate("a", 10, factors={"l0.q": good.factors["l0.q"]}, rank=4),
+        "no LoRA factors": ClientUpdate("a", 10, weights={"w": torch.ones(2)}),
+        "unknown client": ClientUpdate("zed", 10, factors=factors(4, 1), rank=4),
+    }
+    for reason, update in cases.items():
+        with pytest.raises(HetLoRAError, match=reason):
+            server.check(update)
+    lie = ClientUpdate("a", 10, factors=factors(4, 1), rank=3)  # declared rank != actual
+    with pytest.raises(HetLoRAError, match="shapes"):
+        server.check(lie)
+
+
+def test_norm_bound():
+    server = lora_servers()["hetlora"]
+    update = ClientUpdate("b", 10, factors=factors(8, 2), rank=8)
+    norm = (
+        sum(float((b.double() @ a.double()).norm() ** 2) for b, a in update.factors.values()) ** 0.5
+    )
+    server.check(update, max_norm=norm * 1.01)
+    with pytest.raises(HetLoRAError, match="exceeds the bound"):
+        server.check(update, max_norm=norm * 0.99)
+    huge = ClientUpdate(
+        "b", 10, factors={n: (b * 1e6, a) for n, (b, a) in update.factors.items()}, rank=8
+    )
+    with pytest.raises(HetLoRAError, match="exceeds the bound"):
+        server.check(huge, max_norm=1e3)
+
+
+def test_full_ft_refuses_bad_replies():
+    server = FullFTServer({"w": torch.zeros(3, 3)}, ["a"])
+    server.check(ClientUpdate("a", 1, weights={"w": torch.ones(3, 3)}))
+    with pytest.raises(HetLoRAError, match="non-finite"):
+        server.check(ClientUpdate("a", 1, weights={"w": torch.full((3, 3), float("nan"))}))
+    with pytest.raises(HetLoRAError, match="shape"):
+        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 3)}))
+    with pytest.raises(HetLoRAError, match="wrong set"):
+        server.check(ClientUpdate("a", 1, weights={"v": torch.ones(3, 3)}))
+    with pytest.raises(HetLoRAError, match="exceeds the bound"):
+        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(3, 3)}), max_norm=2.0)
+
+
+@pytest.mark.parametrize("method", ["hetlora", "homlora", "recon_svd", "flora"])
+def test_reset_round_leaves_the_state_unchanged(method):
+    server = lora_servers()[method]
+    before = {n: (b.clone(), a.clone()) for n, (b, a) in (server.global_factors() or {}).items()}
+    server.add(ClientUpdate("a", 10, factors=factors(4, 1), rank=4))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    for n, (b, a) in (server.global_factors() or {}).items():
+        assert torch.equal(b, before[n][0]) and torch.equal(a, before[n][1])
+    assert server.round == 0
+    # the next round works as usual
+    server.add(
+        ClientUpdate(
+            "b", 10, factors=truncate(factors(8, 2), server.ranks["b"]), rank=server.ranks["b"]
+        )
+    )
+    server.finish()
+    assert server.round == 1
