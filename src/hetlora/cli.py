@@ -68,6 +68,13 @@ class LiveProgress:
             p.update(self.rounds, status=f"loading {event['stage']}")
         elif kind == "eval":
             p.update(self.rounds, status=f"evaluating round {event['round']}")
+        elif kind == "resume":
+            p.update(
+                self.rounds,
+                completed=event["round"],
+                status=f"resumed after round {event['round']}",
+            )
+            p.console.print(f"resuming after round {event['round']}", highlight=False)
         elif kind == "generate":
             p.update(self.rounds, status=f"generating ({event['which']} model) for ROUGE-L")
         elif kind == "round_start":
@@ -162,12 +169,21 @@ def run(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory from its last complete round "
+            "(its config.toml, unless --config/--set are given; they must match).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
     """Run federated fine-tuning (HetLoRA by default) in-process and write the run directory.
 
     Writes config.toml (resolved), metrics.jsonl (one JSON object per round), adapter/ (the
-    global LoRA adapter in PEFT format), samples.jsonl (generations) and summary.json.
+    global LoRA adapter in PEFT format), samples.jsonl (generations), summary.json and
+    checkpoint.pt (rewritten atomically after every round, for --resume).
     """
     import json
 
@@ -176,12 +192,20 @@ def run(
         from hetlora.config import load_config
         from hetlora.runtime.local import Simulation, check_out_dir
 
-        cfg = load_config(config, set_ or [])
-        check_out_dir(out, overwrite)
+        if resume is not None:
+            out = resume
+            if not (out / "config.toml").is_file():
+                raise HetLoRAError(f"--resume {out}: not a run directory (config.toml missing)")
+            if not (out / "checkpoint.pt").is_file():
+                raise HetLoRAError(f"--resume {out}: no checkpoint.pt, nothing to resume")
+            cfg = load_config(config or out / "config.toml", set_ or [])
+        else:
+            cfg = load_config(config, set_ or [])
+            check_out_dir(out, overwrite)
         with _progress_display() as progress:
             live = LiveProgress(progress)
             sim = Simulation(cfg, progress=live)
-            summary = sim.run(out, overwrite=overwrite)
+            summary = sim.run(out, overwrite=overwrite, resume=resume is not None)
     except HetLoRAError as exc:
         _fail(str(exc))
         return

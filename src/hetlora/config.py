@@ -64,6 +64,9 @@ class Config:
     Federated loop and local training:
         rounds, clients_per_round, local_steps, batch_size, lr, weight_decay, max_grad_norm.
         seed: seeds ranks, client sampling, splits, batches and adapter init.
+        min_clients: a round with fewer valid replies is skipped (global state unchanged).
+        max_update_norm: replies whose update norm (||dW_k||_F, or the change of all weights for
+            full fine-tuning) exceeds this are refused; 0 disables the bound.
         precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16`` or ``fp32``.
         device: ``auto``, ``cpu`` or ``cuda``.
 
@@ -109,6 +112,8 @@ class Config:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    min_clients: int = 1
+    max_update_norm: float = 0.0
     precision: str = "auto"
     device: str = "auto"
 
@@ -249,6 +254,7 @@ def validate(cfg: Config) -> None:
         "clients_per_round",
         "local_steps",
         "batch_size",
+        "min_clients",
         "eval_every",
         "eval_batch_size",
         "min_examples",
@@ -258,6 +264,8 @@ def validate(cfg: Config) -> None:
     if cfg.max_seq_len < 8:
         raise HetLoRAError(f"config key 'max_seq_len' must be >= 8, got {cfg.max_seq_len}")
     for key in (
+        "rank",
+        "max_update_norm",
         "max_clients",
         "eval_examples",
         "rouge_examples",
@@ -266,6 +274,8 @@ def validate(cfg: Config) -> None:
         "max_grad_norm",
     ):
         _at_least(cfg, key, 0)
+    if cfg.rank and not cfg.r_min <= cfg.rank <= cfg.r_max:
+        raise HetLoRAError(f"config key 'rank' ({cfg.rank}) must lie in [r_min, r_max]")
     if not cfg.lr > 0:
         raise HetLoRAError(f"config key 'lr' must be > 0, got {cfg.lr}")
     if not cfg.lora_scale > 0:

@@ -170,6 +170,10 @@ class Server(ABC):
         """What the runtime must change in its base model after :meth:`finish` (or None)."""
         return None
 
+    def base_state(self) -> BaseUpdate | None:
+        """Everything changed in the pristine base so far (to rebuild it when resuming)."""
+        return None
+
     def r_max(self) -> int:
         factors = self.global_factors()
         return rank_of(factors) if factors else 0

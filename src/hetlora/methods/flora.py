@@ -73,6 +73,7 @@ class FLoRAServer(Server):
         self._replies: list[tuple[str, float, Factors]] = []
         self._merge: dict[str, torch.Tensor] | None = None
         self.last_stack_nbytes = 0
+        self.merged: dict[str, torch.Tensor] = {}  # sum of every merge so far
 
     def task(self, client_id: str) -> ClientTask:
         key = zlib.crc32(f"{self.seed}/{self.round}/{client_id}".encode())
@@ -109,6 +110,9 @@ class FLoRAServer(Server):
 
     def reset_round(self) -> None:
         self._replies = []
+
+    def base_state(self) -> BaseUpdate | None:
+        return BaseUpdate(deltas=self.merged) if self.merged else None
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self.shapes)

@@ -65,5 +65,8 @@ class FullFTServer(Server):
     def reference_weights(self) -> dict[str, torch.Tensor]:
         return self.weights
 
+    def base_state(self) -> BaseUpdate | None:
+        return self.base_update()
+
     def base_update(self) -> BaseUpdate | None:
         return BaseUpdate(weights=self.weights) if self.round else None

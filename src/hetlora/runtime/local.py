@@ -33,6 +33,7 @@ from hetlora.hardware import resolve_bf16, resolve_device
 from hetlora.lora import pad, rank_of, truncate
 from hetlora.methods import hetlora, make_server
 from hetlora.models import default_target_modules, load_base_model
+from hetlora.runtime import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ OUTPUT_FILES = (
     "samples.jsonl",
     "adapter",
     "model",
+    "checkpoint.pt",
 )
 
 
@@ -88,6 +90,7 @@ class Simulation:
         self.model_path = base.path
         self.target_modules = cfg.target_modules or default_target_modules(base.model)
         torch.manual_seed(cfg.seed)
+        self.base_model_for_fingerprint = base.model
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
         self.size = model_size(self.peft_model)
         self.pad_id = self.tokenizer.pad_token_id
@@ -109,6 +112,7 @@ class Simulation:
         )
         self.server = make_server(cfg, initial, ranks, self.client_ids, base_weights)
         self._initial_ranks = dict(self.server.ranks)
+        self.round = 0  # rounds attempted (a skipped round counts; the server counts aggregations)
         self.settings = TrainSettings(
             local_steps=cfg.local_steps,
             lr=cfg.lr,
@@ -186,9 +190,10 @@ class Simulation:
         """One federated round: sample, distribute, train (and prune) locally, aggregate."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        round_idx = self.server.round + 1
+        round_idx = self.round + 1
         sampled = self.sample_clients(round_idx)
         per_client: dict[str, dict[str, Any]] = {}
+        rejected: dict[str, str] = {}
         for i, client_id in enumerate(sampled):
             task = self.server.task(client_id)
             self._emit(
@@ -225,7 +230,12 @@ class Simulation:
                 ),
                 "tokens": result.tokens,
             }
-            self.server.add(update)
+            try:
+                self.server.check(update, cfg.max_update_norm)
+                self.server.add(update)
+            except HetLoRAError as exc:
+                log.warning("round %d: reply of %s left out: %s", round_idx, client_id, exc)
+                rejected[client_id] = str(exc)
             del update
             self._emit(
                 "client_end",
@@ -235,8 +245,20 @@ class Simulation:
                 rank=per_client[client_id]["rank"],
                 rank_received=task.rank,
             )
-        weights = self.server.finish()
-        self._apply_base_update()
+        accepted = len(per_client) - len(rejected)
+        if accepted < cfg.min_clients:
+            log.warning(
+                "round %d skipped: %d valid replies, fewer than min_clients = %d",
+                round_idx,
+                accepted,
+                cfg.min_clients,
+            )
+            self.server.reset_round()
+            weights: dict[str, float] = {}
+        else:
+            weights = self.server.finish()
+            self._apply_base_update()
+        self.round = round_idx
         ranks = self.server.ranks
         row: dict[str, Any] = {
             "round": round_idx,
@@ -250,6 +272,8 @@ class Simulation:
             "flops": sum(c["flops"] for c in per_client.values()),
             "tokens": sum(c["tokens"] for c in per_client.values()),
             "clients": per_client,
+            "rejected": rejected,
+            "skipped": accepted < cfg.min_clients,
         }
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             self._emit("eval", round=round_idx)
@@ -308,15 +332,64 @@ class Simulation:
         self.peft_model.unload().save_pretrained(str(out_dir / "model"))
         self.tokenizer.save_pretrained(str(out_dir / "model"))
 
-    def run(self, out_dir: Path, overwrite: bool = False) -> dict[str, Any]:
-        """Run every round, writing the output directory as it goes; returns the summary."""
+    def _fingerprints(self) -> tuple[str, str]:
+        data = {c: len(self.train_data[c]) for c in self.client_ids}
+        return checkpoint.model_fingerprint(
+            self.base_model_for_fingerprint
+        ), checkpoint.fingerprint(data)
+
+    def _save_checkpoint(
+        self, out_dir: Path, metrics: list[dict[str, Any]], base_preds: list[str]
+    ) -> None:
+        model_fp, data_fp = self._fingerprints()
+        checkpoint.save(
+            out_dir,
+            {
+                "config": self.cfg.to_dict(),
+                "model": model_fp,
+                "data": data_fp,
+                "round": self.round,
+                "server": self.server,
+                "initial_ranks": self._initial_ranks,
+                "metrics": metrics,
+                "base_preds": base_preds,
+            },
+        )
+
+    def _restore(self, out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        payload = checkpoint.load(out_dir)
+        model_fp, data_fp = self._fingerprints()
+        checkpoint.check_matches(payload, self.cfg.to_dict(), model_fp, data_fp)
+        self.server = payload["server"]
+        self.round = payload["round"]
+        self._initial_ranks = payload["initial_ranks"]
+        base = self.server.base_state()
+        if base is not None and base.deltas:
+            adapters.add_to_base(self.peft_model, base.deltas)
+        if base is not None and base.weights:
+            adapters.load_base_weights(self.peft_model, base.weights)
+        return list(payload["metrics"]), list(payload.get("base_preds") or [])
+
+    def run(self, out_dir: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+        """Run every round, writing the output directory as it goes; returns the summary.
+
+        A checkpoint is written after every round; with ``resume`` the run continues from the
+        last complete round in ``out_dir`` (same config, model and data, else refused).
+        """
         cfg = self.cfg
-        check_out_dir(out_dir, overwrite)
-        _prepare_out_dir(out_dir)
-        cfg.save(out_dir / "config.toml")
-        start = time.perf_counter()
         metrics: list[dict[str, Any]] = []
+        base_preds: list[str] = []
+        if resume:
+            metrics, base_preds = self._restore(out_dir)
+        else:
+            check_out_dir(out_dir, overwrite)
+            _prepare_out_dir(out_dir)
+            cfg.save(out_dir / "config.toml")
+        start = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
         with (out_dir / "metrics.jsonl").open("w") as fh:
+            for row in metrics:  # on resume: exactly the rows of the checkpointed rounds
+                fh.write(json.dumps(row) + "\n")
+            fh.flush()
 
             def record(row: dict[str, Any]) -> None:
                 row["elapsed_s"] = time.perf_counter() - start
@@ -325,28 +398,32 @@ class Simulation:
                 fh.flush()
                 self._emit("round_end", row=row, rounds=cfg.rounds)
 
-            self._emit("eval", round=0)
-            t0 = time.perf_counter()
-            loss0, ppl0 = self.evaluate()
-            record(
-                {
-                    "round": 0,
-                    "eval_loss": loss0,
-                    "eval_ppl": ppl0,
-                    "rank_counts": _counts(self.server.ranks.values()),
-                    "bytes_up": 0,
-                    "bytes_down": 0,
-                    "flops": 0,
-                    "wall_s": time.perf_counter() - t0,
-                }
-            )
-            base_preds: list[str] = []
-            if cfg.rouge_examples:
-                self._emit("generate", which="base")
-                base_preds, refs = self.generations()
-            for _ in range(cfg.rounds):
-                self._emit("round_start", round=self.server.round + 1, rounds=cfg.rounds)
+            if not resume:
+                self._emit("eval", round=0)
+                t0 = time.perf_counter()
+                loss0, ppl0 = self.evaluate()
+                if cfg.rouge_examples:
+                    self._emit("generate", which="base")
+                    base_preds, _ = self.generations()
+                record(
+                    {
+                        "round": 0,
+                        "eval_loss": loss0,
+                        "eval_ppl": ppl0,
+                        "rank_counts": _counts(self.server.ranks.values()),
+                        "bytes_up": 0,
+                        "bytes_down": 0,
+                        "flops": 0,
+                        "wall_s": time.perf_counter() - t0,
+                    }
+                )
+                self._save_checkpoint(out_dir, metrics, base_preds)
+            else:
+                self._emit("resume", round=self.round)
+            while self.round < cfg.rounds:
+                self._emit("round_start", round=self.round + 1, rounds=cfg.rounds)
                 record(self.run_round())
+                self._save_checkpoint(out_dir, metrics, base_preds)
         summary = self._summary(metrics)
         tiers = {}
         for rank in self.tier_ranks():

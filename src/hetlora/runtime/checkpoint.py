@@ -1,0 +1,102 @@
+"""Checkpoints after every round, written atomically, and their checks on resume.
+
+A checkpoint holds everything the next round depends on: the method's server state (global
+factors or weights, every client's current rank, FLoRA's merged total), the round counter, the
+metrics so far, the base model's generations for ROUGE-L, and fingerprints of the config, the
+base model and the client data. Client sampling and batches are seeded by (seed, round, client),
+and local optimisers start fresh each round, so no other RNG or optimizer state exists.
+
+The file is written to a temporary name in the same folder, fsynced, renamed over the old one
+and the folder fsynced: a kill at any moment leaves the previous checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetlora.errors import HetLoRAError
+
+FILE = "checkpoint.pt"
+VERSION = 1
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able data."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the base model's config and a checksum of its weights as loaded."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(key, None)
+    sums = [
+        round(float(p.detach().double().sum()), 6)
+        for n, p in sorted(base.named_parameters())
+        if "lora_" not in n
+    ][:8]
+    return fingerprint({"config": config, "sums": sums})
+
+
+def save(out_dir: Path, payload: dict[str, Any]) -> Path:
+    """Atomically write ``payload`` as ``out_dir/checkpoint.pt``."""
+    target = out_dir / FILE
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"version": VERSION, **payload}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(out_dir: Path) -> dict[str, Any]:
+    """Read ``out_dir/checkpoint.pt``; a missing or unreadable file is a clear error."""
+    path = out_dir / FILE
+    if not path.is_file():
+        raise HetLoRAError(f"no checkpoint in {out_dir}: nothing to resume")
+    try:
+        # our own file, written by save(); it pickles the method's server object
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a corrupt file
+        raise HetLoRAError(f"checkpoint {path} is corrupt: {type(exc).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("version") != VERSION:
+        raise HetLoRAError(f"checkpoint {path} is corrupt or from another hetlora version")
+    for key in ("config", "model", "data", "round", "server", "metrics"):
+        if key not in payload:
+            raise HetLoRAError(f"checkpoint {path} is corrupt: '{key}' is missing")
+    return payload
+
+
+def check_matches(payload: dict[str, Any], config: dict[str, Any], model: str, data: str) -> None:
+    """Refuse a checkpoint made with another config, base model or client data."""
+    if payload["config"] != config:
+        changed = sorted(
+            k
+            for k in set(config) | set(payload["config"])
+            if payload["config"].get(k) != config.get(k)
+        )
+        raise HetLoRAError(
+            f"checkpoint was made with another config (differs in: {', '.join(changed)})"
+        )
+    if payload["model"] != model:
+        raise HetLoRAError("checkpoint was made with another base model")
+    if payload["data"] != data:
+        raise HetLoRAError("checkpoint was made with other client data")
