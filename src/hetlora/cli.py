@@ -388,8 +388,25 @@ def defaults() -> None:
     sys.stdout.write(Config().to_toml())
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """Console entry point: like ``app()``, but a usage error (unknown flag, missing or bad
+    value) is one ``error:`` line on stderr with exit code 2, like every other bad input."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "hetlora"
+        err_console.print(
+            f"[bold red]error:[/] {escape(exc.format_message())} (see: {command} --help)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,325 @@
+"""Every bad input we try on the CLI, run for real, as a Markdown table for docs/reliability.md.
+
+    python tools/bad_inputs.py > docs/bad_inputs.md
+
+Each case runs ``python -m hetlora.cli ...`` in a fresh temporary folder holding the files it
+needs (and a finished tiny run for the commands that read one), and records the exit code, the
+stderr line and whether the output directory was left as it was. ``tests/test_bad_inputs.py``
+runs the same table and requires: exit code 2, one line on stderr, no traceback, nothing lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# (what, argv with {placeholders}, a fragment the message must contain)
+CASES: list[tuple[str, list[str], str]] = [
+    (
+        "unknown config key",
+        ["run", "--out", "{out}", "--set", "learning_rate=0.1"],
+        "unknown config key 'learning_rate'",
+    ),
+    (
+        "unknown key in a config file",
+        ["run", "--out", "{out}", "--config", "{bad_key_toml}"],
+        "unknown config key 'rouunds'",
+    ),
+    (
+        "missing config file",
+        ["run", "--out", "{out}", "--config", "{tmp}/nope.toml"],
+        "config file not found",
+    ),
+    (
+        "config file that is not TOML",
+        ["run", "--out", "{out}", "--config", "{broken_toml}"],
+        "not valid TOML",
+    ),
+    (
+        "r_min > r_max",
+        ["run", "--out", "{out}", "--set", "r_min=10", "--set", "r_max=5"],
+        "must not exceed r_max",
+    ),
+    ("rank < 1", ["run", "--out", "{out}", "--set", "r_min=0"], "must be >= 1"),
+    (
+        "homlora rank outside [r_min, r_max]",
+        ["run", "--out", "{out}", "--set", "rank=99"],
+        "'rank' (99) must lie in",
+    ),
+    ("lambda < 0", ["run", "--out", "{out}", "--set", "lambda_=-0.5"], "'lambda_' must be >= 0"),
+    (
+        "gamma outside (0, 1)",
+        ["run", "--out", "{out}", "--set", "gamma=1.5"],
+        "'gamma' must lie in (0, 1)",
+    ),
+    ("gamma = 0", ["run", "--out", "{out}", "--set", "gamma=0"], "'gamma' must lie in (0, 1)"),
+    (
+        "wrong type",
+        ["run", "--out", "{out}", "--set", "rounds='many'"],
+        "'rounds' must be an integer",
+    ),
+    (
+        "unknown method",
+        ["run", "--out", "{out}", "--set", "method='fedsgd'"],
+        "'method' must be one of",
+    ),
+    ("--set without =", ["run", "--out", "{out}", "--set", "rounds"], "--set expects key=value"),
+    (
+        "tiers without a tier list",
+        ["run", "--out", "{out}", "--set", "rank_distribution='tiers'"],
+        "needs a [[tiers]] list",
+    ),
+    (
+        "negative norm bound",
+        ["run", "--out", "{out}", "--set", "max_update_norm=-1"],
+        "'max_update_norm' must be >= 0",
+    ),
+    (
+        "data file without the needed columns",
+        ["run", "--out", "{out}", "--set", "data='{no_columns}'"],
+        "column",
+    ),
+    ("empty data file", ["run", "--out", "{out}", "--set", "data='{empty}'"], "empty"),
+    (
+        "missing data file",
+        ["run", "--out", "{out}", "--set", "data='{tmp}/absent.jsonl'"],
+        "not found",
+    ),
+    (
+        "malformed JSON lines",
+        ["run", "--out", "{out}", "--set", "data='{malformed}'"],
+        "{malformed_name}",
+    ),
+    ("unsupported data format", ["run", "--out", "{out}", "--set", "data='{xlsx}'"], "xlsx"),
+    (
+        "no client with enough examples",
+        ["run", "--out", "{out}", "--set", "data='{few}'", "--set", "min_examples=5"],
+        "no client",
+    ),
+    (
+        "dirichlet without a label column",
+        ["run", "--out", "{out}", "--set", "data='{text}'", "--set", "partitioner='dirichlet'"],
+        "partition_by",
+    ),
+    (
+        "missing model path",
+        ["run", "--out", "{out}", "--set", "model='{tmp}/no-such-model'"],
+        "model path not found",
+    ),
+    (
+        "model folder without config.json",
+        ["run", "--out", "{out}", "--set", "model='{empty_dir}'"],
+        "has no config.json",
+    ),
+    (
+        "unknown LoRA target module",
+        [
+            "run",
+            "--out",
+            "{out}",
+            "--set",
+            "model='{tiny}'",
+            "--set",
+            "target_modules=['nope']",
+            "--set",
+            "min_examples=150",
+        ],
+        "nope",
+    ),
+    ("non-empty --out without --overwrite", ["run", "--out", "{full_out}"], "is not empty"),
+    ("--out is a file", ["run", "--out", "{a_file}"], "not a directory"),
+    ("unknown flag", ["run", "--bogus"], "No such option '--bogus'"),
+    ("flag without its value", ["run", "--out", "{out}", "--set"], "requires an argument"),
+    ("unknown command", ["train"], "No such command 'train'"),
+    (
+        "--resume of a folder that is no run",
+        ["run", "--resume", "{empty_dir}"],
+        "not a run directory",
+    ),
+    (
+        "--resume with another config",
+        ["run", "--resume", "{run}", "--set", "lr=0.5"],
+        "another config",
+    ),
+    ("--resume of a corrupt checkpoint", ["run", "--resume", "{corrupt_run}"], "is corrupt"),
+    (
+        "export at a rank above the run's",
+        ["export", "{run}", "--rank", "99", "--out", "{out}"],
+        "--rank must lie in",
+    ),
+    (
+        "export with a non-integer rank",
+        ["export", "{run}", "--rank", "x", "--out", "{out}"],
+        "is not a valid integer",
+    ),
+    (
+        "export of a folder that is no run",
+        ["export", "{empty_dir}", "--rank", "2", "--out", "{out}"],
+        "not a PEFT adapter folder",
+    ),
+    ("evaluate a folder that is no run", ["evaluate", "{empty_dir}"], "not a finished run"),
+    (
+        "report of a folder that is no run",
+        ["report", "{empty_dir}"],
+        "neither a run nor a comparison",
+    ),
+    (
+        "compare without [[compare]] entries",
+        ["compare", "--config", "{plain_toml}", "--out", "{out}"],
+        "no [[compare]] entries",
+    ),
+    (
+        "compare entry with a bad key",
+        ["compare", "--config", "{bad_compare}", "--out", "{out}"],
+        "entry 'x'",
+    ),
+]
+
+TINY_RUN = [
+    "rounds=1",
+    "clients_per_round=2",
+    "local_steps=1",
+    "batch_size=2",
+    "eval_examples=4",
+    "rouge_examples=0",
+    "precision='fp32'",
+    "min_examples=150",
+    "r_min=2",
+    "r_max=4",
+]
+
+
+def cli(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hetlora.cli", *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    if folder.exists():
+        for p in sorted(folder.rglob("*")):
+            h.update(str(p.relative_to(folder)).encode())
+            if p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def make_fixtures(tmp: Path, env: dict[str, str]) -> dict[str, str]:
+    """The files the cases refer to, and one finished tiny run."""
+    from hetlora.tiny import make_tiny_model
+
+    def write(name: str, text: str) -> str:
+        (tmp / name).write_text(text)
+        return str(tmp / name)
+
+    def jsonl(name: str, rows: list[dict]) -> str:
+        return write(name, "".join(json.dumps(r) + "\n" for r in rows))
+
+    tiny = make_tiny_model(tmp / "tiny")
+    (tmp / "empty-dir").mkdir()
+    full = tmp / "full-out"
+    full.mkdir()
+    (full / "metrics.jsonl").write_text("precious\n")
+    run = tmp / "run"
+    argv = ["run", "--out", str(run), "--set", f"model='{tiny}'"]
+    for item in TINY_RUN:
+        argv += ["--set", item]
+    done = cli(argv, env, tmp)
+    if done.returncode != 0:
+        raise RuntimeError(f"the tiny run failed: {done.stderr}")
+    corrupt = tmp / "corrupt-run"
+    subprocess.run(["cp", "-r", str(run), str(corrupt)], check=True)
+    (corrupt / "checkpoint.pt").write_bytes(b"garbage")
+    return {
+        "tmp": str(tmp),
+        "out": str(tmp / "out"),
+        "tiny": str(tiny),
+        "run": str(run),
+        "corrupt_run": str(corrupt),
+        "full_out": str(full),
+        "empty_dir": str(tmp / "empty-dir"),
+        "a_file": write("a-file.txt", "x"),
+        "bad_key_toml": write("bad.toml", "rouunds = 3\n"),
+        "broken_toml": write("broken.toml", "rounds = = 3\n"),
+        "plain_toml": write("plain.toml", "rounds = 1\n"),
+        "bad_compare": write("bad-compare.toml", '[[compare]]\nname = "x"\nlearning_rate = 1\n'),
+        "no_columns": jsonl("cols.jsonl", [{"question": "a", "answer": "b"}] * 3),
+        "empty": write("empty.jsonl", ""),
+        "malformed": write("broken.jsonl", '{"client_id": "a", "text": "x"}\n{oops\n'),
+        "malformed_name": "broken.jsonl",
+        "xlsx": write("data.xlsx", "not really"),
+        "few": jsonl("few.jsonl", [{"client_id": "a", "prompt": "p", "response": "r"}] * 2),
+        "text": jsonl("text.jsonl", [{"text": f"line {i}"} for i in range(30)]),
+    }
+
+
+def environment(tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HOME": str(tmp / "hf"),
+        "HETLORA_CACHE": str(tmp / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "COLUMNS": "200",
+    }
+
+
+def run_cases(tmp: Path) -> list[dict]:
+    """Run every case; returns one record per case."""
+    env = environment(tmp)
+    fx = make_fixtures(tmp, env)
+    watched = [
+        Path(fx[k]) for k in ("out", "full_out", "run", "corrupt_run", "a_file", "empty_dir")
+    ]
+    records = []
+    for what, argv, expect in CASES:
+        before = {
+            str(p): _digest(p) if p.is_dir() else (p.read_bytes() if p.exists() else None)
+            for p in watched
+        }
+        done = cli([a.format(**fx) for a in argv], env, tmp)
+        after = {
+            str(p): _digest(p) if p.is_dir() else (p.read_bytes() if p.exists() else None)
+            for p in watched
+        }
+        records.append(
+            {
+                "what": what,
+                "argv": " ".join(
+                    a.format(
+                        **{k: Path(v).name if k != "malformed_name" else v for k, v in fx.items()}
+                    )
+                    for a in argv
+                ),
+                "code": done.returncode,
+                "stderr": done.stderr.strip(),
+                "expect": expect.format(**fx),
+                "untouched": before == after,
+            }
+        )
+    return records
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        records = run_cases(Path(tmp))
+    print("| bad input | command (files in a temp folder) | exit | message |")
+    print("|---|---|---|---|")
+    for r in records:
+        message = r["stderr"].replace("|", "\\|")
+        print(f"| {r['what']} | `hetlora {r['argv']}` | {r['code']} | {message} |")
+
+
+if __name__ == "__main__":
+    main()
