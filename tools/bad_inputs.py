@@ -296,12 +296,9 @@ def run_cases(tmp: Path) -> list[dict]:
         records.append(
             {
                 "what": what,
-                "argv": " ".join(
-                    a.format(
-                        **{k: Path(v).name if k != "malformed_name" else v for k, v in fx.items()}
-                    )
-                    for a in argv
-                ),
+                "argv": " ".join(a.format(**fx) for a in argv)
+                .replace(f"{tmp}/", "")
+                .replace(str(tmp), "."),
                 "code": done.returncode,
                 "stderr": done.stderr.strip(),
                 "expect": expect.format(**fx),
@@ -314,10 +311,11 @@ def run_cases(tmp: Path) -> list[dict]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         records = run_cases(Path(tmp))
-    print("| bad input | command (files in a temp folder) | exit | message |")
+        tmp_name = str(Path(tmp).resolve())
+    print("| bad input | command (in a temporary folder holding the files) | exit | message |")
     print("|---|---|---|---|")
     for r in records:
-        message = r["stderr"].replace("|", "\\|")
+        message = r["stderr"].replace(f"{tmp_name}/", "").replace(tmp_name, ".").replace("|", "\\|")
         print(f"| {r['what']} | `hetlora {r['argv']}` | {r['code']} | {message} |")
 
 

@@ -394,7 +394,7 @@ def main() -> None:
     import click
 
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="hetlora")
     except click.exceptions.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "hetlora"
         err_console.print(
