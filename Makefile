@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce
+.PHONY: demo test lint install clean reproduce flower-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/hetlora run --config configs/demo.toml --out $(OUT) --overwrite
+
+# HetLoRA over Flower: a SuperLink and 3 SuperNodes of ranks 16, 8, 4 on 127.0.0.1 with TLS and
+# SuperNode authentication, 3 rounds; every process it starts is stopped at the end.
+FLOWER_OUT ?= runs/flower-demo
+flower-demo: $(STAMP)
+	$(PY) scripts/flower_demo.py --out $(FLOWER_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -1,0 +1,266 @@
+"""What travels between the ServerApp and the ClientApps, as Flower records.
+
+A training instruction (``MessageType.TRAIN``) carries
+
+* ``"arrays"`` (:class:`~flwr.app.ArrayRecord`): the global factors cut to the node's rank,
+  ``<module>.B`` (d_out x r) and ``<module>.A`` (r x d_in) in float32;
+* ``"config"`` (:class:`~flwr.app.ConfigRecord`): the client id, the round, the rank, the task
+  flags (``pruning``, ``regularise``) and the local-training hyperparameters
+  (:data:`HYPERPARAMETERS`).
+
+A reply carries ``"arrays"`` (the trained factors at the possibly pruned rank) and
+``"metrics"`` (:class:`~flwr.app.MetricRecord`): the number of examples, ranks, loss and the
+counters of :class:`~hetlora.client.ClientResult`. :func:`read_reply` checks a reply against
+the instruction it answers (module names, shapes, rank, finite values) before anything reaches
+the method's server; a node query (``MessageType.QUERY``) is answered with :class:`NodeInfo`.
+
+Nothing here knows about sockets or processes: these are plain functions over records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from hetlora.client import ClientResult, TrainSettings
+from hetlora.errors import HetLoRAError
+from hetlora.lora import Factors
+from hetlora.methods.base import ClientTask, ClientUpdate
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
+
+#: ConfigRecord key -> :class:`~hetlora.client.TrainSettings` field, for local training.
+HYPERPARAMETERS = {
+    "local-steps": "local_steps",
+    "lr": "lr",
+    "weight-decay": "weight_decay",
+    "max-grad-norm": "max_grad_norm",
+    "lambda": "lambda_",
+    "gamma": "gamma",
+    "r-min": "r_min",
+    "pruning-enabled": "pruning",
+    "lora-scale": "lora_scale",
+}
+
+#: MetricRecord keys of a reply -> :class:`~hetlora.client.ClientResult` fields.
+RESULT_METRICS = {
+    "train-loss": "train_loss",
+    "tail-before": "tail_before",
+    "tail-after": "tail_after",
+    "tokens": "tokens",
+    "target-tokens": "target_tokens",
+    "steps": "steps",
+    "seconds": "seconds",
+}
+
+
+def factors_record(factors: Factors) -> ArrayRecord:
+    """``<module>.B`` and ``<module>.A`` as float32 arrays."""
+    arrays: dict[str, Array] = {}
+    for name, (b, a) in factors.items():
+        arrays[f"{name}.B"] = Array(b.detach().float().cpu().contiguous().numpy())
+        arrays[f"{name}.A"] = Array(a.detach().float().cpu().contiguous().numpy())
+    return ArrayRecord(arrays)
+
+
+def read_factors(record: ArrayRecord) -> Factors:
+    """The factor dict of an ArrayRecord written by :func:`factors_record`.
+
+    Raises :class:`HetLoRAError` when a key is not ``<module>.B``/``<module>.A``, a module
+    lacks one of the two, or an array is not a 2-d float array.
+    """
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key in record.keys():
+        name, dot, which = key.rpartition(".")
+        if not dot or which not in ("A", "B") or not name:
+            raise HetLoRAError(f"unexpected array {key!r}")
+        try:
+            value = np.asarray(record[key].numpy())
+        except Exception as exc:  # a malformed array payload
+            raise HetLoRAError(f"array {key!r} cannot be read: {exc}") from None
+        if value.ndim != 2 or value.dtype.kind != "f":
+            raise HetLoRAError(f"array {key!r} has shape {value.shape} and dtype {value.dtype}")
+        halves.setdefault(name, {})[which] = torch.from_numpy(value.astype(np.float32))
+    factors: Factors = {}
+    for name, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise HetLoRAError(f"module {name!r} lacks its {'A' if 'B' in pair else 'B'} factor")
+        factors[name] = (pair["B"], pair["A"])
+    return factors
+
+
+def hyperparameters(settings: TrainSettings) -> dict[str, Any]:
+    """The ConfigRecord entries for local training (everything but the node's precision)."""
+    return {key: getattr(settings, field) for key, field in HYPERPARAMETERS.items()}
+
+
+def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> RecordDict:
+    """The content of one training instruction (LoRA tasks only)."""
+    if task.kind != "lora" or task.factors is None:
+        raise HetLoRAError(f"the Flower runtime sends LoRA tasks only, not {task.kind!r}")
+    config = ConfigRecord(
+        {
+            "client-id": task.client_id,
+            "server-round": round_idx,
+            "rank": task.rank,
+            "pruning": task.pruning,
+            "regularise": task.regularise,
+            **hyperparameters(settings),
+        }
+    )
+    return RecordDict({ARRAYS: factors_record(task.factors), CONFIG: config})
+
+
+def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainSettings]:
+    """The task, round and training settings of an instruction (on the ClientApp)."""
+    if ARRAYS not in content.array_records or CONFIG not in content.config_records:
+        raise HetLoRAError("training instruction without factors or config")
+    config = content.config_records[CONFIG]
+    missing = [
+        k for k in ("client-id", "server-round", "rank", *HYPERPARAMETERS) if k not in config
+    ]
+    if missing:
+        raise HetLoRAError(f"training instruction lacks {missing}")
+    factors = read_factors(content.array_records[ARRAYS])
+    task = ClientTask(
+        client_id=str(config["client-id"]),
+        kind="lora",
+        rank=int(config["rank"]),
+        factors=factors,
+        pruning=bool(config.get("pruning", False)),
+        regularise=bool(config.get("regularise", False)),
+    )
+    settings = TrainSettings(
+        **{field: config[key] for key, field in HYPERPARAMETERS.items()}, bf16=bf16
+    )
+    return task, int(config["server-round"]), settings
+
+
+def reply_content(update: ClientUpdate, result: ClientResult) -> RecordDict:
+    """The content of a training reply: the uploaded factors and what the client measured."""
+    if update.factors is None:
+        raise HetLoRAError("the Flower runtime returns LoRA factors only")
+    metrics = MetricRecord(
+        {
+            "num-examples": int(update.num_examples),
+            "rank": int(update.rank),
+            "rank-received": int(result.rank_received),
+            **{key: getattr(result, field) for key, field in RESULT_METRICS.items()},
+        }
+    )
+    return RecordDict({ARRAYS: factors_record(update.factors), METRICS: metrics})
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise HetLoRAError(f"reply lacks metric {key!r}")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise HetLoRAError(f"metric {key!r} is not a number: {value!r}")
+    return float(value)
+
+
+def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, ClientResult]:
+    """Decode and check one training reply against the instruction ``sent``.
+
+    The reply must hold exactly the modules that were sent, with ``B`` of shape
+    (d_out, r) and ``A`` of shape (r, d_in) as sent except for a rank r with
+    1 <= r <= the rank sent, r equal to the declared rank, finite values, and a positive
+    number of examples. Anything else raises :class:`HetLoRAError` (the reply is left out).
+    """
+    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+        raise HetLoRAError("reply without factors or metrics")
+    metrics = content.metric_records[METRICS]
+    factors = read_factors(content.array_records[ARRAYS])
+    expected = sent.factors or {}
+    if set(factors) != set(expected):
+        missing, extra = sorted(set(expected) - set(factors)), sorted(set(factors) - set(expected))
+        raise HetLoRAError(f"modules do not match: missing {missing[:3]}, extra {extra[:3]}")
+    rank = _number(metrics, "rank")
+    if rank != int(rank) or not 1 <= rank <= sent.rank:
+        raise HetLoRAError(f"declared rank {rank} outside [1, {sent.rank}]")
+    rank = int(rank)
+    for name, (b, a) in factors.items():
+        b0, a0 = expected[name]
+        want_b, want_a = (b0.shape[0], rank), (rank, a0.shape[1])
+        if tuple(b.shape) != want_b or tuple(a.shape) != want_a:
+            raise HetLoRAError(
+                f"{name}: shapes {tuple(b.shape)}, {tuple(a.shape)} instead of {want_b}, {want_a}"
+            )
+        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            raise HetLoRAError(f"{name}: non-finite values")
+    num_examples = _number(metrics, "num-examples")
+    if not (math.isfinite(num_examples) and num_examples >= 1):
+        raise HetLoRAError(f"num-examples must be >= 1, got {num_examples}")
+    values = {field: _number(metrics, key) for key, field in RESULT_METRICS.items()}
+    result = ClientResult(
+        factors=factors,
+        rank_received=sent.rank,
+        rank=rank,
+        train_loss=values["train_loss"],
+        tail_before=values["tail_before"],
+        tail_after=values["tail_after"],
+        tokens=int(values["tokens"]),
+        target_tokens=int(values["target_tokens"]),
+        steps=int(values["steps"]),
+        seconds=values["seconds"],
+    )
+    update = ClientUpdate(
+        sent.client_id,
+        int(num_examples),
+        factors=factors,
+        rank=rank,
+        train_loss=result.train_loss,
+    )
+    return update, result
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a SuperNode declares about itself (its answer to a query).
+
+    Attributes:
+        client_id: the client (data partition) the node trains.
+        index: the client's position in the run's sorted client list (seeds its batches).
+        num_examples: its training examples.
+        rank: its rank budget from the node config (0: none declared).
+        tier: its device tier from the node config ("" if none).
+    """
+
+    client_id: str
+    index: int
+    num_examples: int
+    rank: int = 0
+    tier: str = ""
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "client-id": self.client_id,
+                "index": self.index,
+                "num-examples": self.num_examples,
+                "rank": self.rank,
+                "tier": self.tier,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> NodeInfo:
+        try:
+            return cls(
+                client_id=str(record["client-id"]),
+                index=int(record["index"]),
+                num_examples=int(record["num-examples"]),
+                rank=int(record.get("rank", 0)),
+                tier=str(record.get("tier", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HetLoRAError(f"malformed node info: {exc}") from None
