@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce flower-demo
+.PHONY: demo test lint install clean reproduce flower-demo bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,16 @@ FLOWER_OUT ?= runs/flower-demo
 flower-demo: $(STAMP)
 	$(PY) scripts/flower_demo.py --out $(FLOWER_OUT)
 
+# The benchmark suite (benchmarks/bench.py): bench.json and a table; docs/performance.md shows it.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py --out bench.json
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 clean:

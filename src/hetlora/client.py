@@ -60,6 +60,7 @@ class ClientResult:
     target_tokens: int
     steps: int
     seconds: float
+    step_seconds: float = 0.0  # of ``seconds``, the time inside the training steps themselves
 
 
 def _local_steps(
@@ -70,16 +71,18 @@ def _local_steps(
     device: torch.device,
     regulariser: Callable[[], torch.Tensor] | None,
     on_step: Callable[[int, float], None] | None,
-) -> tuple[list[float], int, int]:
+) -> tuple[list[float], int, int, float]:
     """The local loop: AdamW on ``params`` for ``settings.local_steps`` batches.
 
-    Returns the per-step losses, the real (non-padding) tokens and the labelled tokens seen.
+    Returns the per-step losses, the real (non-padding) tokens and the labelled tokens seen,
+    and the seconds spent in the steps (forward, backward, optimizer; not making batches).
     """
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     peft_model.train()
-    losses, tokens, targets = [], 0, 0
+    losses, tokens, targets, busy = [], 0, 0, 0.0
     for step in range(settings.local_steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
+        start = time.perf_counter()
         with autocast(device, settings.bf16):
             nll, n = response_nll(peft_model, batch)
         loss = nll / max(n, 1)
@@ -89,12 +92,13 @@ def _local_steps(
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()))  # waits for the step to finish (CUDA too)
+        busy += time.perf_counter() - start
         tokens += int(batch["attention_mask"].sum())
         targets += n
         if on_step is not None:
             on_step(step + 1, losses[-1])
-    return losses, tokens, targets
+    return losses, tokens, targets, busy
 
 
 def train_client(
@@ -119,7 +123,7 @@ def train_client(
     params = [p for pair in live.values() for p in pair]
     regulariser = (lambda: tail_norm(live, settings.gamma)) if settings.lambda_ > 0 else None
     try:
-        losses, tokens, targets = _local_steps(
+        losses, tokens, targets, busy = _local_steps(
             peft_model, params, batches, settings, device, regulariser, on_step
         )
         trained = adapters.read_factors(peft_model, adapters.CLIENT)
@@ -140,6 +144,7 @@ def train_client(
         target_tokens=targets,
         steps=len(losses),
         seconds=time.perf_counter() - start,
+        step_seconds=busy,
     )
 
 
@@ -165,7 +170,7 @@ def train_full(
         p.requires_grad_(True)
     try:
         with peft_model.disable_adapter():
-            losses, tokens, targets = _local_steps(
+            losses, tokens, targets, busy = _local_steps(
                 peft_model, list(params.values()), batches, settings, device, None, on_step
             )
         trained = {n: p.detach().float().cpu().clone() for n, p in params.items()}
@@ -183,6 +188,7 @@ def train_full(
         target_tokens=targets,
         steps=len(losses),
         seconds=time.perf_counter() - start,
+        step_seconds=busy,
     )
     return trained, result
 

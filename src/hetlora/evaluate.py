@@ -11,6 +11,69 @@ import torch.nn.functional as F
 from hetlora.data.batching import IGNORE, Tokenized, eval_batches
 from hetlora.hardware import autocast
 
+CE_CHUNK = 256  # rows of logits alive at once in :class:`LinearCrossEntropy`
+FUSED_CE = True  # False: the plain head + F.cross_entropy (benchmarks/ measures both)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, fused and chunked.
+
+    The [N, vocab] logits never exist whole and autograd never stores them: each chunk of
+    ``CE_CHUNK`` rows is projected (in ``dtype``: bf16 under autocast), its log-sum-exp taken
+    in fp32, and the gradients ``(softmax - onehot) @ weight`` (and ``.T @ hidden`` when the
+    weight trains) computed on the spot, so backward is one multiplication by the incoming
+    scalar. With a 49k vocabulary this removes the fp32 log-softmax and its backward, which
+    otherwise cost as much as a fifth of a LoRA training step on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):  # noqa: D102
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        w = weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # fp32 softmax, fp64 when given fp64
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], CE_CHUNK):
+            h = hidden[start : start + CE_CHUNK].to(dtype)
+            t = targets[start : start + CE_CHUNK]
+            logits = (h @ w.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                probs = probs.to(dtype)
+                if need_h:
+                    grad_h[start : start + CE_CHUNK] = (probs @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (probs.t() @ h).to(acc)
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` without the logits.
+
+    The projection runs in the autocast dtype when autocast is on (as ``nn.Linear`` would),
+    the softmax in fp32.
+    """
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+
 
 def response_nll(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
@@ -18,8 +81,9 @@ def response_nll(
     """Summed next-token NLL over labelled (response) tokens, and how many there were.
 
     The output projection runs only at positions whose next token is labelled, not over the
-    whole padded batch: with a 49k vocabulary that is most of a small model's compute. The
-    cross-entropy runs in fp32 whatever the autocast dtype.
+    whole padded batch (with a 49k vocabulary that is most of a small model's compute), and
+    through :func:`linear_cross_entropy`, which never materialises the logits. The softmax is
+    fp32 whatever the autocast dtype.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(
@@ -27,8 +91,11 @@ def response_nll(
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-    nll = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    head = base.get_output_embeddings()
+    if not FUSED_CE or getattr(head, "bias", None) is not None or type(head) is not torch.nn.Linear:
+        logits = head(hidden[:, :-1][keep])  # an unusual head: the plain path
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
+    nll = linear_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep])
     return nll, int(keep.sum())
 
 
@@ -64,9 +131,17 @@ def perplexity(
 
 @torch.no_grad()
 def generate_greedy(
-    model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, device
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    device,
+    bf16: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, one at a time, cut at the end-of-sequence token."""
+    """Greedy continuations of ``prompts``, one at a time, cut at the end-of-sequence token.
+
+    ``bf16`` generates under bf16 autocast, as training and evaluation run.
+    """
     was_training = model.training
     model.eval()
     outs = []
@@ -75,14 +150,15 @@ def generate_greedy(
         if ids.shape[1] == 0:
             ids = torch.tensor([[tokenizer.eos_token_id]])
         ids = ids.to(device)
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with autocast(torch.device(device), bf16):
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train(was_training)
     return outs

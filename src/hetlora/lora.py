@@ -100,10 +100,12 @@ def pruned_rank(rank: int, r_min: int, gamma: float, tail_before: float, tail_af
 def product_fro_norm_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``||B A||_F^2 = sum((B^T B) * (A A^T))``.
 
-    Two r x r Gram matrices, never the d_out x d_in product; computed in float64.
+    Two r x r Gram matrices, never the d_out x d_in product: 2 r^2 (d_out + d_in) FLOPs instead
+    of 2 r d_out d_in. The Grams are formed in fp32 (fp64 inputs stay fp64) and summed in fp64.
     """
-    b64, a64 = b.double(), a.double()
-    return ((b64.T @ b64) * (a64 @ a64.T)).sum()
+    dtype = torch.promote_types(b.dtype, torch.float32)
+    b, a = b.to(dtype), a.to(dtype)
+    return ((b.T @ b).double() * (a @ a.T).double()).sum()
 
 
 def product_fro_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -155,18 +157,27 @@ class WeightedFactorSum:
             s = float(score[name]) if isinstance(score, Mapping) else float(score)
             if s < 0 or not math.isfinite(s):
                 raise HetLoRAError(f"aggregation score for {name} must be finite and >= 0: {s}")
-            b_pad, a_pad = pad(b.detach().float(), a.detach().float(), self.r_max)
-            acc = self._sum.setdefault(name, [torch.zeros_like(b_pad), torch.zeros_like(a_pad)])
-            acc[0].add_(b_pad, alpha=s)
-            acc[1].add_(a_pad, alpha=s)
+            b, a = b.detach().float(), a.detach().float()
+            r = b.shape[1]
+            if r > self.r_max:
+                raise HetLoRAError(f"{name}: rank {r} above r_max = {self.r_max}")
+            # zero-padding to r_max, without the padded copies: add into the first r columns/rows
+            acc = self._sum.get(name)
+            if acc is None:
+                acc = self._sum[name] = self._zeros(b, a)
+            acc[0][:, :r].add_(b, alpha=s)
+            acc[1][:r].add_(a, alpha=s)
             self._total[name] = self._total.get(name, 0.0) + s
             if s == 0:
-                zero = self._zero.setdefault(
-                    name, [torch.zeros_like(b_pad), torch.zeros_like(a_pad)]
-                )
-                zero[0].add_(b_pad)
-                zero[1].add_(a_pad)
+                zero = self._zero.get(name)
+                if zero is None:
+                    zero = self._zero[name] = self._zeros(b, a)
+                zero[0][:, :r].add_(b)
+                zero[1][:r].add_(a)
                 self._zero_n[name] = self._zero_n.get(name, 0) + 1
+
+    def _zeros(self, b: torch.Tensor, a: torch.Tensor) -> list[torch.Tensor]:
+        return [b.new_zeros(b.shape[0], self.r_max), a.new_zeros(self.r_max, a.shape[1])]
 
     def result(self) -> Factors:
         """The weighted average of everything added, at rank r_max."""

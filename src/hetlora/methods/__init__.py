@@ -20,6 +20,7 @@ from hetlora.lora import Factors
 from hetlora.methods.base import Server
 
 METHODS = ("hetlora", "homlora", "recon_svd", "flora", "full_ft")
+FROZEN_BASE = ("hetlora", "homlora", "recon_svd")  # methods that never change the base weights
 
 
 def make_server(

@@ -13,7 +13,16 @@ from collections.abc import Mapping
 import torch
 
 from hetlora.errors import HetLoRAError
+from hetlora.lora import product_fro_norm_sq
 from hetlora.methods.base import ClientUpdate
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or infinity in ``x``, in one pass and without a mask: a NaN or an infinity makes
+    the sum non-finite (+inf and -inf give NaN), and a finite sum can only come from finite
+    values. (Finite values whose sum overflows fp32 are refused too: no sane update has them.)
+    """
+    return math.isfinite(float(x.sum()))
 
 
 def check_lora_update(
@@ -43,11 +52,10 @@ def check_lora_update(
                 f"{who}: {name} has shapes {tuple(b.shape)}, {tuple(a.shape)}; expected "
                 f"({d_out}, {update.rank}), ({update.rank}, {d_in})"
             )
-        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+        if not (all_finite(b) and all_finite(a)):
             raise HetLoRAError(f"{who}: {name} has non-finite values")
         if max_norm > 0:
-            b64, a64 = b.double(), a.double()
-            norm_sq += float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+            norm_sq += float(product_fro_norm_sq(b, a))
     if max_norm > 0 and math.sqrt(max(norm_sq, 0.0)) > max_norm:
         raise HetLoRAError(
             f"{who}: update norm {math.sqrt(norm_sq):.3g} exceeds the bound {max_norm:g}"
@@ -70,7 +78,7 @@ def check_full_update(
             raise HetLoRAError(
                 f"{who}: {name} has shape {tuple(value.shape)}, expected {tuple(reference[name].shape)}"
             )
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise HetLoRAError(f"{who}: {name} has non-finite values")
         if max_norm > 0:
             norm_sq += float((value.double() - reference[name].double()).pow(2).sum())

@@ -29,9 +29,9 @@ from hetlora.data.batching import Tokenized, batch_stream, tokenize_all
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, perplexity, rouge_l
 from hetlora.export import export_adapter
-from hetlora.hardware import resolve_bf16, resolve_device
+from hetlora.hardware import resolve_bf16, resolve_device, store_frozen_linears
 from hetlora.lora import pad, rank_of, truncate
-from hetlora.methods import hetlora, make_server
+from hetlora.methods import FROZEN_BASE, hetlora, make_server
 from hetlora.models import default_target_modules, load_base_model
 from hetlora.runtime import checkpoint
 
@@ -89,6 +89,8 @@ class Simulation:
         self.tokenizer = base.tokenizer
         self.model_path = base.path
         self.target_modules = cfg.target_modules or default_target_modules(base.model)
+        if self.bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
+            store_frozen_linears(base.model, torch.bfloat16)
         torch.manual_seed(cfg.seed)
         self.base_model_for_fingerprint = base.model
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
@@ -229,6 +231,7 @@ class Simulation:
                     self.size, result.tokens, result.target_tokens, params, task.kind == "full"
                 ),
                 "tokens": result.tokens,
+                "step_s": result.step_seconds,
             }
             try:
                 self.server.check(update, cfg.max_update_norm)
@@ -291,6 +294,7 @@ class Simulation:
             [ex.prompt for ex in sample],
             self.cfg.max_new_tokens,
             self.device,
+            bf16=self.bf16,
         )
         return preds, [ex.response.strip() for ex in sample]
 

@@ -59,6 +59,7 @@ RESULT_METRICS = {
     "target-tokens": "target_tokens",
     "steps": "steps",
     "seconds": "seconds",
+    "step-seconds": "step_seconds",
 }
 
 
@@ -212,6 +213,7 @@ def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, Cli
         target_tokens=int(values["target_tokens"]),
         steps=int(values["steps"]),
         seconds=values["seconds"],
+        step_seconds=values["step_seconds"],
     )
     update = ClientUpdate(
         sent.client_id,

@@ -1,0 +1,55 @@
+"""``make bench`` at toy sizes on the tiny model: it runs and writes every key (not its speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {
+    "roofline_tok_s",
+    "train_tok_s",
+    "train_vs_roofline",
+    "peft_fp32_tok_s",
+    "train_vs_peft",
+    "round_overhead",
+    "rss_ratio",
+    "aggregate_s",
+    "ppl_gap",
+}
+
+
+def test_bench_smoke_writes_every_key(tiny_model, tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench.py"),
+            "--smoke",
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert KEYS <= set(result)
+    for key in KEYS:
+        assert isinstance(result[key], float) and result[key] > 0 or key == "ppl_gap", key
+    assert 0 <= result["ppl_gap"] < 1
+    assert set(result["targets"]) == {
+        "train_vs_roofline",
+        "train_vs_peft",
+        "round_overhead",
+        "rss_ratio",
+        "aggregate_s",
+        "ppl_gap",
+    }
+    assert len(result["ablation"]) == 6 and "| train_tok_s |" in done.stdout
