@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per variant")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per pass")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved passes per variant")
     parser.add_argument("--smoke", action="store_true", help="toy sizes: that it runs")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -444,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     say("[2/6] local training: PEFT fp32 baseline and the engine, speed-ups one by one")
-    result["peft_fp32_tok_s"] = peft_fp32_tok_s(args.model, device, batches, rank)
     variants = [
+        ("plain PEFT fp32 loop (peers)", None),
         ("engine, fp32", dict(bf16=False, fused=False, bf16_base=False, eager=False)),
         ("+ bf16 autocast", dict(bf16=bf16, fused=False, bf16_base=False, eager=False)),
         (
@@ -461,15 +462,23 @@ def main(argv: list[str] | None = None) -> int:
             dict(bf16=bf16, fused=True, bf16_base=bf16, eager=True),
         ),
     ]
-    engine = 3  # variants[3] is the engine's own configuration (ablation row 0 is PEFT)
+    engine = 4  # variants[4] is the engine's own configuration
+    # Interleaved repeats, median per variant: this machine's speed drifts by several percent
+    # from minute to minute, which one pass per variant would attribute to the variants.
+    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for rep in range(1 if args.smoke else args.repeats):
+        for name, flags in variants:
+            if flags is None:
+                tok_s = peft_fp32_tok_s(args.model, device, batches, rank)
+            else:
+                tok_s = engine_tok_s(args.model, device, batches, rank, **flags)
+            samples[name].append(tok_s)
+            say(f"      pass {rep + 1}: {name}: {tok_s:.0f} tokens/s")
     result["ablation"] = [
-        {"name": "plain PEFT fp32 loop (peers)", "tok_s": result["peft_fp32_tok_s"]}
+        {"name": name, "tok_s": float(np.median(v)), "samples": v} for name, v in samples.items()
     ]
-    for name, flags in variants:
-        tok_s = engine_tok_s(args.model, device, batches, rank, **flags)
-        result["ablation"].append({"name": name, "tok_s": tok_s})
-        say(f"      {name}: {tok_s:.0f} tokens/s")
-    result["train_tok_s"] = result["ablation"][engine + 1]["tok_s"]
+    result["peft_fp32_tok_s"] = result["ablation"][0]["tok_s"]
+    result["train_tok_s"] = result["ablation"][engine]["tok_s"]
     result["train_vs_roofline"] = result["train_tok_s"] / result["roofline_tok_s"]
     result["train_vs_peft"] = result["train_tok_s"] / result["peft_fp32_tok_s"]
 
