@@ -4,7 +4,9 @@
   in both gradients (and under bf16 autocast within bf16 tolerance);
 * a bf16 run keeps the frozen base's linear layers in bf16 (LoRA factors stay fp32), trains,
   evaluates and generates under autocast, and its saved adapter reloads to the perplexity it
-  reported.
+  reported;
+* on CPU the model runs transformers' eager attention, with the logits (with padding) and
+  gradients of SDPA.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from hetlora import evaluate
 from hetlora.config import make_config
 from hetlora.evaluate import linear_cross_entropy
-from hetlora.hardware import store_frozen_linears
+from hetlora.hardware import store_frozen_linears, use_cpu_attention
 from hetlora.models import load_base_model
 from hetlora.runtime.local import Simulation, evaluate_run
 
@@ -100,3 +102,27 @@ def test_bf16_run_trains_with_a_bf16_base_and_reloads(tiny_model, tmp_path):
     assert summary["bf16"] and summary["rounds"] == 2
     check = evaluate_run(tmp_path / "run")  # a fresh fp32 base under autocast: the same numbers
     assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-3)
+
+
+def test_cpu_attention_gives_the_results_of_sdpa(tiny_model):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    outputs = []
+    for eager in (False, True):
+        model = load_base_model(str(tiny_model)).model
+        if eager:
+            assert use_cpu_attention(model, torch.device("cpu"))
+            assert model.config._attn_implementation == "eager"
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        weight.requires_grad_(True)
+        out = model(input_ids=ids, attention_mask=mask)
+        logits = out.logits * mask[..., None]
+        grad = torch.autograd.grad(logits.sum(), weight)[0]
+        outputs.append((logits.detach(), grad))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=1e-4, atol=1e-5)
+    model = load_base_model(str(tiny_model)).model
+    assert not use_cpu_attention(model, torch.device("meta"))  # only CPU switches

@@ -29,7 +29,12 @@ from hetlora.data.batching import Tokenized, batch_stream, tokenize_all
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, perplexity, rouge_l
 from hetlora.export import export_adapter
-from hetlora.hardware import resolve_bf16, resolve_device, store_frozen_linears
+from hetlora.hardware import (
+    resolve_bf16,
+    resolve_device,
+    store_frozen_linears,
+    use_cpu_attention,
+)
 from hetlora.lora import pad, rank_of, truncate
 from hetlora.methods import FROZEN_BASE, hetlora, make_server
 from hetlora.models import default_target_modules, load_base_model
@@ -91,6 +96,7 @@ class Simulation:
         self.target_modules = cfg.target_modules or default_target_modules(base.model)
         if self.bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
             store_frozen_linears(base.model, torch.bfloat16)
+        use_cpu_attention(base.model, self.device)
         torch.manual_seed(cfg.seed)
         self.base_model_for_fingerprint = base.model
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
@@ -550,6 +556,7 @@ def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
     reported = [r for r in rows if "eval_ppl" in r][-1]
     device = resolve_device(cfg.device)
     base = load_base_model(cfg.model, device)
+    use_cpu_attention(base.model, device)
     model = PeftModel.from_pretrained(base.model, str(run_dir / "adapter")).to(device)
     _, test_data = federated_data(cfg)
     items = tokenize_all(
