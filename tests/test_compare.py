@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 
+import pytest
 from typer.testing import CliRunner
 
 from hetlora.cli import app
@@ -147,3 +149,67 @@ def test_groups_keep_the_best_of_a_grid(tiny_model, tmp_path):
         best = [r["name"] for r in csv.DictReader(fh)]
     winner = min(("H, lr 1e-4", "H, lr 3e-2"), key=rows.get)
     assert best == [f"H ({winner})", "Hom"]
+
+
+def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(
+    tiny_model, tmp_path, monkeypatch
+):
+    from hetlora.runtime import compare as compare_mod
+    from hetlora.runtime.local import Simulation
+
+    base = (
+        f"model = '{tiny_model}'\nrounds = 2\nclients_per_round = 2\nlocal_steps = 2\n"
+        'batch_size = 4\nlr = 0.01\neval_examples = 8\nrouge_examples = 0\nprecision = "fp32"\n'
+        "min_examples = 150\nr_min = 2\nr_max = 4\n"
+        '[[compare]]\nname = "A"\n[[compare]]\nname = "B"\nmethod = "homlora"\nrank = 2\n'
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(base)
+    straight = tmp_path / "straight"
+    compare_mod.run_comparison(compare_mod.load_comparison(config), straight)
+
+    # The same comparison, stopped in B's second round (B's round 1 is checkpointed).
+    real_round = Simulation.run_round
+
+    def interrupted(self):
+        if self.cfg.method == "homlora" and self.round == 1:
+            raise KeyboardInterrupt
+        return real_round(self)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(Simulation, "run_round", interrupted)
+    try:
+        compare_mod.run_comparison(compare_mod.load_comparison(config), out)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(Simulation, "run_round", real_round)
+    assert (out / "a" / "summary.json").is_file() and not (out / "b" / "summary.json").exists()
+    a_metrics = (out / "a" / "metrics.jsonl").read_text()
+    a_entry, b_entry = compare_mod.load_comparison(config)
+    assert compare_mod._resume_state(a_entry, out / "a") == "done"
+    assert compare_mod._resume_state(b_entry, out / "b") == "partial"  # from its checkpoint
+
+    # Resuming, with a method added: A is kept as it is, B goes on from round 1, C runs.
+    config.write_text(base + '[[compare]]\nname = "C"\nmethod = "flora"\n')
+    args = ["compare", "--config", str(config), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "not empty" in result.stderr  # no silent overwrite
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "A (finished earlier, kept)" in result.output
+    assert (out / "a" / "metrics.jsonl").read_text() == a_metrics
+    ppl = {}
+    for folder in (straight / "b", out / "b"):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        ppl[folder.parent.name] = [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+    assert ppl["out"] == pytest.approx(ppl["straight"], rel=1e-6)
+    with (out / "results.csv").open() as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == ["A", "B", "C"]
+
+    # A folder that holds a run of another config is refused, and nothing is overwritten.
+    config.write_text(base.replace("lr = 0.01", "lr = 0.02"))
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 2 and "another config" in result.stderr
+    assert (out / "a" / "metrics.jsonl").read_text() == a_metrics
+    result = CliRunner().invoke(app, [*args, "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "cannot be used together" in result.stderr

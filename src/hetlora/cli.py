@@ -253,6 +253,14 @@ def compare(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Go on with an interrupted comparison in --out: keep finished methods, "
+            "continue checkpointed ones, run the rest.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
     """Run several methods on the same clients, sampling and seeds; write tables and plots.
@@ -267,7 +275,10 @@ def compare(
         from hetlora.runtime.local import check_out_dir
 
         entries = load_comparison(config, set_ or [])
-        check_out_dir(out, overwrite)
+        if resume and overwrite:
+            raise HetLoRAError("--resume and --overwrite cannot be used together")
+        if not resume:
+            check_out_dir(out, overwrite)
         with _progress_display() as progress:
             live = LiveProgress(progress)
             methods = progress.add_task("methods", total=len(entries), status="")
@@ -277,11 +288,14 @@ def compare(
                     if event["index"]:
                         progress.advance(methods)
                     progress.update(methods, status=event["name"])
-                    progress.console.print(f"[bold]== {event['name']}[/]")
+                    done = " (finished earlier, kept)" if event.get("state") == "done" else ""
+                    progress.console.print(f"[bold]== {event['name']}[/]{done}")
                 else:
                     live(event)
 
-            result = run_comparison(entries, out, overwrite=overwrite, progress=on_event)
+            result = run_comparison(
+                entries, out, overwrite=overwrite, progress=on_event, resume=resume
+            )
             progress.advance(methods)
     except HetLoRAError as exc:
         _fail(str(exc))

@@ -14,6 +14,11 @@ A comparison file is a run config (any key, shared by every method) plus a list 
 
 Each entry runs with :class:`~hetlora.runtime.local.Simulation` into ``OUT/<slug>/``; then
 ``results.csv``, ``results.md`` and the plots are written by :func:`hetlora.report.report`.
+
+With ``resume``, an interrupted comparison goes on where it stopped: entries whose run finished
+with the same config are kept, an entry with a checkpoint continues from its last round, the
+rest run from the start. Entries added to the file since run too, so a method can be added to a
+finished comparison without rerunning the others.
 """
 
 from __future__ import annotations
@@ -82,17 +87,45 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
     return out
 
 
+def _resume_state(entry: Entry, run_dir: Path) -> str:
+    """``new``, ``done`` or ``partial`` for an entry's folder of an earlier, interrupted comparison;
+    a folder that holds a run of another config is refused (nothing is overwritten)."""
+    from hetlora.config import load_config
+
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new"
+    if not (run_dir / "config.toml").is_file():
+        raise HetLoRAError(f"--resume: {run_dir} is not a run directory (config.toml missing)")
+    if load_config(run_dir / "config.toml").to_dict() != entry.cfg.to_dict():
+        raise HetLoRAError(
+            f"--resume: {run_dir} was run with another config than entry {entry.name!r} "
+            "(use --overwrite to run the comparison again)"
+        )
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    return "partial" if (run_dir / "checkpoint.pt").is_file() else "restart"
+
+
 def run_comparison(
     entries: list[Entry],
     out_dir: Path | str,
     overwrite: bool = False,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every entry into ``out_dir/<slug>/``, then write the tables and plots."""
+    """Run every entry into ``out_dir/<slug>/``, then write the tables and plots.
+
+    ``resume`` keeps the finished entries of an earlier run into ``out_dir`` and continues the
+    others (see the module's docstring); it cannot be combined with ``overwrite``.
+    """
     from hetlora.report import report
 
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
+    if resume and overwrite:
+        raise HetLoRAError("--resume and --overwrite cannot be used together")
+    states = {e.slug: _resume_state(e, out_dir / e.slug) for e in entries} if resume else {}
+    if not resume:
+        check_out_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "runs": [
@@ -103,6 +136,21 @@ def run_comparison(
     (out_dir / "comparison.json").write_text(json.dumps(manifest, indent=2) + "\n")
     emit = progress or (lambda event: None)
     for i, entry in enumerate(entries):
-        emit({"event": "method_start", "name": entry.name, "index": i, "of": len(entries)})
-        Simulation(entry.cfg, progress).run(out_dir / entry.slug, overwrite=overwrite)
+        state = states.get(entry.slug, "new")
+        emit(
+            {
+                "event": "method_start",
+                "name": entry.name,
+                "index": i,
+                "of": len(entries),
+                "state": state,
+            }
+        )
+        if state == "done":
+            continue
+        Simulation(entry.cfg, progress).run(
+            out_dir / entry.slug,
+            overwrite=overwrite or state == "restart",
+            resume=state == "partial",
+        )
     return report(out_dir)
