@@ -123,3 +123,50 @@ def test_one_client_at_full_rank_returns_its_factors():
     for name in state.factors:
         torch.testing.assert_close(new.factors[name][0], ua.factors[name][0])
         torch.testing.assert_close(new.factors[name][1], ua.factors[name][1])
+
+
+def test_zero_padding_kills_positions_above_the_rounds_largest_rank():
+    # The paper's aggregation: with every reply at rank <= 3, positions 3..7 of both factors
+    # become zero, and B = A = 0 there is a fixed point: those positions stay dead.
+    state = hetlora.init(global_factors(8), {"a": 3, "b": 2})
+    new = hetlora.aggregate(state, [update(state, "a", 3, seed=1), update(state, "b", 2, seed=2)])
+    for b, a in new.factors.values():
+        assert torch.count_nonzero(b[:, 3:]) == 0 and torch.count_nonzero(a[3:]) == 0
+
+
+def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
+    state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
+    ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
+    new = hetlora.aggregate(state, [ua, ub], rankwise=True)
+    na, nb = update_norm(ua.factors), update_norm(ub.factors)
+    wa, wb = na / (na + nb), nb / (na + nb)
+    for name, (old_b, old_a) in state.factors.items():
+        (ba, aa), (bb, ab) = ua.factors[name], ub.factors[name]
+        b, a = new.factors[name]
+        torch.testing.assert_close(b[:, :2], wa * ba + wb * bb[:, :2])  # both clients reach 0, 1
+        torch.testing.assert_close(a[:2], wa * aa + wb * ab[:2])
+        torch.testing.assert_close(b[:, 2:5], bb[:, 2:5])  # only b reaches 2..4: weight 1
+        torch.testing.assert_close(a[2:5], ab[2:5])
+        torch.testing.assert_close(b[:, 5:], old_b[:, 5:])  # nobody reached 5..7: kept
+        torch.testing.assert_close(a[5:], old_a[5:])
+    # with every client at r_max, rank-wise equals the paper's average
+    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    ups = [update(state, "a", 4, 1), update(state, "b", 4, 2)]
+    plain = hetlora.aggregate(state, ups)
+    ranked = hetlora.aggregate(state, ups, rankwise=True)
+    for name in plain.factors:
+        torch.testing.assert_close(ranked.factors[name][0], plain.factors[name][0])
+        torch.testing.assert_close(ranked.factors[name][1], plain.factors[name][1])
+
+
+def test_rankwise_with_zero_scores_falls_back_to_uniform_per_position():
+    state = hetlora.init(global_factors(6), {"a": 2, "b": 4})
+    ua, ub = update(state, "a", 2, seed=1), update(state, "b", 4, seed=2)
+    for u in (ua, ub):  # B = 0 everywhere: every sparsity score is 0
+        u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
+    new = hetlora.aggregate(state, [ua, ub], rankwise=True)
+    for name, (_, old_a) in state.factors.items():
+        a = new.factors[name][1]
+        torch.testing.assert_close(a[:2], (ua.factors[name][1] + ub.factors[name][1][:2]) / 2)
+        torch.testing.assert_close(a[2:4], ub.factors[name][1][2:4])
+        torch.testing.assert_close(a[4:], old_a[4:])

@@ -59,6 +59,9 @@ class Config:
             ``data_size`` (number of training examples).
         per_module_weights: sparsity weights per module instead of per client.
         data_size_factor: multiply sparsity weights by the client's number of examples.
+        rankwise: rank-wise averaging (not in the paper): rank position j is averaged over the
+            clients whose rank exceeds j, and positions no client reached keep their values,
+            instead of zero-padding (which zeroes both factors above the round's largest rank).
         lora_scale: s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).
 
     Federated loop and local training:
@@ -102,6 +105,7 @@ class Config:
     aggregation: str = "sparsity"
     per_module_weights: bool = False
     data_size_factor: bool = False
+    rankwise: bool = False
     lora_scale: float = 2.0
 
     rounds: int = 10

@@ -138,6 +138,13 @@ class WeightedFactorSum:
     which equals the weighted average with ``w_k = score_k / sum_j score_j``. A score is one number
     per client, or one per module (``per_module`` weighting). If every score of a module is 0
     (e.g. every client returned B = 0), the module falls back to the uniform average.
+
+    ``result(previous=...)`` gives the *rank-wise* average instead (not in the paper): rank
+    position j of B and A is averaged over the clients whose rank exceeds j, weights renormalised
+    over those clients, and positions no client reached keep their ``previous`` values. Plain
+    zero-padding instead shrinks position j by the weight of the clients below it, and sets
+    every position above the round's largest rank to zero in both factors, where no later
+    gradient can revive it (B and A both zero is a fixed point of training).
     """
 
     def __init__(self, r_max: int) -> None:
@@ -146,6 +153,8 @@ class WeightedFactorSum:
         self._total: dict[str, float] = {}
         self._zero: dict[str, list[torch.Tensor]] = {}  # name -> [sum B, sum A] over score 0
         self._zero_n: dict[str, int] = {}
+        self._reach: dict[str, torch.Tensor] = {}  # name -> per rank position: sum of scores
+        self._reach_zero: dict[str, torch.Tensor] = {}  # ... and count of score-0 clients
 
     def add(
         self,
@@ -168,7 +177,12 @@ class WeightedFactorSum:
             acc[0][:, :r].add_(b, alpha=s)
             acc[1][:r].add_(a, alpha=s)
             self._total[name] = self._total.get(name, 0.0) + s
+            if name not in self._reach:
+                self._reach[name] = torch.zeros(self.r_max, dtype=torch.float64)
+                self._reach_zero[name] = torch.zeros(self.r_max, dtype=torch.float64)
+            self._reach[name][:r] += s
             if s == 0:
+                self._reach_zero[name][:r] += 1
                 zero = self._zero.get(name)
                 if zero is None:
                     zero = self._zero[name] = self._zeros(b, a)
@@ -179,10 +193,15 @@ class WeightedFactorSum:
     def _zeros(self, b: torch.Tensor, a: torch.Tensor) -> list[torch.Tensor]:
         return [b.new_zeros(b.shape[0], self.r_max), a.new_zeros(self.r_max, a.shape[1])]
 
-    def result(self) -> Factors:
-        """The weighted average of everything added, at rank r_max."""
+    def result(
+        self, previous: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> Factors:
+        """The weighted average of everything added, at rank r_max; rank-wise with ``previous``
+        (the global factors the round started from, see the class docstring)."""
         if not self._sum:
             raise HetLoRAError("no client updates to aggregate")
+        if previous is not None:
+            return self._rankwise(previous)
         out: Factors = {}
         for name, (sum_b, sum_a) in self._sum.items():
             total = self._total[name]
@@ -191,4 +210,25 @@ class WeightedFactorSum:
             else:
                 n = self._zero_n[name]
                 out[name] = (self._zero[name][0] / n, self._zero[name][1] / n)
+        return out
+
+    def _rankwise(self, previous: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Factors:
+        out: Factors = {}
+        for name, (sum_b, sum_a) in self._sum.items():
+            prev_b, prev_a = previous[name]
+            if prev_b.shape != sum_b.shape or prev_a.shape != sum_a.shape:
+                raise HetLoRAError(f"{name}: previous global factors are not at rank {self.r_max}")
+            reach, reach_zero = self._reach[name], self._reach_zero[name]
+            weighted = reach > 0
+            uniform = ~weighted & (reach_zero > 0)  # reached only by clients of score 0
+            div = torch.where(weighted, reach, torch.where(uniform, reach_zero, 1.0)).float()
+            b = prev_b.detach().float().clone()
+            a = prev_a.detach().float().clone()
+            b[:, weighted] = (sum_b / div)[:, weighted]
+            a[weighted] = (sum_a / div[:, None])[weighted]
+            if bool(uniform.any()):
+                zero_b, zero_a = self._zero[name]
+                b[:, uniform] = (zero_b / div)[:, uniform]
+                a[uniform] = (zero_a / div[:, None])[uniform]
+            out[name] = (b, a)
         return out

@@ -104,6 +104,8 @@ class Aggregator:
         per_module: sparsity weights per module (||B_k A_k||_F of that module) instead of per
             client (||dW_k||_F over all modules, the paper's choice).
         data_size_factor: multiply sparsity weights by the client's number of examples.
+        rankwise: average each rank position over the clients that reach it and keep positions
+            no client reached (not in the paper; see :class:`hetlora.lora.WeightedFactorSum`).
     """
 
     def __init__(
@@ -112,11 +114,13 @@ class Aggregator:
         aggregation: str = "sparsity",
         per_module: bool = False,
         data_size_factor: bool = False,
+        rankwise: bool = False,
     ) -> None:
         self.state = state
         self.aggregation = aggregation
         self.per_module = per_module
         self.data_size_factor = data_size_factor
+        self.rankwise = rankwise
         self._sum = WeightedFactorSum(state.r_max)
         self.new_ranks: dict[str, int] = {}
         self.weights_raw: dict[str, float] = {}
@@ -160,7 +164,7 @@ class Aggregator:
         """The next state: aggregated factors, pruned ranks kept, round counter advanced."""
         if not self.new_ranks:
             raise HetLoRAError("no client updates to aggregate")
-        factors = self._sum.result()
+        factors = self._sum.result(self.state.factors if self.rankwise else None)
         ranks = dict(self.state.ranks)
         ranks.update(self.new_ranks)
         return ServerState(factors=factors, ranks=ranks, round=self.state.round + 1)
@@ -187,7 +191,7 @@ class HetLoRAServer(Server):
     Args:
         initial_factors: PEFT-initialised global factors at r_max.
         ranks: every client's starting rank.
-        aggregation, per_module, data_size_factor: see :class:`Aggregator`.
+        aggregation, per_module, data_size_factor, rankwise: see :class:`Aggregator`.
         pruning: let clients apply the self-pruning rule.
         regularise: add the self-pruning regulariser to the local loss.
     """
@@ -201,6 +205,7 @@ class HetLoRAServer(Server):
         aggregation: str = "sparsity",
         per_module: bool = False,
         data_size_factor: bool = False,
+        rankwise: bool = False,
         pruning: bool = True,
         regularise: bool = True,
     ) -> None:
@@ -210,6 +215,7 @@ class HetLoRAServer(Server):
             "aggregation": aggregation,
             "per_module": per_module,
             "data_size_factor": data_size_factor,
+            "rankwise": rankwise,
         }
         self.pruning = pruning
         self.regularise = regularise
