@@ -97,6 +97,12 @@ def test_compare_all_methods_then_report(tiny_model, tmp_path):
             and float(r["total_bytes"]) > 0
             and float(r["client_flops"]) > 0
         )
+    by_name = {r["name"]: r for r in rows}
+    for name in ("FLoRA", "Full FT"):  # no adapter: merged into the base
+        assert by_name[name]["global_rank"] == "nan"
+    assert by_name["HomLoRA r=2"]["global_rank"] == "2.0"
+    for r in rows[:5]:  # the saved global adapter's positions in use, at most r_max = 8
+        assert 1 <= float(r["global_rank"]) <= 8
     full = next(r for r in rows if r["name"] == "Full FT")
     het = rows[0]
     assert float(full["total_bytes"]) > 10 * float(het["total_bytes"])
@@ -213,3 +219,29 @@ def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(
     assert (out / "a" / "metrics.jsonl").read_text() == a_metrics
     result = CliRunner().invoke(app, [*args, "--resume", "--overwrite"])
     assert result.exit_code == 2 and "cannot be used together" in result.stderr
+
+
+def test_adapter_rank_counts_positions_where_both_factors_live(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from hetlora.report import adapter_rank
+
+    (tmp_path / "adapter").mkdir()
+    a, b = torch.randn(8, 5), torch.randn(6, 8)
+    a[5:] = 0  # positions 5..7 dead in A
+    b[:, 3] = 0  # position 3 dead in B only: B A gets nothing from it either
+    a2, b2 = torch.randn(8, 5), torch.randn(6, 8)
+    a2[2:] = 0
+    prefix = "base_model.model.layers.0.self_attn"
+    save_file(
+        {
+            f"{prefix}.q_proj.lora_A.weight": a,
+            f"{prefix}.q_proj.lora_B.weight": b,
+            f"{prefix}.v_proj.lora_A.weight": a2,
+            f"{prefix}.v_proj.lora_B.weight": b2,
+        },
+        str(tmp_path / "adapter" / "adapter_model.safetensors"),
+    )
+    assert adapter_rank(tmp_path) == 4.0  # q: positions 0, 1, 2, 4; v: 0, 1
+    assert adapter_rank(tmp_path / "missing") != adapter_rank(tmp_path / "missing")  # NaN

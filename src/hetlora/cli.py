@@ -316,6 +316,7 @@ def _print_results(result: dict[str, Any], out: Path) -> None:
         "total_bytes": "bytes",
         "client_flops": "FLOPs",
         "mean_final_rank": "rank",
+        "global_rank": "global r",
     }
     for key, _ in COLUMNS:
         table.add_column(short[key], justify="left" if key == "name" else "right", no_wrap=True)

@@ -23,6 +23,7 @@ COLUMNS = [
     ("total_bytes", "total bytes"),
     ("client_flops", "client FLOPs"),
     ("mean_final_rank", "mean final rank"),
+    ("global_rank", "global adapter rank"),
 ]
 
 
@@ -41,8 +42,30 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return summary, rows
 
 
-def result_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """One line of the results table."""
+def adapter_rank(run_dir: Path) -> float:
+    """The rank the saved global adapter really has: the number of rank positions j where some
+    module's B[:, j] and A[j, :] are both non-zero (the positions that add to B A), the largest
+    over modules. Below r_max when aggregation left positions at zero; NaN without an adapter."""
+    path = run_dir / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        return math.nan
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    rank = 0
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            continue
+        live = (a != 0).any(dim=1) & (b != 0).any(dim=0)
+        rank = max(rank, int(live.sum()))
+    return float(rank)
+
+
+def result_row(name: str, summary: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """One line of the results table (``run_dir`` for the saved adapter's rank)."""
     has_ranks = summary.get("mean_rank_final", 0) > 0
     return {
         "name": name,
@@ -53,6 +76,7 @@ def result_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
         "total_bytes": summary.get("bytes_up", 0) + summary.get("bytes_down", 0),
         "client_flops": summary.get("flops", 0.0),
         "mean_final_rank": summary["mean_rank_final"] if has_ranks else math.nan,
+        "global_rank": adapter_rank(run_dir) if run_dir is not None else math.nan,
     }
 
 
@@ -69,6 +93,8 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value:.3g}"
     if key == "mean_final_rank":
         return f"{value:.1f}"
+    if key == "global_rank":
+        return f"{value:.0f}"
     return str(value)
 
 
@@ -215,7 +241,7 @@ def report(directory: Path | str) -> dict[str, Any]:
         for entry in entries:
             summary, metrics = load_run(directory / entry["dir"])
             metrics_by_name[entry["name"]] = metrics
-            rows.append(result_row(entry["name"], summary))
+            rows.append(result_row(entry["name"], summary, directory / entry["dir"]))
         write_tables(rows, directory)
         if any(e.get("group") for e in entries):
             best = best_of_groups(entries, rows)
@@ -228,7 +254,7 @@ def report(directory: Path | str) -> dict[str, Any]:
         summary, metrics = load_run(directory)
         name = summary.get("method", "run")
         runs = {name: metrics}
-        rows = [result_row(name, summary)]
+        rows = [result_row(name, summary, directory)]
         write_tables(rows, directory)
     else:
         raise HetLoRAError(f"{directory} is neither a run nor a comparison directory")
