@@ -275,9 +275,7 @@ def compare(
         from hetlora.runtime.local import check_out_dir
 
         entries = load_comparison(config, set_ or [])
-        if resume and overwrite:
-            raise HetLoRAError("--resume and --overwrite cannot be used together")
-        if not resume:
+        if not resume:  # refused before any work (run_comparison checks the rest)
             check_out_dir(out, overwrite)
         with _progress_display() as progress:
             live = LiveProgress(progress)

@@ -150,11 +150,11 @@ class WeightedFactorSum:
     def __init__(self, r_max: int) -> None:
         self.r_max = r_max
         self._sum: dict[str, list[torch.Tensor]] = {}  # name -> [sum s*B, sum s*A]
-        self._total: dict[str, float] = {}
         self._zero: dict[str, list[torch.Tensor]] = {}  # name -> [sum B, sum A] over score 0
-        self._zero_n: dict[str, int] = {}
-        self._reach: dict[str, torch.Tensor] = {}  # name -> per rank position: sum of scores
-        self._reach_zero: dict[str, torch.Tensor] = {}  # ... and count of score-0 clients
+        # name -> per rank position j: the sum of the scores of the clients reaching j, and the
+        # count of those with score 0 (position 0 is reached by every client: the totals)
+        self._reach: dict[str, torch.Tensor] = {}
+        self._reach_zero: dict[str, torch.Tensor] = {}
 
     def add(
         self,
@@ -176,7 +176,6 @@ class WeightedFactorSum:
                 acc = self._sum[name] = self._zeros(b, a)
             acc[0][:, :r].add_(b, alpha=s)
             acc[1][:r].add_(a, alpha=s)
-            self._total[name] = self._total.get(name, 0.0) + s
             if name not in self._reach:
                 self._reach[name] = torch.zeros(self.r_max, dtype=torch.float64)
                 self._reach_zero[name] = torch.zeros(self.r_max, dtype=torch.float64)
@@ -188,7 +187,6 @@ class WeightedFactorSum:
                     zero = self._zero[name] = self._zeros(b, a)
                 zero[0][:, :r].add_(b)
                 zero[1][:r].add_(a)
-                self._zero_n[name] = self._zero_n.get(name, 0) + 1
 
     def _zeros(self, b: torch.Tensor, a: torch.Tensor) -> list[torch.Tensor]:
         return [b.new_zeros(b.shape[0], self.r_max), a.new_zeros(self.r_max, a.shape[1])]
@@ -204,11 +202,11 @@ class WeightedFactorSum:
             return self._rankwise(previous)
         out: Factors = {}
         for name, (sum_b, sum_a) in self._sum.items():
-            total = self._total[name]
+            total = float(self._reach[name][0])
             if total > 0:
                 out[name] = (sum_b / total, sum_a / total)
             else:
-                n = self._zero_n[name]
+                n = float(self._reach_zero[name][0])
                 out[name] = (self._zero[name][0] / n, self._zero[name][1] / n)
         return out
 

@@ -88,8 +88,10 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
 
 
 def _resume_state(entry: Entry, run_dir: Path) -> str:
-    """``new``, ``done`` or ``partial`` for an entry's folder of an earlier, interrupted comparison;
-    a folder that holds a run of another config is refused (nothing is overwritten)."""
+    """What ``--resume`` does with an entry's folder: ``new`` (empty or absent), ``done``
+    (finished, kept), ``partial`` (checkpointed, continued) or ``restart`` (started but no round
+    checkpointed). A folder that holds a run of another config is refused: nothing is
+    overwritten."""
     from hetlora.config import load_config
 
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
