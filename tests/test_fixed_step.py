@@ -12,6 +12,8 @@ busy 2-core machine); inductor itself runs in ``make bench``, which reports its 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,57 @@ def test_compile_key_and_auto_rule():
     assert resolve_compile("on", cpu, 1) is True
     assert resolve_compile("auto", cpu, AUTO_COMPILE_MIN_STEPS - 1) is False
     assert resolve_compile("auto", cpu, AUTO_COMPILE_MIN_STEPS) is True
+
+
+def test_a_run_with_compile_on_matches_compile_off(tiny_model, tmp_path, monkeypatch):
+    """The in-process runtime's wiring: the same round on both paths, compile time apart."""
+    import functools
+
+    from hetlora.runtime import local
+
+    monkeypatch.setattr(
+        local, "compile_layers", functools.partial(compile_layers, backend="aot_eager")
+    )
+    torch._dynamo.reset()
+    base = {
+        "model": str(tiny_model),
+        "rounds": 1,
+        "clients_per_round": 3,
+        "local_steps": 2,
+        "batch_size": 4,
+        "lr": 0.01,
+        "lambda_": 0.5,
+        "r_min": 2,
+        "r_max": 8,
+        "eval_examples": 16,
+        "rouge_examples": 2,
+        "max_new_tokens": 4,
+        "precision": "fp32",
+        "min_examples": 60,
+    }
+    rows, summaries = {}, {}
+    for mode in ("off", "on"):
+        sim = local.Simulation(make_config({**base, "compile": mode}))
+        assert sim.compiled is (mode == "on")
+        assert sim.settings.fixed_rank == (8 if mode == "on" else 0)
+        summaries[mode] = sim.run(tmp_path / mode)
+        rows[mode] = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").open()][-1]
+    off, on = rows["off"], rows["on"]
+    assert (
+        on["client_ranks"] == off["client_ranks"] and on["weights"].keys() == off["weights"].keys()
+    )
+    assert len(set(off["ranks_received"].values())) > 1  # several ranks in the round
+    assert on["train_loss"] == pytest.approx(off["train_loss"], rel=1e-4)
+    assert on["eval_ppl"] == pytest.approx(off["eval_ppl"], rel=1e-4)
+    assert off["compile_s"] == 0 and on["compile_s"] > 0
+    assert summaries["on"]["compiled"] and summaries["on"]["compiled_graphs"] >= 1
+    assert summaries["on"]["compile_s"] > 0 and not summaries["off"]["compiled"]
+    torch._dynamo.reset()
+
+
+def test_flower_refuses_compile_on():
+    from hetlora.runtime.flower.project import check_supported
+
+    with pytest.raises(HetLoRAError, match="compile"):
+        check_supported(make_config({"compile": "on"}))
+    check_supported(make_config({"compile": "auto"}))
