@@ -44,8 +44,9 @@ from hetlora.lora import masked_tail_norm, tail_norm  # noqa: E402
 from hetlora.models import default_target_modules, load_base_model  # noqa: E402
 
 
-def peft_step(model_name, device, rank, eager):
-    """One step of the PEFT loop under bf16 autocast (the model's own loss, AdamW)."""
+def peft_step(model_name, device, rank, eager, bf16):
+    """One step of the PEFT loop under bf16 autocast where the CPU has bf16 (the model's own
+    loss, AdamW)."""
     from peft import LoraConfig, get_peft_model
 
     base = load_base_model(model_name, device)
@@ -59,7 +60,7 @@ def peft_step(model_name, device, rank, eager):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step(b):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**b).loss
         loss.backward()
         opt.step()
@@ -69,18 +70,19 @@ def peft_step(model_name, device, rank, eager):
     return step
 
 
-def engine_step(model_name, device, rank, compiled, backend="inductor"):
+def engine_step(model_name, device, rank, compiled, bf16, backend="inductor"):
     """One step of the engine's loop (``hetlora.client._local_steps``), the client adapter
     attached once: eager at the client's rank, or the fixed-shape adapter with compiled layers."""
     base = load_base_model(model_name, device)
-    store_frozen_linears(base.model, torch.bfloat16)
+    if bf16:
+        store_frozen_linears(base.model, torch.bfloat16)
     use_cpu_attention(base.model, device)
     targets = default_target_modules(base.model)
     peft_model = adapters.wrap(base.model, rank, 2.0, targets)
     if compiled:
         compile_layers(base.model, backend=backend)
     factors = adapters.read_factors(peft_model)
-    settings = TrainSettings(local_steps=1, lr=1e-3, lambda_=0.01, gamma=0.99, r_min=4, bf16=True)
+    settings = TrainSettings(local_steps=1, lr=1e-3, lambda_=0.01, gamma=0.99, r_min=4, bf16=bf16)
     if compiled:
         live = adapters.attach_fixed(peft_model, factors, rank, 2.0, targets)
 
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, aot_eager backend")
     args = parser.parse_args(argv)
     device = resolve_device("cpu")
-    if not args.smoke and not cpu_has_bf16():
-        raise SystemExit("this comparison is for CPUs with bf16 matmuls")
+    bf16 = cpu_has_bf16()  # as make bench: bf16 where the CPU has it, else every variant fp32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     seq, batch, rank = (32, 2, 4) if args.smoke else (128, 8, 16)
     base = load_base_model(args.model, device)
     params = bench.matmul_params(base.model)
@@ -124,10 +126,10 @@ def main(argv=None) -> int:
     del base
     backend = "aot_eager" if args.smoke else "inductor"
     variants = {
-        "peft_bf16_sdpa": peft_step(args.model, device, rank, eager=False),
-        "peft_bf16_eager": peft_step(args.model, device, rank, eager=True),
-        "engine_eager": engine_step(args.model, device, rank, compiled=False),
-        "engine_compiled": engine_step(args.model, device, rank, True, backend),
+        "peft_bf16_sdpa": peft_step(args.model, device, rank, False, bf16),
+        "peft_bf16_eager": peft_step(args.model, device, rank, True, bf16),
+        "engine_eager": engine_step(args.model, device, rank, False, bf16),
+        "engine_compiled": engine_step(args.model, device, rank, True, bf16, backend),
     }
     load = [open("/proc/loadavg").read().split()[:3]]
     bench.say("warm-up step of every variant (the compiled one compiles here)")
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
         for name in order:
             if name == "matmul":
                 times[name].append(
-                    bench.matmul_gflops(device, torch.bfloat16, 256 if args.smoke else 2048, reps=3)
+                    bench.matmul_gflops(device, dtype, 256 if args.smoke else 2048, reps=3)
                 )
                 continue
             c0, t0 = compile_seconds(), time.perf_counter()
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
     roofline = med["matmul"] * 1e9 / (4 * params)
     peft_bf16 = max(med["peft_bf16_sdpa"], med["peft_bf16_eager"])
     result = {
+        "bf16": bf16,
         "tok_s": {n: med[n] for n in variants},
         "samples": times,
         "matmul_gflops": med["matmul"],
