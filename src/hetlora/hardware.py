@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -123,7 +124,9 @@ def use_cpu_attention(model: torch.nn.Module, device: torch.device) -> bool:
 def compile_seconds() -> float:
     """Seconds this process has spent in ``torch.compile`` so far (Dynamo and the backend's
     compilation, forward and backward graphs), so that callers can count it apart from step
-    time. 0.0 before anything was compiled."""
+    time. 0.0 before anything was compiled (Dynamo not even imported: nothing to ask)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0.0
     from torch._dynamo.utils import calculate_time_spent
 
     return float(calculate_time_spent().get("total_wall_time", 0.0))
@@ -132,6 +135,8 @@ def compile_seconds() -> float:
 def compiled_graphs() -> int:
     """Graphs ``torch.compile`` has built in this process: the first compile of each layer
     graph and every recompile (a new shape, grad mode or adapter) count one each."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
@@ -169,5 +174,8 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
 
 def no_compile() -> contextlib.AbstractContextManager:
     """Run compiled modules eagerly inside this block (generation: its cache of past keys and
-    one new token per call would recompile the layers for every length)."""
+    one new token per call would recompile the layers for every length). A no-op context
+    where nothing can have been compiled (Dynamo not imported)."""
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
