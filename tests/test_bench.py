@@ -14,6 +14,8 @@ KEYS = {
     "train_vs_roofline",
     "peft_fp32_tok_s",
     "train_vs_peft",
+    "peft_bf16_tok_s",
+    "train_vs_peft_bf16",
     "round_overhead",
     "rss_ratio",
     "aggregate_s",
@@ -46,10 +48,12 @@ def test_bench_smoke_writes_every_key(tiny_model, tmp_path):
     assert 0 <= result["ppl_gap"] < 1
     assert set(result["targets"]) == {
         "train_vs_roofline",
-        "train_vs_peft",
+        "train_vs_peft_bf16",
         "round_overhead",
         "rss_ratio",
-        "aggregate_s",
         "ppl_gap",
     }
-    assert len(result["ablation"]) == 6 and "| train_tok_s |" in done.stdout
+    assert len(result["ablation"]) == 9 and "| train_tok_s |" in done.stdout
+    # the compiled variant compiled once (its first pass) and reported it apart from its steps
+    assert result["compiled_graphs"] >= 1 and result["compile_s"] > 0
+    assert result["compiled_graphs_later"] == 0

@@ -4,6 +4,11 @@ The base model is wrapped once (:func:`wrap`) with the global adapter named ``"d
 r_max. A client's adapter of rank r_k is added next to it, trained, read out and deleted
 (:func:`attach`, :func:`detach`), so one base model serves every simulated client. Module names
 are the base model's own (``model.layers.0.self_attn.q_proj``).
+
+The fixed-shape variant (:func:`attach_fixed`, :func:`release_fixed`) keeps one client adapter at
+r_max for good and writes each client's rank-r_k factors into its first r_k positions, the rest
+zero: every client then runs modules of the same shapes, which a compiled step needs (issue 12).
+With PEFT's scale ``lora_alpha / r`` set to ``s`` at r_max, ``W0 + s B A`` is the same layer.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from hetlora.errors import HetLoRAError
-from hetlora.lora import Factors
+from hetlora.lora import Factors, pad
 
 GLOBAL = "default"
 CLIENT = "client"
+FIXED = "client_fixed"  # the client adapter of the fixed-shape step, kept at r_max
 _PREFIX = "base_model.model."
 
 
@@ -103,6 +109,40 @@ def detach(peft_model: PeftModel) -> None:
     """Delete the client adapter and make the global adapter active again."""
     peft_model.set_adapter(GLOBAL)
     peft_model.delete_adapter(CLIENT)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+
+
+def attach_fixed(
+    peft_model: PeftModel, factors: Factors, r_max: int, scale: float, target_modules: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write a rank-r_k client into the fixed adapter at ``r_max``: positions >= r_k are zero.
+
+    The adapter is added on first use and never deleted, so its modules, shapes and parameter
+    objects stay the same from client to client. Its factors become the only trainable ones.
+    """
+    if FIXED not in peft_model.peft_config:
+        peft_model.add_adapter(FIXED, lora_config(r_max, scale, target_modules))
+    config = peft_model.peft_config[FIXED]
+    if config.r != r_max or config.lora_alpha != scale * r_max:
+        raise HetLoRAError(
+            f"the fixed client adapter has rank {config.r} and alpha {config.lora_alpha}, "
+            f"not rank {r_max} and alpha {scale * r_max}"
+        )
+    peft_model.set_adapter(FIXED)
+    write_factors(peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}, FIXED)
+    live = live_factors(peft_model, FIXED)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    for b, a in live.values():
+        b.requires_grad_(True)
+        a.requires_grad_(True)
+    return live
+
+
+def release_fixed(peft_model: PeftModel) -> None:
+    """Make the global adapter active again; the fixed client adapter stays, frozen."""
+    peft_model.set_adapter(GLOBAL)
     for p in peft_model.parameters():
         p.requires_grad_(False)
 

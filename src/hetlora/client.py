@@ -7,6 +7,14 @@ The client receives the global factors truncated to its rank r_k, minimises
 for ``local_steps`` AdamW steps, then applies the pruning rule once: if the tail norm shrank
 below its value as received, r_k <- max(r_min, floor(gamma r_k)). It uploads the factors cut to
 the (possibly lower) rank. The loop is plain and top to bottom, like nanoGPT's ``train.py``.
+
+With ``fixed_rank`` (= r_max) the step's shapes do not depend on r_k: the client trains the
+fixed adapter at r_max (:func:`hetlora.adapters.attach_fixed`) with its factors in the first r_k
+positions; positions above r_k start at zero and their gradients are zeroed after every
+backward, so AdamW (zero moments, zero update, decay of zero) keeps them exactly zero. The
+regulariser is :func:`hetlora.lora.masked_tail_norm`, and the upload is cut back to r_k (or the
+pruned rank) as before. This is the path a compiled model (:func:`hetlora.hardware.compile_layers`)
+runs without recompiling for every rank.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ from peft import PeftModel
 from hetlora import adapters
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import response_nll
-from hetlora.hardware import autocast
-from hetlora.lora import Factors, pruned_rank, rank_of, tail_norm, truncate
+from hetlora.hardware import autocast, compile_seconds
+from hetlora.lora import Factors, masked_tail_norm, pruned_rank, rank_of, tail_norm, truncate
 from hetlora.methods.base import ClientTask, ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ class TrainSettings:
     pruning: bool = True
     lora_scale: float = 2.0
     bf16: bool = False
+    fixed_rank: int = 0  # > 0: the fixed-shape step with the adapter at this rank (r_max)
 
 
 @dataclass
@@ -61,6 +70,7 @@ class ClientResult:
     steps: int
     seconds: float
     step_seconds: float = 0.0  # of ``seconds``, the time inside the training steps themselves
+    compile_seconds: float = 0.0  # of ``seconds``, compiling (torch.compile), not in step_seconds
 
 
 def _local_steps(
@@ -71,15 +81,20 @@ def _local_steps(
     device: torch.device,
     regulariser: Callable[[], torch.Tensor] | None,
     on_step: Callable[[int, float], None] | None,
-) -> tuple[list[float], int, int, float]:
+    mask_grads: Callable[[], None] | None = None,
+) -> tuple[list[float], int, int, float, float]:
     """The local loop: AdamW on ``params`` for ``settings.local_steps`` batches.
 
-    Returns the per-step losses, the real (non-padding) tokens and the labelled tokens seen,
-    and the seconds spent in the steps (forward, backward, optimizer; not making batches).
+    ``mask_grads`` runs after every backward (the fixed-shape step zeroes the gradients above
+    r_k there). Returns the per-step losses, the real (non-padding) tokens and the labelled
+    tokens seen, the seconds spent in the steps (forward, backward, optimizer; not making
+    batches, not compiling) and the seconds spent compiling during them.
     """
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     peft_model.train()
     losses, tokens, targets, busy = [], 0, 0, 0.0
+    compiled = compile_seconds()
+    compiling = 0.0
     for step in range(settings.local_steps):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         start = time.perf_counter()
@@ -89,16 +104,21 @@ def _local_steps(
         objective = loss if regulariser is None else loss + settings.lambda_ * regulariser()
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        if mask_grads is not None:
+            mask_grads()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         losses.append(float(loss.detach()))  # waits for the step to finish (CUDA too)
-        busy += time.perf_counter() - start
+        now = compile_seconds()  # a step that (re)compiled counts that time apart
+        compiling += now - compiled
+        busy += time.perf_counter() - start - (now - compiled)
+        compiled = now
         tokens += int(batch["attention_mask"].sum())
         targets += n
         if on_step is not None:
             on_step(step + 1, losses[-1])
-    return losses, tokens, targets, busy
+    return losses, tokens, targets, busy, compiling
 
 
 def train_client(
@@ -119,16 +139,45 @@ def train_client(
     start = time.perf_counter()
     rank = rank_of(factors)
     tail_before = float(tail_norm(factors, settings.gamma))
-    live = adapters.attach(peft_model, factors, rank, settings.lora_scale, target_modules)
-    params = [p for pair in live.values() for p in pair]
-    regulariser = (lambda: tail_norm(live, settings.gamma)) if settings.lambda_ > 0 else None
-    try:
-        losses, tokens, targets, busy = _local_steps(
-            peft_model, params, batches, settings, device, regulariser, on_step
+    fixed = settings.fixed_rank
+    if fixed and rank > fixed:
+        raise HetLoRAError(f"a client of rank {rank} does not fit the fixed rank {fixed}")
+    if fixed:
+        adapter = adapters.FIXED
+        live = adapters.attach_fixed(
+            peft_model, factors, fixed, settings.lora_scale, target_modules
         )
-        trained = adapters.read_factors(peft_model, adapters.CLIENT)
+
+        def regularise() -> torch.Tensor:
+            return masked_tail_norm(live, rank, settings.gamma)
+
+        def mask_grads() -> None:  # positions >= r_k get no gradient: they stay exactly zero
+            for b, a in live.values():
+                if b.grad is not None:
+                    b.grad[:, rank:] = 0
+                if a.grad is not None:
+                    a.grad[rank:] = 0
+
+    else:
+        adapter = adapters.CLIENT
+        live = adapters.attach(peft_model, factors, rank, settings.lora_scale, target_modules)
+
+        def regularise() -> torch.Tensor:
+            return tail_norm(live, settings.gamma)
+
+        mask_grads = None
+    params = [p for pair in live.values() for p in pair]
+    regulariser = regularise if settings.lambda_ > 0 else None
+    try:
+        losses, tokens, targets, busy, compiling = _local_steps(
+            peft_model, params, batches, settings, device, regulariser, on_step, mask_grads
+        )
+        trained = truncate(adapters.read_factors(peft_model, adapter), rank)
     finally:
-        adapters.detach(peft_model)
+        if fixed:
+            adapters.release_fixed(peft_model)
+        else:
+            adapters.detach(peft_model)
     tail_after = float(tail_norm(trained, settings.gamma))
     new_rank = rank
     if settings.pruning:
@@ -145,6 +194,7 @@ def train_client(
         steps=len(losses),
         seconds=time.perf_counter() - start,
         step_seconds=busy,
+        compile_seconds=compiling,
     )
 
 
@@ -170,7 +220,7 @@ def train_full(
         p.requires_grad_(True)
     try:
         with peft_model.disable_adapter():
-            losses, tokens, targets, busy = _local_steps(
+            losses, tokens, targets, busy, compiling = _local_steps(
                 peft_model, list(params.values()), batches, settings, device, None, on_step
             )
         trained = {n: p.detach().float().cpu().clone() for n, p in params.items()}
@@ -189,6 +239,7 @@ def train_full(
         steps=len(losses),
         seconds=time.perf_counter() - start,
         step_seconds=busy,
+        compile_seconds=compiling,
     )
     return trained, result
 

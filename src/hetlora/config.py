@@ -25,6 +25,7 @@ AGGREGATIONS = ("sparsity", "uniform", "data_size")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 RANK_DISTRIBUTIONS = ("uniform", "tiers")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -72,6 +73,11 @@ class Config:
             full fine-tuning) exceeds this are refused; 0 disables the bound.
         precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16`` or ``fp32``.
         device: ``auto``, ``cpu`` or ``cuda``.
+        compile: ``on`` runs local training as the fixed-shape step (every client's adapter at
+            r_max, positions above r_k held at zero) with the decoder layers compiled by
+            ``torch.compile``; ``off`` keeps an adapter of each client's own rank, eager;
+            ``auto`` turns it on where the run's training steps repay the compile time
+            (:func:`hetlora.hardware.resolve_compile`). Not for ``full_ft``.
 
     Evaluation:
         eval_every: evaluate the global adapter every this many rounds (and at the last round).
@@ -120,6 +126,7 @@ class Config:
     max_update_norm: float = 0.0
     precision: str = "auto"
     device: str = "auto"
+    compile: str = "auto"
 
     eval_every: int = 1
     eval_examples: int = 256
@@ -237,6 +244,12 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "precision", PRECISIONS)
     _choice(cfg, "device", DEVICES)
     _choice(cfg, "rank_distribution", RANK_DISTRIBUTIONS)
+    _choice(cfg, "compile", COMPILE_MODES)
+    if cfg.compile == "on" and cfg.method == "full_ft":
+        raise HetLoRAError(
+            "config key 'compile' = 'on' applies to LoRA methods (a fixed-shape adapter step); "
+            "full_ft trains the base weights: use 'auto' or 'off'"
+        )
     _choice(cfg, "partitioner", ("iid", "dirichlet"))
     for key in ("r_min", "r_max"):
         if getattr(cfg, key) < 1:

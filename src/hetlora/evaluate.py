@@ -86,8 +86,8 @@ def response_nll(
     fp32 whatever the autocast dtype.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    hidden = base.get_decoder()(  # no key/value cache: nothing is generated here
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE

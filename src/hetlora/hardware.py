@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -45,6 +48,38 @@ def resolve_bf16(choice: str, device: torch.device) -> bool:
     return supported
 
 
+#: ``compile = "auto"`` compiles when a run has at least this many local training steps: below
+#: it, compiling (a cold compile of the layer graphs, measured in docs/performance.md) costs
+#: more than the faster steps save.
+AUTO_COMPILE_MIN_STEPS = 400
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether inductor can build kernels here: a C++ compiler on CPU, Triton on CUDA."""
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return device.type == "cpu" and any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+def resolve_compile(choice: str, device: torch.device, steps: int) -> bool:
+    """Whether local training compiles (``compile`` config key).
+
+    ``on``: yes (an error where inductor cannot run); ``off``: no; ``auto``: when the run has at
+    least :data:`AUTO_COMPILE_MIN_STEPS` local steps (all rounds, all sampled clients) and
+    inductor can run here.
+    """
+    if choice == "off":
+        return False
+    if choice == "on":
+        if not can_compile(device):
+            raise HetLoRAError(
+                f"compile = 'on' but torch.compile cannot build kernels on {device.type} here "
+                "(a C++ compiler on CPU, Triton on CUDA); use compile = 'off'"
+            )
+        return True
+    return steps >= AUTO_COMPILE_MIN_STEPS and can_compile(device)
+
+
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when ``bf16``, else a no-op context."""
     if not bf16:
@@ -84,3 +119,63 @@ def use_cpu_attention(model: torch.nn.Module, device: torch.device) -> bool:
         return False
     model.set_attn_implementation("eager")
     return True
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in ``torch.compile`` so far (Dynamo and the backend's
+    compilation, forward and backward graphs), so that callers can count it apart from step
+    time. 0.0 before anything was compiled (Dynamo not even imported: nothing to ask)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0.0
+    from torch._dynamo.utils import calculate_time_spent
+
+    return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process: the first compile of each layer
+    graph and every recompile (a new shape, grad mode or adapter) count one each."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (``model.layers`` of Llama/Qwen/Gemma,
+    ``transformer.h`` of GPT-2): the longest ``nn.ModuleList`` in the model."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    return list(max(lists, key=len)) if lists else []
+
+
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every decoder layer of ``model`` in place; returns how many.
+
+    All layers share one compiled graph: parameters are graph inputs (Dynamo inlines
+    ``nn.Module``s), so the compile cost is one layer's whatever the depth, provided every
+    layer sees inputs of the same kind. Two things would split them: the layers' shapes changing
+    from client to client (avoided by the fixed-shape step,
+    :func:`hetlora.adapters.attach_fixed`), and the first layer's input not requiring grad (the
+    frozen embeddings' output), which ``enable_input_require_grads`` makes it do (the cost: the
+    input gradient of one layer, discarded). Sequence length and batch size are symbolic
+    (``dynamic=True``), so every batch runs the same graph instead of one per length.
+    What is outside the layers (embeddings, the fused cross-entropy, AdamW) stays eager.
+    ``backend`` is torch.compile's (the tests use ``aot_eager``: Dynamo's graph capture and
+    AOTAutograd without inductor's kernel build).
+    """
+    layers = decoder_layers(model)
+    if layers and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)
+
+
+def no_compile() -> contextlib.AbstractContextManager:
+    """Run compiled modules eagerly inside this block (generation: its cache of past keys and
+    one new token per call would recompile the layers for every length). A no-op context
+    where nothing can have been compiled (Dynamo not imported)."""
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

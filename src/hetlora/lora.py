@@ -9,6 +9,8 @@ models, runtimes or I/O, so every runtime (in-process, Flower) calls the same fu
 * :func:`pad` -- zero-padding of a rank-r_k pair to rank r_max before aggregation.
 * :func:`tail_norm` -- the self-pruning regulariser
   ``sum_modules ||B[:, g:r]||_F * ||A[g:r, :]||_F`` with ``g = floor(gamma * r)`` (with gradient).
+* :func:`masked_tail_norm` -- the same regulariser for a rank-r_k client held at a fixed
+  rank r_max (positions ``>= r_k`` zero), through a mask rather than slices.
 * :func:`pruned_rank` -- the pruning rule ``r <- max(r_min, floor(gamma * r))``.
 * :func:`product_fro_norm` -- ``||B A||_F`` from the r x r Gram matrices, never forming B A.
 * :func:`aggregation_weights` and :class:`WeightedFactorSum` -- sparsity-weighted aggregation
@@ -83,6 +85,35 @@ def tail_norm(
         total = term if total is None else total + term
     if total is None:
         raise HetLoRAError("no LoRA modules to regularise")
+    return total
+
+
+def masked_tail_norm(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | Mapping[str, tuple[torch.Tensor, ...]],
+    rank: int,
+    gamma: float,
+) -> torch.Tensor:
+    """:func:`tail_norm` of a rank-``rank`` client held in factors of a larger, fixed rank.
+
+    The fixed-shape local step keeps every client's factors at r_max with positions
+    ``>= rank`` at zero; its regulariser is ``sum_m ||B_m[:, g:r_k]||_F * ||A_m[g:r_k, :]||_F``
+    with ``g = floor(gamma * r_k)`` (Cho et al. 2024, Sec. 3.2), taken through a 0/1 mask over
+    the rank positions so the shapes never depend on ``rank``. Same value and same gradient as
+    :func:`tail_norm` of the truncated factors (the masked entries add exact zeros).
+    """
+    items = list(pairs.values() if isinstance(pairs, Mapping) else pairs)
+    if not items:
+        raise HetLoRAError("no LoRA modules to regularise")
+    width = items[0][0].shape[1]
+    if not 1 <= rank <= width:
+        raise HetLoRAError(f"rank {rank} outside the factors' 1..{width}")
+    positions = torch.arange(width, device=items[0][0].device)
+    mask = ((positions >= tail_start(rank, gamma)) & (positions < rank)).to(items[0][0].dtype)
+    total = torch.zeros((), dtype=items[0][0].dtype, device=items[0][0].device)
+    for b, a in items:
+        total = total + torch.linalg.vector_norm(b * mask) * torch.linalg.vector_norm(
+            a * mask[:, None]
+        )
     return total
 
 

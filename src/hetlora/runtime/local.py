@@ -30,7 +30,12 @@ from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, perplexity, rouge_l
 from hetlora.export import export_adapter
 from hetlora.hardware import (
+    compile_layers,
+    compile_seconds,
+    compiled_graphs,
+    no_compile,
     resolve_bf16,
+    resolve_compile,
     resolve_device,
     store_frozen_linears,
     use_cpu_attention,
@@ -80,6 +85,10 @@ class Simulation:
     Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
     """
 
+    #: Whether clients train in this process (the Flower ServerApp, a subclass, only evaluates:
+    #: ``compile = "auto"`` stays off there).
+    trains_locally = True
+
     def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
         self.cfg = cfg
         self.progress = progress or (lambda event: None)
@@ -97,6 +106,16 @@ class Simulation:
         if self.bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
             store_frozen_linears(base.model, torch.bfloat16)
         use_cpu_attention(base.model, self.device)
+        self._compile_start = compile_seconds()
+        self.compiled = cfg.method != "full_ft" and resolve_compile(
+            cfg.compile,
+            self.device,
+            cfg.rounds * min(cfg.clients_per_round, len(self.client_ids)) * cfg.local_steps
+            if self.trains_locally
+            else 0,
+        )
+        if self.compiled:
+            compile_layers(base.model)
         torch.manual_seed(cfg.seed)
         self.base_model_for_fingerprint = base.model
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
@@ -132,6 +151,7 @@ class Simulation:
             pruning=cfg.pruning,
             lora_scale=cfg.lora_scale,
             bf16=self.bf16,
+            fixed_rank=cfg.r_max if self.compiled else 0,
         )
 
     def _emit(self, event: str, **fields: Any) -> None:
@@ -174,16 +194,20 @@ class Simulation:
         )
 
     def evaluate(self, rank: int | None = None) -> tuple[float, float]:
-        """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out set."""
+        """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out set.
+
+        Eager even when training is compiled: see docs/performance.md (compiled evaluation).
+        """
         self._show_global(rank)
-        return perplexity(
-            self.peft_model,
-            self.eval_items,
-            self.cfg.eval_batch_size,
-            self.pad_id,
-            self.device,
-            bf16=self.bf16,
-        )
+        with no_compile():
+            return perplexity(
+                self.peft_model,
+                self.eval_items,
+                self.cfg.eval_batch_size,
+                self.pad_id,
+                self.device,
+                bf16=self.bf16,
+            )
 
     def _apply_base_update(self) -> None:
         update = self.server.base_update()
@@ -238,6 +262,7 @@ class Simulation:
                 ),
                 "tokens": result.tokens,
                 "step_s": result.step_seconds,
+                "compile_s": result.compile_seconds,
             }
             try:
                 self.server.check(update, cfg.max_update_norm)
@@ -280,6 +305,8 @@ class Simulation:
             "bytes_down": sum(c["bytes_down"] for c in per_client.values()),
             "flops": sum(c["flops"] for c in per_client.values()),
             "tokens": sum(c["tokens"] for c in per_client.values()),
+            "step_s": sum(c["step_s"] for c in per_client.values()),
+            "compile_s": sum(c["compile_s"] for c in per_client.values()),
             "clients": per_client,
             "rejected": rejected,
             "skipped": accepted < cfg.min_clients,
@@ -294,14 +321,15 @@ class Simulation:
         """Greedy generations of the current global model on the ROUGE sample."""
         sample = self.eval_examples[: self.cfg.rouge_examples]
         self._show_global()
-        preds = generate_greedy(
-            self.peft_model,
-            self.tokenizer,
-            [ex.prompt for ex in sample],
-            self.cfg.max_new_tokens,
-            self.device,
-            bf16=self.bf16,
-        )
+        with no_compile():  # one new token per call: compiled layers would recompile per length
+            preds = generate_greedy(
+                self.peft_model,
+                self.tokenizer,
+                [ex.prompt for ex in sample],
+                self.cfg.max_new_tokens,
+                self.device,
+                bf16=self.bf16,
+            )
         return preds, [ex.response.strip() for ex in sample]
 
     def tier_ranks(self) -> list[int]:
@@ -477,6 +505,10 @@ class Simulation:
             "bytes_down": sum(m.get("bytes_down", 0) for m in metrics),
             "flops": sum(m.get("flops", 0) for m in metrics),
             "tokens": sum(m.get("tokens", 0) for m in metrics),
+            "compiled": self.compiled,
+            "step_s": sum(m.get("step_s", 0.0) for m in metrics),
+            "compile_s": compile_seconds() - self._compile_start,  # this process's
+            "compiled_graphs": compiled_graphs(),
             "trainable_params_mean": float(np.mean([c["trainable_params"] for c in per_client]))
             if per_client
             else 0.0,

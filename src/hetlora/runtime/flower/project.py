@@ -100,6 +100,11 @@ def check_supported(cfg: Config) -> None:
             f"method {cfg.method!r} changes the base model every round and is not supported on "
             "Flower; use hetlora, homlora or recon_svd (or `hetlora run` in-process)"
         )
+    if cfg.compile == "on":
+        raise HetLoRAError(
+            "compile = 'on' applies to the in-process runtime (`hetlora run`); the Flower "
+            "ClientApp trains each client's own-rank adapter eagerly: use 'auto' or 'off'"
+        )
 
 
 def write_app(folder: Path | str, cfg: Config, options: RunOptions) -> Path:

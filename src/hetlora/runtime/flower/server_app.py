@@ -57,6 +57,8 @@ class FlowerRun(Simulation):
         progress: the engine's progress callback.
     """
 
+    trains_locally = False  # clients train on their SuperNodes: compile = "auto" stays off
+
     def __init__(
         self, cfg: Config, grid: Grid, options: RunOptions, progress: Progress | None = None
     ) -> None:
