@@ -80,11 +80,34 @@ def test_recon_svd_averages_products_and_truncates_optimally():
         b2, a2 = truncate(server.global_factors(), 2)[n]
         u, s, vh = torch.linalg.svd(target)
         torch.testing.assert_close(b2 @ a2, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-4, atol=1e-4)
-        # singular values are split evenly: ||B e_i|| = ||A^T e_i|| = sqrt(s_i)
-        torch.testing.assert_close(b.norm(dim=0)[:2], s[:2].sqrt(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a.norm(dim=1)[:2], s[:2].sqrt(), rtol=1e-4, atol=1e-4)
+        # FlexLoRA's split: the singular values live in B (||B e_i|| = s_i), A's rows are
+        # orthonormal, and positions 5..7, beyond the rank of the average, are B = 0 exactly
+        # with a unit-norm row of A (LoRA's own init: B = 0, A live)
+        torch.testing.assert_close(b.norm(dim=0)[:5], s[:5], rtol=1e-4, atol=1e-5)
+        m = min(8, *target.shape)  # l0.v is 6 x 10: positions 6, 7 lie beyond any rank: zero
+        torch.testing.assert_close(a[:m] @ a[:m].T, torch.eye(m), rtol=0, atol=1e-5)
+        assert torch.count_nonzero(b[:, 5:]) == 0 and torch.count_nonzero(a[m:]) == 0
+        torch.testing.assert_close(a[5:m].norm(dim=1), torch.ones(m - 5), rtol=0, atol=1e-5)
     b, a = svd_factors(torch.zeros(4, 3), 5)  # rank above the matrix size pads with zeros
     assert b.shape == (4, 5) and a.shape == (5, 3)
+    assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a[3:]) == 0
+
+
+def test_recon_svd_positions_beyond_the_rank_can_learn():
+    """A rank-6 client after a round of rank-2 replies: its tail columns get a gradient.
+
+    With B = 0 and A live (as FlexLoRA splits), d(loss)/dB = G A^T is nonzero wherever A's row
+    is live; the symmetric split sqrt(S) leaves A at ~1e-8 there, so B could barely move.
+    """
+    server = ReconSVDServer(factors(6, 0), {"a": 2, "b": 6})
+    server.add(reply("a", factors(2, 4)))
+    server.finish()
+    b, a = truncate(server.global_factors(), 6)["l0.q"]
+    assert torch.count_nonzero(b[:, 2:]) == 0
+    assert float(a[2:].norm(dim=1).min()) == pytest.approx(1.0, abs=1e-5)
+    grad_out = torch.randn(b.shape[0], a.shape[1], generator=torch.Generator().manual_seed(3))
+    grad_b = grad_out @ a.T  # d<G, B A>/dB
+    assert float(grad_b[:, 2:].norm()) > 0.1 * float(grad_out.norm())
 
 
 def test_flora_stacking_equals_weighted_sum_of_products():
