@@ -100,8 +100,10 @@ class Simulation:
             store_frozen_linears(base.model, torch.bfloat16)
         use_cpu_attention(base.model, self.device)
         torch.manual_seed(cfg.seed)
-        self.base_model_for_fingerprint = base.model
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
+        # of the pristine base: FLoRA and full fine-tuning change the base weights every round,
+        # and a checkpoint must name the model the run started from, which resume rebuilds
+        self._model_fp = checkpoint.model_fingerprint(base.model)
         self.size = model_size(self.peft_model)
         self.pad_id = self.tokenizer.pad_token_id
         self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
@@ -346,9 +348,7 @@ class Simulation:
 
     def _fingerprints(self) -> tuple[str, str]:
         data = {c: len(self.train_data[c]) for c in self.client_ids}
-        return checkpoint.model_fingerprint(
-            self.base_model_for_fingerprint
-        ), checkpoint.fingerprint(data)
+        return self._model_fp, checkpoint.fingerprint(data)
 
     def _save_checkpoint(
         self, out_dir: Path, metrics: list[dict[str, Any]], base_preds: list[str]
