@@ -171,3 +171,109 @@ def test_make_server_maps_methods_and_ablations():
     uniform.add(reply("a", truncate(factors(8, 1), 3)))
     uniform.add(reply("b", factors(8, 2)))
     assert uniform.finish() == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_full_ft_rounds_weights_and_fresh_state_each_round():
+    w0 = {"w": torch.zeros(2, 2)}
+    server = FullFTServer(w0, ["a", "b"])
+    assert server.ranks == {"a": 0, "b": 0} and server.base_update() is None  # nothing yet
+    assert server.task("b").client_id == "b"
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    with pytest.raises(HetLoRAError, match="wrong set of weights"):
+        server.add(ClientUpdate("a", 1, weights=None))
+    with pytest.raises(HetLoRAError, match="wrong set of weights"):
+        server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "x": torch.ones(1)}))
+    server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2)}))  # fewer examples than 1
+    server.add(ClientUpdate("b", 3, weights={"w": 5 * torch.ones(2, 2)}))
+    assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
+    torch.testing.assert_close(server.base_update().weights["w"], 4 * torch.ones(2, 2))
+    # round 2 starts from nothing folded in: one reply is the new model
+    server.add(ClientUpdate("a", 2, weights={"w": 7 * torch.ones(2, 2)}))
+    assert server.finish() == {"a": 1.0} and server.round == 2
+    torch.testing.assert_close(server.base_state().weights["w"], 7 * torch.ones(2, 2))
+    server.add(ClientUpdate("a", 2, weights={"w": torch.ones(2, 2)}))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+
+
+def test_flora_rounds_accumulate_merges_and_seed_the_fresh_adapters():
+    server = FLoRAServer(SHAPES, {"a": 2, "b": 3}, scale=0.5, seed=7)
+    assert server.base_update() is None and server.base_state() is None
+    again = FLoRAServer(SHAPES, {"a": 2, "b": 3}, scale=0.5, seed=7)
+    for n in SHAPES:  # the fresh adapter depends on (seed, round, client) only
+        torch.testing.assert_close(server.task("b").factors[n][1], again.task("b").factors[n][1])
+        assert not torch.equal(
+            server.task("a").factors[n][1][:2], server.task("b").factors[n][1][:2]
+        )
+        assert server.task("b").factors[n][1].shape == (3, SHAPES[n][1])
+    assert server.task("b").client_id == "b" and server.task("b").kind == "lora"
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    with pytest.raises(HetLoRAError, match="wrong set of modules"):
+        server.add(ClientUpdate("a", 1, factors=None))
+    total = {n: torch.zeros(o, i) for n, (o, i) in SHAPES.items()}
+    for round_ in range(2):
+        fa, fb = factors(2, 10 + round_), factors(3, 20 + round_)
+        server.add(reply("a", fa, n=1))
+        server.add(reply("b", fb, n=3))
+        assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75})
+        assert server.round == round_ + 1
+        for n in SHAPES:
+            merge = 0.5 * (0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
+            torch.testing.assert_close(server.base_update().deltas[n], merge, rtol=1e-5, atol=1e-5)
+            total[n] += merge
+    for n in SHAPES:  # what a resumed run adds to the pristine base: every merge so far
+        torch.testing.assert_close(server.base_state().deltas[n], total[n], rtol=1e-5, atol=1e-5)
+    fresh = server.task("a").factors  # round 3 draws again
+    assert all(torch.count_nonzero(b) == 0 for b, _ in fresh.values())
+    server.add(reply("a", factors(2, 5), n=1))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+
+
+def test_recon_svd_rounds_and_errors():
+    server = ReconSVDServer(factors(6, 0), {"a": 2, "b": 3})
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    with pytest.raises(HetLoRAError, match="wrong set of modules"):
+        server.add(ClientUpdate("a", 1, factors=None, rank=2))
+    with pytest.raises(HetLoRAError, match="rank above its own"):
+        server.add(reply("a", factors(3, 1)))
+    fa, fb = factors(2, 1), factors(3, 2)
+    server.add(reply("a", fa, n=1))  # fewer than 1 example-weight units in total is fine too
+    server.add(reply("b", fb, n=3))
+    assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
+    before = {n: (b.clone(), a.clone()) for n, (b, a) in server.global_factors().items()}
+    server.add(reply("a", factors(2, 3), n=1))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    only = factors(2, 4)
+    server.add(reply("a", only, n=5))  # the next round sees this reply alone
+    server.finish()
+    for n in SHAPES:
+        b, a = server.global_factors()[n]
+        torch.testing.assert_close(b @ a, only[n][0] @ only[n][1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(b @ a, before[n][0] @ before[n][1])
+    assert server.task("b").rank == 3 and server.task("b").client_id == "b"
+
+
+def test_svd_factors_of_a_known_matrix():
+    # diag(3, 2, 0) in a rotated basis: rank 2; B = U S, A = V^T, B = 0 at position 2 (the
+    # server hands svd_factors an fp64 average of products, as here)
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    p, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    delta = 3 * torch.outer(q[:, 0], p[:, 0]) + 2 * torch.outer(q[:, 1], p[:, 1])
+    b, a = svd_factors(delta, 4)
+    assert b.dtype == a.dtype == torch.float32 and b.shape == (5, 4) and a.shape == (4, 4)
+    torch.testing.assert_close(b.norm(dim=0), torch.tensor([3.0, 2.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    assert torch.count_nonzero(b[:, 2:]) == 0
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b @ a, delta.float(), atol=1e-5, rtol=0)
+    b1, a1 = svd_factors(delta, 1)
+    top = (3 * torch.outer(q[:, 0], p[:, 0])).float()
+    torch.testing.assert_close(b1 @ a1, top, atol=1e-5, rtol=0)
