@@ -336,7 +336,8 @@ def test_null_value(tmp_path: Path) -> None:
         load_clients(str(path), num_partitions=1)
     csv = tmp_path / "d.csv"
     csv.write_text("client_id,prompt,response\n1,,x\n2,q,\n")
-    with pytest.raises(HetLoRAError, match="d.csv: row 1: column 'prompt' is null"):
+    pattern = "d.csv: 2 bad rows of 2: row 1: column 'prompt' is null; row 2: column 'response'"
+    with pytest.raises(HetLoRAError, match=pattern):
         load_clients(str(csv))
 
 
@@ -356,6 +357,79 @@ def test_null_client_id(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"client_id": None, "text": "a"}])
     with pytest.raises(HetLoRAError, match="row 1: column 'client_id' is empty"):
         load_clients(str(path))
+
+
+def _corpus_with_bad_rows(tmp_path: Path) -> tuple[Path, dict[int, str]]:
+    """60 prompt/response rows of 3 clients; 8 of them bad in different ways (1-based rows)."""
+    rows = [{"client_id": f"c{i % 3}", "prompt": f"Q{i}", "response": f" A{i}"} for i in range(60)]
+    bad = {
+        4: ("response", ""),
+        9: ("response", "   "),
+        17: ("response", None),
+        23: ("prompt", None),
+        31: ("response", 7),
+        38: ("client_id", ""),
+        45: ("client_id", None),
+        52: ("response", ""),
+    }
+    reasons = {
+        4: "column 'response' is empty",
+        9: "column 'response' is empty",
+        17: "column 'response' is null",
+        23: "column 'prompt' is null",
+        31: "column 'response' must be a string, got int 7",
+        38: "column 'client_id' is empty",
+        45: "column 'client_id' is empty",
+        52: "column 'response' is empty",
+    }
+    for row, (column, value) in bad.items():
+        rows[row - 1][column] = value
+    # the int among strings makes datasets store the column as JSON text: still found
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path, reasons
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path: Path) -> None:
+    path, reasons = _corpus_with_bad_rows(tmp_path)
+    with pytest.raises(HetLoRAError) as info:
+        load_clients(str(path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: 8 bad rows of 60: ")
+    first = sorted(reasons)[:5]
+    expected = "; ".join(f"row {r}: {reasons[r]}" for r in first)
+    assert expected in message
+    assert "; and 3 more" in message and 'on_bad_rows = "skip"' in message
+    assert "row 38" not in message  # only the first five are listed
+
+
+def test_bad_rows_skipped_with_one_warning_and_counted(tmp_path: Path, caplog) -> None:
+    path, reasons = _corpus_with_bad_rows(tmp_path)
+    report: dict[str, int] = {}
+    with caplog.at_level(logging.WARNING, logger="hetlora.data.files"):
+        clients = load_clients(str(path), on_bad_rows="skip", report=report)
+    assert report == {"bad_rows_skipped": 8}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "8 bad rows of 60" in warnings[0].getMessage()
+    kept = [ex.prompt for examples in clients.values() for ex in examples]
+    assert len(kept) == 52
+    assert sorted(kept, key=lambda q: int(q[1:])) == [
+        f"Q{i}" for i in range(60) if i + 1 not in reasons
+    ]
+    assert clients["c0"][0] == Example("Q0", " A0")
+
+
+def test_on_bad_rows_skip_with_nothing_usable_and_bad_values(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": None}])
+    with pytest.raises(HetLoRAError, match="no usable rows: 2 bad rows of 2"):
+        load_clients(str(path), num_partitions=1, on_bad_rows="skip")
+    with pytest.raises(HetLoRAError, match="on_bad_rows must be one of error, skip"):
+        load_clients(str(path), on_bad_rows="warn")
+    clean = write_jsonl(tmp_path / "clean.jsonl", text_rows(4))
+    report: dict[str, int] = {}
+    load_clients(str(clean), num_partitions=2, on_bad_rows="skip", report=report)
+    assert report == {"bad_rows_skipped": 0}
 
 
 def test_unknown_partitioner(tmp_path: Path) -> None:

@@ -170,3 +170,72 @@ def test_rankwise_with_zero_scores_falls_back_to_uniform_per_position():
         torch.testing.assert_close(a[:2], (ua.factors[name][1] + ub.factors[name][1][:2]) / 2)
         torch.testing.assert_close(a[2:4], ub.factors[name][1][2:4])
         torch.testing.assert_close(a[4:], old_a[4:])
+
+
+def test_rankwise_zero_scores_with_live_b_average_b_uniformly():
+    # A = 0 gives B A = 0 (score 0) with B non-zero: B's positions are averaged uniformly
+    state = hetlora.init(global_factors(6), {"a": 2, "b": 4, "c": 4})
+    ups = [update(state, c, r, seed=s) for c, r, s in (("a", 2, 1), ("b", 4, 2), ("c", 4, 3))]
+    for u in ups:
+        u.factors = {n: (b, torch.zeros_like(a)) for n, (b, a) in u.factors.items()}
+    new = hetlora.aggregate(state, ups, rankwise=True)
+    for name, (old_b, _) in state.factors.items():
+        fa, fb, fc = (u.factors[name][0] for u in ups)
+        b = new.factors[name][0]
+        torch.testing.assert_close(b[:, :2], (fa + fb[:, :2] + fc[:, :2]) / 3)
+        torch.testing.assert_close(b[:, 2:4], (fb[:, 2:4] + fc[:, 2:4]) / 2)
+        torch.testing.assert_close(b[:, 4:], old_b[:, 4:])
+
+
+def test_rankwise_with_scores_below_one_and_a_wrong_previous_shape():
+    # sparsity scores ||dW_k|| < 1 still count as reaching a position
+    state = hetlora.init(global_factors(6), {"a": 2, "b": 4})
+    ua, ub = update(state, "a", 2, seed=1), update(state, "b", 4, seed=2)
+    for u in (ua, ub):
+        u.factors = {n: (b * 1e-2, a * 1e-2) for n, (b, a) in u.factors.items()}
+    assert update_norm(ua.factors) < 1 and update_norm(ub.factors) < 1
+    new = hetlora.aggregate(state, [ua, ub], rankwise=True)
+    for name in state.factors:
+        torch.testing.assert_close(new.factors[name][1][2:4], ub.factors[name][1][2:4])
+    agg = hetlora.Aggregator(state, rankwise=True)
+    agg.add(ua)
+    bad = dict(state.factors)
+    name = next(iter(bad))
+    bad[name] = (bad[name][0], bad[name][1][:3])  # only A at the wrong rank
+    with pytest.raises(HetLoRAError, match="previous global factors are not at rank 6"):
+        agg._sum.result(bad)
+
+
+def test_assign_ranks_reach_both_ends_and_tiers_deal_remainders():
+    ids = [f"c{i}" for i in range(300)]
+    ranks = hetlora.assign_ranks(ids, 3, 7, seed=0)
+    assert set(ranks.values()) == {3, 4, 5, 6, 7}  # r_max itself is drawn
+    # 7 clients, shares 5:3:2 -> exact 3.5, 2.1, 1.4 -> floors 3, 2, 1, the leftover client to
+    # the largest remainder (3.5)
+    tiers = [{"rank": 2, "share": 5}, {"rank": 4, "share": 3}, {"rank": 8, "share": 2}]
+    dealt = hetlora.assign_ranks([f"c{i}" for i in range(7)], 2, 8, seed=1, tiers=tiers)
+    assert Counter(dealt.values()) == {2: 4, 4: 2, 8: 1}
+    # a missing share means 1: equal tiers
+    equal = hetlora.assign_ranks(ids[:9], 2, 8, 0, tiers=[{"rank": 2}, {"rank": 4}, {"rank": 8}])
+    assert Counter(equal.values()) == {2: 3, 4: 3, 8: 3}
+    # 10 clients, shares 1:1:1 -> 3.33 each: one leftover, the others get 3
+    ten = hetlora.assign_ranks(ids[:10], 2, 8, 0, tiers=[{"rank": 2}, {"rank": 4}, {"rank": 8}])
+    assert sorted(Counter(ten.values()).values()) == [3, 3, 4]
+
+
+def test_aggregator_weights_small_and_zero_scores():
+    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    ua, ub = update(state, "a", 4, seed=1), update(state, "b", 4, seed=2)
+    for u in (ua, ub):
+        u.factors = {n: (b * 1e-2, a * 1e-2) for n, (b, a) in u.factors.items()}
+    agg = hetlora.Aggregator(state)
+    agg.add(ua)
+    agg.add(ub)
+    na, nb = update_norm(ua.factors), update_norm(ub.factors)
+    assert na + nb < 1
+    assert agg.weights() == pytest.approx({"a": na / (na + nb), "b": nb / (na + nb)})
+    zero = hetlora.Aggregator(state)
+    for u in (ua, ub):
+        u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
+        zero.add(u)
+    assert zero.weights() == {"a": 0.5, "b": 0.5}

@@ -13,6 +13,7 @@ from hetlora.lora import (
     aggregation_weights,
     pad,
     product_fro_norm,
+    product_fro_norm_sq,
     pruned_rank,
     rank_of,
     tail_norm,
@@ -60,15 +61,34 @@ def test_gram_trick_equals_dense_norm(rank, d_out, d_in):
     g = torch.Generator().manual_seed(rank)
     b, a = torch.randn(d_out, rank, generator=g), torch.randn(rank, d_in, generator=g)
     dense = torch.linalg.matrix_norm((b.double() @ a.double()), ord="fro")
-    assert float(product_fro_norm(b, a)) == pytest.approx(float(dense), rel=1e-6)  # fp32 Grams
-    exact = product_fro_norm(b.double(), a.double())  # fp64 factors: fp64 all the way
+    assert float(product_fro_norm(b, a)) == pytest.approx(float(dense), rel=1e-12)  # fp64 Grams
+    exact = product_fro_norm(b.double(), a.double())
     assert float(exact) == pytest.approx(float(dense), rel=1e-12)
+
+
+def test_gram_norm_is_exact_when_the_product_nearly_cancels():
+    """B A = x y - x (y - d) = x d: the Grams hold terms ~||x||^2 ||y||^2 that cancel down to
+    ||x||^2 ||d||^2. fp32 Grams lose the answer (the issue saw 0.0324 for an exact 0.0115);
+    fp64 Grams of the same fp32 factors give the dense fp64 ||B A||_F."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, generator=g)
+    y = 100 * torch.randn(1, 48, generator=g)
+    d = 1e-2 * torch.randn(1, 48, generator=g)
+    b = torch.cat([x, x], dim=1)  # fp32 factors, as a client sends them
+    a = torch.cat([y, -(y - d)], dim=0)
+    exact = float(torch.linalg.matrix_norm(b.double() @ a.double(), ord="fro"))
+    assert exact == pytest.approx(float(x.norm() * (a[0] + a[1]).norm()), rel=1e-6)
+    fp32_grams = float(((b.T @ b).double() * (a @ a.T).double()).sum().clamp_min(0).sqrt())
+    assert abs(fp32_grams - exact) > 0.5 * exact  # the case really defeats fp32 Grams
+    assert float(product_fro_norm(b, a)) == pytest.approx(exact, rel=1e-6)
+    assert float(product_fro_norm_sq(b, a)) == pytest.approx(exact**2, rel=1e-6)
+    assert update_norm({"m": (b, a)}) == pytest.approx(exact, rel=1e-6)
 
 
 def test_update_norm_sums_squares_over_modules():
     f = rand_factors(3, 1)
     expected = math.sqrt(sum(float((b.double() @ a.double()).norm() ** 2) for b, a in f.values()))
-    assert update_norm(f) == pytest.approx(expected, rel=1e-6)  # fp32 Grams
+    assert update_norm(f) == pytest.approx(expected, rel=1e-12)  # fp64 Grams
 
 
 def test_regulariser_gradient_is_on_the_tail_only():

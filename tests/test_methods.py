@@ -80,11 +80,34 @@ def test_recon_svd_averages_products_and_truncates_optimally():
         b2, a2 = truncate(server.global_factors(), 2)[n]
         u, s, vh = torch.linalg.svd(target)
         torch.testing.assert_close(b2 @ a2, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-4, atol=1e-4)
-        # singular values are split evenly: ||B e_i|| = ||A^T e_i|| = sqrt(s_i)
-        torch.testing.assert_close(b.norm(dim=0)[:2], s[:2].sqrt(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a.norm(dim=1)[:2], s[:2].sqrt(), rtol=1e-4, atol=1e-4)
+        # FlexLoRA's split: the singular values live in B (||B e_i|| = s_i), A's rows are
+        # orthonormal, and positions 5..7, beyond the rank of the average, are B = 0 exactly
+        # with a unit-norm row of A (LoRA's own init: B = 0, A live)
+        torch.testing.assert_close(b.norm(dim=0)[:5], s[:5], rtol=1e-4, atol=1e-5)
+        m = min(8, *target.shape)  # l0.v is 6 x 10: positions 6, 7 lie beyond any rank: zero
+        torch.testing.assert_close(a[:m] @ a[:m].T, torch.eye(m), rtol=0, atol=1e-5)
+        assert torch.count_nonzero(b[:, 5:]) == 0 and torch.count_nonzero(a[m:]) == 0
+        torch.testing.assert_close(a[5:m].norm(dim=1), torch.ones(m - 5), rtol=0, atol=1e-5)
     b, a = svd_factors(torch.zeros(4, 3), 5)  # rank above the matrix size pads with zeros
     assert b.shape == (4, 5) and a.shape == (5, 3)
+    assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a[3:]) == 0
+
+
+def test_recon_svd_positions_beyond_the_rank_can_learn():
+    """A rank-6 client after a round of rank-2 replies: its tail columns get a gradient.
+
+    With B = 0 and A live (as FlexLoRA splits), d(loss)/dB = G A^T is nonzero wherever A's row
+    is live; the symmetric split sqrt(S) leaves A at ~1e-8 there, so B could barely move.
+    """
+    server = ReconSVDServer(factors(6, 0), {"a": 2, "b": 6})
+    server.add(reply("a", factors(2, 4)))
+    server.finish()
+    b, a = truncate(server.global_factors(), 6)["l0.q"]
+    assert torch.count_nonzero(b[:, 2:]) == 0
+    assert float(a[2:].norm(dim=1).min()) == pytest.approx(1.0, abs=1e-5)
+    grad_out = torch.randn(b.shape[0], a.shape[1], generator=torch.Generator().manual_seed(3))
+    grad_b = grad_out @ a.T  # d<G, B A>/dB
+    assert float(grad_b[:, 2:].norm()) > 0.1 * float(grad_out.norm())
 
 
 def test_flora_stacking_equals_weighted_sum_of_products():
@@ -148,3 +171,109 @@ def test_make_server_maps_methods_and_ablations():
     uniform.add(reply("a", truncate(factors(8, 1), 3)))
     uniform.add(reply("b", factors(8, 2)))
     assert uniform.finish() == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_full_ft_rounds_weights_and_fresh_state_each_round():
+    w0 = {"w": torch.zeros(2, 2)}
+    server = FullFTServer(w0, ["a", "b"])
+    assert server.ranks == {"a": 0, "b": 0} and server.base_update() is None  # nothing yet
+    assert server.task("b").client_id == "b"
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    with pytest.raises(HetLoRAError, match="wrong set of weights"):
+        server.add(ClientUpdate("a", 1, weights=None))
+    with pytest.raises(HetLoRAError, match="wrong set of weights"):
+        server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "x": torch.ones(1)}))
+    server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2)}))  # fewer examples than 1
+    server.add(ClientUpdate("b", 3, weights={"w": 5 * torch.ones(2, 2)}))
+    assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
+    torch.testing.assert_close(server.base_update().weights["w"], 4 * torch.ones(2, 2))
+    # round 2 starts from nothing folded in: one reply is the new model
+    server.add(ClientUpdate("a", 2, weights={"w": 7 * torch.ones(2, 2)}))
+    assert server.finish() == {"a": 1.0} and server.round == 2
+    torch.testing.assert_close(server.base_state().weights["w"], 7 * torch.ones(2, 2))
+    server.add(ClientUpdate("a", 2, weights={"w": torch.ones(2, 2)}))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+
+
+def test_flora_rounds_accumulate_merges_and_seed_the_fresh_adapters():
+    server = FLoRAServer(SHAPES, {"a": 2, "b": 3}, scale=0.5, seed=7)
+    assert server.base_update() is None and server.base_state() is None
+    again = FLoRAServer(SHAPES, {"a": 2, "b": 3}, scale=0.5, seed=7)
+    for n in SHAPES:  # the fresh adapter depends on (seed, round, client) only
+        torch.testing.assert_close(server.task("b").factors[n][1], again.task("b").factors[n][1])
+        assert not torch.equal(
+            server.task("a").factors[n][1][:2], server.task("b").factors[n][1][:2]
+        )
+        assert server.task("b").factors[n][1].shape == (3, SHAPES[n][1])
+    assert server.task("b").client_id == "b" and server.task("b").kind == "lora"
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    with pytest.raises(HetLoRAError, match="wrong set of modules"):
+        server.add(ClientUpdate("a", 1, factors=None))
+    total = {n: torch.zeros(o, i) for n, (o, i) in SHAPES.items()}
+    for round_ in range(2):
+        fa, fb = factors(2, 10 + round_), factors(3, 20 + round_)
+        server.add(reply("a", fa, n=1))
+        server.add(reply("b", fb, n=3))
+        assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75})
+        assert server.round == round_ + 1
+        for n in SHAPES:
+            merge = 0.5 * (0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
+            torch.testing.assert_close(server.base_update().deltas[n], merge, rtol=1e-5, atol=1e-5)
+            total[n] += merge
+    for n in SHAPES:  # what a resumed run adds to the pristine base: every merge so far
+        torch.testing.assert_close(server.base_state().deltas[n], total[n], rtol=1e-5, atol=1e-5)
+    fresh = server.task("a").factors  # round 3 draws again
+    assert all(torch.count_nonzero(b) == 0 for b, _ in fresh.values())
+    server.add(reply("a", factors(2, 5), n=1))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+
+
+def test_recon_svd_rounds_and_errors():
+    server = ReconSVDServer(factors(6, 0), {"a": 2, "b": 3})
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    with pytest.raises(HetLoRAError, match="wrong set of modules"):
+        server.add(ClientUpdate("a", 1, factors=None, rank=2))
+    with pytest.raises(HetLoRAError, match="rank above its own"):
+        server.add(reply("a", factors(3, 1)))
+    fa, fb = factors(2, 1), factors(3, 2)
+    server.add(reply("a", fa, n=1))  # fewer than 1 example-weight units in total is fine too
+    server.add(reply("b", fb, n=3))
+    assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
+    before = {n: (b.clone(), a.clone()) for n, (b, a) in server.global_factors().items()}
+    server.add(reply("a", factors(2, 3), n=1))
+    server.reset_round()
+    with pytest.raises(HetLoRAError, match="no client updates"):
+        server.finish()
+    only = factors(2, 4)
+    server.add(reply("a", only, n=5))  # the next round sees this reply alone
+    server.finish()
+    for n in SHAPES:
+        b, a = server.global_factors()[n]
+        torch.testing.assert_close(b @ a, only[n][0] @ only[n][1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(b @ a, before[n][0] @ before[n][1])
+    assert server.task("b").rank == 3 and server.task("b").client_id == "b"
+
+
+def test_svd_factors_of_a_known_matrix():
+    # diag(3, 2, 0) in a rotated basis: rank 2; B = U S, A = V^T, B = 0 at position 2 (the
+    # server hands svd_factors an fp64 average of products, as here)
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    p, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    delta = 3 * torch.outer(q[:, 0], p[:, 0]) + 2 * torch.outer(q[:, 1], p[:, 1])
+    b, a = svd_factors(delta, 4)
+    assert b.dtype == a.dtype == torch.float32 and b.shape == (5, 4) and a.shape == (4, 4)
+    torch.testing.assert_close(b.norm(dim=0), torch.tensor([3.0, 2.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    assert torch.count_nonzero(b[:, 2:]) == 0
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b @ a, delta.float(), atol=1e-5, rtol=0)
+    b1, a1 = svd_factors(delta, 1)
+    top = (3 * torch.outer(q[:, 0], p[:, 0])).float()
+    torch.testing.assert_close(b1 @ a1, top, atol=1e-5, rtol=0)

@@ -112,3 +112,35 @@ def test_export_rank_and_merge(tiny_model, tmp_path):
     )
     assert bad.exit_code == 2 and "--rank must lie in [1, 8]" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_exported_tier_adapters_give_the_reported_tier_perplexities(tiny_model, tmp_path):
+    """`hetlora export --rank R` writes through PEFT; PeftModel.from_pretrained of it on the
+    base gives summary.json's tier_ppl[R] on the run's held-out set."""
+    import tomllib
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hetlora.config import make_config
+    from hetlora.evaluate import perplexity
+    from hetlora.runtime.local import Simulation
+
+    out = tmp_path / "run"
+    _, summary = run(tiny_model, out, "lambda_=1.0", "gamma=0.8")
+    tiers = summary["tier_ppl"]
+    assert len(tiers) >= 3 and len(set(tiers.values())) >= 2  # the cuts differ in ppl
+    values = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (i.split("=", 1) for i in BASE)}
+    cfg = make_config({"model": str(tiny_model), **values, "lambda_": 1.0, "gamma": 0.8})
+    sim = Simulation(cfg)  # the same held-out set, rebuilt from the same seed
+    for rank, reported in tiers.items():
+        folder = tmp_path / f"tier-{rank}"
+        res = CliRunner().invoke(app, ["export", str(out), "--rank", rank, "--out", str(folder)])
+        assert res.exit_code == 0, res.output
+        loaded = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model), str(folder)
+        )
+        config = loaded.peft_config["default"]
+        assert config.r == int(rank) and config.lora_alpha == pytest.approx(2.0 * int(rank))
+        _, ppl = perplexity(loaded, sim.eval_items, cfg.eval_batch_size, sim.pad_id)
+        assert ppl == pytest.approx(reported, rel=1e-5), rank

@@ -81,6 +81,30 @@ def test_user_jsonl_with_clients(tiny_model, tmp_path):
     assert summary["clients"] == 4
 
 
+def test_skipped_bad_rows_are_counted_in_the_summary(tiny_model, tmp_path):
+    rows = [
+        {"client_id": f"user{u}", "prompt": f"Q{i}: what is {i} plus {u}?", "response": f" {i + u}"}
+        for u in range(4)
+        for i in range(12)
+    ]
+    for index in (3, 17, 30):  # three empty responses, as in a real chat export
+        rows[index]["response"] = ""
+    rows[40]["prompt"] = None
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stopped = run_cli(tmp_path / "a", f"model='{tiny_model}'", f"data='{data}'", "min_examples=5")
+    assert stopped.exit_code == 2 and len(stopped.stderr.strip().splitlines()) == 1
+    assert "4 bad rows of 48: row 4: column 'response' is empty; row 18" in stopped.stderr
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "b"
+    result = run_cli(
+        out, f"model='{tiny_model}'", f"data='{data}'", "min_examples=5", "on_bad_rows='skip'"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bad_rows_skipped"] == 4 and summary["clients"] == 4
+
+
 def test_user_text_csv_partitioned_iid(tiny_model, tmp_path):
     data = tmp_path / "text.csv"
     data.write_text("text\n" + "".join(f"line number {i} of the corpus\n" for i in range(60)))

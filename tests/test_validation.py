@@ -118,3 +118,41 @@ def test_reset_round_leaves_the_state_unchanged(method):
     )
     server.finish()
     assert server.round == 1
+
+
+def test_lora_check_boundaries():
+    """Rank 1 is a valid rank; a norm exactly at the bound passes; 0 disables the bound; a bound
+    below 1 is enforced; the norm is sqrt(sum_m ||B_m A_m||_F^2)."""
+    from hetlora.lora import update_norm
+    from hetlora.methods.validate import check_lora_update
+
+    one = ClientUpdate("a", 1, factors=factors(1, 2), rank=1)
+    check_lora_update(one, SHAPES, 4)
+    with pytest.raises(HetLoRAError, match="rank 0 outside"):
+        check_lora_update(ClientUpdate("a", 1, factors=factors(1, 2), rank=0), SHAPES, 4)
+    check_lora_update(ClientUpdate("a", 1, factors=factors(4, 2), rank=4), SHAPES, 4, 0.0)
+    small = {n: (b * 0.01, a * 0.01) for n, (b, a) in factors(2, 3).items()}
+    norm = update_norm(small)
+    assert 0 < norm < 1
+    check_lora_update(ClientUpdate("a", 1, factors=small, rank=2), SHAPES, 4, norm * (1 + 1e-9))
+    with pytest.raises(HetLoRAError, match="exceeds the bound"):
+        check_lora_update(ClientUpdate("a", 1, factors=small, rank=2), SHAPES, 4, norm * 0.999)
+    with pytest.raises(HetLoRAError, match="not a \\(B, A\\) pair"):
+        bad = {**factors(2, 1), "l0.v": (torch.ones(6, 2),)}
+        check_lora_update(ClientUpdate("a", 1, factors=bad, rank=2), SHAPES, 4)
+
+
+def test_full_check_bounds_the_norm_of_the_change():
+    from hetlora.methods.validate import check_full_update
+
+    reference = {"w": 10 * torch.ones(2, 2), "b": torch.ones(3)}
+    moved = {"w": 10 * torch.ones(2, 2) + 0.125, "b": torch.ones(3) + 0.125}  # exact in fp32
+    change = 0.125 * 7**0.5  # ||W_k - W||_F
+    check_full_update(ClientUpdate("a", 1, weights=moved), reference, change * (1 + 1e-6))
+    check_full_update(ClientUpdate("a", 1, weights=moved), reference, 0.0)  # 0: no bound
+    with pytest.raises(HetLoRAError, match="exceeds the bound"):
+        check_full_update(ClientUpdate("a", 1, weights=moved), reference, change * 0.999)
+    far = {"w": 10 * torch.ones(2, 2) - 0.5, "b": torch.ones(3)}  # ||change|| = 1.0
+    check_full_update(ClientUpdate("a", 1, weights=far), reference, 1.0 + 1e-9)
+    with pytest.raises(HetLoRAError, match="exceeds the bound"):
+        check_full_update(ClientUpdate("a", 1, weights=far), reference, 0.99)

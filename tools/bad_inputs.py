@@ -97,6 +97,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("unsupported data format", ["run", "--out", "{out}", "--set", "data='{xlsx}'"], "xlsx"),
     (
+        "data file with several bad rows (all reported at once)",
+        ["run", "--out", "{out}", "--set", "data='{bad_rows}'"],
+        "3 bad rows of 12: row 2: column 'response' is empty; row 5: column 'prompt' is null",
+    ),
+    (
+        "on_bad_rows for the built-in data",
+        ["run", "--out", "{out}", "--set", "on_bad_rows='skip'"],
+        "'on_bad_rows' applies to data files only",
+    ),
+    (
+        "unknown on_bad_rows value",
+        ["run", "--out", "{out}", "--set", "on_bad_rows='warn'"],
+        "'on_bad_rows' must be one of error, skip",
+    ),
+    (
         "no client with enough examples",
         ["run", "--out", "{out}", "--set", "data='{few}'", "--set", "min_examples=5"],
         "no client",
@@ -261,6 +276,13 @@ def make_fixtures(tmp: Path, env: dict[str, str]) -> dict[str, str]:
         "xlsx": write("data.xlsx", "not really"),
         "few": jsonl("few.jsonl", [{"client_id": "a", "prompt": "p", "response": "r"}] * 2),
         "text": jsonl("text.jsonl", [{"text": f"line {i}"} for i in range(30)]),
+        "bad_rows": jsonl(
+            "bad-rows.jsonl",
+            [
+                {"client_id": "a", "prompt": None if i == 4 else "p", "response": r}
+                for i, r in enumerate(["r", "", "r", "r", "r", "r", "r", "r", " ", "r", "r", "r"])
+            ],
+        ),
     }
 
 

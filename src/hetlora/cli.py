@@ -241,7 +241,13 @@ def _progress_display() -> Progress:
 @app.command()
 def compare(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="TOML: shared keys plus [[compare]] entries.")
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            # rich reads "[...]" as markup: escaped, the TOML table name shows as written
+            help=escape("TOML: shared keys plus [[compare]] entries."),
+        ),
     ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output directory (must be empty or new).")

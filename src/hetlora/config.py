@@ -18,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from hetlora.data import BAD_ROW_ACTIONS, PARTITIONERS, SHAKESPEARE
 from hetlora.errors import HetLoRAError
 
 METHODS = ("hetlora", "homlora", "recon_svd", "flora", "full_ft")
@@ -45,6 +46,10 @@ class Config:
         partitioner, num_partitions, partition_by, dirichlet_alpha: how a file without
             ``client_id`` is split into clients (``iid`` or ``dirichlet`` over ``partition_by``).
         max_seq_len: tokens per example (prompt truncated on the left, response on the right).
+        on_bad_rows: rows of a data file that cannot be used (null, empty response or text,
+            wrong type, empty client_id): ``"error"`` stops with their count and the first few
+            with reasons; ``"skip"`` drops them with one warning line and records the count in
+            summary.json (``bad_rows_skipped``). Only for data files.
 
     Method:
         method: ``hetlora``, ``homlora``, ``recon_svd``, ``flora`` or ``full_ft``
@@ -98,6 +103,7 @@ class Config:
     partition_by: str = ""
     dirichlet_alpha: float = 0.5
     max_seq_len: int = 128
+    on_bad_rows: str = "error"
 
     method: str = "hetlora"
     rank: int = 0
@@ -250,7 +256,12 @@ def validate(cfg: Config) -> None:
             "config key 'compile' = 'on' applies to LoRA methods (a fixed-shape adapter step); "
             "full_ft trains the base weights: use 'auto' or 'off'"
         )
-    _choice(cfg, "partitioner", ("iid", "dirichlet"))
+    _choice(cfg, "partitioner", PARTITIONERS)
+    _choice(cfg, "on_bad_rows", BAD_ROW_ACTIONS)
+    if cfg.on_bad_rows != "error" and cfg.data.strip() == SHAKESPEARE:
+        raise HetLoRAError(
+            f"config key 'on_bad_rows' applies to data files only, not data = '{SHAKESPEARE}'"
+        )
     for key in ("r_min", "r_max"):
         if getattr(cfg, key) < 1:
             raise HetLoRAError(

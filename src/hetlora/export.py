@@ -3,22 +3,36 @@
 A HetLoRA global adapter has rank r_max; a device of tier r runs its first r columns of B and
 rows of A (the same truncation the server uses for distribution) with the same scale s, so the
 exported adapter has ``r = R`` and ``lora_alpha = s * R``.
+
+Everything goes through PEFT's own API: the adapter is built with ``get_peft_model`` and a
+``LoraConfig`` on the base model, written with ``save_pretrained`` and read back with
+``PeftModel.from_pretrained``, so the file layout and key names are PEFT's, whatever its version.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
 
-from hetlora.adapters import lora_config
+from hetlora import adapters
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, rank_of, truncate
 
-_PREFIX = "base_model.model."
+
+def _base_model(path: str) -> torch.nn.Module:
+    """The adapter's base model, fresh from its folder or hub id (fp32, CPU, frozen)."""
+    from hetlora.models import load_base_model
+
+    if not path:
+        raise HetLoRAError("the adapter names no base model (base_model_name_or_path)")
+    try:
+        return load_base_model(path).model
+    except HetLoRAError as exc:
+        raise HetLoRAError(f"the adapter's base model {path!r} cannot be loaded: {exc}") from None
 
 
 def export_adapter(
@@ -29,36 +43,40 @@ def export_adapter(
     base_model: str,
     out_dir: Path,
 ) -> Path:
-    """Write ``factors`` cut to ``rank`` as a PEFT LoRA adapter folder (loadable with
-    ``PeftModel.from_pretrained``)."""
+    """Write ``factors`` cut to ``rank`` as a PEFT LoRA adapter folder of ``base_model``.
+
+    PEFT builds the adapter on the base model (``get_peft_model`` with ``r = rank`` and
+    ``lora_alpha = scale * rank``) and writes it (``save_pretrained``); it loads with
+    ``PeftModel.from_pretrained``.
+    """
     cut = truncate(factors, rank)
-    config = lora_config(rank, scale, target_modules)
-    config.base_model_name_or_path = base_model
-    tensors = {}
-    for name, (b, a) in cut.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    model = adapters.wrap(_base_model(base_model), rank, scale, target_modules)
+    adapters.write_factors(model, cut)
+    model.peft_config[adapters.GLOBAL].base_model_name_or_path = base_model
     out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.save_pretrained(str(out_dir))
     return out_dir
 
 
-def read_adapter(folder: Path) -> tuple[Factors, dict]:
-    """The factors and config of a saved PEFT LoRA adapter folder."""
-    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not cfg_path.is_file() or not weights.is_file():
-        raise HetLoRAError(f"{folder} is not a PEFT adapter folder")
-    config = json.loads(cfg_path.read_text())
-    state = load_file(str(weights))
-    factors: Factors = {}
-    for key, value in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[len(_PREFIX) : -len(".lora_A.weight")]
-            factors[name] = (state[key.replace(".lora_A.", ".lora_B.")], value)
-    if not factors:
-        raise HetLoRAError(f"{weights} holds no LoRA factors")
-    return factors, config
+def read_adapter(folder: Path) -> tuple[Factors, dict[str, Any]]:
+    """The factors and config of a saved PEFT LoRA adapter folder (loaded by PEFT onto its base
+    model)."""
+    from peft import PeftConfig, PeftModel
+
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise HetLoRAError(f"{folder} is not a PEFT adapter folder: {exc}") from None
+    if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
+        raise HetLoRAError(f"{folder} holds a {config.peft_type} adapter, not LoRA")
+    base = _base_model(config.base_model_name_or_path or "")
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HetLoRAError(f"PEFT cannot load the adapter in {folder}: {first}") from None
+    factors = adapters.read_factors(model)
+    return factors, config.to_dict()
 
 
 def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool = False) -> Path:
@@ -71,39 +89,36 @@ def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool 
             f"{run_dir} holds a merged model (FLoRA or full fine-tuning), not an adapter: "
             f"use {run_dir / 'model'} directly"
         )
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise HetLoRAError(f"{run_dir / 'adapter'} is not a PEFT adapter folder")
     factors, config = read_adapter(run_dir / "adapter")
     r_max = rank_of(factors)
     if not 1 <= rank <= r_max:
         raise HetLoRAError(f"--rank must lie in [1, {r_max}] (the run's global rank), got {rank}")
     scale = float(config["lora_alpha"]) / float(config["r"])
-    targets = (
-        sorted(config["target_modules"])
-        if isinstance(config["target_modules"], list)
-        else [config["target_modules"]]
-    )
+    targets = config["target_modules"]
+    targets = sorted(targets) if isinstance(targets, list | set | tuple) else [targets]
     base_path = config.get("base_model_name_or_path") or ""
-    if not merge:
-        return export_adapter(factors, rank, scale, targets, base_path, out_dir)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    staging = Path(
+        tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None)
+    )
+    try:
+        if not merge:
+            export_adapter(factors, rank, scale, targets, base_path, staging)
+        else:
+            from peft import PeftModel
+            from transformers import AutoTokenizer
 
-    if not (Path(base_path) / "config.json").is_file():
-        raise HetLoRAError(f"the adapter's base model folder {base_path!r} is missing")
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir = export_adapter(factors, rank, scale, targets, base_path, Path(tmp) / "a")
-        base = AutoModelForCausalLM.from_pretrained(base_path)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        staging = Path(
-            tempfile.mkdtemp(
-                prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None
-            )
-        )
-        try:
-            merged.save_pretrained(str(staging))
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter_dir = export_adapter(
+                    factors, rank, scale, targets, base_path, Path(tmp) / "a"
+                )
+                loaded = PeftModel.from_pretrained(_base_model(base_path), str(adapter_dir))
+                loaded.merge_and_unload().save_pretrained(str(staging))
             AutoTokenizer.from_pretrained(base_path).save_pretrained(str(staging))
-            if out_dir.exists():
-                out_dir.rmdir()
-            shutil.move(str(staging), str(out_dir))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        shutil.move(str(staging), str(out_dir))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -129,14 +129,16 @@ def pruned_rank(rank: int, r_min: int, gamma: float, tail_before: float, tail_af
 
 
 def product_fro_norm_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``||B A||_F^2 = sum((B^T B) * (A A^T))``.
+    """``||B A||_F^2 = sum((B^T B) * (A A^T))`` (HetLoRA's sparsity score, Cho et al. Sec. 3).
 
     Two r x r Gram matrices, never the d_out x d_in product: 2 r^2 (d_out + d_in) FLOPs instead
-    of 2 r d_out d_in. The Grams are formed in fp32 (fp64 inputs stay fp64) and summed in fp64.
+    of 2 r d_out d_in. The Grams are formed in fp64: when B A nearly cancels (columns of B
+    or rows of A close to opposite), the sum of the Grams' elementwise product is a small
+    difference of large terms, and fp32 Grams can be off by a multiple of the exact value.
+    At r x r the fp64 cost is negligible.
     """
-    dtype = torch.promote_types(b.dtype, torch.float32)
-    b, a = b.to(dtype), a.to(dtype)
-    return ((b.T @ b).double() * (a @ a.T).double()).sum()
+    b, a = b.detach().double(), a.detach().double()
+    return ((b.T @ b) * (a @ a.T)).sum()
 
 
 def product_fro_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from hetlora.errors import HetLoRAError
 
 __all__ = [
+    "BAD_ROW_ACTIONS",
     "PARTITIONERS",
     "SHAKESPEARE",
     "Example",
@@ -37,6 +38,10 @@ SHAKESPEARE = "shakespeare"
 
 #: Partitioner names accepted by :func:`load_clients` for files without ``client_id``.
 PARTITIONERS = ("iid", "dirichlet")
+
+#: ``on_bad_rows`` values, as pandas' ``on_bad_lines``: stop with every bad row listed, or drop
+#: them with one warning line.
+BAD_ROW_ACTIONS = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ def load_clients(
     partition_by: str | None = None,
     dirichlet_alpha: float = 0.5,
     seed: int = 0,
+    on_bad_rows: str = "error",
+    report: dict[str, int] | None = None,
 ) -> dict[str, list[Example]]:
     """Load the examples of every client, keyed by client id in sorted order.
 
@@ -98,12 +105,17 @@ def load_clients(
         partition_by: column whose values drive the Dirichlet partitioner (required for it).
         dirichlet_alpha: concentration of the Dirichlet partitioner (smaller = more skewed).
         seed: seed of the partitioner (and of the row shuffle before the IID partitioner).
+        on_bad_rows: for a data file: ``"error"`` stops with the count of unusable rows and the
+            first few with their reasons; ``"skip"`` drops them with one warning line.
+        report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
+            the built-in data set, whose rows are all usable).
 
     Returns:
         A dict from client id to that client's examples, with keys in sorted order.
 
     Raises:
-        HetLoRAError: bad parameters, unreadable or malformed data, or no client left.
+        HetLoRAError: bad parameters, unreadable or malformed data, bad rows (``"error"``),
+            or no client left.
     """
     _check_params(
         min_examples=min_examples,
@@ -111,6 +123,10 @@ def load_clients(
         num_partitions=num_partitions,
         dirichlet_alpha=dirichlet_alpha,
     )
+    if on_bad_rows not in BAD_ROW_ACTIONS:
+        raise HetLoRAError(
+            f"on_bad_rows must be one of {', '.join(BAD_ROW_ACTIONS)}; got {on_bad_rows!r}"
+        )
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
@@ -120,6 +136,8 @@ def load_clients(
         from hetlora.data.shakespeare import load_shakespeare
 
         clients = load_shakespeare()
+        if report is not None:
+            report["bad_rows_skipped"] = 0
     else:
         from hetlora.data.files import load_file_clients
 
@@ -130,6 +148,8 @@ def load_clients(
             partition_by=partition_by,
             dirichlet_alpha=dirichlet_alpha,
             seed=seed,
+            on_bad_rows=on_bad_rows,
+            report=report,
         )
 
     before = len(clients)

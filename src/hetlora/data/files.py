@@ -13,12 +13,13 @@ Dirichlet ``partition_by`` column).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from hetlora.data import PARTITIONERS, Example
+from hetlora.data import BAD_ROW_ACTIONS, PARTITIONERS, Example
 from hetlora.errors import HetLoRAError
 
 __all__ = ["FORMATS", "load_file_clients"]
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 _ROW = "__hetlora_row__"
+#: How many bad rows a message lists (the count covers all of them).
+SHOWN_BAD_ROWS = 5
 
 
 def _one_line(exc: BaseException) -> str:
@@ -102,55 +105,118 @@ def _read(path: Path, builder: str) -> Any:
 
 
 def _column(ds: Any, name: str) -> list[Any]:
-    """The Python values of one column, in row order."""
-    return ds.data.column(name).to_pylist()
+    """The Python values of one column, in row order.
 
-
-def _text_column(ds: Any, name: str, path: Path, *, allow_empty: bool) -> list[str]:
-    """A column that must hold strings (non-empty unless ``allow_empty``)."""
-    values = _column(ds, name)
-    for i, value in enumerate(values):
-        if value is None:
-            raise HetLoRAError(f"{path}: row {i + 1}: column {name!r} is null")
-        if not isinstance(value, str):
-            raise HetLoRAError(
-                f"{path}: row {i + 1}: column {name!r} must be a string, "
-                f"got {type(value).__name__} {value!r:.40}"
-            )
-        if not allow_empty and not value.strip():
-            raise HetLoRAError(f"{path}: row {i + 1}: column {name!r} is empty")
+    A JSON column whose rows hold values of different types (strings and numbers, say) is
+    stored by ``datasets`` as JSON text per cell; those cells are decoded, so a number stays
+    a number (and is reported as a bad row) instead of becoming the text ``"7"``.
+    """
+    values = ds.data.column(name).to_pylist()
+    if type(ds.features.get(name)).__name__ == "Json":
+        values = [None if v is None else json.loads(v) for v in values]
     return values
 
 
-def _examples(ds: Any, path: Path) -> list[Example]:
-    """One example per row, from (prompt, response) or (text) columns."""
+def _text_problem(value: Any, name: str, *, allow_empty: bool) -> str | None:
+    """Why a cell of a text column is unusable (None if it is fine)."""
+    if value is None:
+        return f"column {name!r} is null"
+    if not isinstance(value, str):
+        return f"column {name!r} must be a string, got {type(value).__name__} {value!r:.40}"
+    if not allow_empty and not value.strip():
+        return f"column {name!r} is empty"
+    return None
+
+
+def _client_id_problem(value: Any) -> str | None:
+    """Why a ``client_id`` cell is unusable (None if it is fine)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "column 'client_id' is empty"
+    if isinstance(value, list | dict):
+        return f"column 'client_id' must be a string or an integer, got {type(value).__name__}"
+    return None
+
+
+def _text_columns(ds: Any, path: Path) -> list[tuple[str, bool]]:
+    """The text columns the rows are read from, each with whether it may be empty."""
     columns = set(ds.column_names)
     if {"prompt", "response"} <= columns:
-        prompts = _text_column(ds, "prompt", path, allow_empty=True)
-        responses = _text_column(ds, "response", path, allow_empty=False)
-        return [Example(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
+        return [("prompt", True), ("response", False)]
     if "text" in columns:
-        return [
-            Example(prompt="", response=t)
-            for t in _text_column(ds, "text", path, allow_empty=False)
-        ]
+        return [("text", False)]
     raise HetLoRAError(
         f"{path}: needs columns (prompt, response) or (text), optionally with client_id; "
         f"found: {', '.join(ds.column_names) or 'none'}"
     )
 
 
-def _natural_clients(ds: Any, examples: list[Example], path: Path) -> dict[str, list[Example]]:
-    """Group rows by their ``client_id`` value (converted to ``str``)."""
+def _bad_rows(ds: Any, path: Path, label: str | None) -> dict[int, list[str]]:
+    """Every unusable row (0-based index) with all of its reasons, in one pass over the file.
+
+    ``label`` is the Dirichlet ``partition_by`` column, whose cells must not be null.
+    """
+    problems: dict[int, list[str]] = {}
+    for name, allow_empty in _text_columns(ds, path):
+        for i, value in enumerate(_column(ds, name)):
+            if (why := _text_problem(value, name, allow_empty=allow_empty)) is not None:
+                problems.setdefault(i, []).append(why)
+    if "client_id" in ds.column_names:
+        for i, value in enumerate(_column(ds, "client_id")):
+            if (why := _client_id_problem(value)) is not None:
+                problems.setdefault(i, []).append(why)
+    elif label is not None and label in ds.column_names:
+        for i, value in enumerate(_column(ds, label)):
+            if value is None:
+                problems.setdefault(i, []).append(f"partition_by column {label!r} is null")
+    return dict(sorted(problems.items()))
+
+
+def _describe_bad_rows(problems: dict[int, list[str]], total: int) -> str:
+    """``N bad rows of M: row i: reason, reason; row j: ...; and K more`` on one line."""
+    shown = list(problems.items())[:SHOWN_BAD_ROWS]
+    rows = "; ".join(f"row {i + 1}: {', '.join(why)}" for i, why in shown)
+    n = len(problems)
+    more = f"; and {n - len(shown)} more" if n > len(shown) else ""
+    return f"{n} bad row{'s' if n != 1 else ''} of {total}: {rows}{more}"
+
+
+def _drop_bad_rows(ds: Any, path: Path, on_bad_rows: str, label: str | None) -> tuple[Any, int]:
+    """Check every row; raise for bad rows (``"error"``) or drop them with one warning line
+    (``"skip"``). Returns the clean rows and how many were dropped."""
+    if on_bad_rows not in BAD_ROW_ACTIONS:
+        raise HetLoRAError(
+            f"on_bad_rows must be one of {', '.join(BAD_ROW_ACTIONS)}; got {on_bad_rows!r}"
+        )
+    problems = _bad_rows(ds, path, label)
+    if not problems:
+        return ds, 0
+    described = _describe_bad_rows(problems, ds.num_rows)
+    if on_bad_rows == "error":
+        raise HetLoRAError(f'{path}: {described} (fix them, or set on_bad_rows = "skip")')
+    if len(problems) == ds.num_rows:
+        raise HetLoRAError(f"{path}: no usable rows: {described}")
+    logger.warning('%s: skipped (on_bad_rows = "skip") %s', path, described)
+    keep = [i for i in range(ds.num_rows) if i not in problems]
+    # flatten: _column reads the table itself, which must hold only the kept rows
+    clean = ds.select(keep, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+    return clean, len(problems)
+
+
+def _examples(ds: Any, path: Path) -> list[Example]:
+    """One example per row, from (prompt, response) or (text) columns (rows already checked)."""
+    columns = [name for name, _ in _text_columns(ds, path)]
+    if columns == ["text"]:
+        return [Example(prompt="", response=t) for t in _column(ds, "text")]
+    return [
+        Example(prompt=p, response=r)
+        for p, r in zip(_column(ds, "prompt"), _column(ds, "response"), strict=True)
+    ]
+
+
+def _natural_clients(ds: Any, examples: list[Example]) -> dict[str, list[Example]]:
+    """Group rows by their ``client_id`` value (converted to ``str``; rows already checked)."""
     clients: dict[str, list[Example]] = {}
-    for i, (cid, example) in enumerate(zip(_column(ds, "client_id"), examples, strict=True)):
-        if cid is None or (isinstance(cid, str) and not cid.strip()):
-            raise HetLoRAError(f"{path}: row {i + 1}: column 'client_id' is empty")
-        if isinstance(cid, list | dict):
-            raise HetLoRAError(
-                f"{path}: row {i + 1}: column 'client_id' must be a string or an integer, "
-                f"got {type(cid).__name__}"
-            )
+    for cid, example in zip(_column(ds, "client_id"), examples, strict=True):
         clients.setdefault(str(cid), []).append(example)
     return clients
 
@@ -191,12 +257,6 @@ def _partition(
                 f"partition_by column {partition_by!r} is not in {path} "
                 f"(found: {', '.join(ds.column_names)})"
             )
-        labels = _column(ds, partition_by)
-        for i, label in enumerate(labels):
-            if label is None:
-                raise HetLoRAError(
-                    f"{path}: row {i + 1}: partition_by column {partition_by!r} is null"
-                )
         index = ds.select_columns([partition_by]).add_column(_ROW, list(range(n)))
         # min_partition_size=0: small partitions are dropped by load_clients' min_examples.
         part = DirichletPartitioner(
@@ -238,13 +298,19 @@ def load_file_clients(
     partition_by: str | None = None,
     dirichlet_alpha: float = 0.5,
     seed: int = 0,
+    on_bad_rows: str = "error",
+    report: dict[str, int] | None = None,
 ) -> dict[str, list[Example]]:
     """Read a data file and return its clients (unfiltered, keys in sorted order).
 
-    The partitioner arguments are used only when the file has no ``client_id`` column.
+    The partitioner arguments are used only when the file has no ``client_id`` column. Every
+    row is checked before any is used: with ``on_bad_rows = "error"`` one error gives the count
+    of bad rows and the first few with their reasons; ``"skip"`` drops them with one warning
+    line and, when ``report`` is given, sets ``report["bad_rows_skipped"]`` to their count.
 
     Raises:
-        HetLoRAError: missing, empty, unreadable or malformed file, or bad partitioning.
+        HetLoRAError: missing, empty, unreadable or malformed file, bad rows (``"error"``),
+            no usable row, or bad partitioning.
     """
     path = Path(source)
     if not path.exists():
@@ -265,9 +331,13 @@ def load_file_clients(
     ds = _read(path, builder)
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
+    label = partition_by if partitioner == "dirichlet" else None
+    ds, skipped = _drop_bad_rows(ds, path, on_bad_rows, label)
+    if report is not None:
+        report["bad_rows_skipped"] = skipped
     examples = _examples(ds, path)
     if "client_id" in ds.column_names:
-        clients = _natural_clients(ds, examples, path)
+        clients = _natural_clients(ds, examples)
         logger.info(
             "read %d rows of %s: %d clients by client_id", len(examples), path, len(clients)
         )

@@ -104,6 +104,9 @@ class FLoRAServer(Server):
         self._merge = {
             n: self.scale * (b.double() @ a.double()).float() for n, (b, a) in stacked.items()
         }
+        # the base state a resumed run rebuilds: W0 + sum of every round's merge so far
+        for n, delta in self._merge.items():
+            self.merged[n] = delta.clone() if n not in self.merged else self.merged[n] + delta
         self._replies = []
         self.round += 1
         return weights

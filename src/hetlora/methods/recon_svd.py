@@ -3,9 +3,13 @@
 Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
 Resources" (FlexLoRA, 2024), the heterogeneous-rank baseline HetLoRA is compared against. Per
 module, the server forms ``dW = sum_k p_k B_k A_k`` (``p_k`` = example share), takes its SVD
-``U S V^T`` and keeps rank r_max with the singular values split evenly between the factors:
-``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``. Because singular values come sorted, truncating
-these factors to r_k is exactly the best rank-r_k approximation each client receives.
+``U S V^T`` and keeps rank r_max as FlexLoRA's reference code splits it: the singular values go
+into B, ``B = U_r S_r``, ``A = V_r^T``. Because singular values come sorted, truncating these
+factors to r_k is exactly the best rank-r_k approximation each client receives. A's rows stay
+orthonormal, so rank positions beyond the rank of ``dW`` get ``B = 0`` and a unit-norm row of A,
+like LoRA's own init (B = 0, A random), and a client of higher rank can still learn there; the
+symmetric split ``U sqrt(S)``, ``sqrt(S) V^T`` would leave both factors near zero, a near-fixed
+point of training.
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ from hetlora.methods.base import ClientTask, ClientUpdate, Server
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``: the best rank-``rank`` split of ``delta``."""
+    """``B = U_r S_r``, ``A = V_r^T``: the best rank-``rank`` split of ``delta`` (FlexLoRA).
+
+    Singular values below the numerical-rank tolerance (``max(S) * max(d_out, d_in) * eps``,
+    as ``torch.linalg.matrix_rank``) count as zero: those positions get ``B = 0`` exactly,
+    while A keeps its orthonormal row. Positions beyond ``min(d_out, d_in)`` are zero in both.
+    """
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     k = min(rank, s.numel())
-    root = s[:k].sqrt()
+    tol = float(s.max()) * max(delta.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    kept = torch.where(s[:k] > tol, s[:k], torch.zeros_like(s[:k]))
     b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
     a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vh[:k]
+    b[:, :k] = u[:, :k] * kept
+    a[:k] = vh[:k]
     return b.float(), a.float()
 
 

@@ -95,7 +95,9 @@ class Simulation:
         self.device = resolve_device(cfg.device)
         self.bf16 = resolve_bf16(cfg.precision, self.device)
         self._emit("setup", stage="data")
-        self.train_data, test_data = federated_data(cfg)
+        data_report: dict[str, int] = {}
+        self.train_data, test_data = federated_data(cfg, data_report)
+        self.bad_rows_skipped = data_report.get("bad_rows_skipped", 0)
         self.client_ids = sorted(self.train_data)
         self._client_index = {c: i for i, c in enumerate(self.client_ids)}
         self._emit("setup", stage="model")
@@ -117,8 +119,10 @@ class Simulation:
         if self.compiled:
             compile_layers(base.model)
         torch.manual_seed(cfg.seed)
-        self.base_model_for_fingerprint = base.model
         self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
+        # of the pristine base: FLoRA and full fine-tuning change the base weights every round,
+        # and a checkpoint must name the model the run started from, which resume rebuilds
+        self._model_fp = checkpoint.model_fingerprint(base.model)
         self.size = model_size(self.peft_model)
         self.pad_id = self.tokenizer.pad_token_id
         self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
@@ -372,9 +376,7 @@ class Simulation:
 
     def _fingerprints(self) -> tuple[str, str]:
         data = {c: len(self.train_data[c]) for c in self.client_ids}
-        return checkpoint.model_fingerprint(
-            self.base_model_for_fingerprint
-        ), checkpoint.fingerprint(data)
+        return self._model_fp, checkpoint.fingerprint(data)
 
     def _save_checkpoint(
         self, out_dir: Path, metrics: list[dict[str, Any]], base_preds: list[str]
@@ -496,6 +498,7 @@ class Simulation:
             "bf16": self.bf16,
             "rounds": self.cfg.rounds,
             "clients": len(self.client_ids),
+            "bad_rows_skipped": self.bad_rows_skipped,
             "eval_examples": len(self.eval_items),
             "base_ppl": evals[0]["eval_ppl"],
             "final_ppl": evals[-1]["eval_ppl"],
@@ -528,8 +531,13 @@ def _counts(values) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
 
 
-def federated_data(cfg: Config) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
-    """The run's clients, split per client into training and held-out examples (seeded)."""
+def federated_data(
+    cfg: Config, report: dict[str, int] | None = None
+) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """The run's clients, split per client into training and held-out examples (seeded).
+
+    ``report``, if given, receives ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
+    """
     clients = load_clients(
         cfg.data,
         min_examples=cfg.min_examples,
@@ -538,6 +546,8 @@ def federated_data(cfg: Config) -> tuple[dict[str, list[Example]], dict[str, lis
         partition_by=cfg.partition_by or None,
         dirichlet_alpha=cfg.dirichlet_alpha,
         seed=cfg.seed,
+        on_bad_rows=cfg.on_bad_rows,
+        report=report,
     )
     if cfg.max_clients and len(clients) > cfg.max_clients:
         rng = np.random.default_rng([cfg.seed, 0xC11])
