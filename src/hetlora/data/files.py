@@ -4,8 +4,11 @@ The file is read with Hugging Face ``datasets`` (packaged builders on a local fi
 throw-away cache folder: no hub access, nothing left in the user's cache). Accepted columns:
 
 * ``client_id``, ``prompt``, ``response``, or ``client_id``, ``text``: natural clients;
-* ``prompt``, ``response``, or ``text`` alone: the rows are split into clients by an
-  ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
+* ``client_id``, ``messages``: natural clients of conversations (:mod:`hetlora.data.chat`);
+* ``prompt``, ``response``, ``messages`` or ``text`` alone: the rows are split into clients by
+  an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
+
+The same columns are read from a ``datasets`` folder or hub id (:mod:`hetlora.data.sources`).
 
 Text-only rows become examples with an empty prompt. Extra columns are ignored (except the
 Dirichlet ``partition_by`` column).
@@ -21,7 +24,7 @@ from typing import Any
 from hetlora.data import PARTITIONERS, Example
 from hetlora.errors import HetLoRAError
 
-__all__ = ["FORMATS", "load_file_clients"]
+__all__ = ["FORMATS", "dataset_clients", "load_file_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +125,25 @@ def _text_column(ds: Any, name: str, path: Path, *, allow_empty: bool) -> list[s
     return values
 
 
+def _messages_examples(ds: Any, path: Path) -> list[Example]:
+    """One conversation per row of a ``messages`` column; every bad row is reported."""
+    from hetlora.data.chat import example_from_messages, messages_problem
+
+    values = _column(ds, "messages")
+    problems = [(i, messages_problem(v)) for i, v in enumerate(values)]
+    bad = [(i, reason) for i, reason in problems if reason is not None]
+    if bad:
+        shown = "; ".join(f"row {i + 1}: {reason}" for i, reason in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise HetLoRAError(f"{path}: {len(bad)} bad messages rows: {shown}{more}")
+    return [example_from_messages(v) for v in values]
+
+
 def _examples(ds: Any, path: Path) -> list[Example]:
-    """One example per row, from (prompt, response) or (text) columns."""
+    """One example per row, from (messages), (prompt, response) or (text) columns."""
     columns = set(ds.column_names)
+    if "messages" in columns:
+        return _messages_examples(ds, path)
     if {"prompt", "response"} <= columns:
         prompts = _text_column(ds, "prompt", path, allow_empty=True)
         responses = _text_column(ds, "response", path, allow_empty=False)
@@ -135,7 +154,8 @@ def _examples(ds: Any, path: Path) -> list[Example]:
             for t in _text_column(ds, "text", path, allow_empty=False)
         ]
     raise HetLoRAError(
-        f"{path}: needs columns (prompt, response) or (text), optionally with client_id; "
+        f"{path}: needs columns (messages), (prompt, response) or (text), optionally with "
+        "client_id; "
         f"found: {', '.join(ds.column_names) or 'none'}"
     )
 
@@ -263,6 +283,32 @@ def load_file_clients(
     if builder == "parquet" and _parquet_rows(path) == 0:
         raise HetLoRAError(f"data file {path} has no rows")
     ds = _read(path, builder)
+    return dataset_clients(
+        ds,
+        path,
+        partitioner=partitioner,
+        num_partitions=num_partitions,
+        partition_by=partition_by,
+        dirichlet_alpha=dirichlet_alpha,
+        seed=seed,
+    )
+
+
+def dataset_clients(
+    ds: Any,
+    path: Path | str,
+    *,
+    partitioner: str = "iid",
+    num_partitions: int = 10,
+    partition_by: str | None = None,
+    dirichlet_alpha: float = 0.5,
+    seed: int = 0,
+) -> dict[str, list[Example]]:
+    """The clients of a ``datasets.Dataset`` (``path`` names its source in messages).
+
+    Raises:
+        HetLoRAError: no rows, malformed rows, or bad partitioning.
+    """
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
     examples = _examples(ds, path)
