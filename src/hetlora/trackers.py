@@ -5,7 +5,8 @@ times) are logged at step = round, the run's config once, and the summary's numb
 Where each tracker writes:
 
 * ``tensorboard``: event files in ``RUN_DIR/tensorboard`` (``SummaryWriter``);
-* ``mlflow``: ``$MLFLOW_TRACKING_URI``, else a local file store in ``RUN_DIR/mlruns``;
+* ``mlflow``: ``$MLFLOW_TRACKING_URI``, else a local file store in ``RUN_DIR/mlruns`` (MLflow 3
+  keeps that store in maintenance mode; ``MLFLOW_ALLOW_FILE_STORE`` is set to allow it);
   experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``hetlora``, one MLflow run named after RUN_DIR;
 * ``wandb``: project ``$WANDB_PROJECT`` or ``hetlora``, files in ``RUN_DIR/wandb``; the mode
   is W&B's own (``WANDB_MODE=offline`` keeps it on disk, ``wandb sync`` uploads it later).
@@ -150,7 +151,12 @@ class Trackers:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (out_dir / "mlruns").resolve().as_uri()
+            # MLflow 3 keeps its file store only on request; it is the one that needs no server
+            # or database, so a run directory can hold its own tracking data.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         client = MlflowClient(tracking_uri=uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hetlora"
         found = client.get_experiment_by_name(experiment)
