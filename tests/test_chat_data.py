@@ -65,7 +65,7 @@ def test_assistant_only_mask_on_a_multi_turn_example(chat_tok) -> None:
     # end-of-turn token and the newline the template puts after it).
     enc = chat_tok(text, add_special_tokens=False, return_offsets_mapping=True)
     spans = []
-    for answer in ("A friend.", "Good night."):
+    for answer in (" A friend.", " Good night."):
         start = text.index(answer)
         spans.append((start, start + len(answer) + len("<|endoftext|>\n")))
     expected = [
@@ -75,11 +75,11 @@ def test_assistant_only_mask_on_a_multi_turn_example(chat_tok) -> None:
     ]
     positions = [i for i, t in enumerate(item.target) if t]
     assert positions == expected
-    assert positions == list(range(46, 54)) + list(range(79, 86))  # this tokenizer's positions
+    assert positions == list(range(44, 52)) + list(range(76, 84))  # this tokenizer's positions
     assert chat_tok.decode([item.ids[i] for i in positions]) == (
-        "A friend.<|endoftext|>\nGood night.<|endoftext|>\n"
+        " A friend.<|endoftext|>\n Good night.<|endoftext|>\n"
     )
-    assert item.n_target == 15
+    assert item.n_target == 16
     labels = collate([item, tokenize(chat_tok, "x", "y", 16)], chat_tok.pad_token_id)["labels"][0]
     assert [i for i, v in enumerate(labels.tolist()) if v != IGNORE] == positions
     assert labels[positions].tolist() == [item.ids[i] for i in positions]
@@ -87,7 +87,7 @@ def test_assistant_only_mask_on_a_multi_turn_example(chat_tok) -> None:
 
 def test_truncation_keeps_whole_turns_and_never_ends_on_a_prompt(chat_tok) -> None:
     full = render_conversation(chat_tok, TURNS, 512)
-    first_exchange = 54  # the context and the first answer (positions above)
+    first_exchange = 52  # the context and the first answer (positions above)
     for max_len in (first_exchange, 60, len(full.ids) - 1):
         cut = render_conversation(chat_tok, TURNS, max_len)
         assert cut.ids == full.ids[:first_exchange]  # the second exchange does not fit whole
@@ -95,11 +95,11 @@ def test_truncation_keeps_whole_turns_and_never_ends_on_a_prompt(chat_tok) -> No
     assert render_conversation(chat_tok, TURNS, len(full.ids)) == full
     # The first exchange alone is too long: its context is cut on the left, the answer kept.
     short = render_conversation(chat_tok, TURNS, 20)
-    assert len(short.ids) == 20 and short.ids == full.ids[34:54]
+    assert len(short.ids) == 20 and short.ids == full.ids[32:52]
     assert short.target == (False,) * 12 + (True,) * 8
     # Shorter than the answer: half the budget for the answer's start, half for the context.
     tiny = render_conversation(chat_tok, TURNS, 8)
-    assert tiny.ids == full.ids[42:50] and tiny.target == (False,) * 4 + (True,) * 4
+    assert tiny.ids == full.ids[40:48] and tiny.target == (False,) * 4 + (True,) * 4
 
 
 def test_messages_row_problems_are_named() -> None:
@@ -198,7 +198,7 @@ def test_chat_template_modes(chat_tok, tiny_model: Path) -> None:
     assert auto.tokenize(chat, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
     on = make_renderer(chat_tok, "on", [pair])
     assert on.tokenize(pair, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
-    assert on.prompt(pair) == "### user:\nWho art thou?<|endoftext|>\n### assistant:\n"
+    assert on.prompt(pair) == "### user: Who art thou?<|endoftext|>\n### assistant:"
     assert make_renderer(chat_tok, "off", [pair]).tokenize(pair, 64) == auto.tokenize(pair, 64)
     with pytest.raises(HetLoRAError, match=r"chat_template = 'off' cannot read messages rows"):
         make_renderer(chat_tok, "off", [chat])

@@ -13,8 +13,8 @@ ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma")
 #: A small chat template for the tiny tokenizer (``make_tiny_model(chat_template=True)``): a
 #: plain-text role header per turn, each turn ended by the end-of-sequence token.
 TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}{{ eos_token }}\n"
-    "{% endfor %}{% if add_generation_prompt %}### assistant:\n{% endif %}"
+    "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}### assistant:{% endif %}"
 )
 
 
