@@ -19,7 +19,7 @@ FAST = {
     "clients_per_round": 2,
     "local_steps": 4,
     "batch_size": 4,
-    "lr": 0.01,
+    "lr": 0.002,
     "min_examples": 4,
     "max_seq_len": 64,
     "eval_examples": 16,
