@@ -277,14 +277,27 @@ def test_flower_node_reads_messages_from_its_own_data_file(
     from hetlora.runtime.flower.client_app import node_config, node_info
     from hetlora.runtime.local import Simulation
 
-    run_cfg = make_config({"model": str(tiny_chat_model), **FAST})  # the run's data: shakespeare
+    # The run's data is Shakespeare; the server reports to TensorBoard, the device does not.
+    run_cfg = make_config({"model": str(tiny_chat_model), "report_to": ["tensorboard"], **FAST})
     rows = [json.loads(line) for line in chat_data.read_text().splitlines()]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "device"))
-    for data in (chat_data, tmp_path / "device"):
-        node = {"client-id": "client-1", "data": str(data)}
+    datasets.DatasetDict(
+        {"mine": datasets.Dataset.from_list(rows), "other": datasets.Dataset.from_list(rows[:3])}
+    ).save_to_disk(str(tmp_path / "device-dict"))
+    nodes = [
+        {"data": str(chat_data)},
+        {"data": str(tmp_path / "device")},
+        {"data": str(tmp_path / "device-dict"), "split": "mine"},
+    ]
+    for node in nodes:
+        node["client-id"] = "client-1"
         cfg = node_config(run_cfg, node)
+        assert cfg.report_to == [] and cfg.data == node["data"]
         info = node_info(cfg, node)
         assert info.client_id == "client-1" and info.index == 1 and info.num_examples == 8
+    with pytest.raises(HetLoRAError, match="only with the node's own 'data'"):
+        node_config(run_cfg, {"client-id": "client-1", "split": "mine"})
+    cfg = node_config(run_cfg, nodes[1])
     engine = Simulation(cfg)
     items = engine.client_items("client-1")
     assert all(item.target is not None and item.target[-1] for item in items)
