@@ -57,7 +57,6 @@ def tracked_run(tiny_chat_model: Path, chat_data: Path, tmp_path_factory) -> Pat
 
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("WANDB_SILENT", "true")
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path_factory.mktemp("tracked") / "run"
     cfg = make_config(

@@ -175,7 +175,10 @@ class Trackers:
             name=name,
             dir=str(out_dir),
             config=config,
+            # hetlora's own display owns the terminal: no W&B banner, no console capture.
+            settings=wandb.Settings(silent=True, console="off"),
         )
+        log.info("wandb: run %s in %s", self._wandb.id, self._wandb.dir)
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Log ``values`` at ``step`` to every open tracker."""

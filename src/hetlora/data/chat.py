@@ -221,7 +221,8 @@ def make_renderer(tokenizer, mode: str, examples: Sequence[Example] = ()) -> Ren
     """The :class:`Renderer` for ``chat_template = mode`` and a run's ``examples``.
 
     Raises:
-        HetLoRAError: ``messages`` examples with ``mode = "off"``, or a template needed
+        HetLoRAError: ``messages`` examples with ``mode = "off"``, ``mode = "on"`` for text
+            rows (no example has a prompt), or a template needed
             (``messages`` examples, or ``mode = "on"``) and the tokenizer has none.
     """
     has_messages = any(ex.messages for ex in examples)
@@ -229,6 +230,11 @@ def make_renderer(tokenizer, mode: str, examples: Sequence[Example] = ()) -> Ren
         raise HetLoRAError(
             "chat_template = 'off' cannot read messages rows (they need the chat template); "
             "use chat_template = 'auto'"
+        )
+    if mode == "on" and examples and not has_messages and not any(ex.prompt for ex in examples):
+        raise HetLoRAError(
+            "chat_template = 'on' renders prompt/response rows as a user and an assistant turn; "
+            "this data has no prompts (text rows): use chat_template = 'auto' or 'off'"
         )
     needs = has_messages or mode == "on"
     if needs and not has_chat_template(tokenizer):
