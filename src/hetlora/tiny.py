@@ -10,6 +10,13 @@ from pathlib import Path
 
 ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma")
 
+#: A small chat template for the tiny tokenizer (``make_tiny_model(chat_template=True)``): a
+#: plain-text role header per turn, each turn ended by the end-of-sequence token.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}### assistant:{% endif %}"
+)
+
 
 def make_tiny_model(
     folder: Path | str,
@@ -18,8 +25,12 @@ def make_tiny_model(
     hidden: int = 64,
     layers: int = 2,
     seed: int = 0,
+    chat_template: bool = False,
 ) -> Path:
-    """Write a tiny causal LM of family ``arch`` and a byte-level BPE tokenizer into ``folder``."""
+    """Write a tiny causal LM of family ``arch`` and a byte-level BPE tokenizer into ``folder``.
+
+    ``chat_template``: give the tokenizer :data:`TINY_CHAT_TEMPLATE` (the weights are the same).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -43,6 +54,8 @@ def make_tiny_model(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+    if chat_template:
+        fast.chat_template = TINY_CHAT_TEMPLATE
     fast.save_pretrained(folder)
     torch.manual_seed(seed)
     special = {

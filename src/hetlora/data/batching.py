@@ -1,7 +1,9 @@
 """Tokenised examples, padded batches and a seeded batch stream per client.
 
 An example is ``prompt + response + eos``; labels are ``-100`` on the prompt and on padding,
-so the loss (training and evaluation) is on response tokens only.
+so the loss (training and evaluation) is on response tokens only. A conversation rendered with
+a chat template (:mod:`hetlora.data.chat`) carries a per-token ``target`` mask instead: the
+loss is on its assistant turns only.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Tokenized:
-    """Token ids of one example and how many of them belong to the prompt."""
+    """Token ids of one example and how many of them belong to the prompt.
+
+    ``target`` (conversations only): per token, whether the loss is taken on it (the assistant
+    turns); ``None`` means every token after the first ``n_prompt``.
+    """
 
     ids: tuple[int, ...]
     n_prompt: int
+    target: tuple[bool, ...] | None = None
 
     @property
     def n_target(self) -> int:
         """Tokens the loss is computed on (the response, predicted from what precedes it)."""
+        if self.target is not None:
+            return sum(self.target[1:])
         return len(self.ids) - max(self.n_prompt, 1)
 
 
@@ -54,7 +63,11 @@ def collate(items: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         ids = torch.tensor(t.ids, dtype=torch.long)
         input_ids[i, :n] = ids
         mask[i, :n] = 1
-        labels[i, t.n_prompt : n] = ids[t.n_prompt :]
+        if t.target is None:
+            labels[i, t.n_prompt : n] = ids[t.n_prompt :]
+        else:
+            keep = torch.tensor(t.target, dtype=torch.bool)
+            labels[i, :n] = torch.where(keep, ids, torch.full_like(ids, IGNORE))
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

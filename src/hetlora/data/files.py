@@ -4,8 +4,11 @@ The file is read with Hugging Face ``datasets`` (packaged builders on a local fi
 throw-away cache folder: no hub access, nothing left in the user's cache). Accepted columns:
 
 * ``client_id``, ``prompt``, ``response``, or ``client_id``, ``text``: natural clients;
-* ``prompt``, ``response``, or ``text`` alone: the rows are split into clients by an
-  ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
+* ``client_id``, ``messages``: natural clients of conversations (:mod:`hetlora.data.chat`);
+* ``prompt``, ``response``, ``messages`` or ``text`` alone: the rows are split into clients by
+  an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
+
+The same columns are read from a ``datasets`` folder or hub id (:mod:`hetlora.data.sources`).
 
 Text-only rows become examples with an empty prompt. Extra columns are ignored (except the
 Dirichlet ``partition_by`` column).
@@ -20,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.data import BAD_ROW_ACTIONS, PARTITIONERS, Example
+from hetlora.data.chat import example_from_messages, messages_problem
 from hetlora.errors import HetLoRAError
 
-__all__ = ["FORMATS", "load_file_clients"]
+__all__ = ["FORMATS", "dataset_clients", "load_file_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +144,15 @@ def _client_id_problem(value: Any) -> str | None:
 def _text_columns(ds: Any, path: Path) -> list[tuple[str, bool]]:
     """The text columns the rows are read from, each with whether it may be empty."""
     columns = set(ds.column_names)
+    if "messages" in columns:
+        return [("messages", False)]
     if {"prompt", "response"} <= columns:
         return [("prompt", True), ("response", False)]
     if "text" in columns:
         return [("text", False)]
     raise HetLoRAError(
-        f"{path}: needs columns (prompt, response) or (text), optionally with client_id; "
+        f"{path}: needs columns (messages), (prompt, response) or (text), optionally with "
+        "client_id; "
         f"found: {', '.join(ds.column_names) or 'none'}"
     )
 
@@ -158,7 +165,11 @@ def _bad_rows(ds: Any, path: Path, label: str | None) -> dict[int, list[str]]:
     problems: dict[int, list[str]] = {}
     for name, allow_empty in _text_columns(ds, path):
         for i, value in enumerate(_column(ds, name)):
-            if (why := _text_problem(value, name, allow_empty=allow_empty)) is not None:
+            if name == "messages":
+                why = messages_problem(value)
+            else:
+                why = _text_problem(value, name, allow_empty=allow_empty)
+            if why is not None:
                 problems.setdefault(i, []).append(why)
     if "client_id" in ds.column_names:
         for i, value in enumerate(_column(ds, "client_id")):
@@ -203,8 +214,11 @@ def _drop_bad_rows(ds: Any, path: Path, on_bad_rows: str, label: str | None) -> 
 
 
 def _examples(ds: Any, path: Path) -> list[Example]:
-    """One example per row, from (prompt, response) or (text) columns (rows already checked)."""
+    """One example per row, from (messages), (prompt, response) or (text) columns (rows
+    already checked)."""
     columns = [name for name, _ in _text_columns(ds, path)]
+    if columns == ["messages"]:
+        return [example_from_messages(v) for v in _column(ds, "messages")]
     if columns == ["text"]:
         return [Example(prompt="", response=t) for t in _column(ds, "text")]
     return [
@@ -329,6 +343,38 @@ def load_file_clients(
     if builder == "parquet" and _parquet_rows(path) == 0:
         raise HetLoRAError(f"data file {path} has no rows")
     ds = _read(path, builder)
+    return dataset_clients(
+        ds,
+        path,
+        partitioner=partitioner,
+        num_partitions=num_partitions,
+        partition_by=partition_by,
+        dirichlet_alpha=dirichlet_alpha,
+        seed=seed,
+        on_bad_rows=on_bad_rows,
+        report=report,
+    )
+
+
+def dataset_clients(
+    ds: Any,
+    path: Path | str,
+    *,
+    partitioner: str = "iid",
+    num_partitions: int = 10,
+    partition_by: str | None = None,
+    dirichlet_alpha: float = 0.5,
+    seed: int = 0,
+    on_bad_rows: str = "error",
+    report: dict[str, int] | None = None,
+) -> dict[str, list[Example]]:
+    """The clients of a ``datasets.Dataset`` (``path`` names its source in messages).
+
+    Every row is checked first (``on_bad_rows`` and ``report`` as in :func:`load_file_clients`).
+
+    Raises:
+        HetLoRAError: no rows, bad rows (``"error"``), no usable row, or bad partitioning.
+    """
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
     label = partition_by if partitioner == "dirichlet" else None

@@ -25,7 +25,8 @@ from hetlora.accounting import model_size, train_flops
 from hetlora.client import TrainSettings, run_task
 from hetlora.config import Config
 from hetlora.data import Example, load_clients, split_clients
-from hetlora.data.batching import Tokenized, batch_stream, tokenize_all
+from hetlora.data.batching import Tokenized, batch_stream
+from hetlora.data.chat import Renderer, make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, perplexity, rouge_l
 from hetlora.export import export_adapter
@@ -44,6 +45,8 @@ from hetlora.lora import pad, rank_of, truncate
 from hetlora.methods import FROZEN_BASE, hetlora, make_server
 from hetlora.models import default_target_modules, load_base_model
 from hetlora.runtime import checkpoint
+from hetlora.trackers import OUTPUTS as TRACKER_OUTPUTS
+from hetlora.trackers import Trackers, check_available
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ OUTPUT_FILES = (
     "adapter",
     "model",
     "checkpoint.pt",
+    *TRACKER_OUTPUTS,
 )
 
 
@@ -94,6 +98,7 @@ class Simulation:
         self.progress = progress or (lambda event: None)
         self.device = resolve_device(cfg.device)
         self.bf16 = resolve_bf16(cfg.precision, self.device)
+        check_available(cfg.report_to)
         self._emit("setup", stage="data")
         data_report: dict[str, int] = {}
         self.train_data, test_data = federated_data(cfg, data_report)
@@ -104,6 +109,11 @@ class Simulation:
         base = load_base_model(cfg.model, self.device)
         self.tokenizer = base.tokenizer
         self.model_path = base.path
+        self.renderer: Renderer = make_renderer(
+            self.tokenizer,
+            cfg.chat_template,
+            [ex for c in self.client_ids for ex in self.train_data[c]],
+        )
         self.target_modules = cfg.target_modules or default_target_modules(base.model)
         if self.bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
             store_frozen_linears(base.model, torch.bfloat16)
@@ -126,7 +136,7 @@ class Simulation:
         self.size = model_size(self.peft_model)
         self.pad_id = self.tokenizer.pad_token_id
         self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
-        self.eval_items = tokenize_all(self.tokenizer, self.eval_examples, cfg.max_seq_len)
+        self.eval_items = self.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
         self._tokenized: dict[str, list[Tokenized]] = {}
         ranks = hetlora.assign_ranks(
             self.client_ids,
@@ -164,7 +174,7 @@ class Simulation:
     def client_items(self, client_id: str) -> list[Tokenized]:
         """The client's tokenised training examples (tokenised on first use)."""
         if client_id not in self._tokenized:
-            items = tokenize_all(self.tokenizer, self.train_data[client_id], self.cfg.max_seq_len)
+            items = self.renderer.tokenize_all(self.train_data[client_id], self.cfg.max_seq_len)
             self._tokenized[client_id] = items
         return self._tokenized[client_id]
 
@@ -329,7 +339,7 @@ class Simulation:
             preds = generate_greedy(
                 self.peft_model,
                 self.tokenizer,
-                [ex.prompt for ex in sample],
+                [self.renderer.prompt(ex) for ex in sample],
                 self.cfg.max_new_tokens,
                 self.device,
                 bf16=self.bf16,
@@ -425,6 +435,21 @@ class Simulation:
             check_out_dir(out_dir, overwrite)
             _prepare_out_dir(out_dir)
             cfg.save(out_dir / "config.toml")
+        trackers = Trackers(cfg.report_to, cfg.to_dict(), out_dir)
+        try:
+            return self._run(out_dir, metrics, base_preds, resume, trackers)
+        finally:
+            trackers.close()
+
+    def _run(
+        self,
+        out_dir: Path,
+        metrics: list[dict[str, Any]],
+        base_preds: list[str],
+        resume: bool,
+        trackers: Trackers,
+    ) -> dict[str, Any]:
+        cfg = self.cfg
         start = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
         with (out_dir / "metrics.jsonl").open("w") as fh:
             for row in metrics:  # on resume: exactly the rows of the checkpointed rounds
@@ -436,6 +461,7 @@ class Simulation:
                 metrics.append(row)
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
+                trackers.log_round(row)
                 self._emit("round_end", row=row, rounds=cfg.rounds)
 
             if not resume:
@@ -482,6 +508,7 @@ class Simulation:
                     fh.write(json.dumps(sample) + "\n")
         self.save_model(out_dir)
         summary["wall_s"] = time.perf_counter() - start
+        trackers.log_summary(summary, self.round)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._emit("done", summary=summary)
         return summary
@@ -548,6 +575,7 @@ def federated_data(
         seed=cfg.seed,
         on_bad_rows=cfg.on_bad_rows,
         report=report,
+        split=cfg.split,
     )
     if cfg.max_clients and len(clients) > cfg.max_clients:
         rng = np.random.default_rng([cfg.seed, 0xC11])
@@ -600,10 +628,11 @@ def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
     base = load_base_model(cfg.model, device)
     use_cpu_attention(base.model, device)
     model = PeftModel.from_pretrained(base.model, str(run_dir / "adapter")).to(device)
-    _, test_data = federated_data(cfg)
-    items = tokenize_all(
-        base.tokenizer, eval_set(test_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len
+    train_data, test_data = federated_data(cfg)
+    renderer = make_renderer(
+        base.tokenizer, cfg.chat_template, [ex for v in train_data.values() for ex in v]
     )
+    items = renderer.tokenize_all(eval_set(test_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len)
     loss, ppl = perplexity(
         model, items, cfg.eval_batch_size, base.tokenizer.pad_token_id, device, bf16=summary["bf16"]
     )

@@ -7,8 +7,10 @@ A SuperNode says which client it is and what it can afford in its node config
   runtime sets it for every virtual SuperNode), or ``client-id``: the client's name;
 * ``rank``: its rank budget (the server caps it at r_max), or ``tier``: the name of one of the
   run's ``tiers``; with neither, the server assigns the rank the in-process engine would;
-* ``data`` (optional): a local data file in place of the run's ``data`` (the device's own data;
-  only this node reads it).
+* ``data`` (optional): a local data file or ``save_to_disk`` folder in place of the run's
+  ``data`` (the device's own data, in any format the run's ``data`` takes: ``prompt``/
+  ``response``, ``text`` or ``messages`` rows; only this node reads it), with ``split``
+  (optional) for a ``DatasetDict`` folder.
 
 Messages:
 
@@ -43,17 +45,23 @@ from hetlora.runtime.local import Simulation, federated_data
 
 log = logging.getLogger(__name__)
 
-NODE_KEYS = ("partition-id", "num-partitions", "client-id", "rank", "tier", "data")
+NODE_KEYS = ("partition-id", "num-partitions", "client-id", "rank", "tier", "data", "split")
 
 
 def node_config(cfg: Config, node: dict[str, Any]) -> Config:
-    """The run's config as this node reads it (its own ``data`` file, if it names one)."""
+    """The run's config as this node reads it (its own ``data`` file, if it names one).
+
+    ``report_to`` is dropped: the server reports, a device needs no tracker package.
+    """
     unknown = sorted(set(node) - set(NODE_KEYS))
     if unknown:
         log.warning("node config keys %s are not used by hetlora", unknown)
+    cfg = replace(cfg, report_to=[])
     data = node.get("data")
     if data:
-        return replace(cfg, data=str(data))
+        return replace(cfg, data=str(data), split=str(node.get("split", "")))
+    if node.get("split"):
+        raise HetLoRAError("node config 'split' applies only with the node's own 'data'")
     return cfg
 
 

@@ -1,0 +1,133 @@
+"""Talk to the result of a run (``hetlora chat``): its global model, as a device tier runs it.
+
+For HetLoRA, HomLoRA and Recon+SVD the run's global adapter is cut to rank R (the first R
+columns of B and rows of A at the same scale, as a device of tier R receives it, see
+:mod:`hetlora.export`) and loaded onto the base model with ``PeftModel.from_pretrained``; for
+FLoRA and full fine-tuning the run's merged ``model/`` is loaded. A reply is the greedy
+continuation of the conversation rendered as the run rendered its data
+(:class:`hetlora.data.chat.Renderer`: the chat template unless the tokenizer has none or the
+run set ``chat_template = "off"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hetlora.data.chat import Renderer, make_renderer
+from hetlora.errors import HetLoRAError
+
+__all__ = ["ChatModel", "load_chat_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatModel:
+    """A run's global model ready to answer; ``rank`` is ``None`` for a merged model."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    renderer: Renderer
+    device: torch.device
+    bf16: bool
+    rank: int | None
+    max_seq_len: int
+    max_new_tokens: int
+
+    def reply(self, turns: list[tuple[str, str]]) -> str:
+        """The answer to a conversation ending with a user turn.
+
+        The oldest turns are left out while the rendered conversation is longer than the run's
+        ``max_seq_len`` (the last user turn is always kept).
+        """
+        from hetlora.evaluate import generate_greedy
+
+        if not turns or turns[-1][0] != "user":
+            raise HetLoRAError("a reply needs a conversation that ends with a user turn")
+        start = 0
+        prompt = self.renderer.chat_prompt(turns)
+        while start < len(turns) - 1:
+            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if n <= self.max_seq_len:
+                break
+            start += 1
+            prompt = self.renderer.chat_prompt(turns[start:])
+        return generate_greedy(
+            self.model, self.tokenizer, [prompt], self.max_new_tokens, self.device, self.bf16
+        )[0]
+
+
+def load_chat_model(
+    run_dir: Path | str, rank: int | None = None, max_new_tokens: int | None = None
+) -> ChatModel:
+    """Load a finished run's global model at ``rank`` (default: the adapter's full rank).
+
+    Raises:
+        HetLoRAError: not a finished run, ``rank`` outside [1, adapter rank], or ``rank``
+            given for a merged model (FLoRA, full fine-tuning).
+    """
+    from hetlora.config import load_config
+    from hetlora.export import export_adapter, read_adapter
+    from hetlora.hardware import resolve_bf16, resolve_device, use_cpu_attention
+    from hetlora.lora import rank_of
+    from hetlora.models import load_base_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HetLoRAError(f"no such run directory: {run_dir}")
+    merged = run_dir / "model" / "config.json"
+    adapter = run_dir / "adapter" / "adapter_config.json"
+    if not (run_dir / "config.toml").is_file() or not (merged.is_file() or adapter.is_file()):
+        raise HetLoRAError(
+            f"{run_dir} is not a finished run (needs config.toml and adapter/ or model/)"
+        )
+    cfg = load_config(run_dir / "config.toml")
+    device = resolve_device(cfg.device)
+    bf16 = resolve_bf16(cfg.precision, device)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise HetLoRAError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if merged.is_file():
+        if rank is not None:
+            raise HetLoRAError(
+                f"--rank does not apply: {run_dir} holds a merged model ({cfg.method}), "
+                "not an adapter with ranks"
+            )
+        base = load_base_model(str(run_dir / "model"), device)
+        use_cpu_attention(base.model, device)
+        model = base.model
+    else:
+        from peft import PeftModel
+
+        factors, adapter_cfg = read_adapter(run_dir / "adapter")
+        r_max = rank_of(factors)
+        rank = r_max if rank is None else rank
+        if not 1 <= rank <= r_max:
+            raise HetLoRAError(
+                f"--rank must lie in [1, {r_max}] (the run's global rank), got {rank}"
+            )
+        scale = float(adapter_cfg["lora_alpha"]) / float(adapter_cfg["r"])
+        targets = adapter_cfg["target_modules"]
+        targets = sorted(targets) if isinstance(targets, list) else [targets]
+        base = load_base_model(cfg.model, device)
+        use_cpu_attention(base.model, device)
+        with tempfile.TemporaryDirectory(prefix="hetlora-chat-") as tmp:
+            folder = export_adapter(factors, rank, scale, targets, base.path, Path(tmp))
+            model = PeftModel.from_pretrained(base.model, str(folder)).to(device)
+    model.eval()
+    log.info("chat: %s at rank %s on %s", run_dir, rank if rank is not None else "-", device)
+    return ChatModel(
+        model=model,
+        tokenizer=base.tokenizer,
+        renderer=make_renderer(base.tokenizer, cfg.chat_template),
+        device=device,
+        bf16=bf16,
+        rank=rank,
+        max_seq_len=cfg.max_seq_len,
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+    )

@@ -1,0 +1,218 @@
+"""Experiment trackers (the ``report_to`` key): TensorBoard, MLflow, Weights & Biases.
+
+Every round's numbers from ``metrics.jsonl`` (losses, perplexity, ranks, bytes, FLOPs, tokens,
+times) are logged at step = round, the run's config once, and the summary's numbers at the end.
+Where each tracker writes:
+
+* ``tensorboard``: event files in ``RUN_DIR/tensorboard`` (``SummaryWriter``);
+* ``mlflow``: ``$MLFLOW_TRACKING_URI``, else a local file store in ``RUN_DIR/mlruns`` (MLflow 3
+  keeps that store in maintenance mode; ``MLFLOW_ALLOW_FILE_STORE`` is set to allow it);
+  experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``hetlora``, one MLflow run named after RUN_DIR;
+* ``wandb``: project ``$WANDB_PROJECT`` or ``hetlora``, files in ``RUN_DIR/wandb``; the mode
+  is W&B's own (``WANDB_MODE=offline`` keeps it on disk, ``wandb sync`` uploads it later).
+
+Each tracker is an optional extra: ``pip install 'hetlora[tensorboard]'`` (or ``mlflow``,
+``wandb``). The round loop calls :meth:`Trackers.log_round`, nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from hetlora.config import TRACKERS
+from hetlora.errors import HetLoRAError
+
+__all__ = ["OUTPUTS", "TRACKERS", "Trackers", "check_available", "round_scalars"]
+
+log = logging.getLogger(__name__)
+
+#: tracker -> (module imported, pip extra)
+_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+#: What the trackers write inside a run directory (removed by ``--overwrite``).
+OUTPUTS = ("tensorboard", "mlruns", "wandb")
+
+_ROUND_KEYS = (
+    "train_loss",
+    "eval_loss",
+    "eval_ppl",
+    "bytes_up",
+    "bytes_down",
+    "flops",
+    "tokens",
+    "wall_s",
+    "elapsed_s",
+)
+
+
+def check_available(names: list[str]) -> None:
+    """Refuse a tracker whose package is not installed (before any work is done)."""
+    for name in names:
+        if name not in _MODULES:
+            raise HetLoRAError(f"unknown tracker {name!r}; expected one of: {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(_MODULES[name]) is None:
+            raise HetLoRAError(
+                f"report_to {name!r} needs the {_MODULES[name]} package: "
+                f"pip install 'hetlora[{name}]'"
+            )
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def round_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one ``metrics.jsonl`` row, flat: its scalar keys, the sampled clients'
+    ranks (``rank/mean``, ``rank/min``, ``rank/max``), ``rank_count/R`` (clients at rank R)
+    and ``rejected`` (replies left out)."""
+    out: dict[str, float] = {}
+    for key in _ROUND_KEYS:
+        value = _number(row.get(key))
+        if value is not None:
+            out[key] = value
+    ranks = [r for r in (row.get("client_ranks") or {}).values() if isinstance(r, int)]
+    if ranks:
+        out["rank/mean"] = sum(ranks) / len(ranks)
+        out["rank/min"] = float(min(ranks))
+        out["rank/max"] = float(max(ranks))
+    for rank, count in (row.get("rank_counts") or {}).items():
+        out[f"rank_count/{rank}"] = float(count)
+    if "rejected" in row:
+        out["rejected"] = float(len(row["rejected"]))
+    if "skipped" in row:
+        out["skipped"] = float(bool(row["skipped"]))
+    return out
+
+
+def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``summary.json`` under ``summary/`` (tier perplexities as
+    ``summary/tier_ppl/R``)."""
+    out = {}
+    for key, value in summary.items():
+        number = _number(value)
+        if number is not None and not isinstance(value, bool):
+            out[f"summary/{key}"] = number
+    for rank, ppl in (summary.get("tier_ppl") or {}).items():
+        if _number(ppl) is not None:
+            out[f"summary/tier_ppl/{rank}"] = float(ppl)
+    return out
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in config.items()}
+
+
+class Trackers:
+    """The open trackers of one run; ``names`` is the ``report_to`` list.
+
+    Args:
+        names: trackers to open (checked with :func:`check_available`).
+        config: the run's config as a dict (logged once).
+        out_dir: the run directory, where trackers keep their files.
+    """
+
+    def __init__(self, names: list[str], config: dict[str, Any], out_dir: Path) -> None:
+        check_available(names)
+        self.names = list(names)
+        self._tb = self._mlflow = self._mlflow_run = self._wandb = None
+        name = Path(out_dir).resolve().name
+        try:
+            if "tensorboard" in names:
+                self._open_tensorboard(config, out_dir)
+            if "mlflow" in names:
+                self._open_mlflow(config, out_dir, name)
+            if "wandb" in names:
+                self._open_wandb(config, out_dir, name)
+        except HetLoRAError:
+            self.close()
+            raise
+        except Exception as exc:  # a tracker that cannot start (bad URI, W&B not logged in)
+            self.close()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HetLoRAError(f"a tracker of report_to {names} failed to start: {first}") from exc
+
+    def _open_tensorboard(self, config: dict[str, Any], out_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        lines = "\n".join(f"    {k} = {v!r}" for k, v in config.items())
+        self._tb.add_text("config", lines, global_step=0)
+        self._tb.flush()
+
+    def _open_mlflow(self, config: dict[str, Any], out_dir: Path, name: str) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (out_dir / "mlruns").resolve().as_uri()
+            # MLflow 3 keeps its file store only on request; it is the one that needs no server
+            # or database, so a run directory can hold its own tracking data.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=uri)
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hetlora"
+        found = client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(exp_id, run_name=name)
+        params = [Param(k, v[:6000]) for k, v in _flat_config(config).items()]
+        client.log_batch(run.info.run_id, params=params)
+        self._mlflow, self._mlflow_run = client, run.info.run_id
+        log.info("mlflow: run %s in %s", run.info.run_id, uri)
+
+    def _open_wandb(self, config: dict[str, Any], out_dir: Path, name: str) -> None:
+        import wandb
+
+        self._wandb = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or "hetlora",
+            name=name,
+            dir=str(out_dir),
+            config=config,
+            # hetlora's own display owns the terminal: no W&B banner, no console capture.
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        log.info("wandb: run %s in %s", self._wandb.id, self._wandb.dir)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Log ``values`` at ``step`` to every open tracker."""
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, global_step=step)
+            self._tb.flush()
+        if self._mlflow is not None:
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(key.replace("/", "."), v, now, step) for key, v in values.items()]
+            self._mlflow.log_batch(self._mlflow_run, metrics=metrics)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        """Log one ``metrics.jsonl`` row (see :func:`round_scalars`) at step = its round."""
+        self.log(round_scalars(row), int(row["round"]))
+
+    def log_summary(self, summary: dict[str, Any], step: int) -> None:
+        """Log the numbers of ``summary.json`` at ``step`` (the last round)."""
+        self.log(summary_scalars(summary), step)
+
+    def close(self) -> None:
+        """Flush and close every tracker (the MLflow run ends FINISHED)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._mlflow is not None:
+            self._mlflow.set_terminated(self._mlflow_run)
+            self._mlflow = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -1,0 +1,228 @@
+"""Conversational data: ``messages`` rows, the chat template, the assistant-only loss mask,
+``datasets`` folders and hub ids, and the ``chat_template`` key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from hetlora.config import make_config
+from hetlora.data import Example, load_clients
+from hetlora.data.batching import IGNORE, collate, tokenize
+from hetlora.data.chat import make_renderer, messages_problem, render_conversation
+from hetlora.errors import HetLoRAError
+
+TURNS = (
+    ("system", "Be brief."),
+    ("user", "Who art thou?"),
+    ("assistant", "A friend."),
+    ("user", "And then?"),
+    ("assistant", "Good night."),
+)
+
+
+def conversation(i: int, client: str | None = None) -> dict:
+    """A two-exchange conversation whose answers depend on ``i``."""
+    row = {
+        "messages": [
+            {"role": "system", "content": "Answer in one line."},
+            {"role": "user", "content": f"What is {i} and {i}?"},
+            {"role": "assistant", "content": f"{i} and {i} is {2 * i}."},
+            {"role": "user", "content": "And twice that?"},
+            {"role": "assistant", "content": f"That is {4 * i}."},
+        ]
+    }
+    if client is not None:
+        row["client_id"] = client
+    return row
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    from hetlora.tiny import make_tiny_model
+
+    return AutoTokenizer.from_pretrained(
+        make_tiny_model(tmp_path_factory.mktemp("tok"), chat_template=True)
+    )
+
+
+def test_assistant_only_mask_on_a_multi_turn_example(chat_tok) -> None:
+    item = render_conversation(chat_tok, TURNS, 512)
+    text = chat_tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in TURNS], tokenize=False
+    )
+    # Pieces tokenised along the turn cuts give the same ids as the whole text here.
+    assert list(item.ids) == chat_tok(text, add_special_tokens=False)["input_ids"]
+    # Independently: the tokens whose characters fall in an assistant turn (its content, the
+    # end-of-turn token and the newline the template puts after it).
+    enc = chat_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = []
+    for answer in (" A friend.", " Good night."):
+        start = text.index(answer)
+        spans.append((start, start + len(answer) + len("<|endoftext|>\n")))
+    expected = [
+        i
+        for i, (a, b) in enumerate(enc["offset_mapping"])
+        if any(s <= a and b <= e for s, e in spans)
+    ]
+    positions = [i for i, t in enumerate(item.target) if t]
+    assert positions == expected
+    assert positions == list(range(44, 52)) + list(range(76, 84))  # this tokenizer's positions
+    assert chat_tok.decode([item.ids[i] for i in positions]) == (
+        " A friend.<|endoftext|>\n Good night.<|endoftext|>\n"
+    )
+    assert item.n_target == 16
+    labels = collate([item, tokenize(chat_tok, "x", "y", 16)], chat_tok.pad_token_id)["labels"][0]
+    assert [i for i, v in enumerate(labels.tolist()) if v != IGNORE] == positions
+    assert labels[positions].tolist() == [item.ids[i] for i in positions]
+
+
+def test_truncation_keeps_whole_turns_and_never_ends_on_a_prompt(chat_tok) -> None:
+    full = render_conversation(chat_tok, TURNS, 512)
+    first_exchange = 52  # the context and the first answer (positions above)
+    for max_len in (first_exchange, 60, len(full.ids) - 1):
+        cut = render_conversation(chat_tok, TURNS, max_len)
+        assert cut.ids == full.ids[:first_exchange]  # the second exchange does not fit whole
+        assert cut.target == full.target[:first_exchange] and cut.target[-1]
+    assert render_conversation(chat_tok, TURNS, len(full.ids)) == full
+    # The first exchange alone is too long: its context is cut on the left, the answer kept.
+    short = render_conversation(chat_tok, TURNS, 20)
+    assert len(short.ids) == 20 and short.ids == full.ids[32:52]
+    assert short.target == (False,) * 12 + (True,) * 8
+    # Shorter than the answer: half the budget for the answer's start, half for the context.
+    tiny = render_conversation(chat_tok, TURNS, 8)
+    assert tiny.ids == full.ids[40:48] and tiny.target == (False,) * 4 + (True,) * 4
+
+
+def test_messages_row_problems_are_named() -> None:
+    assert messages_problem(conversation(1)["messages"]) is None
+    cases = {
+        "null": (None, "is null"),
+        "not a list": ("hi", "non-empty list"),
+        "empty": ([], "non-empty list"),
+        "turn not an object": ([["user", "hi"]], "messages[0] must be an object"),
+        "bad role": ([{"role": "bot", "content": "x"}], "messages[0] role must be one of"),
+        "content not text": (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}],
+            "messages[1] content must be a string",
+        ),
+        "no answer": ([{"role": "user", "content": "q"}], "no assistant turn"),
+        "blank answer": (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}],
+            "no assistant turn",
+        ),
+    }
+    for name, (value, reason) in cases.items():
+        assert reason in (messages_problem(value) or ""), name
+
+
+def test_every_bad_messages_row_is_reported(tmp_path: Path) -> None:
+    rows = [conversation(i, "a") for i in range(4)]
+    rows[1]["messages"] = [{"role": "user", "content": "q"}]
+    rows[3]["messages"][0]["role"] = "narrator"
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(HetLoRAError) as info:
+        load_clients(str(path))
+    message = str(info.value)
+    assert "2 bad messages rows" in message and "\n" not in message
+    assert "row 2: messages has no assistant turn" in message
+    assert "row 4: messages[0] role must be one of system, user, assistant" in message
+
+
+def test_messages_rows_make_clients_with_and_without_client_id(tmp_path: Path) -> None:
+    rows = [conversation(i, "ab"[i % 2]) for i in range(6)]
+    clients = load_clients(str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    assert sorted(clients) == ["a", "b"]
+    first = clients["a"][0]
+    assert first.response == "That is 0." and first.prompt == "And twice that?"
+    assert first.messages[2] == ("assistant", "0 and 0 is 0.")
+    for row in rows:
+        del row["client_id"]
+    parts = load_clients(
+        str(write_jsonl(tmp_path / "p.jsonl", rows)), num_partitions=3, partitioner="iid"
+    )
+    assert sorted(parts) == ["partition-000", "partition-001", "partition-002"]
+    assert sorted(ex.response for v in parts.values() for ex in v) == sorted(
+        f"That is {4 * i}." for i in range(6)
+    )
+
+
+def test_saved_datasets_folders_read_like_the_file(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [conversation(i, "ab"[i % 2]) for i in range(6)]
+    from_file = load_clients(str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    assert load_clients(str(tmp_path / "one")) == from_file
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows),
+            "test": datasets.Dataset.from_list(rows[:2]),
+        }
+    ).save_to_disk(str(tmp_path / "dict"))
+    assert load_clients(str(tmp_path / "dict"), split="train") == from_file
+    assert sum(map(len, load_clients(str(tmp_path / "dict"), split="test").values())) == 2
+    with pytest.raises(HetLoRAError, match=r"holds the splits test, train: set split"):
+        load_clients(str(tmp_path / "dict"))
+    with pytest.raises(HetLoRAError, match=r"split 'valid' is not in .*its splits: test, train"):
+        load_clients(str(tmp_path / "dict"), split="valid")
+    with pytest.raises(HetLoRAError, match=r"one Dataset, not a DatasetDict"):
+        load_clients(str(tmp_path / "one"), split="train")
+    with pytest.raises(HetLoRAError, match=r"split 'train' applies only to"):
+        load_clients(str(tmp_path / "c.jsonl"), split="train")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(HetLoRAError, match=r"not written by Dataset.save_to_disk"):
+        load_clients(str(tmp_path / "plain"))
+
+
+def test_a_hub_id_offline_is_one_error_line() -> None:
+    with pytest.raises(HetLoRAError) as info:
+        load_clients("HuggingFaceH4/no_robots", split="train")
+    assert "hub is offline" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_chat_template_modes(chat_tok, tiny_model: Path) -> None:
+    pair = Example(prompt="Who art thou?", response="A friend.")
+    chat = Example(prompt="Who art thou?", response="A friend.", messages=TURNS[1:3])
+    auto = make_renderer(chat_tok, "auto", [pair])
+    assert auto.tokenize(pair, 64) == tokenize(chat_tok, pair.prompt, pair.response, 64)
+    assert auto.prompt(pair) == "Who art thou?"
+    assert auto.tokenize(chat, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
+    on = make_renderer(chat_tok, "on", [pair])
+    assert on.tokenize(pair, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
+    assert on.prompt(pair) == "### user: Who art thou?<|endoftext|>\n### assistant:"
+    assert make_renderer(chat_tok, "off", [pair]).tokenize(pair, 64) == auto.tokenize(pair, 64)
+    text = Example(prompt="", response="Words, words, words.")
+    with pytest.raises(HetLoRAError, match=r"this data has no prompts \(text rows\)"):
+        make_renderer(chat_tok, "on", [text])
+    with pytest.raises(HetLoRAError, match=r"chat_template = 'off' cannot read messages rows"):
+        make_renderer(chat_tok, "off", [chat])
+    plain = AutoTokenizer.from_pretrained(tiny_model)  # no chat template
+    assert make_renderer(plain, "auto", [pair]).tokenize(pair, 64) == auto.tokenize(pair, 64)
+    for mode, examples, what in (("auto", [chat], "messages rows need"), ("on", [pair], "'on'")):
+        with pytest.raises(HetLoRAError, match=what) as info:
+            make_renderer(plain, mode, examples)
+        assert "tokenizer_config.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_keys_are_checked() -> None:
+    assert make_config({"report_to": ["tensorboard", "wandb"]}).report_to == [
+        "tensorboard",
+        "wandb",
+    ]
+    assert make_config({"report_to": "mlflow"}).report_to == ["mlflow"]
+    for values, message in (
+        ({"chat_template": "yes"}, "'chat_template' must be one of auto, on, off"),
+        ({"report_to": ["comet"]}, "takes names from tensorboard, mlflow, wandb"),
+        ({"report_to": ["mlflow", "mlflow"]}, "names a tracker twice"),
+    ):
+        with pytest.raises(HetLoRAError, match=message):
+            make_config(values)
