@@ -132,7 +132,7 @@ def test_every_bad_messages_row_is_reported(tmp_path: Path) -> None:
     with pytest.raises(HetLoRAError) as info:
         load_clients(str(path))
     message = str(info.value)
-    assert "2 bad messages rows" in message and "\n" not in message
+    assert "2 bad rows of 4" in message and "\n" not in message
     assert "row 2: messages has no assistant turn" in message
     assert "row 4: messages[0] role must be one of system, user, assistant" in message
 
