@@ -55,7 +55,8 @@ reproduce: $(STAMP)
 	cp runs/reproduce/results.md runs/reproduce/results.csv runs/reproduce/best.md runs/reproduce/best.csv runs/reproduce/*.png docs/reproduction/
 
 # The paper-regime study (docs/reproduction.md, configs/paper.toml): every method at 3 seeds
-# with lr (and lambda) chosen on validation; about 6 hours on 2 cores. Resumable: run it again
+# with lr (and lambda) chosen on validation; about 6.5 hours on 2 cores (estimate in
+# docs/reproduction.md). Resumable: run it again
 # after an interruption and it keeps the finished (method, seed) runs and continues the rest.
 # The small results (tables, plots, each run's config, metrics and summary; never checkpoints
 # or weights) are copied into docs/reproduction/paper/.
