@@ -53,7 +53,7 @@ SEED_COLUMNS = [
     ("client_flops", "client FLOPs"),
     ("mean_final_rank", "mean final rank"),
     ("global_rank", "global adapter rank"),
-    ("selected", "chosen on val"),
+    ("selected", "chosen"),
 ]
 
 #: Columns of a seeded comparison's ``summary.csv``: one row per method (its chosen grid point).
