@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hetlora.data import Example, load_clients, split_clients
+from hetlora.data import Example, cap_examples, load_clients, split_clients, split_validation
 from hetlora.data.shakespeare import load_shakespeare, parse_play
 from hetlora.errors import HetLoRAError
 
@@ -169,6 +169,40 @@ def test_split_bad_fraction(fraction: float) -> None:
 def test_split_empty_client() -> None:
     with pytest.raises(HetLoRAError, match="client 'empty' has no examples"):
         split_clients({"empty": []}, 0.1, seed=0)
+
+
+# --- split_validation and cap_examples ---------------------------------------------------
+
+
+def test_validation_split_is_separate_seeded_and_leaves_the_test_split_alone() -> None:
+    clients = make_clients()
+    sizes = {c: len(v) for c, v in clients.items()}
+    train, test = split_clients(clients, 0.2, seed=3)
+    kept, val = split_validation(train, sizes, 0.25, seed=3)
+    for cid, examples in clients.items():
+        tr, va, te = kept[cid], val[cid], test[cid]
+        assert tr, cid
+        assert not set(tr) & set(va) and not set(va) & set(te)
+        assert sorted(tr + va + te, key=examples.index) == examples  # a partition
+        assert [examples.index(e) for e in va] == sorted(examples.index(e) for e in va)
+    assert len(val["c4"]) == round(0.25 * 57)  # a share of all the client's examples
+    assert len(val["c3"]) == round(0.25 * 10) and val["c1"] == [] and val["c2"] != []
+    assert split_validation(train, sizes, 0.25, seed=3) == (kept, val)
+    assert split_validation(train, sizes, 0.25, seed=4)[1] != val
+    assert split_validation(train, sizes, 0.0, seed=3) == (train, {c: [] for c in train})
+
+
+def test_cap_examples_keeps_a_seeded_ordered_subset() -> None:
+    clients = make_clients()
+    capped = cap_examples(clients, 5, seed=1)
+    assert [len(v) for v in capped.values()] == [1, 2, 3, 5, 5]
+    for cid, kept in capped.items():
+        order = [clients[cid].index(e) for e in kept]
+        assert order == sorted(order)
+    assert capped == cap_examples(clients, 5, seed=1)
+    assert capped["c4"] != cap_examples(clients, 5, seed=2)["c4"]
+    assert capped["c4"] != clients["c4"][:5]  # a draw, not the first five
+    assert cap_examples(clients, 0, seed=1) == clients
 
 
 # --- files with client_id ----------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_zero_padding_kills_positions_above_the_rounds_largest_rank():
 def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
     state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
-    new = hetlora.aggregate(state, [ua, ub], rankwise=True)
+    new = hetlora.aggregate(state, [ua, ub], padding="rankwise")
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
     wa, wb = na / (na + nb), nb / (na + nb)
     for name, (old_b, old_a) in state.factors.items():
@@ -153,7 +153,7 @@ def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
     state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
     ups = [update(state, "a", 4, 1), update(state, "b", 4, 2)]
     plain = hetlora.aggregate(state, ups)
-    ranked = hetlora.aggregate(state, ups, rankwise=True)
+    ranked = hetlora.aggregate(state, ups, padding="rankwise")
     for name in plain.factors:
         torch.testing.assert_close(ranked.factors[name][0], plain.factors[name][0])
         torch.testing.assert_close(ranked.factors[name][1], plain.factors[name][1])
@@ -164,7 +164,7 @@ def test_rankwise_with_zero_scores_falls_back_to_uniform_per_position():
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 4, seed=2)
     for u in (ua, ub):  # B = 0 everywhere: every sparsity score is 0
         u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
-    new = hetlora.aggregate(state, [ua, ub], rankwise=True)
+    new = hetlora.aggregate(state, [ua, ub], padding="rankwise")
     for name, (_, old_a) in state.factors.items():
         a = new.factors[name][1]
         torch.testing.assert_close(a[:2], (ua.factors[name][1] + ub.factors[name][1][:2]) / 2)
@@ -178,7 +178,7 @@ def test_rankwise_zero_scores_with_live_b_average_b_uniformly():
     ups = [update(state, c, r, seed=s) for c, r, s in (("a", 2, 1), ("b", 4, 2), ("c", 4, 3))]
     for u in ups:
         u.factors = {n: (b, torch.zeros_like(a)) for n, (b, a) in u.factors.items()}
-    new = hetlora.aggregate(state, ups, rankwise=True)
+    new = hetlora.aggregate(state, ups, padding="rankwise")
     for name, (old_b, _) in state.factors.items():
         fa, fb, fc = (u.factors[name][0] for u in ups)
         b = new.factors[name][0]
@@ -194,10 +194,10 @@ def test_rankwise_with_scores_below_one_and_a_wrong_previous_shape():
     for u in (ua, ub):
         u.factors = {n: (b * 1e-2, a * 1e-2) for n, (b, a) in u.factors.items()}
     assert update_norm(ua.factors) < 1 and update_norm(ub.factors) < 1
-    new = hetlora.aggregate(state, [ua, ub], rankwise=True)
+    new = hetlora.aggregate(state, [ua, ub], padding="rankwise")
     for name in state.factors:
         torch.testing.assert_close(new.factors[name][1][2:4], ub.factors[name][1][2:4])
-    agg = hetlora.Aggregator(state, rankwise=True)
+    agg = hetlora.Aggregator(state, padding="rankwise")
     agg.add(ua)
     bad = dict(state.factors)
     name = next(iter(bad))
@@ -239,3 +239,73 @@ def test_aggregator_weights_small_and_zero_scores():
         u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
         zero.add(u)
     assert zero.weights() == {"a": 0.5, "b": 0.5}
+
+
+def test_zero_padding_formula_divides_every_position_by_the_total_score():
+    # The paper: B[:, p] = sum_{k: r_k > p} s_k B_k[:, p] / sum_k s_k, over all the round's
+    # clients, so position p shrinks by the weight of the clients below it.
+    state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
+    ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
+    new = hetlora.aggregate(state, [ua, ub], padding="zero")
+    na, nb = update_norm(ua.factors), update_norm(ub.factors)
+    wa, wb = na / (na + nb), nb / (na + nb)
+    assert 0.05 < wa < 0.95  # non-degenerate weights
+    for name in state.factors:
+        (ba, aa), (bb, ab) = ua.factors[name], ub.factors[name]
+        b, a = new.factors[name]
+        torch.testing.assert_close(b[:, :2], wa * ba + wb * bb[:, :2])
+        torch.testing.assert_close(a[:2], wa * aa + wb * ab[:2])
+        torch.testing.assert_close(b[:, 2:5], wb * bb[:, 2:5])  # a's zero padding shrinks them
+        torch.testing.assert_close(a[2:5], wb * ab[2:5])
+        assert torch.count_nonzero(b[:, 5:]) == 0 and torch.count_nonzero(a[5:]) == 0
+
+
+def test_keep_padding_is_zero_padding_where_reached_and_the_previous_value_elsewhere():
+    # FSLoRA's HetLoRA baseline (not in the paper): positions no client of the round reached
+    # keep the previous global value; the others are exactly the paper's zero-padded average.
+    state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
+    ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
+    kept = hetlora.aggregate(state, [ua, ub], padding="keep")
+    zero = hetlora.aggregate(state, [ua, ub], padding="zero")
+    ranked = hetlora.aggregate(state, [ua, ub], padding="rankwise")
+    na, nb = update_norm(ua.factors), update_norm(ub.factors)
+    wb = nb / (na + nb)
+    for name, (old_b, old_a) in state.factors.items():
+        b, a = kept.factors[name]
+        _, ab = ub.factors[name]
+        torch.testing.assert_close(b[:, :5], zero.factors[name][0][:, :5])
+        torch.testing.assert_close(a[:5], zero.factors[name][1][:5])
+        torch.testing.assert_close(a[2:5], wb * ab[2:5])  # shrunk, unlike rank-wise
+        assert not torch.allclose(a[2:5], ranked.factors[name][1][2:5])
+        torch.testing.assert_close(b[:, 5:], old_b[:, 5:])
+        torch.testing.assert_close(a[5:], old_a[5:])
+        assert torch.count_nonzero(old_a[5:]) > 0  # the kept values are not zeros
+    # the previous global factors are not modified in place
+    again = hetlora.aggregate(state, [ua, ub], padding="keep")
+    for name in state.factors:
+        torch.testing.assert_close(again.factors[name][1], kept.factors[name][1])
+
+
+def test_live_rank_counts_positions_where_both_factors_are_non_zero():
+    from hetlora.lora import live_rank
+
+    b = torch.ones(3, 5)
+    a = torch.ones(5, 4)
+    b[:, 1] = 0  # position 1: B dead
+    a[3] = 0  # position 3: A dead
+    b2, a2 = torch.ones(3, 5), torch.ones(5, 4)
+    b2[:, 4] = 0
+    assert live_rank({"m1": (b, a), "m2": (b2, a2)}) == (3, 4)
+
+
+def test_padding_is_an_error_for_unknown_rules_and_other_methods():
+    from hetlora.config import make_config
+
+    state = hetlora.init(global_factors(4), {"a": 4})
+    with pytest.raises(HetLoRAError, match="padding"):
+        hetlora.aggregate(state, [update(state, "a", 4, 1)], padding="mirror")
+    with pytest.raises(HetLoRAError, match="padding"):
+        make_config({"method": "homlora", "padding": "keep"})
+    with pytest.raises(HetLoRAError, match="padding"):
+        make_config({"padding": "replicate"})
+    assert make_config({"padding": "keep"}).padding == "keep"

@@ -326,6 +326,13 @@ def _print_results(result: dict[str, Any], out: Path) -> None:
         table.add_column(short[key], justify="left" if key == "name" else "right", no_wrap=True)
     for row in result["rows"]:
         table.add_row(*[_fmt(k, row[k]) for k, _ in COLUMNS])
+    if result.get("summary"):  # a seeded comparison: one line per method, over its seeds
+        table = Table(title=f"summary over seeds ({out / 'summary.md'})")
+        keys = ("method", "lr", "lambda_", "seeds", "test_mean", "test_std", "val_mean")
+        for key in keys:
+            table.add_column(key, justify="left" if key == "method" else "right", no_wrap=True)
+        for row in result["summary"]:
+            table.add_row(*[_fmt(k, row[k]) for k in keys])
     console.print(table)
     for path in result["plots"]:
         console.print(f"plot: {path}")

@@ -29,6 +29,10 @@ RANK_DISTRIBUTIONS = ("uniform", "tiers")
 COMPILE_MODES = ("auto", "on", "off")
 CHAT_TEMPLATES = ("auto", "on", "off")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
+#: How ``hetlora`` joins factors of different ranks (key ``padding``, see
+#: :class:`hetlora.lora.WeightedFactorSum`): ``zero`` is the paper's zero-padding; ``keep`` and
+#: ``rankwise`` are published alternatives, not in the paper.
+PADDINGS = ("zero", "keep", "rankwise")
 
 
 @dataclass
@@ -50,7 +54,14 @@ class Config:
             assistant turn) or ``off`` (no template; ``messages`` rows refused).
         min_examples: clients with fewer examples are dropped.
         max_clients: keep only this many clients (seeded choice); 0 keeps all.
-        test_fraction: per-client share of examples held out for evaluation.
+        max_examples_per_client: keep at most this many examples of each client (a seeded
+            choice, original order kept), before the splits; 0 keeps all. Smaller clients are
+            revisited more often per example, as the paper's single chat histories are.
+        test_fraction: per-client share of examples held out for evaluation (the test set).
+        val_fraction: per-client share of examples held out as a validation set, separate from
+            the test split (seeded; the test split is the same as with 0). With a validation
+            set every evaluation round measures both (``val_ppl`` and ``eval_ppl``, the test
+            perplexity); 0 (default) has none.
         partitioner, num_partitions, partition_by, dirichlet_alpha: how a file without
             ``client_id`` is split into clients (``iid`` or ``dirichlet`` over ``partition_by``).
         max_seq_len: tokens per example (prompt truncated on the left, response on the right).
@@ -73,9 +84,13 @@ class Config:
             ``data_size`` (number of training examples).
         per_module_weights: sparsity weights per module instead of per client.
         data_size_factor: multiply sparsity weights by the client's number of examples.
-        rankwise: rank-wise averaging (not in the paper): rank position j is averaged over the
-            clients whose rank exceeds j, and positions no client reached keep their values,
-            instead of zero-padding (which zeroes both factors above the round's largest rank).
+        padding: how ``hetlora`` joins factors of different ranks (``hetlora`` only):
+            ``"zero"`` (the paper: zero-pad to r_max, weighted sum replaces the global factors,
+            so positions above the round's largest rank become zero); ``"keep"`` (not in the
+            paper; FSLoRA's HetLoRA baseline): as ``zero``, but positions no client of the round
+            reached keep their previous global value; ``"rankwise"`` (not in the paper;
+            FediLoRA-like): position j is averaged over the clients whose rank exceeds j,
+            weights renormalised over them, unreached positions kept.
         lora_scale: s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).
 
     Federated loop and local training:
@@ -109,7 +124,9 @@ class Config:
     chat_template: str = "auto"
     min_examples: int = 40
     max_clients: int = 0
+    max_examples_per_client: int = 0
     test_fraction: float = 0.2
+    val_fraction: float = 0.0
     partitioner: str = "iid"
     num_partitions: int = 10
     partition_by: str = ""
@@ -129,7 +146,7 @@ class Config:
     aggregation: str = "sparsity"
     per_module_weights: bool = False
     data_size_factor: bool = False
-    rankwise: bool = False
+    padding: str = "zero"
     lora_scale: float = 2.0
 
     rounds: int = 10
@@ -283,6 +300,12 @@ def validate(cfg: Config) -> None:
             )
     if len(set(cfg.report_to)) != len(cfg.report_to):
         raise HetLoRAError(f"config key 'report_to' names a tracker twice: {cfg.report_to}")
+    _choice(cfg, "padding", PADDINGS)
+    if cfg.padding != "zero" and cfg.method != "hetlora":
+        raise HetLoRAError(
+            f"config key 'padding' applies to method 'hetlora' only (got padding = "
+            f"{cfg.padding!r} with method = {cfg.method!r})"
+        )
     for key in ("r_min", "r_max"):
         if getattr(cfg, key) < 1:
             raise HetLoRAError(
@@ -297,6 +320,11 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.test_fraction < 1:
         raise HetLoRAError(
             f"config key 'test_fraction' must lie in [0, 1), got {cfg.test_fraction}"
+        )
+    if not 0 <= cfg.val_fraction < 1 or not cfg.test_fraction + cfg.val_fraction < 1:
+        raise HetLoRAError(
+            f"config key 'val_fraction' must lie in [0, 1) with test_fraction + val_fraction < 1,"
+            f" got {cfg.val_fraction} (test_fraction {cfg.test_fraction})"
         )
     for key in (
         "rounds",
@@ -316,6 +344,7 @@ def validate(cfg: Config) -> None:
         "rank",
         "max_update_norm",
         "max_clients",
+        "max_examples_per_client",
         "eval_examples",
         "rouge_examples",
         "max_new_tokens",

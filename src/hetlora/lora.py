@@ -14,7 +14,9 @@ models, runtimes or I/O, so every runtime (in-process, Flower) calls the same fu
 * :func:`pruned_rank` -- the pruning rule ``r <- max(r_min, floor(gamma * r))``.
 * :func:`product_fro_norm` -- ``||B A||_F`` from the r x r Gram matrices, never forming B A.
 * :func:`aggregation_weights` and :class:`WeightedFactorSum` -- sparsity-weighted aggregation
-  ``B = sum_k w_k pad(B_k)``, ``A = sum_k w_k pad(A_k)``, ``w_k ∝ ||dW_k||_F``.
+  ``B = sum_k w_k pad(B_k)``, ``A = sum_k w_k pad(A_k)``, ``w_k ∝ ||dW_k||_F``, and the
+  padding alternatives beyond the paper (:data:`PADDINGS`).
+* :func:`live_rank` -- the rank positions where both factors are non-zero (rank dynamics).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hetlora.config import PADDINGS
 from hetlora.errors import HetLoRAError
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -151,6 +154,21 @@ def update_norm(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> flo
     return math.sqrt(max(0.0, sum(float(product_fro_norm_sq(b, a)) for b, a in factors.values())))
 
 
+def live_rank(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+    """The live rank of a factor dict, as ``(min, max)`` over modules.
+
+    A module's live rank is the number of rank positions j where ``B[:, j]`` and ``A[j, :]``
+    are both non-zero: only those add to ``B A``. Under zero-padding with replacement (the
+    paper's Fig. 2) positions above a round's largest client rank come back zero in both
+    factors and never return (B = A = 0 is a fixed point of training), so the live rank of the
+    global adapter is the running minimum of the rounds' largest ranks.
+    """
+    ranks = [int(((a != 0).any(dim=1) & (b != 0).any(dim=0)).sum()) for b, a in factors.values()]
+    if not ranks:
+        raise HetLoRAError("no LoRA modules")
+    return min(ranks), max(ranks)
+
+
 def aggregation_weights(scores: Sequence[float]) -> list[float]:
     """Normalise non-negative scores to weights that sum to 1 (uniform if all scores are 0)."""
     if not scores:
@@ -172,12 +190,22 @@ class WeightedFactorSum:
     per client, or one per module (``per_module`` weighting). If every score of a module is 0
     (e.g. every client returned B = 0), the module falls back to the uniform average.
 
-    ``result(previous=...)`` gives the *rank-wise* average instead (not in the paper): rank
-    position j of B and A is averaged over the clients whose rank exceeds j, weights renormalised
-    over those clients, and positions no client reached keep their ``previous`` values. Plain
-    zero-padding instead shrinks position j by the weight of the clients below it, and sets
-    every position above the round's largest rank to zero in both factors, where no later
-    gradient can revive it (B and A both zero is a fixed point of training).
+    :meth:`result` takes a ``padding`` rule (:data:`PADDINGS`). With ``S = sum_j s_j`` over
+    all clients of the round, ``R_p = sum_{k: r_k > p} s_k`` over the clients that reach
+    rank position p, and ``P`` the global factors the round started from (``previous``):
+
+    * ``zero`` (the paper, Sec. 3 and Fig. 2): ``B[:, p] = sum_{k: r_k > p} s_k B_k[:, p] / S``
+      (likewise the rows of A). Position p shrinks by the weight of the clients below it, and
+      every position above the round's largest rank is zero in both factors, where no later
+      gradient can revive it (B and A both zero is a fixed point of training).
+    * ``keep`` (not in the paper; FSLoRA's HetLoRA baseline): as ``zero`` where ``R_p`` has a
+      client, ``B[:, p] = P_B[:, p]`` where no client of the round reached p.
+    * ``rankwise`` (not in the paper; FediLoRA, RB-LoRA): ``B[:, p] = sum_{k: r_k > p} s_k
+      B_k[:, p] / R_p``, the weights renormalised over the clients that reach p, and
+      ``P_B[:, p]`` where none did.
+
+    Where every client reaching p has score 0, the position falls back to the uniform average
+    of those clients (``zero``: the module's uniform average over all its clients).
     """
 
     def __init__(self, r_max: int) -> None:
@@ -225,14 +253,40 @@ class WeightedFactorSum:
         return [b.new_zeros(b.shape[0], self.r_max), a.new_zeros(self.r_max, a.shape[1])]
 
     def result(
-        self, previous: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self,
+        padding: str = "zero",
+        previous: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> Factors:
-        """The weighted average of everything added, at rank r_max; rank-wise with ``previous``
-        (the global factors the round started from, see the class docstring)."""
+        """The aggregate of everything added, at rank r_max, under the ``padding`` rule (see the
+        class docstring); ``keep`` and ``rankwise`` need ``previous``, the global factors the
+        round started from."""
         if not self._sum:
             raise HetLoRAError("no client updates to aggregate")
-        if previous is not None:
+        if padding not in PADDINGS:
+            raise HetLoRAError(f"padding must be one of {', '.join(PADDINGS)}; got {padding!r}")
+        if padding != "zero" and previous is None:
+            raise HetLoRAError(f"padding {padding!r} needs the previous global factors")
+        if padding == "rankwise":
             return self._rankwise(previous)
+        out = self._zero_padded()
+        if padding == "keep":
+            for name, (b, a) in out.items():
+                prev_b, prev_a = self._previous(name, previous)
+                unreached = (self._reach[name] == 0) & (self._reach_zero[name] == 0)
+                b[:, unreached] = prev_b[:, unreached]
+                a[unreached] = prev_a[unreached]
+        return out
+
+    def _previous(
+        self, name: str, previous: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sum_b, sum_a = self._sum[name]
+        prev_b, prev_a = previous[name]
+        if prev_b.shape != sum_b.shape or prev_a.shape != sum_a.shape:
+            raise HetLoRAError(f"{name}: previous global factors are not at rank {self.r_max}")
+        return prev_b.detach().float(), prev_a.detach().float()
+
+    def _zero_padded(self) -> Factors:
         out: Factors = {}
         for name, (sum_b, sum_a) in self._sum.items():
             total = float(self._reach[name][0])
@@ -246,15 +300,13 @@ class WeightedFactorSum:
     def _rankwise(self, previous: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Factors:
         out: Factors = {}
         for name, (sum_b, sum_a) in self._sum.items():
-            prev_b, prev_a = previous[name]
-            if prev_b.shape != sum_b.shape or prev_a.shape != sum_a.shape:
-                raise HetLoRAError(f"{name}: previous global factors are not at rank {self.r_max}")
+            prev_b, prev_a = self._previous(name, previous)
             reach, reach_zero = self._reach[name], self._reach_zero[name]
             weighted = reach > 0
             uniform = ~weighted & (reach_zero > 0)  # reached only by clients of score 0
             div = torch.where(weighted, reach, torch.where(uniform, reach_zero, 1.0)).float()
-            b = prev_b.detach().float().clone()
-            a = prev_a.detach().float().clone()
+            b = prev_b.clone()
+            a = prev_a.clone()
             b[:, weighted] = (sum_b / div)[:, weighted]
             a[weighted] = (sum_a / div[:, None])[weighted]
             if bool(uniform.any()):

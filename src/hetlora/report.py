@@ -1,7 +1,17 @@
 """Tables and plots from finished runs and comparisons (rerunnable: ``hetlora report DIR``).
 
 A run directory holds ``summary.json`` and ``metrics.jsonl``; a comparison directory holds
-``comparison.json`` (the run names in order) and one run directory per method.
+``comparison.json`` (the run names in order) and one run directory per method, or per (method,
+seed) when the comparison has ``seeds``.
+
+A seeded comparison is reported as a study: ``results.csv``/``.md`` have one row per (entry,
+seed) with ``name, method, seed, lr, lambda_, val_ppl, test_ppl, ...``; each ``group`` (one
+method over a grid of lr, lambda) keeps the grid point with the lowest validation perplexity at
+the last round, *averaged over the seeds* (the test set is never used to choose; without a
+validation split the choice falls back to the test perplexity, and ``selected_on`` says so);
+``summary.csv``/``.md`` give each method's chosen point with the mean, sample std (ddof 1) and
+per-seed values of its final test and validation perplexity. Curves show the mean over seeds
+with a min-max band.
 """
 
 from __future__ import annotations
@@ -25,6 +35,56 @@ COLUMNS = [
     ("mean_final_rank", "mean final rank"),
     ("global_rank", "global adapter rank"),
 ]
+
+
+#: Columns of a seeded comparison's ``results.csv``: one row per (entry, seed).
+SEED_COLUMNS = [
+    ("name", "entry"),
+    ("method", "method"),
+    ("seed", "seed"),
+    ("lr", "lr"),
+    ("lambda_", "lambda"),
+    ("val_ppl", "val ppl"),
+    ("test_ppl", "test ppl"),
+    ("best_val_ppl", "best val ppl"),
+    ("best_ppl", "best test ppl"),
+    ("best_round", "best test round"),
+    ("total_bytes", "total bytes"),
+    ("client_flops", "client FLOPs"),
+    ("mean_final_rank", "mean final rank"),
+    ("global_rank", "global adapter rank"),
+    ("selected", "chosen"),
+]
+
+#: Columns of a seeded comparison's ``summary.csv``: one row per method (its chosen grid point).
+SUMMARY_COLUMNS = [
+    ("method", "method"),
+    ("entry", "chosen entry"),
+    ("lr", "lr"),
+    ("lambda_", "lambda"),
+    ("seeds", "seeds"),
+    ("test_mean", "test ppl mean"),
+    ("test_std", "test ppl std"),
+    ("test_per_seed", "test ppl per seed"),
+    ("val_mean", "val ppl mean"),
+    ("val_std", "val ppl std"),
+    ("val_per_seed", "val ppl per seed"),
+    ("global_rank_mean", "global adapter rank (mean)"),
+    ("total_bytes", "total bytes (mean)"),
+    ("selected_on", "chosen on"),
+]
+
+PPL_KEYS = (
+    "final_ppl",
+    "best_ppl",
+    "val_ppl",
+    "test_ppl",
+    "best_val_ppl",
+    "test_mean",
+    "test_std",
+    "val_mean",
+    "val_std",
+)
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -77,13 +137,15 @@ def result_row(name: str, summary: dict[str, Any], run_dir: Path | None = None) 
         "client_flops": summary.get("flops", 0.0),
         "mean_final_rank": summary["mean_rank_final"] if has_ranks else math.nan,
         "global_rank": adapter_rank(run_dir) if run_dir is not None else math.nan,
+        "val_ppl": summary.get("final_val_ppl", math.nan),
+        "best_val_ppl": summary.get("best_val_ppl", math.nan),
     }
 
 
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "-"
-    if key in ("final_ppl", "best_ppl"):
+    if key in PPL_KEYS:
         return f"{value:.2f}"
     if key == "rouge_l":
         return f"{value:.3f}"
@@ -91,29 +153,36 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value / 2**20:.1f} MiB"
     if key == "client_flops":
         return f"{value:.3g}"
-    if key == "mean_final_rank":
+    if key in ("mean_final_rank", "global_rank_mean"):
         return f"{value:.1f}"
+    if key in ("lr", "lambda_"):
+        return f"{value:g}"
     if key == "global_rank":
         return f"{value:.0f}"
     return str(value)
 
 
-def write_tables(rows: list[dict[str, Any]], out_dir: Path, stem: str = "results") -> None:
+def write_tables(
+    rows: list[dict[str, Any]],
+    out_dir: Path,
+    stem: str = "results",
+    columns: list[tuple[str, str]] = COLUMNS,
+) -> None:
     """``<stem>.csv`` (raw numbers) and ``<stem>.md`` (formatted)."""
     with (out_dir / f"{stem}.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[k for k, _ in COLUMNS])
+        writer = csv.DictWriter(fh, fieldnames=[k for k, _ in columns], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        "| " + " | ".join(title for _, title in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(k, row[k]) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(k, row[k]) for k, _ in columns) + " |")
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
-def _curve(rows: list[dict[str, Any]], x: str) -> tuple[list[float], list[float]]:
+def _curve(rows: list[dict[str, Any]], x: str, y: str = "eval_ppl") -> tuple[list, list]:
     xs, ys, total = [], [], 0.0
     for row in rows:
         if x == "round":
@@ -123,41 +192,63 @@ def _curve(rows: list[dict[str, Any]], x: str) -> tuple[list[float], list[float]
                 row.get(x, 0) if x != "bytes" else row.get("bytes_up", 0) + row.get("bytes_down", 0)
             )
             value = total
-        if "eval_ppl" in row:
+        if y in row:
             xs.append(value)
-            ys.append(row["eval_ppl"])
+            ys.append(row[y])
     return xs, ys
 
 
+def _spread(seeds: list[list[dict[str, Any]]], x: str, y: str = "eval_ppl"):
+    """Mean x, mean y, min y and max y over seeds, point by point (the seeds of one entry share
+    their evaluation rounds; a seed with fewer points cuts the others)."""
+    curves = [_curve(rows, x, y) for rows in seeds]
+    n = min(len(xs) for xs, _ in curves)
+    xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
+    ys = [[c[1][i] for c in curves] for i in range(n)]
+    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
 def plot_curves(
-    runs: dict[str, list[dict[str, Any]]], out_dir: Path, title: str = ""
+    runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path, title: str = ""
 ) -> list[Path]:
-    """Eval perplexity against round, cumulative bytes and cumulative client FLOPs."""
+    """Perplexity against round, cumulative bytes and cumulative client FLOPs, one line per
+    method (``runs``: name -> the metrics rows of each of its seeds); with several seeds, the
+    mean over seeds with a min-max band. Test perplexity (``eval_ppl``); where the runs have a
+    validation split, also ``val_vs_round.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    seeded = any(len(seeds) > 1 for seeds in runs.values())
+    has_val = all("val_ppl" in seeds[0][0] for seeds in runs.values())
+    plots = [
+        ("round", "eval_ppl", "round", "ppl_vs_round.png", False),
+        ("bytes", "eval_ppl", "cumulative bytes sent and received", "ppl_vs_bytes.png", True),
+        ("flops", "eval_ppl", "cumulative client training FLOPs", "ppl_vs_flops.png", True),
+    ]
+    if has_val:
+        plots.append(("round", "val_ppl", "round", "val_vs_round.png", False))
     written = []
-    for x, label, fname, log in (
-        ("round", "round", "ppl_vs_round.png", False),
-        ("bytes", "cumulative bytes sent and received", "ppl_vs_bytes.png", True),
-        ("flops", "cumulative client training FLOPs", "ppl_vs_flops.png", True),
-    ):
+    for x, y, label, fname, log in plots:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, rows in runs.items():
-            xs, ys = _curve(rows, x)
+        for name, seeds in runs.items():
+            xs, mean, low, high = _spread(seeds, x, y)
             if log:  # round 0 sits at x = 0, off a log axis
-                kept = [(a, b) for a, b in zip(xs, ys, strict=True) if a > 0]
-                xs, ys = [a for a, _ in kept], [b for _, b in kept]
-            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+                keep = [i for i, a in enumerate(xs) if a > 0]
+                xs, mean, low, high = ([v[i] for i in keep] for v in (xs, mean, low, high))
+            label_n = f"{name} ({len(seeds)} seeds)" if seeded else name
+            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label_n)
+            if len(seeds) > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out perplexity")
+        which = "validation" if y == "val_ppl" else "held-out test"
+        ax.set_ylabel(f"{which} perplexity" + (" (mean, min-max band)" if seeded else ""))
         if log:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(title or "eval perplexity")
+        ax.set_title(title or f"{which} perplexity")
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, dpi=120)
@@ -166,8 +257,59 @@ def plot_curves(
     return written
 
 
-def plot_ranks(runs: dict[str, list[dict[str, Any]]], out_dir: Path) -> Path | None:
-    """Client ranks over rounds under self-pruning, for runs where some rank changed.
+def plot_rank_dynamics(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
+    """``rank_dynamics.png``: per method, the live global rank against round (positions where
+    both global factors are non-zero, the largest over modules; mean over seeds, min-max band),
+    and the distribution of every client's current rank (mean, and the min-max over clients
+    and seeds). Methods whose rows lack these fields (runs made before they were recorded,
+    methods without a global adapter or ranks) are left out of the panel concerned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    global_rank = {n: s for n, s in runs.items() if all("global_rank" in r[-1] for r in s)}
+    client = {n: s for n, s in runs.items() if all("ranks" in r[-1] for r in s)}
+    if not global_rank and not client:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, seeds in global_rank.items():
+        xs, mean, low, high = _spread(seeds, "round", "global_rank")
+        (line,) = left.plot(xs, mean, marker="o", markersize=3, label=name)
+        if len(seeds) > 1:
+            left.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    for name, seeds in client.items():
+        n = min(len(rows) for rows in seeds)
+        rounds = [seeds[0][i]["round"] for i in range(n)]
+        pooled = [[v for rows in seeds for v in rows[i]["ranks"].values()] for i in range(n)]
+        (line,) = right.plot(
+            rounds, [sum(p) / len(p) for p in pooled], marker="o", markersize=3, label=name
+        )
+        right.fill_between(
+            rounds,
+            [min(p) for p in pooled],
+            [max(p) for p in pooled],
+            color=line.get_color(),
+            alpha=0.12,
+            linewidth=0,
+        )
+    left.set_title("live global rank (both factors non-zero; max over modules)", fontsize=10)
+    right.set_title("every client's current rank (mean; band: min-max)", fontsize=10)
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.set_ylabel("rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "rank_dynamics.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ranks(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
+    """Client ranks over rounds under self-pruning, for runs where some rank changed (the
+    first seed of each method).
 
     Each round shows the current ranks of every client that has taken part so far (a box per
     round), so pruning is visible however small the share of clients sampled.
@@ -178,7 +320,8 @@ def plot_ranks(runs: dict[str, list[dict[str, Any]]], out_dir: Path) -> Path | N
     import matplotlib.pyplot as plt
 
     series = {}
-    for name, rows in runs.items():
+    for name, seeds in runs.items():
+        rows = seeds[0]
         current: dict[str, int] = {}
         rounds, boxes, changed = [], [], 0
         for row in rows[1:]:
@@ -212,12 +355,15 @@ def plot_ranks(runs: dict[str, list[dict[str, Any]]], out_dir: Path) -> Path | N
 def best_of_groups(
     entries: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> list[tuple[str, dict[str, Any]]]:
-    """The best entry (lowest final perplexity) of each ``group`` (a hyperparameter grid of one
-    method), as (entry name, row labelled "group (entry name)"); untagged entries stand alone."""
+    """The best entry of each ``group`` (a hyperparameter grid of one method), as (entry name,
+    row labelled "group (entry name)"); untagged entries stand alone. Best is the lowest final
+    validation perplexity where every run has a validation split, else the lowest final test
+    perplexity."""
+    key_ppl = "val_ppl" if all(not math.isnan(r["val_ppl"]) for r in rows) else "final_ppl"
     best: dict[str, dict[str, Any]] = {}
     for entry, row in zip(entries, rows, strict=True):
         key = entry.get("group") or entry["name"]
-        if key not in best or row["final_ppl"] < best[key]["final_ppl"]:
+        if key not in best or row[key_ppl] < best[key][key_ppl]:
             best[key] = row
     return [
         (row["name"], {**row, "name": key if key == row["name"] else f"{key} ({row['name']})"})
@@ -225,41 +371,139 @@ def best_of_groups(
     ]
 
 
+def _run_settings(run_dir: Path) -> dict[str, Any]:
+    """``lr`` and ``lambda_`` of a run, from its ``config.toml`` (``lambda_`` NaN unless
+    ``hetlora`` with pruning, the only method it acts on)."""
+    import tomllib
+
+    try:
+        cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise HetLoRAError(f"{run_dir}: unreadable config.toml ({exc})") from None
+    acts = cfg.get("method") == "hetlora" and cfg.get("pruning", True)
+    return {"lr": cfg.get("lr", math.nan), "lambda_": cfg.get("lambda_") if acts else math.nan}
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (ddof 1); NaN for a single value."""
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def seeded_report(
+    directory: Path, entries: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, list[list[dict[str, Any]]]]]:
+    """The per-(entry, seed) rows, the per-method summary rows, and the chosen entries' metrics
+    by method (see the module docstring for the selection rule)."""
+    rows, metrics = [], {}
+    for entry in entries:
+        run_dir = directory / entry["dir"]
+        summary, run_metrics = load_run(run_dir)
+        row = result_row(entry["name"], summary, run_dir)
+        row.update(_run_settings(run_dir))
+        row.update(
+            {
+                "method": entry.get("group") or entry["name"],
+                "seed": entry.get("seed", ""),
+                "test_ppl": row["final_ppl"],
+            }
+        )
+        rows.append(row)
+        metrics[(entry["name"], entry.get("seed"))] = run_metrics
+    on_val = all(not math.isnan(r["val_ppl"]) for r in rows)
+    key = "val_ppl" if on_val else "test_ppl"
+    by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {}).setdefault(row["name"], []).append(row)
+    chosen = {
+        method: min(grid, key=lambda name, g=grid: _mean([r[key] for r in g[name]]))
+        for method, grid in by_method.items()
+    }
+    summary_rows, runs = [], {}
+    for method, name in chosen.items():
+        picked = by_method[method][name]
+        for r in picked:
+            r["selected"] = True
+        tests = [r["test_ppl"] for r in picked]
+        vals = [r["val_ppl"] for r in picked]
+        summary_rows.append(
+            {
+                "method": method,
+                "entry": name,
+                "lr": picked[0]["lr"],
+                "lambda_": picked[0]["lambda_"],
+                "seeds": len(picked),
+                "test_mean": _mean(tests),
+                "test_std": _std(tests),
+                "test_per_seed": _per_seed(picked, "test_ppl"),
+                "val_mean": _mean(vals),
+                "val_std": _std(vals),
+                "val_per_seed": _per_seed(picked, "val_ppl"),
+                "global_rank_mean": _mean([r["global_rank"] for r in picked]),
+                "total_bytes": _mean([r["total_bytes"] for r in picked]),
+                "selected_on": "val (mean over seeds)" if on_val else "test (no validation split)",
+            }
+        )
+        runs[method] = [metrics[(name, r["seed"])] for r in picked]
+    for row in rows:
+        row.setdefault("selected", False)
+    return rows, summary_rows, runs
+
+
+def _per_seed(rows: list[dict[str, Any]], key: str) -> str:
+    return "; ".join(f"s{r['seed']}: {r[key]:.2f}" for r in rows)
+
+
 def report(directory: Path | str) -> dict[str, Any]:
     """Redraw the tables and plots of a finished run or comparison; returns what was written.
 
     A comparison whose entries carry a ``group`` (the same method over a hyperparameter grid)
-    also gets ``best.csv``/``best.md`` (the best entry of each group by final perplexity), and
-    its plots show one line per group, the best one.
+    also gets ``best.csv``/``best.md`` (the best entry of each group, on validation where the
+    runs have it), and its plots show one line per group, the best one. A comparison with
+    ``seeds`` gets the study's tables instead (module docstring): ``results`` per (entry, seed),
+    ``summary`` per method, and curves with the spread over seeds.
     """
     directory = Path(directory)
     manifest = directory / "comparison.json"
     tables = [directory / "results.csv", directory / "results.md"]
+    summary_rows: list[dict[str, Any]] = []
     if manifest.is_file():
         entries = json.loads(manifest.read_text())["runs"]
-        metrics_by_name, rows = {}, []
-        for entry in entries:
-            summary, metrics = load_run(directory / entry["dir"])
-            metrics_by_name[entry["name"]] = metrics
-            rows.append(result_row(entry["name"], summary, directory / entry["dir"]))
-        write_tables(rows, directory)
-        if any(e.get("group") for e in entries):
-            best = best_of_groups(entries, rows)
-            write_tables([row for _, row in best], directory, stem="best")
-            tables += [directory / "best.csv", directory / "best.md"]
-            runs = {row["name"]: metrics_by_name[entry] for entry, row in best}
+        if any("seed" in e for e in entries):
+            rows, summary_rows, runs = seeded_report(directory, entries)
+            write_tables(rows, directory, columns=SEED_COLUMNS)
+            write_tables(summary_rows, directory, stem="summary", columns=SUMMARY_COLUMNS)
+            tables += [directory / "summary.csv", directory / "summary.md"]
         else:
-            runs = metrics_by_name
+            metrics_by_name, rows = {}, []
+            for entry in entries:
+                summary, metrics = load_run(directory / entry["dir"])
+                metrics_by_name[entry["name"]] = [metrics]
+                rows.append(result_row(entry["name"], summary, directory / entry["dir"]))
+            write_tables(rows, directory)
+            if any(e.get("group") for e in entries):
+                best = best_of_groups(entries, rows)
+                write_tables([row for _, row in best], directory, stem="best")
+                tables += [directory / "best.csv", directory / "best.md"]
+                runs = {row["name"]: metrics_by_name[entry] for entry, row in best}
+            else:
+                runs = metrics_by_name
     elif (directory / "summary.json").is_file():
         summary, metrics = load_run(directory)
         name = summary.get("method", "run")
-        runs = {name: metrics}
+        runs = {name: [metrics]}
         rows = [result_row(name, summary, directory)]
         write_tables(rows, directory)
     else:
         raise HetLoRAError(f"{directory} is neither a run nor a comparison directory")
     plots = plot_curves(runs, directory)
-    ranks = plot_ranks(runs, directory)
-    if ranks:
-        plots.append(ranks)
-    return {"rows": rows, "plots": plots, "tables": tables}
+    for extra in (plot_ranks(runs, directory), plot_rank_dynamics(runs, directory)):
+        if extra:
+            plots.append(extra)
+    return {"rows": rows, "summary": summary_rows, "plots": plots, "tables": tables}

@@ -31,8 +31,10 @@ __all__ = [
     "PARTITIONERS",
     "SHAKESPEARE",
     "Example",
+    "cap_examples",
     "load_clients",
     "split_clients",
+    "split_validation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,3 +244,58 @@ def split_clients(
         train[cid] = [ex for i, ex in enumerate(examples) if i not in test_idx]
         test[cid] = [ex for i, ex in enumerate(examples) if i in test_idx]
     return train, test
+
+
+def cap_examples(
+    clients: dict[str, list[Example]], max_examples: int, seed: int
+) -> dict[str, list[Example]]:
+    """Keep at most ``max_examples`` examples of every client (0 keeps all).
+
+    The kept examples are a seeded choice that depends only on ``seed`` and the client id, in
+    their original order; a client with fewer examples is unchanged.
+    """
+    if max_examples < 0:
+        raise HetLoRAError(f"max_examples_per_client must be >= 0, got {max_examples}")
+    out: dict[str, list[Example]] = {}
+    for cid in sorted(clients):
+        examples = clients[cid]
+        if not max_examples or len(examples) <= max_examples:
+            out[cid] = list(examples)
+            continue
+        order = list(range(len(examples)))
+        _client_rng(seed, f"cap\x00{cid}").shuffle(order)
+        keep = sorted(order[:max_examples])
+        out[cid] = [examples[i] for i in keep]
+    return out
+
+
+def split_validation(
+    train: dict[str, list[Example]], sizes: dict[str, int], val_fraction: float, seed: int
+) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """Carve a validation split out of every client's training examples.
+
+    Applied after :func:`split_clients`, so the test split is the same whatever
+    ``val_fraction``. Client ``c`` gives ``round(val_fraction * sizes[c])`` examples (``sizes``:
+    its number of examples before any split), at least one when ``val_fraction > 0`` and it has
+    two or more training examples, and always keeps one for training. The choice depends only
+    on ``seed`` and the client id (a stream separate from the test split's); both parts keep
+    the original order. With ``val_fraction = 0`` the training sets are returned unchanged and
+    every validation list is empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise HetLoRAError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    kept: dict[str, list[Example]] = {}
+    val: dict[str, list[Example]] = {}
+    for cid in sorted(train):
+        examples = train[cid]
+        n = len(examples)
+        n_val = round(val_fraction * sizes.get(cid, n))
+        if val_fraction > 0 and n >= 2:
+            n_val = max(n_val, 1)
+        n_val = max(0, min(n_val, n - 1))
+        order = list(range(n))
+        _client_rng(seed, f"val\x00{cid}").shuffle(order)
+        val_idx = set(order[:n_val])
+        kept[cid] = [ex for i, ex in enumerate(examples) if i not in val_idx]
+        val[cid] = [ex for i, ex in enumerate(examples) if i in val_idx]
+    return kept, val

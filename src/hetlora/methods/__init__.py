@@ -46,7 +46,7 @@ def make_server(
             aggregation=cfg.aggregation,
             per_module=cfg.per_module_weights,
             data_size_factor=cfg.data_size_factor,
-            rankwise=cfg.rankwise,
+            padding=cfg.padding,
             pruning=cfg.pruning,
             regularise=cfg.pruning and cfg.lambda_ > 0,
         )

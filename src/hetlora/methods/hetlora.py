@@ -12,7 +12,9 @@ A pair of pure steps over an explicit :class:`ServerState`, as in FedJAX's ``fed
   each client's pruned rank persists in the state (it never grows back).
 
 The ``aggregation`` option gives the paper's ablations: ``uniform`` or ``data_size`` weights in
-place of sparsity weights, ``per_module`` sparsity weights, and a data-size factor.
+place of sparsity weights, ``per_module`` sparsity weights, and a data-size factor. The
+``padding`` option gives alternatives to zero-padding that are not in the paper (``keep``,
+``rankwise``; see :class:`hetlora.lora.WeightedFactorSum`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import (
+    PADDINGS,
     Factors,
     WeightedFactorSum,
     product_fro_norm,
@@ -104,8 +107,8 @@ class Aggregator:
         per_module: sparsity weights per module (||B_k A_k||_F of that module) instead of per
             client (||dW_k||_F over all modules, the paper's choice).
         data_size_factor: multiply sparsity weights by the client's number of examples.
-        rankwise: average each rank position over the clients that reach it and keep positions
-            no client reached (not in the paper; see :class:`hetlora.lora.WeightedFactorSum`).
+        padding: ``zero`` (the paper), or ``keep`` / ``rankwise`` (not in the paper): how
+            factors of different ranks are joined, see :class:`hetlora.lora.WeightedFactorSum`.
     """
 
     def __init__(
@@ -114,13 +117,15 @@ class Aggregator:
         aggregation: str = "sparsity",
         per_module: bool = False,
         data_size_factor: bool = False,
-        rankwise: bool = False,
+        padding: str = "zero",
     ) -> None:
+        if padding not in PADDINGS:
+            raise HetLoRAError(f"padding must be one of {', '.join(PADDINGS)}; got {padding!r}")
         self.state = state
         self.aggregation = aggregation
         self.per_module = per_module
         self.data_size_factor = data_size_factor
-        self.rankwise = rankwise
+        self.padding = padding
         self._sum = WeightedFactorSum(state.r_max)
         self.new_ranks: dict[str, int] = {}
         self.weights_raw: dict[str, float] = {}
@@ -164,7 +169,7 @@ class Aggregator:
         """The next state: aggregated factors, pruned ranks kept, round counter advanced."""
         if not self.new_ranks:
             raise HetLoRAError("no client updates to aggregate")
-        factors = self._sum.result(self.state.factors if self.rankwise else None)
+        factors = self._sum.result(self.padding, self.state.factors)
         ranks = dict(self.state.ranks)
         ranks.update(self.new_ranks)
         return ServerState(factors=factors, ranks=ranks, round=self.state.round + 1)
@@ -191,7 +196,7 @@ class HetLoRAServer(Server):
     Args:
         initial_factors: PEFT-initialised global factors at r_max.
         ranks: every client's starting rank.
-        aggregation, per_module, data_size_factor, rankwise: see :class:`Aggregator`.
+        aggregation, per_module, data_size_factor, padding: see :class:`Aggregator`.
         pruning: let clients apply the self-pruning rule.
         regularise: add the self-pruning regulariser to the local loss.
     """
@@ -205,7 +210,7 @@ class HetLoRAServer(Server):
         aggregation: str = "sparsity",
         per_module: bool = False,
         data_size_factor: bool = False,
-        rankwise: bool = False,
+        padding: str = "zero",
         pruning: bool = True,
         regularise: bool = True,
     ) -> None:
@@ -215,7 +220,7 @@ class HetLoRAServer(Server):
             "aggregation": aggregation,
             "per_module": per_module,
             "data_size_factor": data_size_factor,
-            "rankwise": rankwise,
+            "padding": padding,
         }
         self.pruning = pruning
         self.regularise = regularise

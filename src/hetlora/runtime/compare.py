@@ -15,6 +15,13 @@ A comparison file is a run config (any key, shared by every method) plus a list 
 Each entry runs with :class:`~hetlora.runtime.local.Simulation` into ``OUT/<slug>/``; then
 ``results.csv``, ``results.md`` and the plots are written by :func:`hetlora.report.report`.
 
+Seeds: a top-level ``seeds = [0, 1, 2]`` runs every entry once per seed, into
+``OUT/<slug>/seed-<s>/`` (each its own resumable run; the seed drives ranks, sampling, splits,
+init and batches). An entry may narrow it with its own ``seeds`` list (a costly method run on
+fewer seeds); ``seed`` itself may then not be set. :func:`hetlora.report.report` picks each
+group's grid point on the validation perplexity, averaged over seeds, and reports test numbers
+as mean, std and per-seed values (see :mod:`hetlora.report`).
+
 With ``resume``, an interrupted comparison goes on where it stopped: entries whose run finished
 with the same config are kept, an entry with a checkpoint continues from its last round, the
 rest run from the start. Entries added to the file since run too, so a method can be added to a
@@ -37,13 +44,26 @@ from hetlora.runtime.local import Progress, Simulation, check_out_dir
 
 @dataclass
 class Entry:
-    """One method of a comparison: its display name, folder, full config and optional group
-    (entries of one group are a hyperparameter grid of one method; reports keep the best)."""
+    """One run of a comparison: its display name, folder, full config, optional group
+    (entries of one group are a hyperparameter grid of one method; reports keep the best) and
+    seed (``None`` in a comparison without ``seeds``)."""
 
     name: str
     slug: str
     cfg: Config
     group: str = ""
+    seed: int | None = None
+
+
+def _seed_list(value: Any, where: str) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise HetLoRAError(f"{where}: seeds must be a non-empty list of distinct integers >= 0")
+    return list(value)
 
 
 def _slug(name: str) -> str:
@@ -66,6 +86,9 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
     for item in overrides or []:
         key, value = _parse_override(item)
         shared[key] = value
+    seeds = _seed_list(shared.pop("seeds"), str(path)) if "seeds" in shared else None
+    if seeds is not None and "seed" in shared:
+        raise HetLoRAError(f"{path}: set either seeds (a list, one run each) or seed, not both")
     out, seen = [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -78,12 +101,26 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
         group = entry.get("group", "")
         if not isinstance(group, str):
             raise HetLoRAError(f"[[compare]] entry {name!r}: group must be a string")
-        keys = {k: v for k, v in entry.items() if k not in ("name", "group")}
-        try:
-            cfg = make_config({**shared, **keys})
-        except HetLoRAError as exc:
-            raise HetLoRAError(f"[[compare]] entry {name!r}: {exc}") from None
-        out.append(Entry(name=name, slug=slug, cfg=cfg, group=group))
+        keys = {k: v for k, v in entry.items() if k not in ("name", "group", "seeds")}
+        where = f"[[compare]] entry {name!r}"
+        if "seeds" in entry:
+            if seeds is None:
+                raise HetLoRAError(f"{where}: seeds needs a top-level seeds list")
+            mine = _seed_list(entry["seeds"], where)
+            if not set(mine) <= set(seeds):
+                raise HetLoRAError(f"{where}: seeds {mine} are not all in the top-level {seeds}")
+        else:
+            mine = seeds
+        if mine is not None and "seed" in keys:
+            raise HetLoRAError(f"{where}: set either seeds (a list, one run each) or seed")
+        for seed in mine if mine is not None else [None]:
+            values = {**shared, **keys} if seed is None else {**shared, **keys, "seed": seed}
+            try:
+                cfg = make_config(values)
+            except HetLoRAError as exc:
+                raise HetLoRAError(f"{where}: {exc}") from None
+            run_slug = slug if seed is None else f"{slug}/seed-{seed}"
+            out.append(Entry(name=name, slug=run_slug, cfg=cfg, group=group, seed=seed))
     return out
 
 
@@ -131,7 +168,13 @@ def run_comparison(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "runs": [
-            {"name": e.name, "dir": e.slug, "method": e.cfg.method, "group": e.group}
+            {
+                "name": e.name,
+                "dir": e.slug,
+                "method": e.cfg.method,
+                "group": e.group,
+                **({"seed": e.seed} if e.seed is not None else {}),
+            }
             for e in entries
         ]
     }
@@ -142,7 +185,7 @@ def run_comparison(
         emit(
             {
                 "event": "method_start",
-                "name": entry.name,
+                "name": entry.name if entry.seed is None else f"{entry.name}, seed {entry.seed}",
                 "index": i,
                 "of": len(entries),
                 "state": state,

@@ -24,7 +24,7 @@ from hetlora import adapters
 from hetlora.accounting import model_size, train_flops
 from hetlora.client import TrainSettings, run_task
 from hetlora.config import Config
-from hetlora.data import Example, load_clients, split_clients
+from hetlora.data import Example, cap_examples, load_clients, split_clients, split_validation
 from hetlora.data.batching import Tokenized, batch_stream
 from hetlora.data.chat import Renderer, make_renderer
 from hetlora.errors import HetLoRAError
@@ -41,7 +41,7 @@ from hetlora.hardware import (
     store_frozen_linears,
     use_cpu_attention,
 )
-from hetlora.lora import pad, rank_of, truncate
+from hetlora.lora import live_rank, pad, rank_of, truncate
 from hetlora.methods import FROZEN_BASE, hetlora, make_server
 from hetlora.models import default_target_modules, load_base_model
 from hetlora.runtime import checkpoint
@@ -101,7 +101,7 @@ class Simulation:
         check_available(cfg.report_to)
         self._emit("setup", stage="data")
         data_report: dict[str, int] = {}
-        self.train_data, test_data = federated_data(cfg, data_report)
+        self.train_data, val_data, test_data = federated_splits(cfg, data_report)
         self.bad_rows_skipped = data_report.get("bad_rows_skipped", 0)
         self.client_ids = sorted(self.train_data)
         self._client_index = {c: i for i, c in enumerate(self.client_ids)}
@@ -137,6 +137,14 @@ class Simulation:
         self.pad_id = self.tokenizer.pad_token_id
         self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
         self.eval_items = self.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
+        # the validation set (val_fraction > 0): the same cap and shuffle as the test set
+        self.val_items = (
+            self.renderer.tokenize_all(
+                eval_set(val_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len
+            )
+            if cfg.val_fraction > 0
+            else []
+        )
         self._tokenized: dict[str, list[Tokenized]] = {}
         ranks = hetlora.assign_ranks(
             self.client_ids,
@@ -207,8 +215,9 @@ class Simulation:
             self.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}
         )
 
-    def evaluate(self, rank: int | None = None) -> tuple[float, float]:
-        """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out set.
+    def evaluate(self, rank: int | None = None, split: str = "test") -> tuple[float, float]:
+        """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out
+        test set, or on the validation set with ``split = "val"``.
 
         Eager even when training is compiled: see docs/performance.md (compiled evaluation).
         """
@@ -216,7 +225,7 @@ class Simulation:
         with no_compile():
             return perplexity(
                 self.peft_model,
-                self.eval_items,
+                self.val_items if split == "val" else self.eval_items,
                 self.cfg.eval_batch_size,
                 self.pad_id,
                 self.device,
@@ -314,6 +323,7 @@ class Simulation:
             "client_ranks": {c: ranks[c] for c in sampled},
             "ranks_received": {c: v["rank_received"] for c, v in per_client.items()},
             "rank_counts": _counts(ranks.values()),
+            **self.rank_dynamics(),
             "weights": weights,
             "bytes_up": sum(c["bytes_up"] for c in per_client.values()),
             "bytes_down": sum(c["bytes_down"] for c in per_client.values()),
@@ -327,9 +337,35 @@ class Simulation:
         }
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             self._emit("eval", round=round_idx)
-            row["eval_loss"], row["eval_ppl"] = self.evaluate()
+            row.update(self.evaluations())
         row["wall_s"] = time.perf_counter() - t0
         return row
+
+    def evaluations(self) -> dict[str, float]:
+        """The metrics row's evaluation: ``eval_loss``/``eval_ppl`` on the test set, and
+        ``val_loss``/``val_ppl`` on the validation set where the run has one."""
+        out: dict[str, float] = {}
+        if self.val_items:
+            out["val_loss"], out["val_ppl"] = self.evaluate(split="val")
+        out["eval_loss"], out["eval_ppl"] = self.evaluate()
+        return out
+
+    def rank_dynamics(self) -> dict[str, Any]:
+        """Ranks after the round, for the metrics row.
+
+        ``global_rank``: the live rank of the global adapter (:func:`hetlora.lora.live_rank`:
+        positions where both global factors are non-zero), the largest over modules, and
+        ``global_rank_min`` the smallest; absent for methods without a global adapter (FLoRA,
+        full fine-tuning). ``ranks``: every client's current rank (sampled or not; absent
+        where the method has no ranks).
+        """
+        out: dict[str, Any] = {}
+        factors = self.server.global_factors() if self.server.has_global_adapter else None
+        if factors:
+            out["global_rank_min"], out["global_rank"] = live_rank(factors)
+        if any(self.server.ranks.values()):
+            out["ranks"] = dict(self.server.ranks)
+        return out
 
     def generations(self) -> tuple[list[str], list[str]]:
         """Greedy generations of the current global model on the ROUGE sample."""
@@ -467,16 +503,16 @@ class Simulation:
             if not resume:
                 self._emit("eval", round=0)
                 t0 = time.perf_counter()
-                loss0, ppl0 = self.evaluate()
+                evals = self.evaluations()
                 if cfg.rouge_examples:
                     self._emit("generate", which="base")
                     base_preds, _ = self.generations()
                 record(
                     {
                         "round": 0,
-                        "eval_loss": loss0,
-                        "eval_ppl": ppl0,
+                        **evals,
                         "rank_counts": _counts(self.server.ranks.values()),
+                        **self.rank_dynamics(),
                         "bytes_up": 0,
                         "bytes_down": 0,
                         "flops": 0,
@@ -518,7 +554,7 @@ class Simulation:
         best = min(evals, key=lambda m: m["eval_ppl"])
         ranks = list(self.server.ranks.values())
         per_client = [c for m in metrics for c in m.get("clients", {}).values()]
-        return {
+        summary = {
             "method": self.cfg.method,
             "model": self.model_path,
             "device": str(self.device),
@@ -549,6 +585,20 @@ class Simulation:
             ),
             "target_modules": self.target_modules,
         }
+        if "global_rank" in metrics[-1]:
+            summary["global_rank_final"] = metrics[-1]["global_rank"]
+        if self.val_items:  # test perplexity is reported as final/best_ppl; these add validation
+            best_val = min(evals, key=lambda m: m["val_ppl"])
+            summary.update(
+                {
+                    "val_examples": len(self.val_items),
+                    "final_val_ppl": evals[-1]["val_ppl"],
+                    "best_val_ppl": best_val["val_ppl"],
+                    "best_val_round": best_val["round"],
+                    "test_ppl_at_best_val": best_val["eval_ppl"],
+                }
+            )
+        return summary
 
 
 def _counts(values) -> dict[str, int]:
@@ -561,9 +611,22 @@ def _counts(values) -> dict[str, int]:
 def federated_data(
     cfg: Config, report: dict[str, int] | None = None
 ) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
-    """The run's clients, split per client into training and held-out examples (seeded).
+    """The run's clients, split per client into training and held-out test examples (seeded);
+    the validation split, if any, is left out of the training examples."""
+    train, _, test = federated_splits(cfg, report)
+    return train, test
 
-    ``report``, if given, receives ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
+
+def federated_splits(
+    cfg: Config, report: dict[str, int] | None = None
+) -> tuple[dict[str, list[Example]], dict[str, list[Example]], dict[str, list[Example]]]:
+    """The run's clients, split per client into training, validation and test examples.
+
+    ``max_clients`` picks the clients and ``max_examples_per_client`` caps each one's examples
+    (both seeded), then :func:`~hetlora.data.split_clients` takes the test split and
+    :func:`~hetlora.data.split_validation` the validation split out of the rest, so the test
+    split does not depend on ``val_fraction``. ``report``, if given, receives
+    ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
     """
     clients = load_clients(
         cfg.data,
@@ -581,7 +644,12 @@ def federated_data(
         rng = np.random.default_rng([cfg.seed, 0xC11])
         keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
         clients = {c: clients[c] for c in keep}
-    return split_clients(clients, cfg.test_fraction, cfg.seed)
+    if cfg.max_examples_per_client:
+        clients = cap_examples(clients, cfg.max_examples_per_client, cfg.seed)
+    train, test = split_clients(clients, cfg.test_fraction, cfg.seed)
+    sizes = {c: len(v) for c, v in clients.items()}
+    train, val = split_validation(train, sizes, cfg.val_fraction, cfg.seed)
+    return train, val, test
 
 
 def eval_set(test_data: dict[str, list[Example]], cap: int, seed: int) -> list[Example]:

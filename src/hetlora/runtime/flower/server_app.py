@@ -195,6 +195,7 @@ class FlowerRun(Simulation):
             "client_ranks": {c: ranks[c] for c in report.tasks},
             "ranks_received": {c: t.rank for c, t in report.tasks.items()},
             "rank_counts": _counts(ranks.values()),
+            **self.rank_dynamics(),
             "weights": report.weights,
             "bytes_up": sum(c["bytes_up"] for c in per_client.values()),
             "bytes_down": sum(t.nbytes for t in report.tasks.values()),
@@ -208,7 +209,7 @@ class FlowerRun(Simulation):
             self.left_out[str(round_idx)] = dict(report.left_out)
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             self._emit("eval", round=round_idx)
-            row["eval_loss"], row["eval_ppl"] = self.evaluate()
+            row.update(self.evaluations())
         row["wall_s"] = time.perf_counter() - t0
         return row
 

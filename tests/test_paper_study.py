@@ -1,0 +1,218 @@
+"""The paper-regime study's machinery on the tiny model: the validation split in a run, rank
+dynamics in metrics.jsonl, and seeded comparisons tuned on validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hetlora.config import make_config
+from hetlora.runtime.local import Simulation
+
+FAST = {
+    "rounds": 3,
+    "clients_per_round": 3,
+    "local_steps": 2,
+    "batch_size": 4,
+    "lr": 0.01,
+    "eval_examples": 16,
+    "rouge_examples": 0,
+    "precision": "fp32",
+    "min_examples": 100,
+    "max_clients": 6,
+    "max_examples_per_client": 30,
+    "r_min": 2,
+    "r_max": 8,
+    "max_seq_len": 32,
+}
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_validation_split_is_evaluated_next_to_the_test_set(tiny_model, tmp_path):
+    plain = Simulation(make_config({"model": str(tiny_model), **FAST}))
+    cfg = make_config({"model": str(tiny_model), **FAST, "val_fraction": 0.2, "eval_every": 2})
+    sim = Simulation(cfg)
+    # the test set is the one a run without validation has; training gives up the validation
+    assert sim.eval_examples == plain.eval_examples
+    assert len(sim.val_items) == 16 and not set(sim.val_items) & set(sim.eval_items)
+    for c in sim.client_ids:
+        assert len(sim.train_data[c]) == 30 - 6 - 6 < len(plain.train_data[c]) == 24
+    summary = sim.run(tmp_path / "run")
+    rows = rows_of(tmp_path / "run")
+    evaluated = [r for r in rows if "eval_ppl" in r]
+    assert [r["round"] for r in evaluated] == [0, 2, 3]
+    for r in evaluated:
+        assert r["val_ppl"] > 1 and r["eval_ppl"] > 1 and r["val_ppl"] != r["eval_ppl"]
+    best = min(evaluated, key=lambda r: r["val_ppl"])
+    assert summary["final_val_ppl"] == evaluated[-1]["val_ppl"]
+    assert summary["best_val_ppl"] == best["val_ppl"]
+    assert summary["best_val_round"] == best["round"]
+    assert summary["test_ppl_at_best_val"] == best["eval_ppl"]
+    assert summary["final_ppl"] == evaluated[-1]["eval_ppl"]  # final_ppl stays the test set
+    without = plain.run(tmp_path / "plain")
+    assert "val_ppl" not in rows_of(tmp_path / "plain")[0] and "final_val_ppl" not in without
+
+
+@pytest.mark.parametrize(
+    ("padding", "join"),
+    [("zero", min), ("keep", max)],  # zero: running min of the rounds' largest ranks
+)
+def test_live_global_rank_follows_the_padding_rule(tiny_model, tmp_path, padding, join):
+    cfg = make_config(
+        {"model": str(tiny_model), **FAST, "padding": padding, "pruning": False, "rounds": 4}
+    )
+    Simulation(cfg).run(tmp_path / padding)
+    rows = rows_of(tmp_path / padding)
+    assert rows[0]["global_rank"] == 0  # PEFT's init: B = 0, so no position adds to B A
+    expected, tops = None, []
+    for r in rows[1:]:
+        tops.append(max(r["client_ranks"].values()))
+        expected = tops[-1] if expected is None else join(expected, tops[-1])
+        assert r["global_rank"] == r["global_rank_min"] == expected
+        assert len(r["ranks"]) == 6 and all(2 <= v <= 8 for v in r["ranks"].values())
+    assert len(set(tops)) > 1  # the rounds' largest ranks differ: the rule is visible
+
+
+SEEDED = """
+rounds = 2
+clients_per_round = 2
+local_steps = 2
+batch_size = 4
+eval_examples = 8
+rouge_examples = 0
+precision = "fp32"
+min_examples = 100
+max_clients = 4
+max_examples_per_client = 20
+max_seq_len = 32
+val_fraction = 0.2
+r_min = 2
+r_max = 6
+seeds = [0, 1]
+
+[[compare]]
+name = "H, lr 1e-4"
+group = "H"
+lr = 1e-4
+
+[[compare]]
+name = "H, lr 3e-2"
+group = "H"
+lr = 3e-2
+lambda_ = 0.5
+
+[[compare]]
+name = "Hom r=2"
+method = "homlora"
+rank = 2
+lr = 3e-2
+seeds = [1]
+"""
+
+
+def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
+    tiny_model, tmp_path, monkeypatch
+):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+    from hetlora.runtime import compare as compare_mod
+
+    config = tmp_path / "study.toml"
+    config.write_text(f"model = '{tiny_model}'\n" + SEEDED)
+    entries = compare_mod.load_comparison(config)
+    assert [(e.slug, e.seed) for e in entries] == [
+        ("h-lr-1e-4/seed-0", 0),
+        ("h-lr-1e-4/seed-1", 1),
+        ("h-lr-3e-2/seed-0", 0),
+        ("h-lr-3e-2/seed-1", 1),
+        ("hom-r-2/seed-1", 1),
+    ]
+    assert [e.cfg.seed for e in entries] == [0, 1, 0, 1, 1]
+
+    # Interrupted in the second seed of the second grid point: resuming keeps the rest.
+    real_round = Simulation.run_round
+
+    def interrupted(self):
+        if self.cfg.lr == 3e-2 and self.cfg.seed == 1 and self.round == 1:
+            raise KeyboardInterrupt
+        return real_round(self)
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(Simulation, "run_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare_mod.run_comparison(entries, out)
+    monkeypatch.setattr(Simulation, "run_round", real_round)
+    kept = (out / "h-lr-3e-2" / "seed-0" / "metrics.jsonl").read_text()
+    assert compare_mod._resume_state(entries[3], out / entries[3].slug) == "partial"
+    args = ["compare", "--config", str(config), "--out", str(out), "--resume"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "H, lr 3e-2, seed 0 (finished earlier, kept)" in result.output
+    assert (out / "h-lr-3e-2" / "seed-0" / "metrics.jsonl").read_text() == kept
+
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["name"], r["method"], r["seed"]) for r in rows] == [
+        ("H, lr 1e-4", "H", "0"),
+        ("H, lr 1e-4", "H", "1"),
+        ("H, lr 3e-2", "H", "0"),
+        ("H, lr 3e-2", "H", "1"),
+        ("Hom r=2", "Hom r=2", "1"),
+    ]
+    for r in rows:
+        summary = json.loads((out / _slug_of(r) / "summary.json").read_text())
+        assert float(r["val_ppl"]) == pytest.approx(summary["final_val_ppl"])
+        assert float(r["test_ppl"]) == pytest.approx(summary["final_ppl"])
+    assert [float(r["lr"]) for r in rows] == [1e-4, 1e-4, 3e-2, 3e-2, 3e-2]
+    assert rows[2]["lambda_"] == "0.5" and rows[4]["lambda_"] == "nan"  # homlora: no lambda
+
+    # The grid point is chosen on the validation perplexity averaged over the seeds.
+    val = {
+        n: [float(r["val_ppl"]) for r in rows if r["name"] == n]
+        for n in ("H, lr 1e-4", "H, lr 3e-2")
+    }
+    winner = min(val, key=lambda n: sum(val[n]) / 2)
+    assert [r["selected"] for r in rows[:4]] == [str(r["name"] == winner) for r in rows[:4]]
+    with (out / "summary.csv").open() as fh:
+        summary_rows = {r["method"]: r for r in csv.DictReader(fh)}
+    h = summary_rows["H"]
+    tests = [float(r["test_ppl"]) for r in rows if r["name"] == winner]
+    assert h["entry"] == winner and h["seeds"] == "2"
+    assert float(h["test_mean"]) == pytest.approx(sum(tests) / 2)
+    assert float(h["test_std"]) == pytest.approx(abs(tests[0] - tests[1]) / 2**0.5)
+    assert h["test_per_seed"] == f"s0: {tests[0]:.2f}; s1: {tests[1]:.2f}"
+    assert h["selected_on"].startswith("val")
+    assert summary_rows["Hom r=2"]["seeds"] == "1" and summary_rows["Hom r=2"]["test_std"] == "nan"
+    assert "| H | " in (out / "summary.md").read_text()
+    for name in ("ppl_vs_round.png", "val_vs_round.png", "rank_dynamics.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+
+def _slug_of(row):
+    from hetlora.runtime.compare import _slug
+
+    return f"{_slug(row['name'])}/seed-{row['seed']}"
+
+
+def test_seeds_errors(tmp_path):
+    from hetlora.errors import HetLoRAError
+    from hetlora.runtime.compare import load_comparison
+
+    config = tmp_path / "c.toml"
+    for text, match in (
+        ('seeds = [0, 1]\nseed = 3\n[[compare]]\nname = "a"\n', "either seeds"),
+        ('seeds = [0, 0]\n[[compare]]\nname = "a"\n', "distinct"),
+        ('seeds = [0, 1]\n[[compare]]\nname = "a"\nseeds = [2]\n', "not all in"),
+        ('[[compare]]\nname = "a"\nseeds = [0]\n', "top-level seeds"),
+        ('seeds = [0]\n[[compare]]\nname = "a"\nseed = 1\n', "either seeds"),
+    ):
+        config.write_text(text)
+        with pytest.raises(HetLoRAError, match=match):
+            load_comparison(config)
