@@ -203,7 +203,7 @@ def test_rankwise_with_scores_below_one_and_a_wrong_previous_shape():
     name = next(iter(bad))
     bad[name] = (bad[name][0], bad[name][1][:3])  # only A at the wrong rank
     with pytest.raises(HetLoRAError, match="previous global factors are not at rank 6"):
-        agg._sum.result(bad)
+        agg._sum.result("rankwise", bad)
 
 
 def test_assign_ranks_reach_both_ends_and_tiers_deal_remainders():

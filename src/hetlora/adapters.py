@@ -171,6 +171,35 @@ def add_to_base(peft_model: PeftModel, deltas: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
+def adapted_base_weights(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """A copy of every adapted module's base weight ``W0`` (keyed like factor dicts)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in peft_model.named_modules():
+        key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+        if isinstance(module, LoraLayer):
+            out[key] = module.get_base_layer().weight.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def set_base(
+    peft_model: PeftModel, pristine: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]
+) -> None:
+    """``W <- W0 + dW`` for every adapted module in ``deltas``, from its pristine ``W0``.
+
+    Unlike :func:`add_to_base` round after round, the result depends only on the cumulative
+    ``dW``, so a run resumed from a checkpoint holding that sum gets bit-identical weights.
+    """
+    for name, module in peft_model.named_modules():
+        key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+        if isinstance(module, LoraLayer) and key in deltas:
+            weight = module.get_base_layer().weight
+            delta = deltas[key].to(weight.device, weight.dtype)
+            delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
+            weight.copy_(pristine[key] + delta)
+
+
+@torch.no_grad()
 def load_base_weights(peft_model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
     """Copy named values into the base model's parameters."""
     params = base_parameters(peft_model)

@@ -113,7 +113,7 @@ def load_chat_model(
             )
         scale = float(adapter_cfg["lora_alpha"]) / float(adapter_cfg["r"])
         targets = adapter_cfg["target_modules"]
-        targets = sorted(targets) if isinstance(targets, list) else [targets]
+        targets = sorted(targets) if isinstance(targets, list | set | tuple) else [targets]
         base = load_base_model(cfg.model, device)
         use_cpu_attention(base.model, device)
         with tempfile.TemporaryDirectory(prefix="hetlora-chat-") as tmp:

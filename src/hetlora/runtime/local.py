@@ -43,6 +43,7 @@ from hetlora.hardware import (
 )
 from hetlora.lora import live_rank, pad, rank_of, truncate
 from hetlora.methods import FROZEN_BASE, hetlora, make_server
+from hetlora.methods.base import BaseUpdate
 from hetlora.models import default_target_modules, load_base_model
 from hetlora.runtime import checkpoint
 from hetlora.trackers import OUTPUTS as TRACKER_OUTPUTS
@@ -160,6 +161,7 @@ class Simulation:
             else None
         )
         self.server = make_server(cfg, initial, ranks, self.client_ids, base_weights)
+        self._pristine: dict[str, torch.Tensor] | None = None  # W0 of adapted modules (FLoRA)
         self._initial_ranks = dict(self.server.ranks)
         self.round = 0  # rounds attempted (a skipped round counts; the server counts aggregations)
         self.settings = TrainSettings(
@@ -236,10 +238,17 @@ class Simulation:
         update = self.server.base_update()
         if update is None:
             return
-        if update.deltas:
-            adapters.add_to_base(self.peft_model, update.deltas)
+        if update.deltas:  # W = W0 + (sum of every merge): the same arithmetic on resume
+            self._set_merged_base(self.server.base_state())
         if update.weights:
             adapters.load_base_weights(self.peft_model, update.weights)
+
+    def _set_merged_base(self, base: BaseUpdate | None) -> None:
+        if base is None or not base.deltas:
+            return
+        if self._pristine is None:  # the base as loaded, before any merge
+            self._pristine = adapters.adapted_base_weights(self.peft_model)
+        adapters.set_base(self.peft_model, self._pristine, base.deltas)
 
     def run_round(self) -> dict[str, Any]:
         """One federated round: sample, distribute, train (and prune) locally, aggregate."""
@@ -450,8 +459,7 @@ class Simulation:
         self.round = payload["round"]
         self._initial_ranks = payload["initial_ranks"]
         base = self.server.base_state()
-        if base is not None and base.deltas:
-            adapters.add_to_base(self.peft_model, base.deltas)
+        self._set_merged_base(base)
         if base is not None and base.weights:
             adapters.load_base_weights(self.peft_model, base.weights)
         return list(payload["metrics"]), list(payload.get("base_preds") or [])
