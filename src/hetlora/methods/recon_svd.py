@@ -3,8 +3,8 @@
 Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
 Resources" (FlexLoRA, 2024), the heterogeneous-rank baseline HetLoRA is compared against. Per
 module, the server forms ``dW = sum_k p_k B_k A_k`` (``p_k`` = example share), takes its SVD
-``U S V^T`` and keeps rank r_max as FlexLoRA's reference code splits it: the singular values go
-into B, ``B = U_r S_r``, ``A = V_r^T``. Because singular values come sorted, truncating these
+``U S V^T`` and keeps rank r_max with the singular values in B (our reading of FlexLoRA's split;
+its reference code, FederatedScope's FlexLoRA branch, was not at hand to check), ``B = U_r S_r``, ``A = V_r^T``. Because singular values come sorted, truncating these
 factors to r_k is exactly the best rank-r_k approximation each client receives. A's rows stay
 orthonormal, so rank positions beyond the rank of ``dW`` get ``B = 0`` and a unit-norm row of A,
 like LoRA's own init (B = 0, A random), and a client of higher rank can still learn there; the
