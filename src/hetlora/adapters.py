@@ -94,9 +94,17 @@ def attach(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Add the client adapter at ``rank`` holding ``factors``, make it the only trainable one."""
     peft_model.add_adapter(CLIENT, lora_config(rank, scale, target_modules))
-    peft_model.set_adapter(CLIENT)
-    write_factors(peft_model, factors, CLIENT)
-    live = live_factors(peft_model, CLIENT)
+    return _train_only(peft_model, CLIENT, factors)
+
+
+def _train_only(
+    peft_model: PeftModel, adapter: str, factors: Factors
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Activate ``adapter``, write ``factors`` into it and make its factors the only trainable
+    parameters; returns them (live)."""
+    peft_model.set_adapter(adapter)
+    write_factors(peft_model, factors, adapter)
+    live = live_factors(peft_model, adapter)
     for p in peft_model.parameters():
         p.requires_grad_(False)
     for b, a in live.values():
@@ -129,15 +137,7 @@ def attach_fixed(
             f"the fixed client adapter has rank {config.r} and alpha {config.lora_alpha}, "
             f"not rank {r_max} and alpha {scale * r_max}"
         )
-    peft_model.set_adapter(FIXED)
-    write_factors(peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}, FIXED)
-    live = live_factors(peft_model, FIXED)
-    for p in peft_model.parameters():
-        p.requires_grad_(False)
-    for b, a in live.values():
-        b.requires_grad_(True)
-        a.requires_grad_(True)
-    return live
+    return _train_only(peft_model, FIXED, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
 
 
 def release_fixed(peft_model: PeftModel) -> None:
