@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce reproduce-paper flower-demo bench mutate
+.PHONY: demo test lint install clean reproduce reproduce-paper paper-results flower-demo bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,12 @@ PAPER_OUT ?= runs/paper
 PAPER_CONFIG ?= configs/paper.toml
 reproduce-paper: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hetlora compare --config $(PAPER_CONFIG) --out $(PAPER_OUT) --resume
+	$(MAKE) paper-results
+
+# The study's tables and plots from the runs finished so far (it may still be running), and
+# their small files copied into docs/reproduction/paper/ (never checkpoints or weights).
+paper-results: $(STAMP)
+	$(VENV)/bin/hetlora report $(PAPER_OUT)
 	mkdir -p docs/reproduction/paper
 	cp $(PAPER_OUT)/results.csv $(PAPER_OUT)/results.md $(PAPER_OUT)/summary.csv \
 		$(PAPER_OUT)/summary.md $(PAPER_OUT)/comparison.json $(PAPER_OUT)/*.png docs/reproduction/paper/

@@ -216,3 +216,94 @@ def test_seeds_errors(tmp_path):
         config.write_text(text)
         with pytest.raises(HetLoRAError, match=match):
             load_comparison(config)
+
+
+def test_two_stage_tuning_runs_only_the_winner_on_the_other_seeds(tiny_model, tmp_path):
+    """``tune_seeds``: every grid point runs on the tune seeds, only the winner (lowest mean
+    validation perplexity there, the report's own rule) runs on the others; groups run in turn;
+    a stopped study is reported on its finished runs."""
+    import csv
+
+    from hetlora.report import report
+    from hetlora.runtime import compare as compare_mod
+
+    config = tmp_path / "study.toml"
+    config.write_text(
+        f"model = '{tiny_model}'\n"
+        + SEEDED.replace("seeds = [0, 1]", "seeds = [0, 1]\ntune_seeds = [0]")
+    )
+    entries = compare_mod.load_comparison(config)
+    assert [(e.slug, e.deferred) for e in entries] == [
+        ("h-lr-1e-4/seed-0", False),
+        ("h-lr-1e-4/seed-1", True),
+        ("h-lr-3e-2/seed-0", False),
+        ("h-lr-3e-2/seed-1", True),
+        ("hom-r-2/seed-1", False),  # a group of one has nothing to tune: all its seeds run
+    ]
+    started = []
+    out = tmp_path / "study"
+    compare_mod.run_comparison(entries, out, progress=lambda ev: started.append(ev.get("name")))
+    tuned = {
+        name: json.loads((out / slug / "seed-0" / "summary.json").read_text())["final_val_ppl"]
+        for name, slug in (("H, lr 1e-4", "h-lr-1e-4"), ("H, lr 3e-2", "h-lr-3e-2"))
+    }
+    winner = min(tuned, key=tuned.get)
+    loser = next(n for n in tuned if n != winner)
+    assert [n for n in started if n] == [
+        "H, lr 1e-4, seed 0",
+        "H, lr 3e-2, seed 0",
+        f"{winner}, seed 1",
+        "Hom r=2, seed 1",
+    ]
+    assert not (out / compare_mod._slug(loser) / "seed-1").exists()
+    runs = json.loads((out / "comparison.json").read_text())["runs"]
+    assert sorted((r["name"], r["seed"]) for r in runs) == sorted(
+        [("H, lr 1e-4", 0), ("H, lr 3e-2", 0), (winner, 1), ("Hom r=2", 1)]
+    )
+    with (out / "summary.csv").open() as fh:
+        h = next(r for r in csv.DictReader(fh) if r["method"] == "H")
+    assert h["entry"] == winner and h["seeds"] == "2"
+    assert h["selected_on"] == "val (mean over tune seeds 0)"
+
+    # Resuming the finished study runs nothing; a stopped one is reported on what finished.
+    started.clear()
+    compare_mod.run_comparison(entries, out, resume=True, progress=lambda ev: started.append(ev))
+    assert all(ev.get("state") == "done" for ev in started if ev.get("event") == "method_start")
+    (out / "hom-r-2" / "seed-1" / "summary.json").unlink()
+    result = report(out)
+    assert result["missing"] == ["hom-r-2/seed-1"]
+    assert {r["method"] for r in result["summary"]} == {"H"}
+
+
+def test_tune_seeds_errors(tmp_path):
+    from hetlora.errors import HetLoRAError
+    from hetlora.runtime.compare import load_comparison
+
+    config = tmp_path / "c.toml"
+    for text in (
+        'tune_seeds = [0]\n[[compare]]\nname = "a"\n',
+        'seeds = [0, 1]\ntune_seeds = [0, 1]\n[[compare]]\nname = "a"\n',
+        'seeds = [0, 1]\ntune_seeds = [2]\n[[compare]]\nname = "a"\n',
+    ):
+        config.write_text(text)
+        with pytest.raises(HetLoRAError, match="proper subset"):
+            load_comparison(config)
+
+
+def test_paper_config_plans_the_documented_runs():
+    """configs/paper.toml as docs/reproduction.md describes it: 20 grid points on seed 0, each
+    LoRA method's winner on seeds 1 and 2 (16 runs), full fine-tuning on seed 0 only."""
+    from pathlib import Path
+
+    from hetlora.runtime.compare import load_comparison
+
+    entries = load_comparison(Path(__file__).parents[1] / "configs" / "paper.toml")
+    first = [e for e in entries if not e.deferred]
+    assert len(first) == 20 and {e.seed for e in first} == {0}
+    groups = {e.group for e in entries}
+    assert len(groups) == 9
+    later = {(e.group, e.seed) for e in entries if e.deferred}
+    assert len(later) == 16 and {g for g, _ in later} == groups - {"Full FT"}
+    for e in entries:
+        assert (e.cfg.r_min, e.cfg.r_max, e.cfg.clients_per_round) == (5, 50, 5)
+        assert (e.cfg.local_steps, e.cfg.batch_size, e.cfg.gamma) == (5, 8, 0.99)

@@ -336,13 +336,23 @@ def _print_results(result: dict[str, Any], out: Path) -> None:
     console.print(table)
     for path in result["plots"]:
         console.print(f"plot: {path}")
+    if result.get("missing"):
+        n = len(result["missing"])
+        console.print(
+            f"{n} run{'s' if n > 1 else ''} not finished, left out of the tables: "
+            + ", ".join(result["missing"])
+        )
 
 
 @app.command()
 def report(
-    directory: Annotated[Path, typer.Argument(help="A finished run or comparison directory.")],
+    directory: Annotated[Path, typer.Argument(help="A run or comparison directory.")],
 ) -> None:
-    """Redraw the tables (results.csv, results.md) and plots of a finished run or comparison."""
+    """Redraw the tables (results.csv, results.md) and plots of a run or comparison.
+
+    A comparison still running, or stopped, is reported on its finished runs (the others are
+    listed).
+    """
     try:
         from hetlora.report import report as redraw
 

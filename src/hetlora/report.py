@@ -416,17 +416,12 @@ def seeded_report(
         )
         rows.append(row)
         metrics[(entry["name"], entry.get("seed"))] = run_metrics
-    on_val = all(not math.isnan(r["val_ppl"]) for r in rows)
-    key = "val_ppl" if on_val else "test_ppl"
     by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in rows:
         by_method.setdefault(row["method"], {}).setdefault(row["name"], []).append(row)
-    chosen = {
-        method: min(grid, key=lambda name, g=grid: _mean([r[key] for r in g[name]]))
-        for method, grid in by_method.items()
-    }
+    chosen = {method: choose(grid) for method, grid in by_method.items()}
     summary_rows, runs = [], {}
-    for method, name in chosen.items():
+    for method, (name, selected_on) in chosen.items():
         picked = by_method[method][name]
         for r in picked:
             r["selected"] = True
@@ -447,13 +442,35 @@ def seeded_report(
                 "val_per_seed": _per_seed(picked, "val_ppl"),
                 "global_rank_mean": _mean([r["global_rank"] for r in picked]),
                 "total_bytes": _mean([r["total_bytes"] for r in picked]),
-                "selected_on": "val (mean over seeds)" if on_val else "test (no validation split)",
+                "selected_on": selected_on,
             }
         )
         runs[method] = [metrics[(name, r["seed"])] for r in picked]
     for row in rows:
         row.setdefault("selected", False)
     return rows, summary_rows, runs
+
+
+def choose(grid: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
+    """The chosen grid point of one method, and what it was chosen on.
+
+    ``grid`` maps each entry name to its runs' rows (``seed``, ``val_ppl``, ``test_ppl``). The
+    choice is the lowest mean final validation perplexity over the seeds that every grid point
+    has run (all of them, or the ``tune_seeds`` of a two-stage study, whose winner alone has
+    run the others); the test perplexity only where some run has no validation split."""
+    rows = [r for runs in grid.values() for r in runs]
+    on_val = all(not math.isnan(r["val_ppl"]) for r in rows)
+    key = "val_ppl" if on_val else "test_ppl"
+    common = set.intersection(*({r["seed"] for r in runs} for runs in grid.values()))
+    name = min(grid, key=lambda n: _mean([r[key] for r in grid[n] if r["seed"] in common]))
+    if not on_val:
+        return name, "test (no validation split)"
+    if len(grid) == 1:
+        return name, "val (no grid)"
+    if len(common) < max(len(runs) for runs in grid.values()):
+        seeds = ", ".join(str(s) for s in sorted(common, key=str))
+        return name, f"val (mean over tune seeds {seeds})"
+    return name, "val (mean over seeds)"
 
 
 def _per_seed(rows: list[dict[str, Any]], key: str) -> str:
@@ -467,14 +484,24 @@ def report(directory: Path | str) -> dict[str, Any]:
     also gets ``best.csv``/``best.md`` (the best entry of each group, on validation where the
     runs have it), and its plots show one line per group, the best one. A comparison with
     ``seeds`` gets the study's tables instead (module docstring): ``results`` per (entry, seed),
-    ``summary`` per method, and curves with the spread over seeds.
+    ``summary`` per method, and curves with the spread over seeds. A comparison that has not
+    finished is reported on its finished runs; ``missing`` names the others.
     """
     directory = Path(directory)
     manifest = directory / "comparison.json"
     tables = [directory / "results.csv", directory / "results.md"]
     summary_rows: list[dict[str, Any]] = []
+    missing: list[str] = []
     if manifest.is_file():
         entries = json.loads(manifest.read_text())["runs"]
+        # A comparison still running (or stopped) is reported on its finished runs; the rest
+        # are named in ``missing``.
+        missing = [
+            e["dir"] for e in entries if not (directory / e["dir"] / "summary.json").is_file()
+        ]
+        entries = [e for e in entries if e["dir"] not in missing]
+        if not entries:
+            raise HetLoRAError(f"{directory}: no run of the comparison has finished yet")
         if any("seed" in e for e in entries):
             rows, summary_rows, runs = seeded_report(directory, entries)
             write_tables(rows, directory, columns=SEED_COLUMNS)
@@ -506,4 +533,10 @@ def report(directory: Path | str) -> dict[str, Any]:
     for extra in (plot_ranks(runs, directory), plot_rank_dynamics(runs, directory)):
         if extra:
             plots.append(extra)
-    return {"rows": rows, "summary": summary_rows, "plots": plots, "tables": tables}
+    return {
+        "rows": rows,
+        "summary": summary_rows,
+        "plots": plots,
+        "tables": tables,
+        "missing": missing,
+    }

@@ -22,6 +22,12 @@ fewer seeds); ``seed`` itself may then not be set. :func:`hetlora.report.report`
 group's grid point on the validation perplexity, averaged over seeds, and reports test numbers
 as mean, std and per-seed values (see :mod:`hetlora.report`).
 
+Tuning in two stages: with ``tune_seeds = [0]`` (a subset of ``seeds``), every grid point of a
+group of two or more entries runs on the tune seeds only; the point with the lowest validation
+perplexity averaged over them (:func:`hetlora.report.choose`, the rule the report uses) then
+runs on the remaining seeds, and the other points never do. Groups run one after the other, in
+the file's order, so a study stopped half-way has whole methods, not a slice of every method.
+
 With ``resume``, an interrupted comparison goes on where it stopped: entries whose run finished
 with the same config are kept, an entry with a checkpoint continues from its last round, the
 rest run from the start. Entries added to the file since run too, so a method can be added to a
@@ -53,6 +59,8 @@ class Entry:
     cfg: Config
     group: str = ""
     seed: int | None = None
+    #: Runs only if its grid point wins the group on the tune seeds (``tune_seeds``).
+    deferred: bool = False
 
 
 def _seed_list(value: Any, where: str) -> list[int]:
@@ -89,6 +97,17 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
     seeds = _seed_list(shared.pop("seeds"), str(path)) if "seeds" in shared else None
     if seeds is not None and "seed" in shared:
         raise HetLoRAError(f"{path}: set either seeds (a list, one run each) or seed, not both")
+    tune = None
+    if "tune_seeds" in shared:
+        tune = _seed_list(shared.pop("tune_seeds"), f"{path}: tune_seeds")
+        if seeds is None or not set(tune) < set(seeds):
+            raise HetLoRAError(
+                f"{path}: tune_seeds {tune} must be a proper subset of the top-level seeds list"
+            )
+    sizes: dict[str, int] = {}
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("group"):
+            sizes[entry["group"]] = sizes.get(entry["group"], 0) + 1
     out, seen = [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -120,7 +139,10 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
             except HetLoRAError as exc:
                 raise HetLoRAError(f"{where}: {exc}") from None
             run_slug = slug if seed is None else f"{slug}/seed-{seed}"
-            out.append(Entry(name=name, slug=run_slug, cfg=cfg, group=group, seed=seed))
+            deferred = tune is not None and sizes.get(group, 0) > 1 and seed not in tune
+            out.append(
+                Entry(name=name, slug=run_slug, cfg=cfg, group=group, seed=seed, deferred=deferred)
+            )
     return out
 
 
@@ -166,6 +188,53 @@ def run_comparison(
     if not resume:
         check_out_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.group or e.name, []).append(e)
+    planned = [e for e in entries if not e.deferred]
+    total = len(planned) + len({(e.group, e.seed) for e in entries if e.deferred})
+    _write_manifest(out_dir, planned)
+    emit = progress or (lambda event: None)
+    done = 0
+
+    def run(entry: Entry) -> None:
+        nonlocal done
+        state = states.get(entry.slug, "new")
+        emit(
+            {
+                "event": "method_start",
+                "name": entry.name if entry.seed is None else f"{entry.name}, seed {entry.seed}",
+                "index": done,
+                "of": total,
+                "state": state,
+            }
+        )
+        done += 1
+        if state == "done":
+            return
+        Simulation(entry.cfg, progress).run(
+            out_dir / entry.slug,
+            overwrite=overwrite or state == "restart",
+            resume=state == "partial",
+        )
+
+    for members in groups.values():
+        for entry in members:
+            if not entry.deferred:
+                run(entry)
+        later = [e for e in members if e.deferred]
+        if later:
+            winner = _tuned_winner(out_dir, [e for e in members if not e.deferred])
+            chosen = [e for e in later if e.name == winner]
+            planned += chosen
+            _write_manifest(out_dir, [e for e in entries if e in planned])
+            for entry in chosen:
+                run(entry)
+    return report(out_dir)
+
+
+def _write_manifest(out_dir: Path, entries: list[Entry]) -> None:
+    """``comparison.json``: the runs of the comparison so far, in the file's order."""
     manifest = {
         "runs": [
             {
@@ -179,23 +248,21 @@ def run_comparison(
         ]
     }
     (out_dir / "comparison.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    emit = progress or (lambda event: None)
-    for i, entry in enumerate(entries):
-        state = states.get(entry.slug, "new")
-        emit(
+
+
+def _tuned_winner(out_dir: Path, tuned: list[Entry]) -> str:
+    """The grid point of a group that goes on to the remaining seeds: the report's rule
+    (:func:`hetlora.report.choose`) applied to the finished tune-seed runs."""
+    from hetlora.report import choose, load_run
+
+    grid: dict[str, list[dict[str, Any]]] = {}
+    for e in tuned:
+        summary, _ = load_run(out_dir / e.slug)
+        grid.setdefault(e.name, []).append(
             {
-                "event": "method_start",
-                "name": entry.name if entry.seed is None else f"{entry.name}, seed {entry.seed}",
-                "index": i,
-                "of": len(entries),
-                "state": state,
+                "seed": e.seed,
+                "val_ppl": summary.get("final_val_ppl", float("nan")),
+                "test_ppl": summary["final_ppl"],
             }
         )
-        if state == "done":
-            continue
-        Simulation(entry.cfg, progress).run(
-            out_dir / entry.slug,
-            overwrite=overwrite or state == "restart",
-            resume=state == "partial",
-        )
-    return report(out_dir)
+    return choose(grid)[0]
