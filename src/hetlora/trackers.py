@@ -13,11 +13,16 @@ Where each tracker writes:
 
 Each tracker is an optional extra: ``pip install 'hetlora[tensorboard]'`` (or ``mlflow``,
 ``wandb``). The round loop calls :meth:`Trackers.log_round`, nothing else.
+
+A resumed run (``--resume``) goes on in the same MLflow and W&B runs: their ids are kept in
+``RUN_DIR/trackers.json`` when they open, and found there again (TensorBoard appends to the
+same folder by itself). ``--overwrite`` removes the file with the trackers' folders.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -34,7 +39,9 @@ log = logging.getLogger(__name__)
 #: tracker -> (module imported, pip extra)
 _MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 #: What the trackers write inside a run directory (removed by ``--overwrite``).
-OUTPUTS = ("tensorboard", "mlruns", "wandb")
+OUTPUTS = ("tensorboard", "mlruns", "wandb", "trackers.json")
+#: Where the MLflow and W&B run ids of a run directory are kept, to resume them.
+IDS_FILE = "trackers.json"
 
 _ROUND_KEYS = (
     "train_loss",
@@ -124,6 +131,8 @@ class Trackers:
         self.names = list(names)
         self._tb = self._mlflow = self._mlflow_run = self._wandb = None
         name = Path(out_dir).resolve().name
+        self._ids_path = Path(out_dir) / IDS_FILE
+        self._ids = self._read_ids()
         try:
             if "tensorboard" in names:
                 self._open_tensorboard(config, out_dir)
@@ -138,6 +147,22 @@ class Trackers:
             self.close()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise HetLoRAError(f"a tracker of report_to {names} failed to start: {first}") from exc
+
+    def _read_ids(self) -> dict[str, str]:
+        try:
+            ids = json.loads(self._ids_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise HetLoRAError(
+                f"{self._ids_path}: unreadable ({exc}); remove it to start new tracker runs"
+            ) from None
+        return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+    def _keep_id(self, tracker: str, run_id: str) -> None:
+        self._ids[tracker] = run_id
+        self._ids_path.parent.mkdir(parents=True, exist_ok=True)
+        self._ids_path.write_text(json.dumps(self._ids, indent=2) + "\n")
 
     def _open_tensorboard(self, config: dict[str, Any], out_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -159,25 +184,37 @@ class Trackers:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         client = MlflowClient(tracking_uri=uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hetlora"
+        previous = self._ids.get("mlflow")
+        if previous:  # a resumed run: the same MLflow run goes on (its params are logged)
+            client.update_run(previous, status="RUNNING")
+            self._mlflow, self._mlflow_run = client, previous
+            log.info("mlflow: resuming run %s in %s", previous, uri)
+            return
         found = client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else client.create_experiment(experiment)
         run = client.create_run(exp_id, run_name=name)
         params = [Param(k, v[:6000]) for k, v in _flat_config(config).items()]
         client.log_batch(run.info.run_id, params=params)
         self._mlflow, self._mlflow_run = client, run.info.run_id
+        self._keep_id("mlflow", run.info.run_id)
         log.info("mlflow: run %s in %s", run.info.run_id, uri)
 
     def _open_wandb(self, config: dict[str, Any], out_dir: Path, name: str) -> None:
         import wandb
 
+        previous = self._ids.get("wandb")
         self._wandb = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or "hetlora",
             name=name,
             dir=str(out_dir),
             config=config,
+            # a resumed run goes on in the same W&B run ("allow": offline files are synced into it)
+            **({"id": previous, "resume": "allow"} if previous else {}),
             # hetlora's own display owns the terminal: no W&B banner, no console capture.
             settings=wandb.Settings(silent=True, console="off"),
         )
+        if not previous:
+            self._keep_id("wandb", self._wandb.id)
         log.info("wandb: run %s in %s", self._wandb.id, self._wandb.dir)
 
     def log(self, values: dict[str, float], step: int) -> None:

@@ -1,0 +1,75 @@
+"""A resumed run goes on in the same MLflow and W&B runs (ids kept in RUN_DIR/trackers.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hetlora.trackers import IDS_FILE, Trackers
+
+
+def _session(out: Path, rounds: range) -> None:
+    trackers = Trackers(["mlflow", "wandb"], {"r_max": 16, "lr": 0.01}, out)
+    try:
+        for r in rounds:
+            trackers.log_round({"round": r, "eval_ppl": 100.0 - r, "bytes_up": 10 * r})
+    finally:
+        trackers.close()
+
+
+def test_resumed_run_continues_the_same_tracker_runs(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    _session(out, range(0, 3))  # rounds 0-2, then the process dies; --resume opens again
+    ids = json.loads((out / IDS_FILE).read_text())
+    assert set(ids) == {"mlflow", "wandb"}
+    _session(out, range(3, 5))
+    assert json.loads((out / IDS_FILE).read_text()) == ids
+
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("hetlora").experiment_id])
+    assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "eval_ppl")
+    )
+    assert history == [(r, 100.0 - r) for r in range(5)]
+    assert run.data.params["r_max"] == "16"
+
+    # W&B offline: two offline folders (one a session), both of the same run id, which
+    # `wandb sync` joins into one run.
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    assert all(f.name.endswith(f"-{ids['wandb']}") for f in folders)
+
+
+def test_overwrite_starts_new_tracker_runs(tmp_path: Path, monkeypatch) -> None:
+    from hetlora.runtime.local import _prepare_out_dir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    _session(out, range(0, 2))
+    old = json.loads((out / IDS_FILE).read_text())
+    _prepare_out_dir(out)  # what --overwrite does before a run
+    assert not (out / IDS_FILE).exists() and not (out / "mlruns").exists()
+    # W&B here; MLflow caches its file store per URI for the life of a process, so a new
+    # MLflow run after --overwrite is the next process's (each `hetlora run` is one).
+    trackers = Trackers(["wandb"], {}, out)
+    trackers.close()
+    new = json.loads((out / IDS_FILE).read_text())
+    assert set(new) == {"wandb"} and new["wandb"] != old["wandb"]
+
+
+def test_unreadable_ids_file_is_one_clear_error(tmp_path: Path) -> None:
+    from hetlora.errors import HetLoRAError
+
+    (tmp_path / IDS_FILE).write_text("{not json")
+    with pytest.raises(HetLoRAError, match="trackers.json: unreadable .* remove it"):
+        Trackers(["tensorboard"], {}, tmp_path)
