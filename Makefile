@@ -57,7 +57,7 @@ MUTANTS ?= hetlora.lora* hetlora.methods* hetlora.client*
 mutate: $(STAMP)
 	$(PIP) install -q -c constraints.txt mutmut
 	rm -rf mutants
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTANTS),"$(m)")
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTANTS),"$(m)")
 	$(VENV)/bin/mutmut results --all true > mutmut-results.txt || true
 	@echo "results: mutmut-results.txt (mutmut browse for details)"
 
