@@ -143,6 +143,7 @@ def test_client_step_equals_the_reference_loop_and_reports_what_it_did(model):
         CPU,
         on_step=lambda step, loss: steps.append((step, loss, time.perf_counter())),
     )
+    wall = time.perf_counter() - start
     assert [s for s, _, _ in steps] == [1, 2, 3, 4, 5]
     torch.testing.assert_close([loss for _, loss, _ in steps], want_losses, **EXACT)
     assert want_losses[2] == 0.0  # the batch without labelled tokens: loss 0, not nan
@@ -157,9 +158,9 @@ def test_client_step_equals_the_reference_loop_and_reports_what_it_did(model):
     assert result.rank_received == 6 and result.rank == 3
     _assert_factors(result.factors, truncate(want, 3))
     assert all(b.dtype == a.dtype == torch.float32 for b, a in result.factors.values())
-    # the steps' own time: inside the wall time up to the last step, which is inside seconds
+    # the steps' own time: inside the wall time up to the last step; all inside the call's
     assert 0.0 < result.step_seconds <= steps[-1][2] - start
-    assert result.step_seconds <= result.seconds < 60.0
+    assert result.step_seconds <= result.seconds <= wall
     assert result.compile_seconds == 0.0
     # the client adapter is gone, the global one active, unchanged and frozen
     assert set(model.peft_config) == {adapters.GLOBAL}
@@ -271,9 +272,11 @@ def test_full_fine_tuning_equals_the_reference_loop(model):
             p.mul_(0.5)
     losses = []
     task = ClientTask("c7", "full", weights=weights)
+    start = time.perf_counter()
     update, result = run_task(
         model, task, iter(batches), settings, TARGETS, CPU, 11, lambda s, loss: losses.append(loss)
     )
+    wall = time.perf_counter() - start
     torch.testing.assert_close(losses, want_losses, **EXACT)
     assert set(update.weights) == set(want)
     for n, w in want.items():
@@ -286,7 +289,7 @@ def test_full_fine_tuning_equals_the_reference_loop(model):
     assert (result.rank, result.rank_received, result.factors) == (0, 0, {})
     assert (result.tail_before, result.tail_after) == (0.0, 0.0)
     assert (result.steps, result.tokens, result.target_tokens) == (3, want_tokens, want_targets)
-    assert 0.0 < result.step_seconds <= result.seconds < 60.0 and result.compile_seconds == 0.0
+    assert 0.0 < result.step_seconds <= result.seconds <= wall and result.compile_seconds == 0.0
     assert not any(p.requires_grad for p in params.values())  # the base is frozen again
     # the LoRA adapter stayed on and untouched (B = 0), and no step: nan loss
     assert all(torch.count_nonzero(b) == 0 for b, _ in adapters.read_factors(model).values())
