@@ -47,16 +47,17 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs mutants
 
-# Mutation testing of lora.py and methods/ against the fast unit tests ([tool.mutmut] in
-# pyproject.toml); docs/testing.md has the last report and its survivors. MUTANTS selects
-# mutants by name (client.py: MUTANTS='hetlora.client*', slow). mutmut (pinned in
-# constraints.txt) is installed here, not in the dev extra.
+# Mutation testing of lora.py, methods/ and client.py ([tool.mutmut] in pyproject.toml: the
+# fast unit tests, and the tiny-model client tests for client.py); docs/testing.md has the
+# last report, its survivors and the run times. MUTANTS selects mutants by name (one module:
+# MUTANTS='hetlora.client*'). mutmut (pinned in constraints.txt) is installed here, not in the
+# dev extra.
 MUTATE_JOBS ?= 2
-MUTANTS ?= hetlora.lora* hetlora.methods*
+MUTANTS ?= hetlora.lora* hetlora.methods* hetlora.client*
 mutate: $(STAMP)
 	$(PIP) install -q -c constraints.txt mutmut
 	rm -rf mutants
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTANTS),"$(m)")
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTANTS),"$(m)")
 	$(VENV)/bin/mutmut results --all true > mutmut-results.txt || true
 	@echo "results: mutmut-results.txt (mutmut browse for details)"
 
