@@ -48,8 +48,18 @@ CASES: list[tuple[str, list[str], str]] = [
     ("rank < 1", ["run", "--out", "{out}", "--set", "r_min=0"], "must be >= 1"),
     (
         "homlora rank outside [r_min, r_max]",
-        ["run", "--out", "{out}", "--set", "rank=99"],
+        ["run", "--out", "{out}", "--set", "method='homlora'", "--set", "rank=99"],
         "'rank' (99) must lie in",
+    ),
+    (
+        "a key of another method (rank is homlora's)",
+        ["run", "--out", "{out}", "--set", "rank=4"],
+        "'rank' = 4 applies to method = 'homlora' only",
+    ),
+    (
+        "lambda_ with pruning off",
+        ["run", "--out", "{out}", "--set", "pruning=false", "--set", "lambda_=0.1"],
+        "'lambda_' = 0.1 applies to method = 'hetlora' with pruning = true only",
     ),
     ("lambda < 0", ["run", "--out", "{out}", "--set", "lambda_=-0.5"], "'lambda_' must be >= 0"),
     (
@@ -70,7 +80,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("--set without =", ["run", "--out", "{out}", "--set", "rounds"], "--set expects key=value"),
     (
-        "tiers without a tier list",
+        "older key rank_distribution = 'tiers' without a tier list",
         ["run", "--out", "{out}", "--set", "rank_distribution='tiers'"],
         "needs a [[tiers]] list",
     ),
@@ -104,7 +114,7 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "on_bad_rows for the built-in data",
         ["run", "--out", "{out}", "--set", "on_bad_rows='skip'"],
-        "'on_bad_rows' applies to data files only",
+        "'on_bad_rows' = 'skip' applies to data files",
     ),
     (
         "unknown on_bad_rows value",
