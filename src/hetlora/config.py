@@ -273,14 +273,18 @@ def rules_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _check_applies(cfg: Config) -> None:
     for rule in KEY_RULES:
         value = getattr(cfg, rule.key)
         if value != _DEFAULTS[rule.key] and not rule.holds(cfg):
-            here = ", ".join(f"{k} = {getattr(cfg, k)!r}" for k in rule.depends)
+            here = ", ".join(f"{k} = {_shown(getattr(cfg, k))}" for k in rule.depends)
             raise HetLoRAError(
-                f"config key '{rule.key}' = {value!r} applies to {rule.where} only, not here "
-                f"({here}): remove it"
+                f"config key '{rule.key}' = {_shown(value)} applies to {rule.where} only, not "
+                f"here ({here}): remove it"
             )
 
 
