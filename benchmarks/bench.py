@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hetlora import adapters, evaluate
+from hetlora import adapters
 from hetlora.client import TrainSettings, train_client
 from hetlora.config import make_config
 from hetlora.data import load_clients
@@ -225,22 +225,19 @@ def engine_tok_s(
         r_min=4,
         bf16=bf16,
         fixed_rank=rank if compiled else 0,
+        fused_ce=fused,
     )
     stamps: list[tuple[float, float]] = []  # (time, compile seconds so far) after each step
-    evaluate.FUSED_CE = fused
     graphs = compiled_graphs()
-    try:
-        result = train_client(
-            peft_model,
-            factors,
-            iter(batches),
-            settings,
-            targets,
-            device,
-            on_step=lambda step, loss: stamps.append((time.perf_counter(), compile_seconds())),
-        )
-    finally:
-        evaluate.FUSED_CE = True
+    result = train_client(
+        peft_model,
+        factors,
+        iter(batches),
+        settings,
+        targets,
+        device,
+        on_step=lambda step, loss: stamps.append((time.perf_counter(), compile_seconds())),
+    )
     if info is not None:
         info["compile_s"] = result.compile_seconds
         info["compiled_graphs"] = compiled_graphs() - graphs

@@ -11,6 +11,12 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# Under pytest-xdist (`make test` runs `-n 2`) each worker gets its share of the cores, for torch
+# here and in the processes the tests start, so that the workers do not oversubscribe the CPU.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 
 @pytest.fixture(autouse=True)
 def _private_caches(

@@ -1,4 +1,5 @@
-"""The table of bad inputs in tools/bad_inputs.py, each run as a real `hetlora` process."""
+"""The table of bad inputs in tools/bad_inputs.py: most cases in-process, a few as real
+`hetlora` processes (the docs table, `python tools/bad_inputs.py`, runs every case as one)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,27 @@ spec = importlib.util.spec_from_file_location(
 bad_inputs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bad_inputs)
 
+# Run as real processes: one of each kind of failure (a usage error, a config error, a data
+# error, a model error, a corrupt checkpoint), so the console entry point, its exit code and its
+# stderr are checked end to end; the in-process runner calls the same entry point.
+IN_A_PROCESS = {
+    "unknown flag",
+    "unknown config key",
+    "malformed JSON lines",
+    "missing model path",
+    "--resume of a corrupt checkpoint",
+}
+
+
+def test_the_processes_are_cases_of_the_table():
+    assert IN_A_PROCESS <= {what for what, _, _ in bad_inputs.CASES}
+
 
 def test_every_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path):
-    records = bad_inputs.run_cases(tmp_path)
+    def runner_for(what: str):
+        return bad_inputs.cli if what in IN_A_PROCESS else bad_inputs.cli_in_process
+
+    records = bad_inputs.run_cases(tmp_path, runner_for)
     assert len(records) == len(bad_inputs.CASES)
     for r in records:
         lines = r["stderr"].splitlines()

@@ -91,11 +91,11 @@ def test_per_client_sparsity_weights_use_the_norm_of_the_whole_update():
 
 @pytest.mark.parametrize("per_module", [False, True])
 def test_data_size_factor_multiplies_the_sparsity_weights(per_module):
-    """data_size_factor: w_k ∝ n_k ||dW_k||_F (per client or per module)."""
+    """aggregation = "sparsity_data_size": w_k ∝ n_k ||dW_k||_F (per client or per module)."""
     clients = {"a": _client_factors(1), "b": _client_factors(2)}
     sizes = {"a": 30, "b": 5}
     plain_agg, plain = _scores(clients, sizes, per_module=per_module)
-    agg, new = _scores(clients, sizes, per_module=per_module, data_size_factor=True)
+    agg, new = _scores(clients, sizes, per_module=per_module, aggregation="sparsity_data_size")
     for name in ("q", "v"):
         if per_module:
             s = {c: sizes[c] * _dense_norm(*f[name]) for c, f in clients.items()}

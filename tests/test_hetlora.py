@@ -25,6 +25,17 @@ def update(state, client, rank, seed, n=10):
     return hetlora.ClientUpdate(client_id=client, factors=f, rank=rank, num_examples=n)
 
 
+def aggregate(state, updates, **options):
+    """One round through the live path, :class:`HetLoRAServer`'s add and finish, from ``state``
+    (``options``: the server's aggregation, per_module, padding)."""
+    server = hetlora.HetLoRAServer(state.factors, state.ranks, **options)
+    server.state = state
+    for u in updates:
+        server.add(u)
+    server.finish()
+    return server.state
+
+
 def test_assign_ranks_uniform_is_seeded_and_in_range():
     ids = [f"c{i}" for i in range(200)]
     r1 = hetlora.assign_ranks(ids, 5, 50, seed=1)
@@ -57,7 +68,7 @@ def test_client_message_truncates_to_current_rank():
 def test_sparsity_weighted_aggregation_and_rank_persistence():
     state = hetlora.init(global_factors(8), {"a": 3, "b": 8, "c": 5})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 8, seed=2)  # a pruned 3 -> 2
-    new = hetlora.aggregate(state, [ua, ub])
+    new = aggregate(state, [ua, ub])
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
     wa, wb = na / (na + nb), nb / (na + nb)
     for name in state.factors:
@@ -70,14 +81,14 @@ def test_sparsity_weighted_aggregation_and_rank_persistence():
     assert hetlora.client_message(new, "a")["layers.0.q"][0].shape[1] == 2
     # a pruned client can't grow back: an update above its current rank is refused
     with pytest.raises(HetLoRAError, match="assigned 2"):
-        hetlora.aggregate(new, [update(new, "a", 3, seed=3)])
+        aggregate(new, [update(new, "a", 3, seed=3)])
 
 
 def test_uniform_and_data_size_weights():
     state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
     ua, ub = update(state, "a", 4, 1, n=30), update(state, "b", 4, 2, n=10)
-    uni = hetlora.aggregate(state, [ua, ub], aggregation="uniform")
-    size = hetlora.aggregate(state, [ua, ub], aggregation="data_size")
+    uni = aggregate(state, [ua, ub], aggregation="uniform")
+    size = aggregate(state, [ua, ub], aggregation="data_size")
     name = "layers.0.v"
     torch.testing.assert_close(
         uni.factors[name][0], (ua.factors[name][0] + ub.factors[name][0]) / 2
@@ -93,8 +104,8 @@ def test_per_module_weights_differ_from_per_client():
     # scale one module of client b so per-module and per-client weights disagree
     b_q = ub.factors["layers.0.q"]
     ub.factors["layers.0.q"] = (b_q[0] * 10, b_q[1])
-    per_client = hetlora.aggregate(state, [ua, ub])
-    per_module = hetlora.aggregate(state, [ua, ub], per_module=True)
+    per_client = aggregate(state, [ua, ub])
+    per_module = aggregate(state, [ua, ub], per_module=True)
     assert not torch.allclose(
         per_client.factors["layers.0.v"][0], per_module.factors["layers.0.v"][0]
     )
@@ -119,7 +130,7 @@ def test_aggregator_weights_sum_to_one_and_rejects_bad_updates():
 def test_one_client_at_full_rank_returns_its_factors():
     state = hetlora.init(global_factors(4), {"a": 4})
     ua = update(state, "a", 4, 7)
-    new = hetlora.aggregate(state, [ua])
+    new = aggregate(state, [ua])
     for name in state.factors:
         torch.testing.assert_close(new.factors[name][0], ua.factors[name][0])
         torch.testing.assert_close(new.factors[name][1], ua.factors[name][1])
@@ -129,7 +140,7 @@ def test_zero_padding_kills_positions_above_the_rounds_largest_rank():
     # The paper's aggregation: with every reply at rank <= 3, positions 3..7 of both factors
     # become zero, and B = A = 0 there is a fixed point: those positions stay dead.
     state = hetlora.init(global_factors(8), {"a": 3, "b": 2})
-    new = hetlora.aggregate(state, [update(state, "a", 3, seed=1), update(state, "b", 2, seed=2)])
+    new = aggregate(state, [update(state, "a", 3, seed=1), update(state, "b", 2, seed=2)])
     for b, a in new.factors.values():
         assert torch.count_nonzero(b[:, 3:]) == 0 and torch.count_nonzero(a[3:]) == 0
 
@@ -137,7 +148,7 @@ def test_zero_padding_kills_positions_above_the_rounds_largest_rank():
 def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
     state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
-    new = hetlora.aggregate(state, [ua, ub], padding="rankwise")
+    new = aggregate(state, [ua, ub], padding="rankwise")
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
     wa, wb = na / (na + nb), nb / (na + nb)
     for name, (old_b, old_a) in state.factors.items():
@@ -152,8 +163,8 @@ def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
     # with every client at r_max, rank-wise equals the paper's average
     state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
     ups = [update(state, "a", 4, 1), update(state, "b", 4, 2)]
-    plain = hetlora.aggregate(state, ups)
-    ranked = hetlora.aggregate(state, ups, padding="rankwise")
+    plain = aggregate(state, ups)
+    ranked = aggregate(state, ups, padding="rankwise")
     for name in plain.factors:
         torch.testing.assert_close(ranked.factors[name][0], plain.factors[name][0])
         torch.testing.assert_close(ranked.factors[name][1], plain.factors[name][1])
@@ -164,7 +175,7 @@ def test_rankwise_with_zero_scores_falls_back_to_uniform_per_position():
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 4, seed=2)
     for u in (ua, ub):  # B = 0 everywhere: every sparsity score is 0
         u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
-    new = hetlora.aggregate(state, [ua, ub], padding="rankwise")
+    new = aggregate(state, [ua, ub], padding="rankwise")
     for name, (_, old_a) in state.factors.items():
         a = new.factors[name][1]
         torch.testing.assert_close(a[:2], (ua.factors[name][1] + ub.factors[name][1][:2]) / 2)
@@ -178,7 +189,7 @@ def test_rankwise_zero_scores_with_live_b_average_b_uniformly():
     ups = [update(state, c, r, seed=s) for c, r, s in (("a", 2, 1), ("b", 4, 2), ("c", 4, 3))]
     for u in ups:
         u.factors = {n: (b, torch.zeros_like(a)) for n, (b, a) in u.factors.items()}
-    new = hetlora.aggregate(state, ups, padding="rankwise")
+    new = aggregate(state, ups, padding="rankwise")
     for name, (old_b, _) in state.factors.items():
         fa, fb, fc = (u.factors[name][0] for u in ups)
         b = new.factors[name][0]
@@ -194,7 +205,7 @@ def test_rankwise_with_scores_below_one_and_a_wrong_previous_shape():
     for u in (ua, ub):
         u.factors = {n: (b * 1e-2, a * 1e-2) for n, (b, a) in u.factors.items()}
     assert update_norm(ua.factors) < 1 and update_norm(ub.factors) < 1
-    new = hetlora.aggregate(state, [ua, ub], padding="rankwise")
+    new = aggregate(state, [ua, ub], padding="rankwise")
     for name in state.factors:
         torch.testing.assert_close(new.factors[name][1][2:4], ub.factors[name][1][2:4])
     agg = hetlora.Aggregator(state, padding="rankwise")
@@ -246,7 +257,7 @@ def test_zero_padding_formula_divides_every_position_by_the_total_score():
     # clients, so position p shrinks by the weight of the clients below it.
     state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
-    new = hetlora.aggregate(state, [ua, ub], padding="zero")
+    new = aggregate(state, [ua, ub], padding="zero")
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
     wa, wb = na / (na + nb), nb / (na + nb)
     assert 0.05 < wa < 0.95  # non-degenerate weights
@@ -265,9 +276,9 @@ def test_keep_padding_is_zero_padding_where_reached_and_the_previous_value_elsew
     # keep the previous global value; the others are exactly the paper's zero-padded average.
     state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
-    kept = hetlora.aggregate(state, [ua, ub], padding="keep")
-    zero = hetlora.aggregate(state, [ua, ub], padding="zero")
-    ranked = hetlora.aggregate(state, [ua, ub], padding="rankwise")
+    kept = aggregate(state, [ua, ub], padding="keep")
+    zero = aggregate(state, [ua, ub], padding="zero")
+    ranked = aggregate(state, [ua, ub], padding="rankwise")
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
     wb = nb / (na + nb)
     for name, (old_b, old_a) in state.factors.items():
@@ -281,7 +292,7 @@ def test_keep_padding_is_zero_padding_where_reached_and_the_previous_value_elsew
         torch.testing.assert_close(a[5:], old_a[5:])
         assert torch.count_nonzero(old_a[5:]) > 0  # the kept values are not zeros
     # the previous global factors are not modified in place
-    again = hetlora.aggregate(state, [ua, ub], padding="keep")
+    again = aggregate(state, [ua, ub], padding="keep")
     for name in state.factors:
         torch.testing.assert_close(again.factors[name][1], kept.factors[name][1])
 
@@ -303,7 +314,7 @@ def test_padding_is_an_error_for_unknown_rules_and_other_methods():
 
     state = hetlora.init(global_factors(4), {"a": 4})
     with pytest.raises(HetLoRAError, match="padding"):
-        hetlora.aggregate(state, [update(state, "a", 4, 1)], padding="mirror")
+        aggregate(state, [update(state, "a", 4, 1)], padding="mirror")
     with pytest.raises(HetLoRAError, match="padding"):
         make_config({"method": "homlora", "padding": "keep"})
     with pytest.raises(HetLoRAError, match="padding"):

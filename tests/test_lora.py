@@ -10,7 +10,6 @@ import torch
 from hetlora.errors import HetLoRAError
 from hetlora.lora import (
     WeightedFactorSum,
-    aggregation_weights,
     pad,
     product_fro_norm,
     product_fro_norm_sq,
@@ -121,21 +120,33 @@ def test_pruning_rule():
     assert pruned_rank(10, 2, 0.99, tail_before=0.0, tail_after=0.7) == 10
 
 
+def applied_weights(scores):
+    """The weights WeightedFactorSum gives rank-1 clients with these scores (client k's B is the
+    unit vector e_k, so the aggregate's B is the weight vector)."""
+    acc = WeightedFactorSum(1)
+    for k, s in enumerate(scores):
+        b = torch.zeros(len(scores), 1)
+        b[k, 0] = 1.0
+        acc.add({"m": (b, torch.ones(1, 1))}, s)
+    return acc.result()["m"][0][:, 0].tolist()
+
+
 def test_weights_sum_to_one():
-    w = aggregation_weights([3.0, 1.0, 0.5, 0.0])
+    w = applied_weights([3.0, 1.0, 0.5, 0.0])
     assert sum(w) == pytest.approx(1.0)
     assert w[0] == pytest.approx(3.0 / 4.5)
-    assert aggregation_weights([0.0, 0.0]) == [0.5, 0.5]
+    assert w[3] == 0.0
+    assert applied_weights([0.0, 0.0]) == [0.5, 0.5]
     with pytest.raises(HetLoRAError):
-        aggregation_weights([1.0, -1.0])
+        applied_weights([1.0, -1.0])
     with pytest.raises(HetLoRAError):
-        aggregation_weights([])
+        applied_weights([])
 
 
 def test_weighted_sum_matches_the_formula():
     clients = [truncate(rand_factors(8, s), r) for s, r in [(0, 8), (1, 3), (2, 5)]]
     scores = [update_norm(f) for f in clients]
-    w = aggregation_weights(scores)
+    w = [s / sum(scores) for s in scores]
     acc = WeightedFactorSum(8)
     for f, s in zip(clients, scores, strict=True):
         acc.add(f, s)

@@ -85,9 +85,11 @@ def assert_same_runs(a: Path, b: Path) -> None:
     assert sb["final_ppl"] == pytest.approx(sa["final_ppl"], rel=1e-5)
 
 
-# Every method, 4 short rounds, killed once round 2 is recorded. FLoRA and full fine-tuning
-# change the base itself, so their resume rebuilds it from the checkpointed server state (and
-# the checkpoint's model fingerprint must be the pristine base's, not the changed one's).
+# Every method, 4 short rounds, stopped once round 2 is checkpointed, then resumed. FLoRA and full
+# fine-tuning change the base itself, so their resume rebuilds it from the checkpointed server
+# state (and the checkpoint's model fingerprint must be the pristine base's, not the changed
+# one's). One real SIGKILL of a `hetlora run` process (hetlora) and a resume in a fresh process;
+# every method stopped and resumed in-process, each resume in a fresh Simulation.
 RESUME_METHODS = {
     "hetlora": [],
     "homlora": ["rank=4"],
@@ -95,20 +97,45 @@ RESUME_METHODS = {
     "flora": [],
     "full_ft": ["lr=0.001"],
 }
+HETLORA_ONLY = ("lambda_", "gamma")  # the self-pruning keys: an error under another method
+
+
+def resume_args(method: str) -> list[str]:
+    shared = [s for s in SETTINGS if method == "hetlora" or not s.startswith(HETLORA_ONLY)]
+    short = ["rounds=4", "local_steps=3", "eval_examples=8", "rouge_examples=0"]
+    return [*shared, *short, f"method='{method}'", *RESUME_METHODS[method]]
+
+
+class Stop(BaseException):
+    """Ends a run as a crash would: not an Exception, so nothing on the way catches it."""
 
 
 @pytest.mark.parametrize("method", list(RESUME_METHODS))
-def test_sigkill_then_resume_matches_an_uninterrupted_run(method, tiny_model, tmp_path):
-    extra = [
-        *("rounds=4", "local_steps=3", "eval_examples=8", "rouge_examples=0"),
-        f"method='{method}'",
-        *RESUME_METHODS[method],
-    ]
+def test_stop_then_resume_matches_an_uninterrupted_run(method, tiny_model, tmp_path):
+    cfg = make_config({"model": str(tiny_model), **_values(resume_args(method))})
+    straight, out = tmp_path / "straight", tmp_path / "stopped"
+    local.Simulation(cfg).run(straight)
+
+    def stop_after_round_2(event: dict) -> None:
+        if event["event"] == "round_start" and event["round"] == 3:
+            raise Stop  # round 2 is recorded and checkpointed
+
+    with pytest.raises(Stop):
+        local.Simulation(cfg, progress=stop_after_round_2).run(out)
+    assert not (out / "summary.json").exists() and len(rows(out)) == 3
+    local.Simulation(cfg).run(out, resume=True)
+    assert_same_runs(straight, out)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):
+    args = resume_args("hetlora")
     straight = tmp_path / "straight"
-    assert CliRunner().invoke(app, cli_args(tiny_model, straight, *extra)).exit_code == 0
+    local.Simulation(make_config({"model": str(tiny_model), **_values(args)})).run(straight)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "hetlora.cli", *cli_args(tiny_model, out, *extra)]
+    cmd = [sys.executable, "-m", "hetlora.cli", "run", "--out", str(out)]
+    for item in [f"model='{tiny_model}'", *args]:
+        cmd += ["--set", item]
     proc = subprocess.Popen(
         cmd, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -5,17 +5,24 @@
 Each case runs ``python -m hetlora.cli ...`` in a fresh temporary folder holding the files it
 needs (and a finished tiny run for the commands that read one), and records the exit code, the
 stderr line and whether the output directory was left as it was. ``tests/test_bad_inputs.py``
-runs the same table and requires: exit code 2, one line on stderr, no traceback, nothing lost.
+runs the same table and requires: exit code 2, one line on stderr, no traceback, nothing lost;
+it runs most cases in-process (:func:`cli_in_process`: the console entry point ``main`` with
+its own argv, stdout and stderr) and a few as real processes, to save the start-up of each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 # (what, argv with {placeholders}, a fragment the message must contain)
@@ -48,8 +55,18 @@ CASES: list[tuple[str, list[str], str]] = [
     ("rank < 1", ["run", "--out", "{out}", "--set", "r_min=0"], "must be >= 1"),
     (
         "homlora rank outside [r_min, r_max]",
-        ["run", "--out", "{out}", "--set", "rank=99"],
+        ["run", "--out", "{out}", "--set", "method='homlora'", "--set", "rank=99"],
         "'rank' (99) must lie in",
+    ),
+    (
+        "a key of another method (rank is homlora's)",
+        ["run", "--out", "{out}", "--set", "rank=4"],
+        "'rank' = 4 applies to method = 'homlora' only",
+    ),
+    (
+        "lambda_ with pruning off",
+        ["run", "--out", "{out}", "--set", "pruning=false", "--set", "lambda_=0.1"],
+        "'lambda_' = 0.1 applies to method = 'hetlora' with pruning = true only",
     ),
     ("lambda < 0", ["run", "--out", "{out}", "--set", "lambda_=-0.5"], "'lambda_' must be >= 0"),
     (
@@ -70,7 +87,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("--set without =", ["run", "--out", "{out}", "--set", "rounds"], "--set expects key=value"),
     (
-        "tiers without a tier list",
+        "older key rank_distribution = 'tiers' without a tier list",
         ["run", "--out", "{out}", "--set", "rank_distribution='tiers'"],
         "needs a [[tiers]] list",
     ),
@@ -104,7 +121,7 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "on_bad_rows for the built-in data",
         ["run", "--out", "{out}", "--set", "on_bad_rows='skip'"],
-        "'on_bad_rows' applies to data files only",
+        "'on_bad_rows' = 'skip' applies to data files",
     ),
     (
         "unknown on_bad_rows value",
@@ -220,6 +237,43 @@ def cli(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
     )
 
 
+def cli_in_process(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """What :func:`cli` returns, from ``hetlora.cli.main`` called in this process: argv, the
+    environment and the working folder set for the call, stdout and stderr captured."""
+    from hetlora import cli as hetlora_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, saved_cwd = sys.argv, dict(os.environ), os.getcwd()
+    # the root logger as a fresh process has it (no handler): the CLI's logging.basicConfig then
+    # writes log lines to this call's stderr, as it would in a process
+    root = logging.getLogger()
+    saved_log = root.handlers[:], root.level
+    root.handlers.clear()
+    sys.argv = ["hetlora", *argv]
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                hetlora_cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except Exception:  # noqa: BLE001 - a crash is recorded as a process would show it
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        root.handlers[:], root.level = saved_log
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+Runner = Callable[[list[str], dict[str, str], Path], subprocess.CompletedProcess]
+
+
 def _digest(folder: Path) -> str:
     h = hashlib.sha256()
     if folder.exists():
@@ -230,8 +284,8 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def make_fixtures(tmp: Path, env: dict[str, str]) -> dict[str, str]:
-    """The files the cases refer to, and one finished tiny run."""
+def make_fixtures(tmp: Path, env: dict[str, str], runner: Runner = cli) -> dict[str, str]:
+    """The files the cases refer to, and one finished tiny run (made by ``runner``)."""
     from hetlora.tiny import make_tiny_model
 
     def write(name: str, text: str) -> str:
@@ -250,7 +304,7 @@ def make_fixtures(tmp: Path, env: dict[str, str]) -> dict[str, str]:
     argv = ["run", "--out", str(run), "--set", f"model='{tiny}'"]
     for item in TINY_RUN:
         argv += ["--set", item]
-    done = cli(argv, env, tmp)
+    done = runner(argv, env, tmp)
     if done.returncode != 0:
         raise RuntimeError(f"the tiny run failed: {done.stderr}")
     corrupt = tmp / "corrupt-run"
@@ -297,10 +351,11 @@ def environment(tmp: Path) -> dict[str, str]:
     }
 
 
-def run_cases(tmp: Path) -> list[dict]:
-    """Run every case; returns one record per case."""
+def run_cases(tmp: Path, runner_for: Callable[[str], Runner] = lambda what: cli) -> list[dict]:
+    """Run every case, each with the runner ``runner_for(what)`` (default: a real process);
+    returns one record per case."""
     env = environment(tmp)
-    fx = make_fixtures(tmp, env)
+    fx = make_fixtures(tmp, env, runner_for(""))
     watched = [
         Path(fx[k]) for k in ("out", "full_out", "run", "corrupt_run", "a_file", "empty_dir")
     ]
@@ -310,7 +365,7 @@ def run_cases(tmp: Path) -> list[dict]:
             str(p): _digest(p) if p.is_dir() else (p.read_bytes() if p.exists() else None)
             for p in watched
         }
-        done = cli([a.format(**fx) for a in argv], env, tmp)
+        done = runner_for(what)([a.format(**fx) for a in argv], env, tmp)
         after = {
             str(p): _digest(p) if p.is_dir() else (p.read_bytes() if p.exists() else None)
             for p in watched
@@ -331,8 +386,17 @@ def run_cases(tmp: Path) -> list[dict]:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every case in this process (cli_in_process: faster, the same entry point)",
+    )
+    runner = cli_in_process if parser.parse_args().in_process else cli
     with tempfile.TemporaryDirectory() as tmp:
-        records = run_cases(Path(tmp))
+        records = run_cases(Path(tmp), lambda what: runner)
         tmp_name = str(Path(tmp).resolve())
     print("| bad input | command (in a temporary folder holding the files) | exit | message |")
     print("|---|---|---|---|")

@@ -154,22 +154,6 @@ def base_parameters(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
-def module_shapes(peft_model: PeftModel, adapter: str = GLOBAL) -> dict[str, tuple[int, int]]:
-    """``(d_out, d_in)`` of every adapted module."""
-    return {n: (b.shape[0], a.shape[1]) for n, (b, a) in live_factors(peft_model, adapter).items()}
-
-
-@torch.no_grad()
-def add_to_base(peft_model: PeftModel, deltas: dict[str, torch.Tensor]) -> None:
-    """Merge dense updates into the adapted modules' base weights: ``W0 <- W0 + dW``."""
-    for name, module in peft_model.named_modules():
-        key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
-        if isinstance(module, LoraLayer) and key in deltas:
-            weight = module.get_base_layer().weight
-            delta = deltas[key].to(weight.device, weight.dtype)
-            weight.add_(delta.T if getattr(module, "fan_in_fan_out", False) else delta)
-
-
 @torch.no_grad()
 def adapted_base_weights(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """A copy of every adapted module's base weight ``W0`` (keyed like factor dicts)."""
@@ -187,8 +171,9 @@ def set_base(
 ) -> None:
     """``W <- W0 + dW`` for every adapted module in ``deltas``, from its pristine ``W0``.
 
-    Unlike :func:`add_to_base` round after round, the result depends only on the cumulative
-    ``dW``, so a run resumed from a checkpoint holding that sum gets bit-identical weights.
+    Rather than adding each round's ``dW`` to the current weights, the result depends only on the
+    cumulative ``dW``, so a run resumed from a checkpoint holding that sum gets bit-identical
+    weights.
     """
     for name, module in peft_model.named_modules():
         key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name

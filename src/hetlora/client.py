@@ -53,6 +53,7 @@ class TrainSettings:
     lora_scale: float = 2.0
     bf16: bool = False
     fixed_rank: int = 0  # > 0: the fixed-shape step with the adapter at this rank (r_max)
+    fused_ce: bool = True  # the fused chunked cross-entropy (False: plain head, for the bench)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def _local_steps(
         batch = {k: v.to(device) for k, v in next(batches).items()}
         start = time.perf_counter()
         with autocast(device, settings.bf16):
-            nll, n = response_nll(peft_model, batch)
+            nll, n = response_nll(peft_model, batch, settings.fused_ce)
         loss = nll / max(n, 1)
         objective = loss if regulariser is None else loss + settings.lambda_ * regulariser()
         optimizer.zero_grad(set_to_none=True)

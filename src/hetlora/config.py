@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,16 @@ import tomli_w
 from hetlora.data import BAD_ROW_ACTIONS, PARTITIONERS, SHAKESPEARE
 from hetlora.errors import HetLoRAError
 
+log = logging.getLogger(__name__)
+
 METHODS = ("hetlora", "homlora", "recon_svd", "flora", "full_ft")
-AGGREGATIONS = ("sparsity", "uniform", "data_size")
+#: Methods whose clients train at ranks assigned per client (uniform draw or ``tiers``).
+RANKED_METHODS = ("hetlora", "recon_svd", "flora")
+#: HetLoRA's client weights (key ``aggregation``): ``sparsity_data_size`` is the sparsity weight
+#: times the client's number of examples.
+AGGREGATIONS = ("sparsity", "uniform", "data_size", "sparsity_data_size")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-RANK_DISTRIBUTIONS = ("uniform", "tiers")
 COMPILE_MODES = ("auto", "on", "off")
 CHAT_TEMPLATES = ("auto", "on", "off")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -75,15 +82,15 @@ class Config:
             (see :mod:`hetlora.methods`).
         rank: the one rank of every client under ``homlora`` (0 means r_max).
         r_min, r_max: client ranks lie in [r_min, r_max]; the global adapter has rank r_max.
-        rank_distribution: ``"uniform"`` (seeded, uniform over [r_min, r_max]) or ``"tiers"``.
-        tiers: list of ``{name, rank, share}`` tables used when rank_distribution = "tiers".
+        tiers: list of ``{name, rank, share}`` tables: clients are dealt to tiers by share;
+            empty (default) draws each client's rank uniformly over [r_min, r_max] (seeded).
         lambda_: weight of the self-pruning regulariser.
         gamma: rank decay factor in (0, 1); the tail starts at floor(gamma * r).
         pruning: apply the self-pruning rule after local training.
         aggregation: client weights: ``sparsity`` (||B_k A_k||_F, HetLoRA), ``uniform``,
-            ``data_size`` (number of training examples).
+            ``data_size`` (number of training examples) or ``sparsity_data_size`` (the two
+            multiplied).
         per_module_weights: sparsity weights per module instead of per client.
-        data_size_factor: multiply sparsity weights by the client's number of examples.
         padding: how ``hetlora`` joins factors of different ranks (``hetlora`` only):
             ``"zero"`` (the paper: zero-pad to r_max, weighted sum replaces the global factors,
             so positions above the round's largest rank become zero); ``"keep"`` (not in the
@@ -138,14 +145,12 @@ class Config:
     rank: int = 0
     r_min: int = 4
     r_max: int = 16
-    rank_distribution: str = "uniform"
     tiers: list[dict[str, Any]] = field(default_factory=list)
     lambda_: float = 0.01
     gamma: float = 0.99
     pruning: bool = True
     aggregation: str = "sparsity"
     per_module_weights: bool = False
-    data_size_factor: bool = False
     padding: str = "zero"
     lora_scale: float = 2.0
 
@@ -182,6 +187,153 @@ class Config:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
+_DEFAULTS = Config().to_dict()
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Where a key applies: ``holds(cfg)`` is true where it does, ``where`` says so in words and
+    ``depends`` names the keys it reads (shown in the error)."""
+
+    key: str
+    where: str
+    depends: tuple[str, ...]
+    holds: Callable[[Config], bool]
+
+
+def _data_file(cfg: Config) -> bool:
+    return cfg.data.strip() != SHAKESPEARE
+
+
+#: Keys that apply only under some methods or options, written once: :func:`validate` refuses a
+#: key set to a value other than its default where its rule does not hold, and the README's
+#: table "Keys that apply only somewhere" is :func:`rules_markdown`. A key at its default is
+#: always accepted (it is what ``hetlora defaults`` prints and what a run's config.toml holds).
+KEY_RULES: tuple[KeyRule, ...] = (
+    KeyRule("rank", "method = 'homlora'", ("method",), lambda c: c.method == "homlora"),
+    KeyRule(
+        "tiers",
+        f"methods with per-client ranks ({', '.join(RANKED_METHODS)})",
+        ("method",),
+        lambda c: c.method in RANKED_METHODS,
+    ),
+    KeyRule("pruning", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
+    KeyRule(
+        "lambda_",
+        "method = 'hetlora' with pruning = true",
+        ("method", "pruning"),
+        lambda c: c.method == "hetlora" and c.pruning,
+    ),
+    KeyRule(
+        "gamma",
+        "method = 'hetlora' with pruning = true",
+        ("method", "pruning"),
+        lambda c: c.method == "hetlora" and c.pruning,
+    ),
+    KeyRule("aggregation", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
+    KeyRule(
+        "per_module_weights",
+        "method = 'hetlora' with aggregation = 'sparsity' or 'sparsity_data_size'",
+        ("method", "aggregation"),
+        lambda c: c.method == "hetlora" and c.aggregation in ("sparsity", "sparsity_data_size"),
+    ),
+    KeyRule("padding", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
+    KeyRule(
+        "lora_scale",
+        "LoRA methods (not 'full_ft')",
+        ("method",),
+        lambda c: c.method != "full_ft",
+    ),
+    KeyRule("on_bad_rows", f"data files (not data = '{SHAKESPEARE}')", ("data",), _data_file),
+    KeyRule(
+        "split", f"data folders and hub ids (not data = '{SHAKESPEARE}')", ("data",), _data_file
+    ),
+    KeyRule("partitioner", f"data files (not data = '{SHAKESPEARE}')", ("data",), _data_file),
+    KeyRule("num_partitions", f"data files (not data = '{SHAKESPEARE}')", ("data",), _data_file),
+    KeyRule(
+        "partition_by",
+        "partitioner = 'dirichlet'",
+        ("data", "partitioner"),
+        lambda c: _data_file(c) and c.partitioner == "dirichlet",
+    ),
+    KeyRule(
+        "dirichlet_alpha",
+        "partitioner = 'dirichlet'",
+        ("data", "partitioner"),
+        lambda c: _data_file(c) and c.partitioner == "dirichlet",
+    ),
+)
+
+
+def rules_markdown() -> str:
+    """The README's table of :data:`KEY_RULES` (``tests/test_config_rules.py`` keeps it equal)."""
+    rows = ["| key | applies to (any other value than the default elsewhere is an error) |"]
+    rows.append("|---|---|")
+    rows += [f"| `{r.key}` | {r.where} |" for r in KEY_RULES]
+    return "\n".join(rows) + "\n"
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _check_applies(cfg: Config) -> None:
+    for rule in KEY_RULES:
+        value = getattr(cfg, rule.key)
+        if value != _DEFAULTS[rule.key] and not rule.holds(cfg):
+            here = ", ".join(f"{k} = {_shown(getattr(cfg, k))}" for k in rule.depends)
+            raise HetLoRAError(
+                f"config key '{rule.key}' = {_shown(value)} applies to {rule.where} only, not "
+                f"here ({here}): remove it"
+            )
+
+
+#: Keys of older versions, still read from an older run's config.toml (with a warning), so that
+#: ``hetlora evaluate`` and ``--resume`` keep working on it. Each is translated to today's keys.
+OLD_KEYS = ("rank_distribution", "data_size_factor")
+
+
+def translate_old_keys(values: dict[str, Any], warn: bool = True) -> dict[str, Any]:
+    """``rank_distribution`` (a non-empty ``tiers`` now says "tiers") and ``data_size_factor``
+    (now ``aggregation = "sparsity_data_size"``) to today's keys, meaning unchanged (the config
+    of an older run's config.toml or checkpoint)."""
+    old = [k for k in OLD_KEYS if k in values]
+    if not old:
+        return values
+    values = dict(values)
+    notes = []
+    if "rank_distribution" in values:
+        dist = values.pop("rank_distribution")
+        tiers = values.get("tiers", [])
+        if dist == "uniform" and tiers:
+            raise HetLoRAError(
+                "config key 'rank_distribution' is gone and 'uniform' with a non-empty tiers list "
+                "cannot be translated: a non-empty tiers list now assigns ranks; remove "
+                "rank_distribution, and tiers if the draw should stay uniform"
+            )
+        if dist == "tiers" and not tiers:
+            raise HetLoRAError("rank_distribution = 'tiers' needs a [[tiers]] list")
+        if dist not in ("uniform", "tiers"):
+            raise HetLoRAError(
+                f"config key 'rank_distribution' must be one of uniform, tiers; got {dist!r}"
+            )
+        notes.append(f"rank_distribution = {dist!r} (now: tiers {'set' if tiers else 'empty'})")
+    if "data_size_factor" in values:
+        factor = values.pop("data_size_factor")
+        if not isinstance(factor, bool):
+            raise HetLoRAError(
+                f"config key 'data_size_factor' must be true or false, got {factor!r}"
+            )
+        method = values.get("method", _DEFAULTS["method"])
+        aggregation = values.get("aggregation", _DEFAULTS["aggregation"])
+        if factor and method == "hetlora" and aggregation == "sparsity":
+            values["aggregation"] = "sparsity_data_size"
+            notes.append('data_size_factor = true (now aggregation = "sparsity_data_size")')
+        else:  # false, or true where it was ignored (another method or aggregation)
+            notes.append(f"data_size_factor = {str(factor).lower()} (no effect here; dropped)")
+    if warn:
+        log.warning("config: older keys read as today's: %s", "; ".join(notes))
+    return values
 
 
 def _suggest(key: str) -> str:
@@ -252,7 +404,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
 def make_config(values: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a dict of keys."""
     clean: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, value in translate_old_keys(values).items():
         if key not in _FIELDS:
             raise HetLoRAError(f"unknown config key '{key}'{_suggest(key)}")
         clean[key] = _check_type(key, value)
@@ -279,7 +431,6 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "aggregation", AGGREGATIONS)
     _choice(cfg, "precision", PRECISIONS)
     _choice(cfg, "device", DEVICES)
-    _choice(cfg, "rank_distribution", RANK_DISTRIBUTIONS)
     _choice(cfg, "compile", COMPILE_MODES)
     if cfg.compile == "on" and cfg.method == "full_ft":
         raise HetLoRAError(
@@ -288,10 +439,6 @@ def validate(cfg: Config) -> None:
         )
     _choice(cfg, "partitioner", PARTITIONERS)
     _choice(cfg, "on_bad_rows", BAD_ROW_ACTIONS)
-    if cfg.on_bad_rows != "error" and cfg.data.strip() == SHAKESPEARE:
-        raise HetLoRAError(
-            f"config key 'on_bad_rows' applies to data files only, not data = '{SHAKESPEARE}'"
-        )
     _choice(cfg, "chat_template", CHAT_TEMPLATES)
     for name in cfg.report_to:
         if name not in TRACKERS:
@@ -301,11 +448,7 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.report_to)) != len(cfg.report_to):
         raise HetLoRAError(f"config key 'report_to' names a tracker twice: {cfg.report_to}")
     _choice(cfg, "padding", PADDINGS)
-    if cfg.padding != "zero" and cfg.method != "hetlora":
-        raise HetLoRAError(
-            f"config key 'padding' applies to method 'hetlora' only (got padding = "
-            f"{cfg.padding!r} with method = {cfg.method!r})"
-        )
+    _check_applies(cfg)
     for key in ("r_min", "r_max"):
         if getattr(cfg, key) < 1:
             raise HetLoRAError(
@@ -368,11 +511,8 @@ def validate(cfg: Config) -> None:
         raise HetLoRAError(
             f"config key 'target_modules' must be a list of names: {cfg.target_modules}"
         )
-    if cfg.rank_distribution == "tiers":
-        if not cfg.tiers:
-            raise HetLoRAError("rank_distribution = 'tiers' needs a [[tiers]] list")
-        for i, tier in enumerate(cfg.tiers):
-            _check_tier(cfg, i, tier)
+    for i, tier in enumerate(cfg.tiers):
+        _check_tier(cfg, i, tier)
 
 
 def _check_tier(cfg: Config, i: int, tier: Any) -> None:

@@ -12,7 +12,6 @@ from hetlora.data.batching import IGNORE, Tokenized, eval_batches
 from hetlora.hardware import autocast
 
 CE_CHUNK = 256  # rows of logits alive at once in :class:`LinearCrossEntropy`
-FUSED_CE = True  # False: the plain head + F.cross_entropy (benchmarks/ measures both)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -76,14 +75,15 @@ def linear_cross_entropy(
 
 
 def response_nll(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over labelled (response) tokens, and how many there were.
 
     The output projection runs only at positions whose next token is labelled, not over the
     whole padded batch (with a 49k vocabulary that is most of a small model's compute), and
     through :func:`linear_cross_entropy`, which never materialises the logits. The softmax is
-    fp32 whatever the autocast dtype.
+    fp32 whatever the autocast dtype. ``fused = False`` takes the plain head and
+    ``F.cross_entropy`` instead (the benchmark measures both).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(  # no key/value cache: nothing is generated here
@@ -92,7 +92,7 @@ def response_nll(
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     head = base.get_output_embeddings()
-    if not FUSED_CE or getattr(head, "bias", None) is not None or type(head) is not torch.nn.Linear:
+    if not fused or getattr(head, "bias", None) is not None or type(head) is not torch.nn.Linear:
         logits = head(hidden[:, :-1][keep])  # an unusual head: the plain path
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
     nll = linear_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep])

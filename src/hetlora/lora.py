@@ -13,7 +13,7 @@ models, runtimes or I/O, so every runtime (in-process, Flower) calls the same fu
   rank r_max (positions ``>= r_k`` zero), through a mask rather than slices.
 * :func:`pruned_rank` -- the pruning rule ``r <- max(r_min, floor(gamma * r))``.
 * :func:`product_fro_norm` -- ``||B A||_F`` from the r x r Gram matrices, never forming B A.
-* :func:`aggregation_weights` and :class:`WeightedFactorSum` -- sparsity-weighted aggregation
+* :class:`WeightedFactorSum` -- sparsity-weighted aggregation
   ``B = sum_k w_k pad(B_k)``, ``A = sum_k w_k pad(A_k)``, ``w_k ∝ ||dW_k||_F``, and the
   padding alternatives beyond the paper (:data:`PADDINGS`).
 * :func:`live_rank` -- the rank positions where both factors are non-zero (rank dynamics).
@@ -167,18 +167,6 @@ def live_rank(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple
     if not ranks:
         raise HetLoRAError("no LoRA modules")
     return min(ranks), max(ranks)
-
-
-def aggregation_weights(scores: Sequence[float]) -> list[float]:
-    """Normalise non-negative scores to weights that sum to 1 (uniform if all scores are 0)."""
-    if not scores:
-        raise HetLoRAError("no client updates to aggregate")
-    if any(s < 0 or not math.isfinite(s) for s in scores):
-        raise HetLoRAError(f"aggregation scores must be finite and >= 0, got {list(scores)}")
-    total = sum(scores)
-    if total == 0:
-        return [1.0 / len(scores)] * len(scores)
-    return [s / total for s in scores]
 
 
 class WeightedFactorSum:

@@ -36,8 +36,6 @@ __all__ = ["OUTPUTS", "TRACKERS", "Trackers", "check_available", "round_scalars"
 
 log = logging.getLogger(__name__)
 
-#: tracker -> (module imported, pip extra)
-_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 #: What the trackers write inside a run directory (removed by ``--overwrite``).
 OUTPUTS = ("tensorboard", "mlruns", "wandb", "trackers.json")
 #: Where the MLflow and W&B run ids of a run directory are kept, to resume them.
@@ -59,12 +57,11 @@ _ROUND_KEYS = (
 def check_available(names: list[str]) -> None:
     """Refuse a tracker whose package is not installed (before any work is done)."""
     for name in names:
-        if name not in _MODULES:
+        if name not in TRACKERS:
             raise HetLoRAError(f"unknown tracker {name!r}; expected one of: {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(_MODULES[name]) is None:
+        if importlib.util.find_spec(name) is None:  # each tracker's module and extra: its name
             raise HetLoRAError(
-                f"report_to {name!r} needs the {_MODULES[name]} package: "
-                f"pip install 'hetlora[{name}]'"
+                f"report_to {name!r} needs the {name} package: pip install 'hetlora[{name}]'"
             )
 
 

@@ -7,7 +7,8 @@
 * ``full_ft``   -- FedAvg of every weight
 
 HetLoRA's ablations are config keys of ``hetlora``: ``pruning = false``, ``aggregation =
-"uniform"`` or ``"data_size"`` (zero-padding without sparsity weights), ``per_module_weights``.
+"uniform"`` or ``"data_size"`` (zero-padding without sparsity weights) or
+``"sparsity_data_size"``, ``per_module_weights``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from hetlora.config import METHODS
 from hetlora.lora import Factors
 from hetlora.methods.base import Server
 
-METHODS = ("hetlora", "homlora", "recon_svd", "flora", "full_ft")
 FROZEN_BASE = ("hetlora", "homlora", "recon_svd")  # methods that never change the base weights
 
 
@@ -45,7 +46,6 @@ def make_server(
             ranks,
             aggregation=cfg.aggregation,
             per_module=cfg.per_module_weights,
-            data_size_factor=cfg.data_size_factor,
             padding=cfg.padding,
             pruning=cfg.pruning,
             regularise=cfg.pruning and cfg.lambda_ > 0,

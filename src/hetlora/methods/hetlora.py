@@ -12,7 +12,8 @@ A pair of pure steps over an explicit :class:`ServerState`, as in FedJAX's ``fed
   each client's pruned rank persists in the state (it never grows back).
 
 The ``aggregation`` option gives the paper's ablations: ``uniform`` or ``data_size`` weights in
-place of sparsity weights, ``per_module`` sparsity weights, and a data-size factor. The
+place of sparsity weights, or ``sparsity_data_size`` (sparsity times data size); ``per_module``
+gives sparsity weights per module. The
 ``padding`` option gives alternatives to zero-padding that are not in the paper (``keep``,
 ``rankwise``; see :class:`hetlora.lora.WeightedFactorSum`).
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetlora.config import AGGREGATIONS
 from hetlora.errors import HetLoRAError
 from hetlora.lora import (
     PADDINGS,
@@ -103,10 +105,10 @@ class Aggregator:
 
     Args:
         state: the server state the round started from (ranks are checked against it).
-        aggregation: ``sparsity`` (HetLoRA), ``uniform`` or ``data_size`` weights.
+        aggregation: ``sparsity`` (HetLoRA), ``uniform`` or ``data_size`` weights, or
+            ``sparsity_data_size`` (sparsity weights times the client's number of examples).
         per_module: sparsity weights per module (||B_k A_k||_F of that module) instead of per
             client (||dW_k||_F over all modules, the paper's choice).
-        data_size_factor: multiply sparsity weights by the client's number of examples.
         padding: ``zero`` (the paper), or ``keep`` / ``rankwise`` (not in the paper): how
             factors of different ranks are joined, see :class:`hetlora.lora.WeightedFactorSum`.
     """
@@ -116,15 +118,17 @@ class Aggregator:
         state: ServerState,
         aggregation: str = "sparsity",
         per_module: bool = False,
-        data_size_factor: bool = False,
         padding: str = "zero",
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise HetLoRAError(
+                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}"
+            )
         if padding not in PADDINGS:
             raise HetLoRAError(f"padding must be one of {', '.join(PADDINGS)}; got {padding!r}")
         self.state = state
         self.aggregation = aggregation
         self.per_module = per_module
-        self.data_size_factor = data_size_factor
         self.padding = padding
         self._sum = WeightedFactorSum(state.r_max)
         self.new_ranks: dict[str, int] = {}
@@ -137,7 +141,7 @@ class Aggregator:
             return 1.0
         if self.aggregation == "data_size":
             return size
-        factor = size if self.data_size_factor else 1.0
+        factor = size if self.aggregation == "sparsity_data_size" else 1.0
         if self.per_module:
             return {
                 n: factor * float(product_fro_norm(b, a)) for n, (b, a) in update.factors.items()
@@ -181,14 +185,6 @@ class Aggregator:
         return {c: (w / total if total > 0 else 1.0 / n) for c, w in self.weights_raw.items()}
 
 
-def aggregate(state: ServerState, updates: Sequence[ClientUpdate], **options) -> ServerState:
-    """Convenience: fold every update in ``updates`` and return the next state."""
-    agg = Aggregator(state, **options)
-    for update in updates:
-        agg.add(update)
-    return agg.finish()
-
-
 class HetLoRAServer(Server):
     """HetLoRA as a :class:`~hetlora.methods.base.Server`: truncation out, zero-padding and
     sparsity-weighted aggregation in, pruned ranks kept.
@@ -196,7 +192,7 @@ class HetLoRAServer(Server):
     Args:
         initial_factors: PEFT-initialised global factors at r_max.
         ranks: every client's starting rank.
-        aggregation, per_module, data_size_factor, padding: see :class:`Aggregator`.
+        aggregation, per_module, padding: see :class:`Aggregator`.
         pruning: let clients apply the self-pruning rule.
         regularise: add the self-pruning regulariser to the local loss.
     """
@@ -209,7 +205,6 @@ class HetLoRAServer(Server):
         ranks: Mapping[str, int],
         aggregation: str = "sparsity",
         per_module: bool = False,
-        data_size_factor: bool = False,
         padding: str = "zero",
         pruning: bool = True,
         regularise: bool = True,
@@ -219,12 +214,19 @@ class HetLoRAServer(Server):
         self.options = {
             "aggregation": aggregation,
             "per_module": per_module,
-            "data_size_factor": data_size_factor,
             "padding": padding,
         }
         self.pruning = pruning
         self.regularise = regularise
         self._agg: Aggregator | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a checkpoint of an older version, whose options had a separate
+        ``data_size_factor`` (now ``aggregation = "sparsity_data_size"``)."""
+        options = state["options"]
+        if options.pop("data_size_factor", False) and options["aggregation"] == "sparsity":
+            options["aggregation"] = "sparsity_data_size"
+        self.__dict__.update(state)
 
     def task(self, client_id: str) -> ClientTask:
         return ClientTask(

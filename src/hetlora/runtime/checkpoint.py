@@ -86,7 +86,11 @@ def load(out_dir: Path) -> dict[str, Any]:
 
 
 def check_matches(payload: dict[str, Any], config: dict[str, Any], model: str, data: str) -> None:
-    """Refuse a checkpoint made with another config, base model or client data."""
+    """Refuse a checkpoint made with another config, base model or client data (a checkpoint of
+    an older version is compared with its old keys translated)."""
+    from hetlora.config import translate_old_keys
+
+    payload = {**payload, "config": translate_old_keys(payload["config"], warn=False)}
     if payload["config"] != config:
         changed = sorted(
             k

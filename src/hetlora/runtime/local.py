@@ -152,7 +152,7 @@ class Simulation:
             cfg.r_min,
             cfg.r_max,
             cfg.seed,
-            cfg.tiers if cfg.rank_distribution == "tiers" else None,
+            cfg.tiers or None,
         )
         initial = adapters.read_factors(self.peft_model)
         base_weights = (
@@ -397,7 +397,7 @@ class Simulation:
         if not self.server.has_global_adapter:
             return []
         in_use = set(self._initial_ranks.values()) | set(self.server.ranks.values())
-        if cfg.rank_distribution == "tiers" or cfg.method == "homlora":
+        if cfg.tiers or cfg.method == "homlora":
             ranks = in_use
         else:  # uniform draws: every rank is "in use"; evaluate the ends and the middle
             ranks = {cfg.r_min, (cfg.r_min + cfg.r_max) // 2}

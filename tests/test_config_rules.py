@@ -1,0 +1,193 @@
+"""Config that cannot be misread: keys that do not apply are errors, older keys still load."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetlora import config as config_module
+from hetlora import methods
+from hetlora.config import KEY_RULES, METHODS, Config, load_config, make_config, rules_markdown
+from hetlora.errors import HetLoRAError
+from hetlora.methods.base import ClientUpdate
+from hetlora.methods.hetlora import HetLoRAServer
+from hetlora.runtime import checkpoint
+
+# key -> (a value other than its default, a config where the key does not apply, one where it does)
+CASES = {
+    "rank": (8, {"method": "hetlora"}, {"method": "homlora"}),
+    "tiers": ([{"name": "p", "rank": 4}], {"method": "homlora"}, {"method": "recon_svd"}),
+    "pruning": (False, {"method": "flora"}, {"method": "hetlora"}),
+    "lambda_": (0.1, {"method": "hetlora", "pruning": False}, {"method": "hetlora"}),
+    "gamma": (0.5, {"method": "homlora"}, {"method": "hetlora"}),
+    "aggregation": ("uniform", {"method": "recon_svd"}, {"method": "hetlora"}),
+    "per_module_weights": (
+        True,
+        {"aggregation": "uniform"},
+        {"aggregation": "sparsity_data_size"},
+    ),
+    "padding": ("keep", {"method": "homlora"}, {"method": "hetlora"}),
+    "lora_scale": (1.0, {"method": "full_ft"}, {"method": "flora"}),
+    "on_bad_rows": ("skip", {}, {"data": "x.jsonl"}),
+    "split": ("train", {}, {"data": "some/hub-dataset"}),
+    "partitioner": ("dirichlet", {}, {"data": "x.jsonl"}),
+    "num_partitions": (3, {}, {"data": "x.jsonl"}),
+    "partition_by": ("lang", {"data": "x.jsonl"}, {"data": "x.jsonl", "partitioner": "dirichlet"}),
+    "dirichlet_alpha": (
+        0.1,
+        {"data": "x.jsonl"},
+        {"data": "x.jsonl", "partitioner": "dirichlet"},
+    ),
+}
+
+
+def test_every_rule_has_a_case():
+    assert set(CASES) == {r.key for r in KEY_RULES}
+    assert len(KEY_RULES) == len({r.key for r in KEY_RULES})  # one rule per key
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_a_key_that_does_not_apply_is_an_error_naming_it(key):
+    value, elsewhere, applies = CASES[key]
+    assert value != getattr(Config(), key)
+    with pytest.raises(HetLoRAError) as err:
+        make_config({**elsewhere, key: value})
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"config key '{key}' = ") and "applies to" in message
+    cfg = make_config({**applies, key: value})  # where it applies it is taken
+    assert getattr(cfg, key) == value
+    # at its default it is accepted anywhere: that is what `hetlora defaults` and config.toml hold
+    default = getattr(Config(), key)
+    assert getattr(make_config({**elsewhere, key: default}), key) == default
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_defaults_load_under_every_method(method, tmp_path):
+    path = tmp_path / "config.toml"
+    Config(method=method).save(path)
+    assert load_config(path) == Config(method=method)
+
+
+def test_the_cli_refuses_a_key_of_another_method(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "o"), "--set", "rank=4"])
+    assert result.exit_code == 2
+    assert "'rank' = 4 applies to method = 'homlora' only" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_readme_table_is_the_rules_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert rules_markdown() in readme
+
+
+def test_names_are_defined_once():
+    assert methods.METHODS is config_module.METHODS
+
+
+# -- older keys --------------------------------------------------------------------------------
+
+
+def _old(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_an_older_config_toml_loads_with_a_warning(tmp_path, caplog):
+    old = Config().to_toml() + 'rank_distribution = "uniform"\ndata_size_factor = false\n'
+    with caplog.at_level(logging.WARNING, logger="hetlora.config"):
+        cfg = load_config(_old(tmp_path, old))
+    assert cfg == Config()
+    assert "rank_distribution = 'uniform'" in caplog.text
+    assert "data_size_factor = false" in caplog.text
+
+
+def test_older_keys_keep_their_meaning(tmp_path):
+    tiers = 'tiers = [{ name = "a", rank = 4, share = 1.0 }]\n'
+    cfg = load_config(_old(tmp_path, 'rank_distribution = "tiers"\n' + tiers))
+    assert cfg.tiers == [{"name": "a", "rank": 4, "share": 1.0}]
+    assert load_config(_old(tmp_path, "data_size_factor = true\n")).aggregation == (
+        "sparsity_data_size"
+    )
+    # where it had no effect (another aggregation or method) it is dropped
+    uniform = load_config(_old(tmp_path, 'data_size_factor = true\naggregation = "uniform"\n'))
+    assert uniform.aggregation == "uniform"
+    homlora = load_config(_old(tmp_path, 'data_size_factor = true\nmethod = "homlora"\n'))
+    assert homlora.aggregation == "sparsity"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('rank_distribution = "tiers"\n', "needs a [[tiers]] list"),
+        (
+            'rank_distribution = "uniform"\ntiers = [{ rank = 4 }]\n',
+            "cannot be translated",
+        ),
+        ('rank_distribution = "zipf"\n', "must be one of uniform, tiers"),
+        ('data_size_factor = "yes"\n', "must be true or false"),
+    ],
+)
+def test_older_keys_that_cannot_be_read_are_one_line_errors(tmp_path, text, fragment):
+    with pytest.raises(HetLoRAError, match="rank_distribution|data_size_factor") as err:
+        load_config(_old(tmp_path, text))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_older_checkpoint_matches_its_translated_config():
+    old = {**Config().to_dict(), "rank_distribution": "uniform", "data_size_factor": False}
+    checkpoint.check_matches(
+        {"config": old, "model": "m", "data": "d"}, Config().to_dict(), "m", "d"
+    )
+    with pytest.raises(HetLoRAError, match="aggregation"):
+        checkpoint.check_matches(
+            {"config": {**old, "data_size_factor": True}, "model": "m", "data": "d"},
+            Config().to_dict(),
+            "m",
+            "d",
+        )
+
+
+def test_an_older_pickled_hetlora_server_aggregates_as_before():
+    g = torch.Generator().manual_seed(0)
+    start = {"m": (torch.randn(5, 4, generator=g), torch.randn(4, 3, generator=g))}
+    ranks = {"a": 4, "b": 2}
+    updates = [
+        ClientUpdate(
+            c, n, factors={"m": (torch.randn(5, r, generator=g), torch.randn(r, 3))}, rank=r
+        )
+        for (c, r), n in zip(ranks.items(), (30, 5), strict=True)
+    ]
+    today = HetLoRAServer(start, ranks, aggregation="sparsity_data_size")
+    older = HetLoRAServer(start, ranks)
+    older.options = {"aggregation": "sparsity", "per_module": False, "data_size_factor": True}
+    older.options["padding"] = "zero"
+    older = pickle.loads(pickle.dumps(older))  # what --resume reads from an older checkpoint
+    assert older.options == today.options
+    for server in (today, older):
+        for u in updates:
+            server.add(u)
+        server.finish()
+    for x, y in zip(today.state.factors["m"], older.state.factors["m"], strict=True):
+        assert torch.equal(x, y)
+
+
+def test_every_shipped_config_loads():
+    from hetlora.runtime.compare import load_comparison
+
+    root = Path(__file__).parents[1]
+    for path in sorted((root / "configs").glob("*.toml")):
+        if "compare" in tomllib.loads(path.read_text()):
+            assert load_comparison(path)
+        else:
+            load_config(path)
