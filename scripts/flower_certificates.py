@@ -3,6 +3,8 @@
 
     python scripts/flower_certificates.py certs/ --node node-0 --node node-1 [--host my.server]
 
+(the same as `hetlora flower certificates ...`)
+
 writes ca.crt/ca.key (a CA), server.pem/server.key (the SuperLink's certificate, for
 localhost and 127.0.0.1 plus every --host), and for every --node NAME an EC P-384 key pair NAME,
 NAME.pub in OpenSSH format (flower-supernode --auth-supernode-private-key NAME; register
@@ -11,7 +13,7 @@ NAME.pub with `flwr supernode register NAME.pub <connection>`).
 
 import sys
 
-from hetlora.runtime.flower.tool import main
+from hetlora.cli import app
 
 if __name__ == "__main__":
-    sys.exit(main(["certificates", *sys.argv[1:]]))
+    sys.exit(app(["flower", "certificates", *sys.argv[1:]], prog_name="hetlora"))

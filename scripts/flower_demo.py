@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hetlora.runtime.flower.tool import main
+from hetlora.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = [  # one client each, three device budgets
@@ -29,11 +29,18 @@ if __name__ == "__main__":
     parser.add_argument("--stream", action="store_true", help="show the ServerApp's log stream")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    argv = ["deploy", "--config", str(ROOT / "configs" / "flower-demo.toml"), "--out", args.out]
+    argv = [
+        "flower",
+        "deploy",
+        "--config",
+        str(ROOT / "configs" / "flower-demo.toml"),
+        "--out",
+        args.out,
+    ]
     argv += ["--overwrite"] + [f"--node={node}" for node in NODES]
     argv += [f"--set={item}" for item in args.set]
     if args.workdir:
         argv += ["--workdir", args.workdir]
     if args.stream:
         argv.append("--stream")
-    sys.exit(main(argv))
+    sys.exit(app(argv, prog_name="hetlora"))

@@ -274,7 +274,7 @@ def test_flower_node_reads_messages_from_its_own_data_file(
     import datasets
 
     from hetlora.runtime.flower.client_app import node_config, node_info
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.workspace import build_workspace
 
     # The run's data is Shakespeare; the server reports to TensorBoard, the device does not.
     run_cfg = make_config({"model": str(tiny_chat_model), "report_to": ["tensorboard"], **FAST})
@@ -297,7 +297,7 @@ def test_flower_node_reads_messages_from_its_own_data_file(
     with pytest.raises(HetLoRAError, match="only with the node's own 'data'"):
         node_config(run_cfg, {"client-id": "client-1", "split": "mine"})
     cfg = node_config(run_cfg, nodes[1])
-    engine = Simulation(cfg)
-    items = engine.client_items("client-1")
+    ws = build_workspace(cfg)  # what the node's ClientApp builds
+    items = ws.client_items("client-1")
     assert all(item.target is not None and item.target[-1] for item in items)
-    assert engine.renderer.prompt(engine.train_data["client-1"][0]).endswith("### assistant:")
+    assert ws.renderer.prompt(ws.train_data["client-1"][0]).endswith("### assistant:")

@@ -107,7 +107,7 @@ def test_out_path_that_is_a_file(tmp_path):
 def test_help_explains_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "defaults"):
+    for command in ("run", "defaults", "flower"):
         assert command in result.output
     run_help = CliRunner().invoke(app, ["run", "--help"]).output
     for flag in ("--config", "--out", "--set", "--overwrite"):

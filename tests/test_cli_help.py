@@ -11,7 +11,19 @@ from typer.testing import CliRunner
 
 from hetlora.cli import app
 
-COMMANDS = typer.main.get_command(app).commands
+
+def _commands(group, prefix=()) -> dict[tuple[str, ...], object]:
+    """Every command by its path, sub-apps (``hetlora flower ...``) included."""
+    out = {}
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            out.update(_commands(command, (*prefix, name)))
+        else:
+            out[(*prefix, name)] = command
+    return out
+
+
+COMMANDS = _commands(typer.main.get_command(app))
 
 
 def _flat(text: str) -> str:
@@ -19,10 +31,10 @@ def _flat(text: str) -> str:
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+@pytest.mark.parametrize("name", sorted(COMMANDS), ids=" ".join)
 def test_help_shows_docstring_and_option_texts_as_written(name):
     command = COMMANDS[name]
-    result = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "100"})
+    result = CliRunner().invoke(app, [*name, "--help"], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
     shown = _flat(result.output)
     doc = inspect.getdoc(command.callback)

@@ -48,8 +48,8 @@ def _config(model, device: str, precision: str):
 
 def test_bf16_run_on_cuda_reloads_to_its_reported_perplexity(tiny_model, tmp_path):
     sim = Simulation(_config(tiny_model, "cuda", "auto"))
-    assert sim.device.type == "cuda" and sim.bf16
-    assert sim.peft_model.get_base_model().config._attn_implementation != "eager"
+    assert sim.ws.device.type == "cuda" and sim.ws.bf16
+    assert sim.ws.peft_model.get_base_model().config._attn_implementation != "eager"
     summary = sim.run(tmp_path / "run")
     assert summary["rounds"] == 2 and summary["bf16"]
     check = evaluate_run(tmp_path / "run")

@@ -151,7 +151,7 @@ def test_saved_adapter_reproduces_the_reported_perplexity(tiny_model, tmp_path):
     sim = Simulation(cfg)  # rebuilds the same held-out set from the same seed
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
-    _, ppl = perplexity(loaded, sim.eval_items, cfg.eval_batch_size, sim.pad_id)
+    _, ppl = perplexity(loaded, sim.model.eval_items, cfg.eval_batch_size, sim.model.pad_id)
     assert ppl == pytest.approx(last["eval_ppl"], rel=1e-5)
     result = CliRunner().invoke(app, ["evaluate", str(out)])
     assert result.exit_code == 0, result.output

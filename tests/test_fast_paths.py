@@ -91,12 +91,12 @@ def test_bf16_run_trains_with_a_bf16_base_and_reloads(tiny_model, tmp_path):
         }
     )
     sim = Simulation(cfg)
-    assert sim.bf16
-    base = sim.peft_model.get_base_model()
+    assert sim.ws.bf16
+    base = sim.ws.peft_model.get_base_model()
     q = base.model.layers[0].self_attn.q_proj
     assert q.base_layer.weight.dtype == torch.bfloat16
     assert all(
-        p.dtype == torch.float32 for n, p in sim.peft_model.named_parameters() if "lora_" in n
+        p.dtype == torch.float32 for n, p in sim.ws.peft_model.named_parameters() if "lora_" in n
     )
     summary = sim.run(tmp_path / "run")
     assert summary["bf16"] and summary["rounds"] == 2

@@ -206,8 +206,8 @@ def test_a_run_with_compile_on_matches_compile_off(tiny_model, tmp_path, monkeyp
     rows, summaries = {}, {}
     for mode in ("off", "on"):
         sim = local.Simulation(make_config({**base, "compile": mode}))
-        assert sim.compiled is (mode == "on")
-        assert sim.settings.fixed_rank == (8 if mode == "on" else 0)
+        assert sim.ws.compiled is (mode == "on")
+        assert sim.ws.settings.fixed_rank == (8 if mode == "on" else 0)
         summaries[mode] = sim.run(tmp_path / mode)
         rows[mode] = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").open()][-1]
     off, on = rows["off"], rows["on"]

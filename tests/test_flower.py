@@ -29,6 +29,7 @@ from hetlora.config import make_config
 from hetlora.errors import HetLoRAError
 from hetlora.lora import truncate
 from hetlora.methods.base import ClientTask, ClientUpdate
+from hetlora.methods.hetlora import HetLoRAServer
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.client_app import node_client
 from hetlora.runtime.flower.deploy import LocalDeployment, NodeSpec
@@ -124,11 +125,13 @@ def test_task_and_reply_round_trip():
         "no examples",
     ],
 )
-def test_malformed_replies_are_refused(case):
+def test_malformed_replies_are_refused_by_the_servers_validator(case):
+    """Decoding reads any well-formed record; the method server's one validator refuses it."""
     task = ClientTask("c", "lora", rank=6, factors=_factors(6))
+    server = HetLoRAServer(_factors(8), {"c": 6})
     factors, rank, metrics = truncate(_factors(6), 5), 5, {}
     if case == "rank above the one sent":
-        factors, rank = _factors(7), 7
+        factors, rank = truncate(_factors(8), 7), 7
     elif case == "declared rank differs":
         metrics = {"rank": 4}
     elif case == "wrong d_out":
@@ -140,10 +143,23 @@ def test_malformed_replies_are_refused(case):
         del factors["layers.0.v_proj"]
     elif case == "no examples":
         metrics = {"num-examples": 0}
-    with pytest.raises(HetLoRAError):
-        records.read_reply(_reply(factors, rank, metrics), task)
+    update, _ = records.read_reply(_reply(factors, rank, metrics), task)
+    with pytest.raises(HetLoRAError, match="client c"):
+        server.check(update)
+    good, _ = records.read_reply(_reply(truncate(_factors(6), 5), 5), task)
+    server.check(good)
+
+
+@pytest.mark.parametrize(
+    "metrics", [{}, {"rank": 2.5}, {"steps": [1, 2]}, {"tokens": float("nan")}]
+)
+def test_undecodable_replies_raise(metrics):
+    task = ClientTask("c", "lora", rank=6, factors=_factors(6))
     with pytest.raises(HetLoRAError):
         records.read_reply(RecordDict({records.ARRAYS: ArrayRecord()}), task)
+    if metrics:
+        with pytest.raises(HetLoRAError, match="metric"):
+            records.read_reply(_reply(truncate(_factors(6), 5), 5, metrics), task)
 
 
 def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model, tmp_path):
@@ -208,7 +224,7 @@ def test_deployment_gives_the_in_process_adapter(tiny_model, tmp_path):
     for a, b in zip(rows["local"], rows["flower"], strict=True):
         assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
         assert b.get("client_ranks") == a.get("client_ranks")
-        assert not b.get("left_out")
+        assert not b.get("rejected")
     assert result.summary["runtime"] == "flower" and len(result.summary["nodes"]) == 3
     # the run directory loads like any run
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
@@ -231,7 +247,7 @@ def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
         torch.testing.assert_close(sim[key], local[key], rtol=1e-5, atol=1e-6)
 
 
-def test_killed_supernode_is_left_out_and_reported(tiny_model, tmp_path):
+def test_killed_supernode_is_rejected_and_reported(tiny_model, tmp_path):
     cfg = tiny_config(tiny_model)
     victim = {"fed": None, "killed_at": None}
 
@@ -258,14 +274,14 @@ def test_killed_supernode_is_left_out_and_reported(tiny_model, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     clients = sorted(result.summary["nodes"])  # node-i holds the i-th client
     assert len(clients) == 3
-    left_out_1 = rows[1]["left_out"]
-    assert list(left_out_1) == [clients[2]], rows[1]
-    client, reason = clients[2], left_out_1[clients[2]]
+    rejected_1 = rows[1]["rejected"]
+    assert list(rejected_1) == [clients[2]], rows[1]
+    client, reason = clients[2], rejected_1[clients[2]]
     assert "Node Unavailable" in reason or "timed out" in reason, reason
     assert set(rows[1]["weights"]) == set(clients) - {client}  # aggregated from the two others
     assert not rows[1]["skipped"] and not rows[2]["skipped"]
-    assert client in rows[2]["left_out"] and set(rows[2]["weights"]) == set(clients) - {client}
-    assert result.summary["left_out"]["1"][client] == reason
+    assert client in rows[2]["rejected"] and set(rows[2]["weights"]) == set(clients) - {client}
+    assert result.summary["rejected"]["1"][client] == reason
     assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
 
 

@@ -80,8 +80,9 @@ def test_sparsity_weighted_aggregation_and_rank_persistence():
     assert new.round == 1
     assert hetlora.client_message(new, "a")["layers.0.q"][0].shape[1] == 2
     # a pruned client can't grow back: an update above its current rank is refused
-    with pytest.raises(HetLoRAError, match="assigned 2"):
-        aggregate(new, [update(new, "a", 3, seed=3)])
+    server = hetlora.HetLoRAServer(global_factors(8), new.ranks)  # the validator of replies
+    with pytest.raises(HetLoRAError, match=r"rank 3 outside \[1, 2\]"):
+        server.check(update(new, "a", 3, seed=3))
 
 
 def test_uniform_and_data_size_weights():
@@ -117,12 +118,13 @@ def test_aggregator_weights_sum_to_one_and_rejects_bad_updates():
     agg.add(update(state, "a", 4, 1))
     agg.add(update(state, "b", 2, 2))
     assert sum(agg.weights().values()) == pytest.approx(1.0)
+    server = hetlora.HetLoRAServer(global_factors(4), {"a": 4, "b": 2})
     with pytest.raises(HetLoRAError, match="unknown client"):
-        agg.add(update(state, "zzz", 2, 3))
+        server.check(update(state, "zzz", 2, 3))
     bad = update(state, "a", 4, 4)
     bad.factors.pop("layers.0.v")
     with pytest.raises(HetLoRAError, match="modules"):
-        agg.add(bad)
+        server.check(bad)
     with pytest.raises(HetLoRAError):
         hetlora.Aggregator(state).finish()
 

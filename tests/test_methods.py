@@ -147,8 +147,8 @@ def test_full_ft_is_example_weighted_fedavg():
     new = server.base_update().weights
     torch.testing.assert_close(new["w"], 4 * torch.ones(3, 3))
     torch.testing.assert_close(new["b"], 0.25 * torch.ones(3))
-    with pytest.raises(HetLoRAError):
-        server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "b": torch.ones(3)}))
+    with pytest.raises(HetLoRAError, match="has shape"):
+        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "b": torch.ones(3)}))
 
 
 def test_make_server_maps_methods_and_ablations():
@@ -180,10 +180,12 @@ def test_full_ft_rounds_weights_and_fresh_state_each_round():
     assert server.task("b").client_id == "b"
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
+    with pytest.raises(HetLoRAError, match="carries no weights"):
+        server.check(ClientUpdate("a", 1, weights=None))
     with pytest.raises(HetLoRAError, match="wrong set of weights"):
-        server.add(ClientUpdate("a", 1, weights=None))
-    with pytest.raises(HetLoRAError, match="wrong set of weights"):
-        server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "x": torch.ones(1)}))
+        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "x": torch.ones(1)}))
+    with pytest.raises(HetLoRAError, match="has shape"):
+        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 3)}))
     server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2)}))  # fewer examples than 1
     server.add(ClientUpdate("b", 3, weights={"w": 5 * torch.ones(2, 2)}))
     assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
@@ -211,8 +213,8 @@ def test_flora_rounds_accumulate_merges_and_seed_the_fresh_adapters():
     assert server.task("b").client_id == "b" and server.task("b").kind == "lora"
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
-    with pytest.raises(HetLoRAError, match="wrong set of modules"):
-        server.add(ClientUpdate("a", 1, factors=None))
+    with pytest.raises(HetLoRAError, match="no LoRA factors"):
+        server.check(ClientUpdate("a", 1, factors=None))
     total = {n: torch.zeros(o, i) for n, (o, i) in SHAPES.items()}
     for round_ in range(2):
         fa, fb = factors(2, 10 + round_), factors(3, 20 + round_)
@@ -238,10 +240,10 @@ def test_recon_svd_rounds_and_errors():
     server = ReconSVDServer(factors(6, 0), {"a": 2, "b": 3})
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
-    with pytest.raises(HetLoRAError, match="wrong set of modules"):
-        server.add(ClientUpdate("a", 1, factors=None, rank=2))
-    with pytest.raises(HetLoRAError, match="rank above its own"):
-        server.add(reply("a", factors(3, 1)))
+    with pytest.raises(HetLoRAError, match="no LoRA factors"):
+        server.check(ClientUpdate("a", 1, factors=None, rank=2))
+    with pytest.raises(HetLoRAError, match=r"rank 3 outside \[1, 2\]"):
+        server.check(reply("a", factors(3, 1)))
     fa, fb = factors(2, 1), factors(3, 2)
     server.add(reply("a", fa, n=1))  # fewer than 1 example-weight units in total is fine too
     server.add(reply("b", fb, n=3))

@@ -77,7 +77,7 @@ def test_full_ft_model_dir_reproduces_reported_perplexity(tiny_model, tmp_path):
     rows, _ = run(tiny_model, out, "method='flora'")
     sim = Simulation(load_config(out / "config.toml"))
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
-    _, ppl = perplexity(merged, sim.eval_items, 16, sim.pad_id)
+    _, ppl = perplexity(merged, sim.model.eval_items, 16, sim.model.pad_id)
     assert ppl == pytest.approx(rows[-1]["eval_ppl"], rel=1e-4)
 
 
@@ -142,5 +142,5 @@ def test_exported_tier_adapters_give_the_reported_tier_perplexities(tiny_model, 
         )
         config = loaded.peft_config["default"]
         assert config.r == int(rank) and config.lora_alpha == pytest.approx(2.0 * int(rank))
-        _, ppl = perplexity(loaded, sim.eval_items, cfg.eval_batch_size, sim.pad_id)
+        _, ppl = perplexity(loaded, sim.model.eval_items, cfg.eval_batch_size, sim.model.pad_id)
         assert ppl == pytest.approx(reported, rel=1e-5), rank

@@ -37,10 +37,12 @@ def test_validation_split_is_evaluated_next_to_the_test_set(tiny_model, tmp_path
     cfg = make_config({"model": str(tiny_model), **FAST, "val_fraction": 0.2, "eval_every": 2})
     sim = Simulation(cfg)
     # the test set is the one a run without validation has; training gives up the validation
-    assert sim.eval_examples == plain.eval_examples
-    assert len(sim.val_items) == 16 and not set(sim.val_items) & set(sim.eval_items)
+    assert sim.model.eval_examples == plain.model.eval_examples
+    assert len(sim.model.val_items) == 16 and not set(sim.model.val_items) & set(
+        sim.model.eval_items
+    )
     for c in sim.client_ids:
-        assert len(sim.train_data[c]) == 30 - 6 - 6 < len(plain.train_data[c]) == 24
+        assert len(sim.ws.train_data[c]) == 30 - 6 - 6 < len(plain.ws.train_data[c]) == 24
     summary = sim.run(tmp_path / "run")
     rows = rows_of(tmp_path / "run")
     evaluated = [r for r in rows if "eval_ppl" in r]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from hetlora.cli import app
 from hetlora.config import make_config
-from hetlora.runtime import local
+from hetlora.runtime import local, workspace
 
 SETTINGS = [
     "rounds=5",
@@ -216,7 +216,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("reason", sorted(CORRUPTIONS))
 def test_bad_reply_is_left_out_and_the_round_goes_on(reason, tiny_model, tmp_path, monkeypatch):
-    real = local.run_task
+    real = workspace.run_task
     victims: list[str] = []
 
     def faulty(*args, **kwargs):
@@ -227,7 +227,7 @@ def test_bad_reply_is_left_out_and_the_round_goes_on(reason, tiny_model, tmp_pat
             update.rank = next(iter(update.factors.values()))[0].shape[1]
         return update, result
 
-    monkeypatch.setattr(local, "run_task", faulty)
+    monkeypatch.setattr(workspace, "run_task", faulty)
     cfg = make_config(
         {"model": str(tiny_model), **_values(SETTINGS), "rounds": 1, "max_update_norm": 1e3}
     )
@@ -243,14 +243,14 @@ def test_bad_reply_is_left_out_and_the_round_goes_on(reason, tiny_model, tmp_pat
 
 
 def test_round_below_min_clients_is_skipped_and_state_unchanged(tiny_model, monkeypatch):
-    real = local.run_task
+    real = workspace.run_task
 
     def faulty(*args, **kwargs):
         update, result = real(*args, **kwargs)
         update.factors = {n: (b * float("nan"), a) for n, (b, a) in update.factors.items()}
         return update, result
 
-    monkeypatch.setattr(local, "run_task", faulty)
+    monkeypatch.setattr(workspace, "run_task", faulty)
     cfg = make_config(
         {"model": str(tiny_model), **_values(SETTINGS), "rounds": 2, "min_clients": 2}
     )

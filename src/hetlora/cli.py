@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hetlora.errors import HetLoRAError
+from hetlora.runtime.flower.cli import flower_app
 
 app = typer.Typer(
     help="HetLoRA: federated fine-tuning with heterogeneous LoRA ranks (arXiv 2401.06432).",
@@ -27,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(flower_app, name="flower")  # hetlora flower app|certificates|deploy|simulate
 # Piped output (logs, CI) gets a width that fits the tables instead of rich's default of 80.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -101,19 +103,12 @@ class LiveProgress:
                 status=f"{event['client']}  loss {event['loss']:.3f}  rank {event['rank_received']}->{event['rank']}",
             )
         elif kind == "round_end":
+            from hetlora.runtime.rounds import round_line
+
             row = event["row"]
             if row["round"] > 0:
                 p.advance(self.rounds)
-            ppl = f"  eval ppl {row['eval_ppl']:.2f}" if "eval_ppl" in row else ""
-            loss = (
-                f"  train loss {row['train_loss']:.3f}" if row.get("train_loss") is not None else ""
-            )
-            ranks = row.get("client_ranks")
-            rank_text = f"  ranks {sorted(ranks.values())}" if ranks and any(ranks.values()) else ""
-            p.console.print(
-                f"round {row['round']:>3}{loss}{ppl}{rank_text}  ({row['wall_s']:.1f}s)",
-                highlight=False,
-            )
+            p.console.print(escape(round_line(row)), highlight=False)
         elif kind == "done":
             p.update(self.steps, visible=False)
             p.update(self.rounds, status="done")

@@ -125,7 +125,7 @@ class Server(ABC):
 
     @abstractmethod
     def add(self, update: ClientUpdate) -> None:
-        """Fold in one reply (validated by the method; raises HetLoRAError when malformed)."""
+        """Fold in one reply that passed :meth:`check`."""
 
     @abstractmethod
     def finish(self) -> dict[str, float]:
@@ -136,17 +136,23 @@ class Server(ABC):
         """Drop whatever was folded in this round (a skipped round leaves the state unchanged)."""
 
     def check(self, update: ClientUpdate, max_norm: float = 0.0) -> None:
-        """Refuse a malformed reply with :class:`HetLoRAError` (see :mod:`.validate`).
+        """Refuse a malformed reply with :class:`HetLoRAError`: the one validator of replies,
+        for every runtime (see :mod:`.validate`). :meth:`add` takes checked replies only.
 
-        LoRA methods check module names, shapes at the rank assigned this round, rank, finite
-        values and the optional norm bound; full fine-tuning checks names, shapes, values and
-        the norm of the change.
+        Every reply must come from a client of the run and count at least one example. LoRA
+        methods check module names, shapes at the rank assigned this round, rank, finite values
+        and the optional norm bound; full fine-tuning checks names, shapes, values and the norm
+        of the change.
         """
         from hetlora.errors import HetLoRAError
         from hetlora.methods.validate import check_full_update, check_lora_update
 
         if update.client_id not in self.ranks:
             raise HetLoRAError(f"reply from unknown client {update.client_id!r}")
+        if update.num_examples < 1:
+            raise HetLoRAError(
+                f"client {update.client_id}: num_examples must be >= 1, got {update.num_examples}"
+            )
         reference = self.reference_weights()
         if reference is not None:
             check_full_update(update, reference, max_norm)

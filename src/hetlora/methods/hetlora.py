@@ -149,19 +149,8 @@ class Aggregator:
         return factor * update_norm(update.factors)
 
     def add(self, update: ClientUpdate) -> None:
-        """Fold in one reply; its rank must not exceed the rank it was assigned."""
-        assigned = self.state.ranks.get(update.client_id)
-        if update.factors is None:
-            raise HetLoRAError(f"client {update.client_id} sent no LoRA factors")
-        if assigned is None:
-            raise HetLoRAError(f"update from unknown client {update.client_id!r}")
-        if rank_of(update.factors) != update.rank or update.rank > assigned:
-            raise HetLoRAError(
-                f"client {update.client_id} sent rank {rank_of(update.factors)} "
-                f"(declared {update.rank}, assigned {assigned})"
-            )
-        if set(update.factors) != set(self.state.factors):
-            raise HetLoRAError(f"client {update.client_id} sent the wrong set of modules")
+        """Fold in one reply checked by :meth:`~hetlora.methods.base.Server.check` (names,
+        shapes at a rank within the one assigned, finite values)."""
         score = self.score(update)
         self._sum.add(update.factors, score)
         self.new_ranks[update.client_id] = update.rank

@@ -1,19 +1,24 @@
-"""In-process simulation: every client of a federated run, one base model, one process.
+"""The run: one round loop over a transport, evaluation, checkpoints, and the run directory.
 
-The base model is loaded once and wrapped once with PEFT; each sampled client's adapter is put in,
-trained and taken out (:mod:`hetlora.client`), and the server steps come from
-:mod:`hetlora.methods.hetlora`. Per-client state is only the rank (in the server state) and the
-client's examples. Writes ``config.toml``, ``metrics.jsonl``, ``adapter/``, ``samples.jsonl``
-and ``summary.json`` into the output directory.
+Layers, bottom up: :mod:`hetlora.lora` (math) -> :mod:`hetlora.methods` (one ``Server`` per
+method) -> :mod:`.rounds` (one round: sample, exchange, check, fold) -> :class:`RoundLoop` (every
+round, evaluation, checkpoint and resume, summary) -> the CLI. A transport moves tasks and
+replies: :class:`~.rounds.InProcessClients` here, Flower's Grid in
+:mod:`hetlora.runtime.flower.server_app`, which builds its :class:`RoundLoop` by composition.
+
+:class:`Simulation` is the in-process run: every client of a federated run, one base model, one
+process. The base model is loaded once and wrapped once with PEFT (:mod:`.workspace`); each
+sampled client's adapter is put in, trained and taken out (:mod:`hetlora.client`). Writes
+``config.toml``, ``metrics.jsonl``, ``adapter/``, ``samples.jsonl``, ``summary.json`` and
+``checkpoint.pt`` into the output directory.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +26,42 @@ import numpy as np
 import torch
 
 from hetlora import adapters
-from hetlora.accounting import model_size, train_flops
-from hetlora.client import TrainSettings, run_task
 from hetlora.config import Config
-from hetlora.data import Example, cap_examples, load_clients, split_clients, split_validation
-from hetlora.data.batching import Tokenized, batch_stream
-from hetlora.data.chat import Renderer, make_renderer
+from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, perplexity, rouge_l
 from hetlora.export import export_adapter
 from hetlora.hardware import (
-    compile_layers,
     compile_seconds,
     compiled_graphs,
     no_compile,
-    resolve_bf16,
-    resolve_compile,
     resolve_device,
-    store_frozen_linears,
     use_cpu_attention,
 )
-from hetlora.lora import live_rank, pad, rank_of, truncate
-from hetlora.methods import FROZEN_BASE, hetlora, make_server
-from hetlora.methods.base import BaseUpdate
-from hetlora.models import default_target_modules, load_base_model
+from hetlora.lora import pad, rank_of, truncate
+from hetlora.methods import hetlora, make_server
+from hetlora.methods.base import BaseUpdate, Server
+from hetlora.models import load_base_model
 from hetlora.runtime import checkpoint
+from hetlora.runtime.rounds import (
+    InProcessClients,
+    Transport,
+    counts,
+    play_round,
+    rank_dynamics,
+    round_row,
+    sample_clients,
+)
+from hetlora.runtime.workspace import (
+    Progress,
+    Workspace,
+    build_workspace,
+    eval_set,
+    federated_data,
+)
 from hetlora.trackers import OUTPUTS as TRACKER_OUTPUTS
 from hetlora.trackers import Trackers, check_available
 
-log = logging.getLogger(__name__)
-
-Progress = Callable[[dict[str, Any]], None]
 OUTPUT_FILES = (
     "config.toml",
     "metrics.jsonl",
@@ -84,319 +94,215 @@ def _prepare_out_dir(out_dir: Path) -> None:
             path.unlink()
 
 
-class Simulation:
-    """A prepared run: base model, clients, ranks, method server and evaluation set.
+class GlobalModel:
+    """The server's view of the global model: the held-out sets, evaluation, generation, saving.
 
-    Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
+    It shows the server's global adapter (or merged base) in the workspace's model and measures
+    it; ``val_items`` is empty without a validation split.
     """
 
-    #: Whether clients train in this process (the Flower ServerApp, a subclass, only evaluates:
-    #: ``compile = "auto"`` stays off there).
-    trains_locally = True
-
-    def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
+    def __init__(self, ws: Workspace) -> None:
+        cfg = ws.cfg
+        self.ws = ws
         self.cfg = cfg
-        self.progress = progress or (lambda event: None)
-        self.device = resolve_device(cfg.device)
-        self.bf16 = resolve_bf16(cfg.precision, self.device)
-        check_available(cfg.report_to)
-        self._emit("setup", stage="data")
-        data_report: dict[str, int] = {}
-        self.train_data, val_data, test_data = federated_splits(cfg, data_report)
-        self.bad_rows_skipped = data_report.get("bad_rows_skipped", 0)
-        self.client_ids = sorted(self.train_data)
-        self._client_index = {c: i for i, c in enumerate(self.client_ids)}
-        self._emit("setup", stage="model")
-        base = load_base_model(cfg.model, self.device)
-        self.tokenizer = base.tokenizer
-        self.model_path = base.path
-        self.renderer: Renderer = make_renderer(
-            self.tokenizer,
-            cfg.chat_template,
-            [ex for c in self.client_ids for ex in self.train_data[c]],
-        )
-        self.target_modules = cfg.target_modules or default_target_modules(base.model)
-        if self.bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
-            store_frozen_linears(base.model, torch.bfloat16)
-        use_cpu_attention(base.model, self.device)
-        self._compile_start = compile_seconds()
-        self.compiled = cfg.method != "full_ft" and resolve_compile(
-            cfg.compile,
-            self.device,
-            cfg.rounds * min(cfg.clients_per_round, len(self.client_ids)) * cfg.local_steps
-            if self.trains_locally
-            else 0,
-        )
-        if self.compiled:
-            compile_layers(base.model)
-        torch.manual_seed(cfg.seed)
-        self.peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, self.target_modules)
-        # of the pristine base: FLoRA and full fine-tuning change the base weights every round,
-        # and a checkpoint must name the model the run started from, which resume rebuilds
-        self._model_fp = checkpoint.model_fingerprint(base.model)
-        self.size = model_size(self.peft_model)
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eval_examples = eval_set(test_data, cfg.eval_examples, cfg.seed)
-        self.eval_items = self.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
+        self.pad_id = ws.pad_id
+        self.eval_examples = eval_set(ws.test_data, cfg.eval_examples, cfg.seed)
+        self.eval_items = ws.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
         # the validation set (val_fraction > 0): the same cap and shuffle as the test set
         self.val_items = (
-            self.renderer.tokenize_all(
-                eval_set(val_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len
+            ws.renderer.tokenize_all(
+                eval_set(ws.val_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len
             )
             if cfg.val_fraction > 0
             else []
         )
-        self._tokenized: dict[str, list[Tokenized]] = {}
-        ranks = hetlora.assign_ranks(
-            self.client_ids,
-            cfg.r_min,
-            cfg.r_max,
-            cfg.seed,
-            cfg.tiers or None,
-        )
-        initial = adapters.read_factors(self.peft_model)
-        base_weights = (
-            {n: p.detach() for n, p in adapters.base_parameters(self.peft_model).items()}
-            if cfg.method == "full_ft"
-            else None
-        )
-        self.server = make_server(cfg, initial, ranks, self.client_ids, base_weights)
         self._pristine: dict[str, torch.Tensor] | None = None  # W0 of adapted modules (FLoRA)
-        self._initial_ranks = dict(self.server.ranks)
-        self.round = 0  # rounds attempted (a skipped round counts; the server counts aggregations)
-        self.settings = TrainSettings(
-            local_steps=cfg.local_steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            lambda_=cfg.lambda_,
-            gamma=cfg.gamma,
-            r_min=cfg.r_min,
-            pruning=cfg.pruning,
-            lora_scale=cfg.lora_scale,
-            bf16=self.bf16,
-            fixed_rank=cfg.r_max if self.compiled else 0,
-        )
 
-    def _emit(self, event: str, **fields: Any) -> None:
-        self.progress({"event": event, **fields})
-
-    def client_items(self, client_id: str) -> list[Tokenized]:
-        """The client's tokenised training examples (tokenised on first use)."""
-        if client_id not in self._tokenized:
-            items = self.renderer.tokenize_all(self.train_data[client_id], self.cfg.max_seq_len)
-            self._tokenized[client_id] = items
-        return self._tokenized[client_id]
-
-    def client_batches(self, client_id: str, round_idx: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The client's batch stream for one round, seeded by (seed, round, client index)."""
-        index = self._client_index[client_id]
-        rng = np.random.default_rng([self.cfg.seed, round_idx, index, 0xBA])
-        return batch_stream(self.client_items(client_id), self.cfg.batch_size, rng, self.pad_id)
-
-    def sample_clients(self, round_idx: int) -> list[str]:
-        """The round's clients: a seeded choice without replacement."""
-        rng = np.random.default_rng([self.cfg.seed, round_idx, 0x5A])
-        k = min(self.cfg.clients_per_round, len(self.client_ids))
-        picked = sorted(rng.choice(len(self.client_ids), k, replace=False))
-        return [self.client_ids[i] for i in picked]
-
-    def _show_global(self, rank: int | None = None) -> None:
+    def show(self, server: Server, rank: int | None = None) -> None:
         """Put the server's global adapter (cut to ``rank``) into the model; zeros if it has none."""
-        factors = self.server.global_factors()
+        model = self.ws.peft_model
+        factors = server.global_factors()
         if factors is None:
-            live = adapters.live_factors(self.peft_model, adapters.GLOBAL)
+            live = adapters.live_factors(model, adapters.GLOBAL)
             with torch.no_grad():
                 for b, _ in live.values():
                     b.zero_()  # B = 0: the adapter adds nothing to the (merged) base
             return
-        r_max = self.cfg.r_max
         if rank is not None and rank < rank_of(factors):
             factors = truncate(factors, rank)
-        adapters.write_factors(
-            self.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}
-        )
+        r_max = self.cfg.r_max
+        adapters.write_factors(model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
 
-    def evaluate(self, rank: int | None = None, split: str = "test") -> tuple[float, float]:
+    def evaluate(
+        self, server: Server, rank: int | None = None, split: str = "test"
+    ) -> tuple[float, float]:
         """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out
         test set, or on the validation set with ``split = "val"``.
 
         Eager even when training is compiled: see docs/performance.md (compiled evaluation).
         """
-        self._show_global(rank)
+        self.show(server, rank)
         with no_compile():
             return perplexity(
-                self.peft_model,
+                self.ws.peft_model,
                 self.val_items if split == "val" else self.eval_items,
                 self.cfg.eval_batch_size,
                 self.pad_id,
-                self.device,
-                bf16=self.bf16,
+                self.ws.device,
+                bf16=self.ws.bf16,
             )
 
-    def _apply_base_update(self) -> None:
-        update = self.server.base_update()
-        if update is None:
-            return
-        if update.deltas:  # W = W0 + (sum of every merge): the same arithmetic on resume
-            self._set_merged_base(self.server.base_state())
-        if update.weights:
-            adapters.load_base_weights(self.peft_model, update.weights)
-
-    def _set_merged_base(self, base: BaseUpdate | None) -> None:
-        if base is None or not base.deltas:
-            return
-        if self._pristine is None:  # the base as loaded, before any merge
-            self._pristine = adapters.adapted_base_weights(self.peft_model)
-        adapters.set_base(self.peft_model, self._pristine, base.deltas)
-
-    def run_round(self) -> dict[str, Any]:
-        """One federated round: sample, distribute, train (and prune) locally, aggregate."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        round_idx = self.round + 1
-        sampled = self.sample_clients(round_idx)
-        per_client: dict[str, dict[str, Any]] = {}
-        rejected: dict[str, str] = {}
-        for i, client_id in enumerate(sampled):
-            task = self.server.task(client_id)
-            self._emit(
-                "client_start",
-                round=round_idx,
-                client=client_id,
-                index=i,
-                of=len(sampled),
-                rank=task.rank,
-            )
-            batches = self.client_batches(client_id, round_idx)
-            update, result = run_task(
-                self.peft_model,
-                task,
-                batches,
-                self.settings,
-                self.target_modules,
-                self.device,
-                num_examples=len(self.train_data[client_id]),
-                on_step=lambda step, loss, c=client_id: self._emit(
-                    "step", round=round_idx, client=c, step=step, of=cfg.local_steps, loss=loss
-                ),
-            )
-            params = update.trainable_params
-            per_client[client_id] = {
-                "rank_received": task.rank,
-                "rank": update.rank,
-                "train_loss": result.train_loss,
-                "bytes_down": task.nbytes,
-                "bytes_up": update.nbytes,
-                "trainable_params": params,
-                "flops": train_flops(
-                    self.size, result.tokens, result.target_tokens, params, task.kind == "full"
-                ),
-                "tokens": result.tokens,
-                "step_s": result.step_seconds,
-                "compile_s": result.compile_seconds,
-            }
-            try:
-                self.server.check(update, cfg.max_update_norm)
-                self.server.add(update)
-            except HetLoRAError as exc:
-                log.warning("round %d: reply of %s left out: %s", round_idx, client_id, exc)
-                rejected[client_id] = str(exc)
-            del update
-            self._emit(
-                "client_end",
-                round=round_idx,
-                client=client_id,
-                loss=result.train_loss,
-                rank=per_client[client_id]["rank"],
-                rank_received=task.rank,
-            )
-        accepted = len(per_client) - len(rejected)
-        if accepted < cfg.min_clients:
-            log.warning(
-                "round %d skipped: %d valid replies, fewer than min_clients = %d",
-                round_idx,
-                accepted,
-                cfg.min_clients,
-            )
-            self.server.reset_round()
-            weights: dict[str, float] = {}
-        else:
-            weights = self.server.finish()
-            self._apply_base_update()
-        self.round = round_idx
-        ranks = self.server.ranks
-        row: dict[str, Any] = {
-            "round": round_idx,
-            "train_loss": float(np.mean([c["train_loss"] for c in per_client.values()])),
-            "client_ranks": {c: ranks[c] for c in sampled},
-            "ranks_received": {c: v["rank_received"] for c, v in per_client.items()},
-            "rank_counts": _counts(ranks.values()),
-            **self.rank_dynamics(),
-            "weights": weights,
-            "bytes_up": sum(c["bytes_up"] for c in per_client.values()),
-            "bytes_down": sum(c["bytes_down"] for c in per_client.values()),
-            "flops": sum(c["flops"] for c in per_client.values()),
-            "tokens": sum(c["tokens"] for c in per_client.values()),
-            "step_s": sum(c["step_s"] for c in per_client.values()),
-            "compile_s": sum(c["compile_s"] for c in per_client.values()),
-            "clients": per_client,
-            "rejected": rejected,
-            "skipped": accepted < cfg.min_clients,
-        }
-        if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
-            self._emit("eval", round=round_idx)
-            row.update(self.evaluations())
-        row["wall_s"] = time.perf_counter() - t0
-        return row
-
-    def evaluations(self) -> dict[str, float]:
+    def evaluations(self, server: Server) -> dict[str, float]:
         """The metrics row's evaluation: ``eval_loss``/``eval_ppl`` on the test set, and
         ``val_loss``/``val_ppl`` on the validation set where the run has one."""
         out: dict[str, float] = {}
         if self.val_items:
-            out["val_loss"], out["val_ppl"] = self.evaluate(split="val")
-        out["eval_loss"], out["eval_ppl"] = self.evaluate()
+            out["val_loss"], out["val_ppl"] = self.evaluate(server, split="val")
+        out["eval_loss"], out["eval_ppl"] = self.evaluate(server)
         return out
 
-    def rank_dynamics(self) -> dict[str, Any]:
-        """Ranks after the round, for the metrics row.
-
-        ``global_rank``: the live rank of the global adapter (:func:`hetlora.lora.live_rank`:
-        positions where both global factors are non-zero), the largest over modules, and
-        ``global_rank_min`` the smallest; absent for methods without a global adapter (FLoRA,
-        full fine-tuning). ``ranks``: every client's current rank (sampled or not; absent
-        where the method has no ranks).
-        """
-        out: dict[str, Any] = {}
-        factors = self.server.global_factors() if self.server.has_global_adapter else None
-        if factors:
-            out["global_rank_min"], out["global_rank"] = live_rank(factors)
-        if any(self.server.ranks.values()):
-            out["ranks"] = dict(self.server.ranks)
-        return out
-
-    def generations(self) -> tuple[list[str], list[str]]:
+    def generations(self, server: Server) -> tuple[list[str], list[str]]:
         """Greedy generations of the current global model on the ROUGE sample."""
         sample = self.eval_examples[: self.cfg.rouge_examples]
-        self._show_global()
+        self.show(server)
         with no_compile():  # one new token per call: compiled layers would recompile per length
             preds = generate_greedy(
-                self.peft_model,
-                self.tokenizer,
-                [self.renderer.prompt(ex) for ex in sample],
+                self.ws.peft_model,
+                self.ws.tokenizer,
+                [self.ws.renderer.prompt(ex) for ex in sample],
                 self.cfg.max_new_tokens,
-                self.device,
-                bf16=self.bf16,
+                self.ws.device,
+                bf16=self.ws.bf16,
             )
         return preds, [ex.response.strip() for ex in sample]
+
+    def apply_base_update(self, server: Server) -> None:
+        """After a round: the change the method makes to the base model (FLoRA, full FT)."""
+        update = server.base_update()
+        if update is None:
+            return
+        if update.deltas:  # W = W0 + (sum of every merge): the same arithmetic on resume
+            self.set_base(server.base_state())
+        if update.weights:
+            adapters.load_base_weights(self.ws.peft_model, update.weights)
+
+    def set_base(self, base: BaseUpdate | None, weights: bool = False) -> None:
+        """Rebuild the base as W0 + every merge so far (and its replaced weights with ``weights``)."""
+        if base is None:
+            return
+        if base.deltas:
+            if self._pristine is None:  # the base as loaded, before any merge
+                self._pristine = adapters.adapted_base_weights(self.ws.peft_model)
+            adapters.set_base(self.ws.peft_model, self._pristine, base.deltas)
+        if weights and base.weights:
+            adapters.load_base_weights(self.ws.peft_model, base.weights)
+
+    def save(self, server: Server, out_dir: Path) -> None:
+        """The global adapter (``adapter/``), or the merged model (``model/``) for FLoRA/full FT.
+
+        For FLoRA and full fine-tuning this removes the LoRA layers: call it last.
+        """
+        ws = self.ws
+        if server.has_global_adapter:
+            self.show(server)
+            if server.r_max() < self.cfg.r_max:  # homlora at rank < r_max: save at its rank
+                export_adapter(
+                    adapters.read_factors(ws.peft_model),
+                    server.r_max(),
+                    self.cfg.lora_scale,
+                    ws.target_modules,
+                    ws.model_path,
+                    out_dir / "adapter",
+                )
+            else:
+                ws.peft_model.save_pretrained(
+                    str(out_dir / "adapter"), selected_adapters=[adapters.GLOBAL]
+                )
+            return
+        # The merged base is the global model; dropping the LoRA layers ends the run.
+        ws.peft_model.unload().save_pretrained(str(out_dir / "model"))
+        ws.tokenizer.save_pretrained(str(out_dir / "model"))
+
+
+class RoundLoop:
+    """Every round of a run over one transport: the round loop both runtimes use.
+
+    Args:
+        ws: the run's data and model (:func:`~hetlora.runtime.workspace.build_workspace`).
+        server: the method's server over ``client_ids``.
+        transport: moves tasks and replies (:class:`~.rounds.InProcessClients`, Flower's Grid).
+        client_ids: the clients taking part (sampled from, in this order).
+        min_clients: a round with fewer accepted replies is skipped.
+        progress: receives the run's progress events.
+        summary_extra: entries the transport adds to ``summary.json`` (Flower: runtime, nodes).
+
+    Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
+    """
+
+    def __init__(
+        self,
+        ws: Workspace,
+        server: Server,
+        transport: Transport,
+        client_ids: Sequence[str],
+        min_clients: int,
+        progress: Progress | None = None,
+        summary_extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.ws = ws
+        self.cfg = ws.cfg
+        self.server = server
+        self.transport = transport
+        self.client_ids = list(client_ids)
+        self.min_clients = min_clients
+        self.progress = progress or (lambda event: None)
+        self.summary_extra = summary_extra or {}
+        self.model = GlobalModel(ws)
+        self.initial_ranks = dict(server.ranks)
+        self.round = 0  # rounds attempted (a skipped round counts; the server counts aggregations)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self.progress({"event": event, **fields})
+
+    def sample_clients(self, round_idx: int) -> list[str]:
+        """The round's clients: a seeded choice without replacement."""
+        cfg = self.cfg
+        return sample_clients(cfg.seed, self.client_ids, cfg.clients_per_round, round_idx)
+
+    def evaluate(self, rank: int | None = None, split: str = "test") -> tuple[float, float]:
+        """Mean NLL and perplexity of the global model; see :meth:`GlobalModel.evaluate`."""
+        return self.model.evaluate(self.server, rank, split)
+
+    def run_round(self) -> dict[str, Any]:
+        """One federated round (:func:`~.rounds.play_round`); returns its metrics row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        round_idx = self.round + 1
+        outcome = play_round(
+            round_idx,
+            self.server,
+            self.transport,
+            self.sample_clients(round_idx),
+            self.min_clients,
+            cfg.max_update_norm,
+            self.ws.size,
+        )
+        if not outcome.skipped:
+            self.model.apply_base_update(self.server)
+        self.round = round_idx
+        row = round_row(outcome, self.server)
+        if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
+            self._emit("eval", round=round_idx)
+            row.update(self.model.evaluations(self.server))
+        row["wall_s"] = time.perf_counter() - t0
+        return row
 
     def tier_ranks(self) -> list[int]:
         """Ranks at which the final global adapter is evaluated: every tier in use, r_min, r_max."""
         cfg = self.cfg
         if not self.server.has_global_adapter:
             return []
-        in_use = set(self._initial_ranks.values()) | set(self.server.ranks.values())
+        in_use = set(self.initial_ranks.values()) | set(self.server.ranks.values())
         if cfg.tiers or cfg.method == "homlora":
             ranks = in_use
         else:  # uniform draws: every rank is "in use"; evaluate the ends and the middle
@@ -404,34 +310,9 @@ class Simulation:
         top = self.server.r_max()
         return sorted(r for r in ranks | {cfg.r_min, top} if 1 <= r <= top)
 
-    def save_model(self, out_dir: Path) -> None:
-        """The global adapter (``adapter/``), or the merged model (``model/``) for FLoRA/full FT.
-
-        For FLoRA and full fine-tuning this removes the LoRA layers: call it last.
-        """
-        if self.server.has_global_adapter:
-            self._show_global()
-            if self.server.r_max() < self.cfg.r_max:  # homlora at rank < r_max: save at its rank
-                export_adapter(
-                    adapters.read_factors(self.peft_model),
-                    self.server.r_max(),
-                    self.cfg.lora_scale,
-                    self.target_modules,
-                    self.model_path,
-                    out_dir / "adapter",
-                )
-            else:
-                self.peft_model.save_pretrained(
-                    str(out_dir / "adapter"), selected_adapters=[adapters.GLOBAL]
-                )
-            return
-        # The merged base is the global model; dropping the LoRA layers ends the simulation.
-        self.peft_model.unload().save_pretrained(str(out_dir / "model"))
-        self.tokenizer.save_pretrained(str(out_dir / "model"))
-
     def _fingerprints(self) -> tuple[str, str]:
-        data = {c: len(self.train_data[c]) for c in self.client_ids}
-        return self._model_fp, checkpoint.fingerprint(data)
+        data = {c: len(self.ws.train_data[c]) for c in self.client_ids}
+        return self.ws.model_fp, checkpoint.fingerprint(data)
 
     def _save_checkpoint(
         self, out_dir: Path, metrics: list[dict[str, Any]], base_preds: list[str]
@@ -445,7 +326,7 @@ class Simulation:
                 "data": data_fp,
                 "round": self.round,
                 "server": self.server,
-                "initial_ranks": self._initial_ranks,
+                "initial_ranks": self.initial_ranks,
                 "metrics": metrics,
                 "base_preds": base_preds,
             },
@@ -457,11 +338,8 @@ class Simulation:
         checkpoint.check_matches(payload, self.cfg.to_dict(), model_fp, data_fp)
         self.server = payload["server"]
         self.round = payload["round"]
-        self._initial_ranks = payload["initial_ranks"]
-        base = self.server.base_state()
-        self._set_merged_base(base)
-        if base is not None and base.weights:
-            adapters.load_base_weights(self.peft_model, base.weights)
+        self.initial_ranks = payload["initial_ranks"]
+        self.model.set_base(self.server.base_state(), weights=True)
         return list(payload["metrics"]), list(payload.get("base_preds") or [])
 
     def run(self, out_dir: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -484,6 +362,27 @@ class Simulation:
             return self._run(out_dir, metrics, base_preds, resume, trackers)
         finally:
             trackers.close()
+
+    def _round_zero(self) -> tuple[dict[str, Any], list[str]]:
+        """The base model's row (round 0) and its generations for ROUGE-L."""
+        self._emit("eval", round=0)
+        t0 = time.perf_counter()
+        evals = self.model.evaluations(self.server)
+        base_preds: list[str] = []
+        if self.cfg.rouge_examples:
+            self._emit("generate", which="base")
+            base_preds, _ = self.model.generations(self.server)
+        row = {
+            "round": 0,
+            **evals,
+            "rank_counts": counts(self.server.ranks.values()),
+            **rank_dynamics(self.server),
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "flops": 0,
+            "wall_s": time.perf_counter() - t0,
+        }
+        return row, base_preds
 
     def _run(
         self,
@@ -509,24 +408,8 @@ class Simulation:
                 self._emit("round_end", row=row, rounds=cfg.rounds)
 
             if not resume:
-                self._emit("eval", round=0)
-                t0 = time.perf_counter()
-                evals = self.evaluations()
-                if cfg.rouge_examples:
-                    self._emit("generate", which="base")
-                    base_preds, _ = self.generations()
-                record(
-                    {
-                        "round": 0,
-                        **evals,
-                        "rank_counts": _counts(self.server.ranks.values()),
-                        **self.rank_dynamics(),
-                        "bytes_up": 0,
-                        "bytes_down": 0,
-                        "flops": 0,
-                        "wall_s": time.perf_counter() - t0,
-                    }
-                )
+                row, base_preds = self._round_zero()
+                record(row)
                 self._save_checkpoint(out_dir, metrics, base_preds)
             else:
                 self._emit("resume", round=self.round)
@@ -542,15 +425,16 @@ class Simulation:
         summary["tier_ppl"] = tiers
         if cfg.rouge_examples:
             self._emit("generate", which="final")
-            preds, refs = self.generations()
+            preds, refs = self.model.generations(self.server)
             summary["rouge_l_base"] = rouge_l(base_preds, refs)
             summary["rouge_l"] = rouge_l(preds, refs)
             with (out_dir / "samples.jsonl").open("w") as fh:
-                for ex, base, pred in zip(self.eval_examples, base_preds, preds, strict=False):
+                examples = self.model.eval_examples
+                for ex, base, pred in zip(examples, base_preds, preds, strict=False):
                     sample = {"prompt": ex.prompt, "reference": ex.response.strip()}
                     sample.update({"base": base, cfg.method: pred})
                     fh.write(json.dumps(sample) + "\n")
-        self.save_model(out_dir)
+        self.model.save(self.server, out_dir)
         summary["wall_s"] = time.perf_counter() - start
         trackers.log_summary(summary, self.round)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -558,19 +442,20 @@ class Simulation:
         return summary
 
     def _summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        ws = self.ws
         evals = [m for m in metrics if "eval_ppl" in m]
         best = min(evals, key=lambda m: m["eval_ppl"])
         ranks = list(self.server.ranks.values())
         per_client = [c for m in metrics for c in m.get("clients", {}).values()]
         summary = {
             "method": self.cfg.method,
-            "model": self.model_path,
-            "device": str(self.device),
-            "bf16": self.bf16,
+            "model": ws.model_path,
+            "device": str(ws.device),
+            "bf16": ws.bf16,
             "rounds": self.cfg.rounds,
             "clients": len(self.client_ids),
-            "bad_rows_skipped": self.bad_rows_skipped,
-            "eval_examples": len(self.eval_items),
+            "bad_rows_skipped": ws.bad_rows_skipped,
+            "eval_examples": len(self.model.eval_items),
             "base_ppl": evals[0]["eval_ppl"],
             "final_ppl": evals[-1]["eval_ppl"],
             "best_ppl": best["eval_ppl"],
@@ -579,96 +464,71 @@ class Simulation:
             "bytes_down": sum(m.get("bytes_down", 0) for m in metrics),
             "flops": sum(m.get("flops", 0) for m in metrics),
             "tokens": sum(m.get("tokens", 0) for m in metrics),
-            "compiled": self.compiled,
+            "compiled": ws.compiled,
             "step_s": sum(m.get("step_s", 0.0) for m in metrics),
-            "compile_s": compile_seconds() - self._compile_start,  # this process's
+            "compile_s": compile_seconds() - ws.compile_start,  # this process's
             "compiled_graphs": compiled_graphs(),
             "trainable_params_mean": float(np.mean([c["trainable_params"] for c in per_client]))
             if per_client
             else 0.0,
-            "mean_rank_initial": float(np.mean(list(self._initial_ranks.values()))),
+            "mean_rank_initial": float(np.mean(list(self.initial_ranks.values()))),
             "mean_rank_final": float(np.mean(ranks)),
             "clients_pruned": sum(
-                1 for c, r in self.server.ranks.items() if r < self._initial_ranks[c]
+                1 for c, r in self.server.ranks.items() if r < self.initial_ranks[c]
             ),
-            "target_modules": self.target_modules,
+            "target_modules": ws.target_modules,
         }
         if "global_rank" in metrics[-1]:
             summary["global_rank_final"] = metrics[-1]["global_rank"]
-        if self.val_items:  # test perplexity is reported as final/best_ppl; these add validation
+        if self.model.val_items:  # test perplexity is final/best_ppl; these add validation
             best_val = min(evals, key=lambda m: m["val_ppl"])
             summary.update(
                 {
-                    "val_examples": len(self.val_items),
+                    "val_examples": len(self.model.val_items),
                     "final_val_ppl": evals[-1]["val_ppl"],
                     "best_val_ppl": best_val["val_ppl"],
                     "best_val_round": best_val["round"],
                     "test_ppl_at_best_val": best_val["eval_ppl"],
                 }
             )
+        # round -> client -> why its reply was rejected (only rounds that rejected one)
+        summary["rejected"] = {str(m["round"]): m["rejected"] for m in metrics if m.get("rejected")}
+        summary["rounds_skipped"] = sum(1 for m in metrics if m.get("skipped"))
+        summary.update(self.summary_extra)
         return summary
 
 
-def _counts(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[str(v)] = counts.get(str(v), 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
-
-
-def federated_data(
-    cfg: Config, report: dict[str, int] | None = None
-) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
-    """The run's clients, split per client into training and held-out test examples (seeded);
-    the validation split, if any, is left out of the training examples."""
-    train, _, test = federated_splits(cfg, report)
-    return train, test
-
-
-def federated_splits(
-    cfg: Config, report: dict[str, int] | None = None
-) -> tuple[dict[str, list[Example]], dict[str, list[Example]], dict[str, list[Example]]]:
-    """The run's clients, split per client into training, validation and test examples.
-
-    ``max_clients`` picks the clients and ``max_examples_per_client`` caps each one's examples
-    (both seeded), then :func:`~hetlora.data.split_clients` takes the test split and
-    :func:`~hetlora.data.split_validation` the validation split out of the rest, so the test
-    split does not depend on ``val_fraction``. ``report``, if given, receives
-    ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
-    """
-    clients = load_clients(
-        cfg.data,
-        min_examples=cfg.min_examples,
-        partitioner=cfg.partitioner,
-        num_partitions=cfg.num_partitions,
-        partition_by=cfg.partition_by or None,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-        on_bad_rows=cfg.on_bad_rows,
-        report=report,
-        split=cfg.split,
+def initial_server(cfg: Config, ws: Workspace, ranks: dict[str, int]) -> Server:
+    """The method's server at the start of a run: PEFT's init of the global adapter (and the
+    base weights for full fine-tuning) over the clients of ``ranks``."""
+    initial = adapters.read_factors(ws.peft_model)
+    base_weights = (
+        {n: p.detach() for n, p in adapters.base_parameters(ws.peft_model).items()}
+        if cfg.method == "full_ft"
+        else None
     )
-    if cfg.max_clients and len(clients) > cfg.max_clients:
-        rng = np.random.default_rng([cfg.seed, 0xC11])
-        keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
-        clients = {c: clients[c] for c in keep}
-    if cfg.max_examples_per_client:
-        clients = cap_examples(clients, cfg.max_examples_per_client, cfg.seed)
-    train, test = split_clients(clients, cfg.test_fraction, cfg.seed)
-    sizes = {c: len(v) for c, v in clients.items()}
-    train, val = split_validation(train, sizes, cfg.val_fraction, cfg.seed)
-    return train, val, test
+    return make_server(cfg, initial, ranks, sorted(ranks), base_weights)
 
 
-def eval_set(test_data: dict[str, list[Example]], cap: int, seed: int) -> list[Example]:
-    """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``."""
-    pooled = [ex for c in sorted(test_data) for ex in test_data[c]]
-    if not pooled:
-        raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
-    order = np.random.default_rng([seed, 0xE7]).permutation(len(pooled))
-    if cap:
-        order = order[:cap]
-    return [pooled[i] for i in order]
+def assigned_ranks(cfg: Config, client_ids: Sequence[str]) -> dict[str, int]:
+    """Every client's seeded starting rank (:func:`hetlora.methods.hetlora.assign_ranks`)."""
+    tiers = cfg.tiers or None
+    return hetlora.assign_ranks(list(client_ids), cfg.r_min, cfg.r_max, cfg.seed, tiers)
+
+
+class Simulation(RoundLoop):
+    """The in-process run: a :class:`RoundLoop` whose transport trains every sampled client in
+    this process (:class:`~.rounds.InProcessClients` over :meth:`Workspace.train`)."""
+
+    def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
+        check_available(cfg.report_to)
+        ws = build_workspace(cfg, trains_locally=True, progress=progress)
+        server = initial_server(cfg, ws, assigned_ranks(cfg, ws.client_ids))
+        emit = progress or (lambda event: None)
+        transport = InProcessClients(
+            ws.train, cfg.local_steps, lambda event, **f: emit({"event": event, **f})
+        )
+        super().__init__(ws, server, transport, ws.client_ids, cfg.min_clients, progress)
 
 
 def run(

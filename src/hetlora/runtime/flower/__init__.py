@@ -3,14 +3,16 @@ simulation and deployment runtimes.
 
 * :mod:`.strategy` -- :class:`~.strategy.HetLoRAStrategy`, a Flower ``Strategy`` that sends each
   node the global factors cut to its rank and aggregates the replies with the method's server;
-* :mod:`.server_app`, :mod:`.client_app` -- the ServerApp (the in-process engine's run with
-  training done by SuperNodes) and the ClientApp (one client per SuperNode);
-* :mod:`.records` -- factors, tasks and replies as Flower records, and the checks on replies;
+* :mod:`.server_app`, :mod:`.client_app` -- the ServerApp (the shared round loop,
+  :class:`~hetlora.runtime.local.RoundLoop`, over the Grid) and the ClientApp (one client per
+  SuperNode: its workspace and :func:`hetlora.client.run_task`, nothing else);
+* :mod:`.records` -- factors, tasks and replies as Flower records (decoding only: replies are
+  checked by the method server, as in-process);
 * :mod:`.project` -- the Flower App folder and its run configuration;
 * :mod:`.certificates` -- TLS certificates and SuperNode keys for a trial;
 * :mod:`.deploy`, :mod:`.launch`, :mod:`.processes` -- local SuperLink/SuperNodes or simulation,
   started and stopped by process id;
-* ``python -m hetlora.runtime.flower`` (:mod:`.tool`) -- the command line.
+* ``hetlora flower ...`` (:mod:`.cli`) -- the commands, a typer sub-app of ``hetlora``.
 
 Importing this package does not import Flower; its modules do.
 """

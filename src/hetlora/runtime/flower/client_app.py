@@ -1,4 +1,4 @@
-"""The ClientApp: one SuperNode trains one client, with the in-process engine's client code.
+"""The ClientApp: one SuperNode trains one client, with the in-process runtime's client code.
 
 A SuperNode says which client it is and what it can afford in its node config
 (``flower-supernode --node-config '...'``):
@@ -6,7 +6,7 @@ A SuperNode says which client it is and what it can afford in its node config
 * ``partition-id``: the client's index in the run's sorted client list (Flower's simulation
   runtime sets it for every virtual SuperNode), or ``client-id``: the client's name;
 * ``rank``: its rank budget (the server caps it at r_max), or ``tier``: the name of one of the
-  run's ``tiers``; with neither, the server assigns the rank the in-process engine would;
+  run's ``tiers``; with neither, the server assigns the rank the in-process runtime would;
 * ``data`` (optional): a local data file or ``save_to_disk`` folder in place of the run's
   ``data`` (the device's own data, in any format the run's ``data`` takes: ``prompt``/
   ``response``, ``text`` or ``messages`` rows; only this node reads it), with ``split``
@@ -15,13 +15,15 @@ A SuperNode says which client it is and what it can afford in its node config
 Messages:
 
 * ``query``: the node's :class:`~.records.NodeInfo` (client, index, examples, rank, tier);
-* ``train``: :func:`hetlora.client.run_task` on the factors received, the client's own seeded
-  batches (:meth:`~hetlora.runtime.local.Simulation.client_batches`, the same stream as
-  in-process) and the hyperparameters of the ConfigRecord; replies with the factors at the
-  (possibly pruned) rank and the counters of the local training.
+* ``train``: :meth:`~hetlora.runtime.workspace.Workspace.train` (:func:`hetlora.client.run_task`
+  on the factors received, with the client's own seeded batches: the same stream as in-process)
+  and the hyperparameters of the ConfigRecord; replies with the factors at the (possibly pruned)
+  rank and the counters of the local training.
 
-The model, data and tokenised examples are built once per process and kept (Flower's simulation
-runtime reuses its worker processes; the deployment runtime starts one per message).
+A node builds only what a client needs: the data and the PEFT-wrapped model
+(:func:`~hetlora.runtime.workspace.build_workspace`), no held-out set and no server. They are
+built once per process and kept (Flower's simulation runtime reuses its worker processes; the
+deployment runtime starts one per message).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from hetlora.config import Config, make_config
 from hetlora.errors import HetLoRAError
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
-from hetlora.runtime.local import Simulation, federated_data
+from hetlora.runtime.workspace import Workspace, build_workspace, federated_data
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,9 @@ def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
 
 
 @functools.lru_cache(maxsize=1)
-def _engine(config_toml: str) -> Simulation:
-    """The engine's view of this node: model, PEFT wrapper, data (kept for the process)."""
-    return Simulation(make_config(tomllib.loads(config_toml)))
+def _workspace(config_toml: str) -> Workspace:
+    """This node's data and model (kept for the process)."""
+    return build_workspace(make_config(tomllib.loads(config_toml)))
 
 
 def _log_to_stderr() -> None:
@@ -132,19 +134,19 @@ def train(msg: Message, context: Context) -> Message:
     """Train the client's adapter from the factors received; reply with the upload."""
     _log_to_stderr()
     cfg = node_config(config_from_run_config(context.run_config), dict(context.node_config))
-    engine = _engine(cfg.to_toml())
-    client = node_client([str(c) for c in engine.client_ids], dict(context.node_config))
-    task, round_idx, settings = records.read_train(msg.content, engine.bf16)
+    ws = _workspace(cfg.to_toml())
+    client = node_client([str(c) for c in ws.client_ids], dict(context.node_config))
+    task, round_idx, settings = records.read_train(msg.content, ws.bf16)
     if task.client_id != client:
         raise HetLoRAError(f"task for client {task.client_id!r} sent to the node of {client!r}")
     update, result = run_task(
-        engine.peft_model,
+        ws.peft_model,
         task,
-        engine.client_batches(client, round_idx),
+        ws.client_batches(client, round_idx),
         settings,
-        engine.target_modules,
-        engine.device,
-        num_examples=len(engine.train_data[client]),
+        ws.target_modules,
+        ws.device,
+        num_examples=len(ws.train_data[client]),
     )
     log.info(
         "round %d: client %s rank %d -> %d, loss %.3f",

@@ -5,14 +5,16 @@ A training instruction (``MessageType.TRAIN``) carries
 * ``"arrays"`` (:class:`~flwr.app.ArrayRecord`): the global factors cut to the node's rank,
   ``<module>.B`` (d_out x r) and ``<module>.A`` (r x d_in) in float32;
 * ``"config"`` (:class:`~flwr.app.ConfigRecord`): the client id, the round, the rank, the task
-  flags (``pruning``, ``regularise``) and the local-training hyperparameters
-  (:data:`HYPERPARAMETERS`).
+  flags (``pruning``, ``regularise``: the method server's decision, sent once) and the
+  local-training hyperparameters (:data:`HYPERPARAMETERS`).
 
 A reply carries ``"arrays"`` (the trained factors at the possibly pruned rank) and
 ``"metrics"`` (:class:`~flwr.app.MetricRecord`): the number of examples, ranks, loss and the
-counters of :class:`~hetlora.client.ClientResult`. :func:`read_reply` checks a reply against
-the instruction it answers (module names, shapes, rank, finite values) before anything reaches
-the method's server; a node query (``MessageType.QUERY``) is answered with :class:`NodeInfo`.
+counters of :class:`~hetlora.client.ClientResult`. :func:`read_reply` only decodes a reply
+(a record that cannot be read raises :class:`~hetlora.errors.HetLoRAError`); whether its content
+is acceptable is decided by the method server's one validator,
+:meth:`hetlora.methods.base.Server.check`, as in-process. A node query
+(``MessageType.QUERY``) is answered with :class:`NodeInfo`.
 
 Nothing here knows about sockets or processes: these are plain functions over records.
 """
@@ -46,7 +48,6 @@ HYPERPARAMETERS = {
     "lambda": "lambda_",
     "gamma": "gamma",
     "r-min": "r_min",
-    "pruning-enabled": "pruning",
     "lora-scale": "lora_scale",
 }
 
@@ -169,57 +170,44 @@ def _number(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
-def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, ClientResult]:
-    """Decode and check one training reply against the instruction ``sent``.
+def _count(metrics: MetricRecord, key: str) -> int:
+    value = _number(metrics, key)
+    if not math.isfinite(value) or value != int(value):
+        raise HetLoRAError(f"metric {key!r} is not a whole number: {value!r}")
+    return int(value)
 
-    The reply must hold exactly the modules that were sent, with ``B`` of shape
-    (d_out, r) and ``A`` of shape (r, d_in) as sent except for a rank r with
-    1 <= r <= the rank sent, r equal to the declared rank, finite values, and a positive
-    number of examples. Anything else raises :class:`HetLoRAError` (the reply is left out).
+
+def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, ClientResult]:
+    """Decode one training reply to the instruction ``sent``: the factors, the declared rank and
+    number of examples, and the client's counters.
+
+    Raises :class:`HetLoRAError` when the record cannot be read (no factors or metrics, a key
+    that is not ``<module>.B``/``<module>.A``, a metric that is not a number). Names, shapes,
+    rank, values and size are checked by :meth:`hetlora.methods.base.Server.check`.
     """
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise HetLoRAError("reply without factors or metrics")
     metrics = content.metric_records[METRICS]
     factors = read_factors(content.array_records[ARRAYS])
-    expected = sent.factors or {}
-    if set(factors) != set(expected):
-        missing, extra = sorted(set(expected) - set(factors)), sorted(set(factors) - set(expected))
-        raise HetLoRAError(f"modules do not match: missing {missing[:3]}, extra {extra[:3]}")
-    rank = _number(metrics, "rank")
-    if rank != int(rank) or not 1 <= rank <= sent.rank:
-        raise HetLoRAError(f"declared rank {rank} outside [1, {sent.rank}]")
-    rank = int(rank)
-    for name, (b, a) in factors.items():
-        b0, a0 = expected[name]
-        want_b, want_a = (b0.shape[0], rank), (rank, a0.shape[1])
-        if tuple(b.shape) != want_b or tuple(a.shape) != want_a:
-            raise HetLoRAError(
-                f"{name}: shapes {tuple(b.shape)}, {tuple(a.shape)} instead of {want_b}, {want_a}"
-            )
-        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
-            raise HetLoRAError(f"{name}: non-finite values")
-    num_examples = _number(metrics, "num-examples")
-    if not (math.isfinite(num_examples) and num_examples >= 1):
-        raise HetLoRAError(f"num-examples must be >= 1, got {num_examples}")
     values = {field: _number(metrics, key) for key, field in RESULT_METRICS.items()}
     result = ClientResult(
         factors=factors,
         rank_received=sent.rank,
-        rank=rank,
+        rank=_count(metrics, "rank"),
         train_loss=values["train_loss"],
         tail_before=values["tail_before"],
         tail_after=values["tail_after"],
-        tokens=int(values["tokens"]),
-        target_tokens=int(values["target_tokens"]),
-        steps=int(values["steps"]),
+        tokens=_count(metrics, "tokens"),
+        target_tokens=_count(metrics, "target-tokens"),
+        steps=_count(metrics, "steps"),
         seconds=values["seconds"],
         step_seconds=values["step_seconds"],
     )
     update = ClientUpdate(
         sent.client_id,
-        int(num_examples),
+        _count(metrics, "num-examples"),
         factors=factors,
-        rank=rank,
+        rank=result.rank,
         train_loss=result.train_loss,
     )
     return update, result

@@ -1,0 +1,287 @@
+"""One federated round, the same for every transport: sample, exchange, check, fold, finish.
+
+A round is drawn in three boxes::
+
+    sample_clients --> transport.exchange(server, sampled) --> fold(server, replies)
+                          (in-process: Workspace.train;        (server.check, server.add,
+                           Flower: the Grid's messages)          server.finish or reset_round)
+
+:func:`play_round` runs them and builds the round's row of ``metrics.jsonl`` with
+:func:`round_row`, the one row builder of both runtimes; :func:`round_line` is the one way a row
+is printed. A reply the server refuses, or one that never came, is *rejected* (the row's
+``rejected``: client -> reason); with fewer than ``min_clients`` accepted replies the round is
+``skipped`` and the server's state is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from hetlora.accounting import ModelSize, train_flops
+from hetlora.client import ClientResult
+from hetlora.errors import HetLoRAError
+from hetlora.lora import live_rank
+from hetlora.methods.base import ClientTask, ClientUpdate, Server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """One sampled client's part of a round.
+
+    Attributes:
+        client: the client.
+        task: what was sent (None when nothing could be sent, e.g. its node is not connected).
+        update, result: the client's reply and what it measured (None when there is none).
+        problem: why there is no usable reply (set by the transport; empty otherwise).
+        extra: fields the transport adds to the client's entry in the row (Flower: ``node``).
+    """
+
+    client: str
+    task: ClientTask | None = None
+    update: ClientUpdate | None = None
+    result: ClientResult | None = None
+    problem: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """Moves a round's tasks to the sampled clients and their replies back, one at a time."""
+
+    def exchange(self, round_idx: int, server: Server, sampled: Sequence[str]) -> Iterator[Reply]:
+        """Send ``server.task(client)`` to every sampled client; yield their replies."""
+        ...
+
+
+class InProcessClients:
+    """The in-process transport: each sampled client trains in turn on the shared model.
+
+    ``train(task, round_idx, on_step)`` is :meth:`hetlora.runtime.workspace.Workspace.train`;
+    ``emit`` receives the client and step progress events.
+    """
+
+    def __init__(
+        self,
+        train: Callable[..., tuple[ClientUpdate, ClientResult]],
+        local_steps: int,
+        emit: Callable[..., None],
+    ) -> None:
+        self.train = train
+        self.local_steps = local_steps
+        self.emit = emit
+
+    def exchange(self, round_idx: int, server: Server, sampled: Sequence[str]) -> Iterator[Reply]:
+        for i, client in enumerate(sampled):
+            task = server.task(client)
+            self.emit(
+                "client_start", round=round_idx, client=client, index=i, of=len(sampled),
+                rank=task.rank,
+            )  # fmt: skip
+            update, result = self.train(
+                task,
+                round_idx,
+                lambda step, loss, c=client: self.emit(
+                    "step", round=round_idx, client=c, step=step, of=self.local_steps, loss=loss
+                ),
+            )
+            yield Reply(client, task, update, result)
+            self.emit(
+                "client_end", round=round_idx, client=client, loss=result.train_loss,
+                rank=update.rank, rank_received=task.rank,
+            )  # fmt: skip
+
+
+def sample_clients(
+    seed: int, client_ids: Sequence[str], per_round: int, round_idx: int
+) -> list[str]:
+    """The round's clients: a seeded choice without replacement, in ``client_ids`` order."""
+    rng = np.random.default_rng([seed, round_idx, 0x5A])
+    k = min(per_round, len(client_ids))
+    picked = sorted(rng.choice(len(client_ids), k, replace=False))
+    return [client_ids[i] for i in picked]
+
+
+def client_entry(reply: Reply, size: ModelSize) -> dict[str, Any]:
+    """One client's entry in the row's ``clients`` (a reply with an update and a result)."""
+    task, update, result = reply.task, reply.update, reply.result
+    assert task is not None and update is not None and result is not None
+    params = update.trainable_params
+    return {
+        "rank_received": task.rank,
+        "rank": update.rank,
+        "train_loss": result.train_loss,
+        "bytes_down": task.nbytes,
+        "bytes_up": update.nbytes,
+        "trainable_params": params,
+        "flops": train_flops(
+            size, result.tokens, result.target_tokens, params, task.kind == "full"
+        ),
+        "tokens": result.tokens,
+        "step_s": result.step_seconds,
+        "compile_s": result.compile_seconds,
+        **reply.extra,
+    }
+
+
+@dataclass
+class RoundOutcome:
+    """What :func:`play_round` saw: the tasks sent, every client's entry, rejections, weights."""
+
+    round: int
+    sampled: list[str]
+    tasks: dict[str, ClientTask] = field(default_factory=dict)
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def fold(
+    server: Server,
+    replies: Iterable[Reply],
+    min_clients: int,
+    max_update_norm: float,
+    outcome: RoundOutcome,
+    size: ModelSize,
+) -> RoundOutcome:
+    """Check every reply with the server's validator and fold the valid ones in, in order; then
+    close the round (``server.finish``), or skip it with fewer than ``min_clients`` accepted.
+
+    Each reply's entry is recorded as soon as it arrives and the update is then dropped (the
+    in-process transport trains one client at a time).
+    """
+    accepted = 0
+    for reply in replies:
+        client = reply.client
+        if reply.task is not None:
+            outcome.tasks[client] = reply.task
+        if reply.update is None:
+            outcome.rejected[client] = reply.problem or "no reply"
+            log.warning("round %d: %s rejected: %s", outcome.round, client, reply.problem)
+            continue
+        outcome.clients[client] = client_entry(reply, size)
+        try:
+            server.check(reply.update, max_update_norm)
+            server.add(reply.update)
+            accepted += 1
+        except HetLoRAError as exc:
+            log.warning("round %d: reply of %s rejected: %s", outcome.round, client, exc)
+            outcome.rejected[client] = str(exc)
+        reply.update = None  # only the entry is kept
+    if accepted < min_clients:
+        log.warning(
+            "round %d skipped: %d valid replies, fewer than min_clients = %d",
+            outcome.round,
+            accepted,
+            min_clients,
+        )
+        server.reset_round()
+        outcome.skipped = True
+    else:
+        outcome.weights = server.finish()
+    return outcome
+
+
+def play_round(
+    round_idx: int,
+    server: Server,
+    transport: Transport,
+    sampled: Sequence[str],
+    min_clients: int,
+    max_update_norm: float,
+    size: ModelSize,
+) -> RoundOutcome:
+    """One round over ``transport``: exchange tasks and replies with ``sampled``, fold them."""
+    outcome = RoundOutcome(round_idx, list(sampled))
+    replies = transport.exchange(round_idx, server, list(sampled))
+    return fold(server, replies, min_clients, max_update_norm, outcome, size)
+
+
+def counts(values: Iterable[int]) -> dict[str, int]:
+    """How many clients hold each rank (rank as a string, ascending)."""
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def rank_dynamics(server: Server) -> dict[str, Any]:
+    """Ranks after the round, for the metrics row.
+
+    ``global_rank``: the live rank of the global adapter (:func:`hetlora.lora.live_rank`:
+    positions where both global factors are non-zero), the largest over modules, and
+    ``global_rank_min`` the smallest; absent for methods without a global adapter (FLoRA,
+    full fine-tuning). ``ranks``: every client's current rank (sampled or not; absent where the
+    method has no ranks).
+    """
+    out: dict[str, Any] = {}
+    factors = server.global_factors() if server.has_global_adapter else None
+    if factors:
+        out["global_rank_min"], out["global_rank"] = live_rank(factors)
+    if any(server.ranks.values()):
+        out["ranks"] = dict(server.ranks)
+    return out
+
+
+def round_row(outcome: RoundOutcome, server: Server) -> dict[str, Any]:
+    """The round's row of ``metrics.jsonl`` (evaluation and timing are added by the caller)."""
+    entries = outcome.clients.values()
+    ranks = server.ranks
+    losses = [c["train_loss"] for c in entries]
+    return {
+        "round": outcome.round,
+        "train_loss": float(np.mean(losses)) if losses else math.nan,
+        "client_ranks": {c: ranks[c] for c in outcome.tasks},
+        "ranks_received": {c: t.rank for c, t in outcome.tasks.items()},
+        "rank_counts": counts(ranks.values()),
+        **rank_dynamics(server),
+        "weights": outcome.weights,
+        "bytes_up": sum(c["bytes_up"] for c in entries),
+        "bytes_down": sum(t.nbytes for t in outcome.tasks.values()),
+        "flops": sum(c["flops"] for c in entries),
+        "tokens": sum(c["tokens"] for c in entries),
+        "step_s": sum(c["step_s"] for c in entries),
+        "compile_s": sum(c["compile_s"] for c in entries),
+        "clients": outcome.clients,
+        "rejected": outcome.rejected,
+        "skipped": outcome.skipped,
+    }
+
+
+def round_line(row: dict[str, Any]) -> str:
+    """One line for a row of ``metrics.jsonl``: loss, perplexity, ranks, rejections, time."""
+    parts = [f"round {row['round']:>3}"]
+    loss = row.get("train_loss")
+    if loss is not None and not math.isnan(loss):
+        parts.append(f"train loss {loss:.3f}")
+    if "eval_ppl" in row:
+        parts.append(f"eval ppl {row['eval_ppl']:.2f}")
+    ranks = row.get("client_ranks")
+    if ranks and any(ranks.values()):
+        parts.append(f"ranks {sorted(ranks.values())}")
+    if row.get("rejected"):
+        parts.append("rejected: " + "; ".join(f"{c} ({r})" for c, r in row["rejected"].items()))
+    if row.get("skipped"):
+        parts.append("SKIPPED")
+    parts.append(f"({row.get('wall_s', 0.0):.1f}s)")
+    return "  ".join(parts)
+
+
+__all__ = [
+    "InProcessClients",
+    "Reply",
+    "RoundOutcome",
+    "Transport",
+    "fold",
+    "play_round",
+    "round_line",
+    "round_row",
+    "sample_clients",
+]

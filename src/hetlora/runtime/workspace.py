@@ -1,0 +1,236 @@
+"""What every process of a run builds first: the clients' data and the PEFT-wrapped base model.
+
+:class:`Workspace` is the set-up both sides share. A client (in-process, or a Flower ClientApp)
+needs nothing more: :meth:`Workspace.train` runs :func:`hetlora.client.run_task` on one task with
+the client's own seeded batches. The server side adds the held-out sets and the method's server
+(:mod:`hetlora.runtime.local`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from hetlora import adapters
+from hetlora.accounting import model_size
+from hetlora.client import ClientResult, TrainSettings, run_task
+from hetlora.config import Config
+from hetlora.data import Example, cap_examples, load_clients, split_clients, split_validation
+from hetlora.data.batching import Tokenized, batch_stream
+from hetlora.data.chat import Renderer, make_renderer
+from hetlora.errors import HetLoRAError
+from hetlora.hardware import (
+    compile_layers,
+    compile_seconds,
+    resolve_bf16,
+    resolve_compile,
+    resolve_device,
+    store_frozen_linears,
+    use_cpu_attention,
+)
+from hetlora.methods import FROZEN_BASE
+from hetlora.methods.base import ClientTask, ClientUpdate
+from hetlora.models import default_target_modules, load_base_model
+from hetlora.runtime import checkpoint
+
+Progress = Callable[[dict[str, Any]], None]
+Splits = dict[str, list[Example]]
+
+
+def federated_splits(
+    cfg: Config, report: dict[str, int] | None = None
+) -> tuple[Splits, Splits, Splits]:
+    """The run's clients, split per client into training, validation and test examples.
+
+    ``max_clients`` picks the clients and ``max_examples_per_client`` caps each one's examples
+    (both seeded), then :func:`~hetlora.data.split_clients` takes the test split and
+    :func:`~hetlora.data.split_validation` the validation split out of the rest, so the test
+    split does not depend on ``val_fraction``. ``report``, if given, receives
+    ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
+    """
+    clients = load_clients(
+        cfg.data,
+        min_examples=cfg.min_examples,
+        partitioner=cfg.partitioner,
+        num_partitions=cfg.num_partitions,
+        partition_by=cfg.partition_by or None,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+        on_bad_rows=cfg.on_bad_rows,
+        report=report,
+        split=cfg.split,
+    )
+    if cfg.max_clients and len(clients) > cfg.max_clients:
+        rng = np.random.default_rng([cfg.seed, 0xC11])
+        keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
+        clients = {c: clients[c] for c in keep}
+    if cfg.max_examples_per_client:
+        clients = cap_examples(clients, cfg.max_examples_per_client, cfg.seed)
+    train, test = split_clients(clients, cfg.test_fraction, cfg.seed)
+    sizes = {c: len(v) for c, v in clients.items()}
+    train, val = split_validation(train, sizes, cfg.val_fraction, cfg.seed)
+    return train, val, test
+
+
+def federated_data(cfg: Config, report: dict[str, int] | None = None) -> tuple[Splits, Splits]:
+    """The run's clients, split per client into training and held-out test examples (seeded);
+    the validation split, if any, is left out of the training examples."""
+    train, _, test = federated_splits(cfg, report)
+    return train, test
+
+
+def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
+    """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``."""
+    pooled = [ex for c in sorted(test_data) for ex in test_data[c]]
+    if not pooled:
+        raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
+    order = np.random.default_rng([seed, 0xE7]).permutation(len(pooled))
+    if cap:
+        order = order[:cap]
+    return [pooled[i] for i in order]
+
+
+@dataclass
+class Workspace:
+    """A run's data and model in one process; made by :func:`build_workspace`.
+
+    Attributes:
+        train_data, val_data, test_data: client -> examples (:func:`federated_splits`).
+        client_ids: every client of the data, sorted (a client's index seeds its batches).
+        peft_model: the base model wrapped once with PEFT at r_max (global adapter).
+        settings: local-training hyperparameters (what a client does is decided by its task).
+        compiled: whether the decoder layers are compiled (training uses the fixed-rank step).
+    """
+
+    cfg: Config
+    device: torch.device
+    bf16: bool
+    train_data: Splits
+    val_data: Splits
+    test_data: Splits
+    bad_rows_skipped: int
+    tokenizer: Any
+    model_path: str
+    renderer: Renderer
+    target_modules: list[str]
+    peft_model: PeftModel
+    model_fp: str  # of the pristine base, before any merge: a checkpoint names it
+    size: Any
+    compiled: bool
+    compile_start: float
+    settings: TrainSettings
+    client_ids: list[str] = field(default_factory=list)
+    _tokenized: dict[str, list[Tokenized]] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def client_items(self, client_id: str) -> list[Tokenized]:
+        """The client's tokenised training examples (tokenised on first use)."""
+        if client_id not in self._tokenized:
+            items = self.renderer.tokenize_all(self.train_data[client_id], self.cfg.max_seq_len)
+            self._tokenized[client_id] = items
+        return self._tokenized[client_id]
+
+    def client_batches(self, client_id: str, round_idx: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The client's batch stream for one round, seeded by (seed, round, client index)."""
+        index = self.client_ids.index(client_id)
+        rng = np.random.default_rng([self.cfg.seed, round_idx, index, 0xBA])
+        return batch_stream(self.client_items(client_id), self.cfg.batch_size, rng, self.pad_id)
+
+    def train(
+        self,
+        task: ClientTask,
+        round_idx: int,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> tuple[ClientUpdate, ClientResult]:
+        """What one client does in a round: :func:`~hetlora.client.run_task` on its own data."""
+        client = task.client_id
+        return run_task(
+            self.peft_model,
+            task,
+            self.client_batches(client, round_idx),
+            self.settings,
+            self.target_modules,
+            self.device,
+            num_examples=len(self.train_data[client]),
+            on_step=on_step,
+        )
+
+
+def build_workspace(
+    cfg: Config, trains_locally: bool = True, progress: Progress | None = None
+) -> Workspace:
+    """Load the data and the base model, wrap it with PEFT (seeded), settle precision and compile.
+
+    ``trains_locally = False`` (a Flower ServerApp, which only evaluates) keeps
+    ``compile = "auto"`` off.
+    """
+    emit = progress or (lambda event: None)
+    device = resolve_device(cfg.device)
+    bf16 = resolve_bf16(cfg.precision, device)
+    emit({"event": "setup", "stage": "data"})
+    report: dict[str, int] = {}
+    train_data, val_data, test_data = federated_splits(cfg, report)
+    client_ids = sorted(train_data)
+    emit({"event": "setup", "stage": "model"})
+    base = load_base_model(cfg.model, device)
+    renderer = make_renderer(
+        base.tokenizer, cfg.chat_template, [ex for c in client_ids for ex in train_data[c]]
+    )
+    target_modules = cfg.target_modules or default_target_modules(base.model)
+    if bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
+        store_frozen_linears(base.model, torch.bfloat16)
+    use_cpu_attention(base.model, device)
+    compile_start = compile_seconds()
+    steps = cfg.rounds * min(cfg.clients_per_round, len(client_ids)) * cfg.local_steps
+    compiled = cfg.method != "full_ft" and resolve_compile(
+        cfg.compile, device, steps if trains_locally else 0
+    )
+    if compiled:
+        compile_layers(base.model)
+    torch.manual_seed(cfg.seed)
+    peft_model = adapters.wrap(base.model, cfg.r_max, cfg.lora_scale, target_modules)
+    return Workspace(
+        cfg=cfg,
+        device=device,
+        bf16=bf16,
+        train_data=train_data,
+        val_data=val_data,
+        test_data=test_data,
+        bad_rows_skipped=report.get("bad_rows_skipped", 0),
+        tokenizer=base.tokenizer,
+        model_path=base.path,
+        renderer=renderer,
+        target_modules=target_modules,
+        peft_model=peft_model,
+        model_fp=checkpoint.model_fingerprint(base.model),
+        size=model_size(peft_model),
+        compiled=compiled,
+        compile_start=compile_start,
+        settings=train_settings(cfg, bf16, compiled),
+        client_ids=client_ids,
+    )
+
+
+def train_settings(cfg: Config, bf16: bool, compiled: bool) -> TrainSettings:
+    """Local-training hyperparameters. Whether a client prunes and regularises is the method
+    server's decision, carried by each :class:`~hetlora.methods.base.ClientTask`."""
+    return TrainSettings(
+        local_steps=cfg.local_steps,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        lambda_=cfg.lambda_,
+        gamma=cfg.gamma,
+        r_min=cfg.r_min,
+        lora_scale=cfg.lora_scale,
+        bf16=bf16,
+        fixed_rank=cfg.r_max if compiled else 0,
+    )
