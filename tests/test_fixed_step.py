@@ -181,10 +181,10 @@ def test_a_run_with_compile_on_matches_compile_off(tiny_model, tmp_path, monkeyp
     """The in-process runtime's wiring: the same round on both paths, compile time apart."""
     import functools
 
-    from hetlora.runtime import local
+    from hetlora.runtime import local, workspace
 
     monkeypatch.setattr(
-        local, "compile_layers", functools.partial(compile_layers, backend="aot_eager")
+        workspace, "compile_layers", functools.partial(compile_layers, backend="aot_eager")
     )
     torch._dynamo.reset()
     base = {

@@ -58,6 +58,8 @@ def tiny_config(model: Path, **extra):
         "rouge_examples": 0,
     }
     values.update(extra)
+    if values.get("method", "hetlora") != "hetlora":  # lambda_ and gamma are HetLoRA's only
+        del values["lambda_"], values["gamma"]
     return make_config(values)
 
 
