@@ -95,10 +95,13 @@ def options_from_run_config(run_config: dict[str, Any]) -> RunOptions:
 
 def check_supported(cfg: Config) -> None:
     """The Flower runtime runs the LoRA methods whose base model stays frozen."""
-    if cfg.method not in ("hetlora", "homlora", "recon_svd"):
+    from hetlora.methods import FROZEN_BASE
+
+    if cfg.method not in FROZEN_BASE:
         raise HetLoRAError(
             f"method {cfg.method!r} changes the base model every round and is not supported on "
-            "Flower; use hetlora, homlora or recon_svd (or `hetlora run` in-process)"
+            f"Flower; use {', '.join(FROZEN_BASE[:-1])} or {FROZEN_BASE[-1]} "
+            "(or `hetlora run` in-process)"
         )
     if cfg.compile == "on":
         raise HetLoRAError(
