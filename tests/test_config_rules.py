@@ -191,3 +191,14 @@ def test_every_shipped_config_loads():
             assert load_comparison(path)
         else:
             load_config(path)
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_at_its_default():
+    current = Config().to_dict()
+    older = {k: v for k, v in current.items() if k not in ("compile", "on_bad_rows", "padding")}
+    checkpoint.check_matches({"config": older, "model": "m", "data": "d"}, current, "m", "d")
+    # a non-default value of a key the checkpoint predates is a real difference
+    with pytest.raises(HetLoRAError, match=r"differs in: compile\)"):
+        checkpoint.check_matches(
+            {"config": older, "model": "m", "data": "d"}, {**current, "compile": "on"}, "m", "d"
+        )

@@ -87,10 +87,12 @@ def load(out_dir: Path) -> dict[str, Any]:
 
 def check_matches(payload: dict[str, Any], config: dict[str, Any], model: str, data: str) -> None:
     """Refuse a checkpoint made with another config, base model or client data (a checkpoint of
-    an older version is compared with its old keys translated)."""
-    from hetlora.config import translate_old_keys
+    an older version is compared with its old keys translated, and a key it predates taken at
+    its default: a new key's default is the behaviour from before it existed)."""
+    from hetlora.config import Config, translate_old_keys
 
-    payload = {**payload, "config": translate_old_keys(payload["config"], warn=False)}
+    older = translate_old_keys(payload["config"], warn=False)
+    payload = {**payload, "config": {**Config().to_dict(), **older}}
     if payload["config"] != config:
         changed = sorted(
             k
