@@ -82,11 +82,14 @@ reproduce-paper: $(STAMP)
 	$(MAKE) paper-results
 
 # The study's tables and plots from the runs finished so far (it may still be running), and
-# their small files copied into docs/reproduction/paper/ (never checkpoints or weights).
+# the small files of the finished runs copied into docs/reproduction/paper/ (never checkpoints
+# or weights, nor a run still in progress).
 paper-results: $(STAMP)
 	$(VENV)/bin/hetlora report $(PAPER_OUT)
 	mkdir -p docs/reproduction/paper
 	cp $(PAPER_OUT)/results.csv $(PAPER_OUT)/results.md $(PAPER_OUT)/summary.csv \
 		$(PAPER_OUT)/summary.md $(PAPER_OUT)/comparison.json $(PAPER_OUT)/*.png docs/reproduction/paper/
-	cd $(PAPER_OUT) && find . \( -name metrics.jsonl -o -name summary.json -o -name config.toml \) \
-		-exec cp --parents {} $(CURDIR)/docs/reproduction/paper/ \;
+	cd $(PAPER_OUT) && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
+		mkdir -p $(CURDIR)/docs/reproduction/paper/$$run; \
+		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(CURDIR)/docs/reproduction/paper/$$run/; \
+	done
