@@ -37,12 +37,12 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py --out bench.json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts tools
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts tools
 
 # Two workers (pytest-xdist): most tests are single-threaded model runs, so two cores are kept busy.
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts tools
 	$(PY) -m pytest -q -n 2
 
 clean:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hetlora.cli import app
+from localfed.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = [  # one client each, three device budgets
@@ -30,7 +30,6 @@ if __name__ == "__main__":
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     argv = [
-        "flower",
         "deploy",
         "--config",
         str(ROOT / "configs" / "flower-demo.toml"),
@@ -43,4 +42,4 @@ if __name__ == "__main__":
         argv += ["--workdir", args.workdir]
     if args.stream:
         argv.append("--stream")
-    sys.exit(app(argv, prog_name="hetlora"))
+    sys.exit(app(argv, prog_name="flower_demo.py"))

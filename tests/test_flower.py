@@ -1,27 +1,26 @@
-"""HetLoRA on Flower, on a tiny random Llama: real SuperLink/SuperNode processes on 127.0.0.1.
+"""HetLoRA on Flower, on a tiny random Llama.
 
 * the records and checks every reply goes through (fast, no processes);
-* security: a SuperNode whose key is not registered is refused;
-* equivalence: 2 rounds through the deployment runtime (TLS, SuperNode authentication) give the
-  in-process engine's global adapter;
-* simulation: the same through `flwr run` on Flower's simulation runtime (Ray);
-* fault: a SuperNode killed during a round is left out and reported, the run finishes;
-* no process started by these tests is left running.
-
-About four minutes in all: every round starts a ClientApp process per node, and a killed node
-is noticed by Flower's heartbeat (up to a minute).
+* the ServerApp and ClientApp over an in-memory Grid (``localfed.loopback``: the real apps and
+  strategy, nothing but the transport replaced): the in-process engine's adapter and rows over
+  two rounds, nodes that fail in every way a node can (no answer, an exception, a malformed or
+  non-finite reply), too few replies, and what nodes declare (rank budget, tier, unknown client);
+* real processes, kept few because each costs tens of seconds: a SuperLink with TLS and
+  SuperNode authentication and three SuperNodes give the in-process adapter while a SuperNode
+  whose key is not registered is refused; Flower's simulation runtime (Ray) gives it too; no
+  process started by these tests is left running.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from safetensors.torch import load_file
 
 from hetlora.client import ClientResult, TrainSettings
@@ -30,12 +29,13 @@ from hetlora.errors import HetLoRAError
 from hetlora.lora import truncate
 from hetlora.methods.base import ClientTask, ClientUpdate
 from hetlora.methods.hetlora import HetLoRAServer
-from hetlora.runtime.flower import records
+from hetlora.runtime.flower import client_app, records, server_app
 from hetlora.runtime.flower.client_app import node_client
-from hetlora.runtime.flower.deploy import LocalDeployment, NodeSpec
-from hetlora.runtime.flower.launch import deploy_locally, simulate_locally
 from hetlora.runtime.flower.project import RunOptions, config_from_run_config, write_app
 from hetlora.runtime.local import Simulation, evaluate_run
+from localfed.deploy import NodeSpec
+from localfed.launch import deploy_locally, simulate_locally
+from localfed.loopback import LoopbackGrid, run_server_app
 
 WORKDIRS: list[Path] = []  # every federation's folder, for the final leftover check
 
@@ -59,6 +59,8 @@ def tiny_config(model: Path, **extra):
     }
     values.update(extra)
     if values.get("method", "hetlora") != "hetlora":  # lambda_ and gamma are HetLoRA's only
+        del values["lambda_"], values["gamma"]
+    elif values.get("pruning") is False:  # and apply with pruning only
         del values["lambda_"], values["gamma"]
     return make_config(values)
 
@@ -181,58 +183,215 @@ def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model,
         write_app(tmp_path / "app2", tiny_config(tiny_model, method="flora"), RunOptions("x"))
 
 
+# -- the ServerApp and ClientApp over an in-memory Grid --------------------------------------------
+
+
+@pytest.fixture
+def quiet_hetlora_logger():
+    """The ClientApp adds a stderr handler to the ``hetlora`` logger (a SuperNode's output);
+    here it runs in the test process, so the logger is restored afterwards."""
+    logger = logging.getLogger("hetlora")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:], logger.level = handlers, level
+
+
+def run_over_loopback(
+    cfg, out: Path, nodes, deliver=None, app=client_app.app, **options
+) -> LoopbackGrid:
+    """The ServerApp's ``main`` over a :class:`LoopbackGrid` of the ClientApp ``app``."""
+    run_config = {"hetlora-config": cfg.to_toml(), **RunOptions(str(out), **options).run_config()}
+    grid = LoopbackGrid(app, nodes, run_config, deliver)
+    run_server_app(server_app.app, grid)
+    return grid
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_server_app_over_a_grid_gives_the_in_process_run(
+    tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """Two rounds (pruning on: ranks change between them): same rows, same adapter."""
+    cfg = tiny_config(tiny_model)
+    sim = Simulation(cfg)
+    ranks = dict(sim.server.ranks)
+    sim.run(tmp_path / "local")
+    nodes = [{"partition-id": i} for i in range(len(sim.client_ids))]  # ranks assigned
+    grid = run_over_loopback(cfg, tmp_path / "flower", nodes)
+    local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
+    flower = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
+    assert local.keys() == flower.keys()
+    for key in local:
+        torch.testing.assert_close(flower[key], local[key], rtol=1e-5, atol=1e-6)
+    rows = {"local": rows_of(tmp_path / "local"), "flower": rows_of(tmp_path / "flower")}
+    assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
+    for a, b in zip(rows["local"], rows["flower"], strict=True):
+        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+        assert b.get("client_ranks") == a.get("client_ranks")
+        assert b.get("train_loss", 0) == pytest.approx(a.get("train_loss", 0), rel=1e-5)
+        assert not b.get("rejected")
+    assert rows["flower"][1]["client_ranks"] == {c: ranks[c] for c in sorted(ranks)}
+    # one query per node, then one train message per sampled client and round
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count("query") == 3 and kinds.count("train") == 2 * cfg.clients_per_round
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
+    check = evaluate_run(tmp_path / "flower")
+    assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
+
+
+def _nan_arrays(instruction: Message, reply: Message) -> Message:
+    arrays = reply.content.array_records[records.ARRAYS]
+    name = sorted(arrays)[0]
+    values = arrays[name].numpy().copy()
+    values.flat[0] = float("nan")
+    arrays[name] = Array(values)
+    return reply
+
+
+FAULTS = {
+    "never answers": lambda instruction, reply: None,
+    "raises": None,  # the ClientApp itself raises (below)
+    "error reply": lambda instruction, reply: Message(
+        Error(0, "out of memory"), reply_to=instruction
+    ),
+    "non-finite factors": _nan_arrays,
+    "no arrays": lambda instruction, reply: Message(RecordDict(), reply_to=instruction),
+}
+REASONS = {
+    "never answers": "no reply before the round timed out",
+    "raises": "error from node: RuntimeError: disk full",
+    "error reply": "error from node: out of memory",
+    "non-finite factors": "non-finite",
+    "no arrays": "malformed reply",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_failing_node_is_rejected_and_the_round_goes_on(
+    fault, tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """Node 3 fails in round 1 only; the round aggregates the two others, round 2 all three."""
+    cfg = tiny_config(tiny_model, min_clients=2)
+    victim = 3
+
+    def failing(message: Message) -> bool:
+        round_idx = message.content.config_records[records.CONFIG]["server-round"]
+        return message.metadata.dst_node_id == victim and round_idx == 1
+
+    def deliver(instruction, reply):
+        return (
+            FAULTS[fault](instruction, reply) if failing(instruction) and FAULTS[fault] else reply
+        )
+
+    def app(message, context):  # the ClientApp, raising on the victim's round-1 task
+        if fault == "raises" and message.metadata.message_type == "train" and failing(message):
+            raise RuntimeError("disk full")
+        return client_app.app(message, context)
+
+    nodes = [{"partition-id": i} for i in range(3)]
+    run_over_loopback(cfg, tmp_path / "flower", nodes, deliver, app)
+    rows = rows_of(tmp_path / "flower")
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    client = {node: c for c, node in summary["nodes"].items()}[victim]
+    assert list(rows[1]["rejected"]) == [client]
+    assert REASONS[fault] in rows[1]["rejected"][client]
+    assert set(rows[1]["weights"]) == set(summary["nodes"]) - {client}
+    assert not rows[1]["skipped"] and not rows[2]["rejected"]
+    assert set(rows[2]["weights"]) == set(summary["nodes"])
+    assert summary["rejected"]["1"] == rows[1]["rejected"] and summary["rounds_skipped"] == 0
+    assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
+
+
+def test_too_few_replies_skip_the_round_and_keep_the_global_adapter(
+    tiny_model, tmp_path, quiet_hetlora_logger
+):
+    cfg = tiny_config(tiny_model, rounds=1, min_clients=3)
+    nodes = [{"partition-id": i} for i in range(3)]
+
+    def node_1_trains_but_never_answers(instruction, reply):
+        if instruction.metadata.message_type == "train" and instruction.metadata.dst_node_id == 1:
+            return None
+        return reply
+
+    run_over_loopback(cfg, tmp_path / "flower", nodes, node_1_trains_but_never_answers)
+    rows = rows_of(tmp_path / "flower")
+    assert rows[1]["skipped"] and len(rows[1]["rejected"]) == 1
+    assert rows[1]["eval_ppl"] == pytest.approx(rows[0]["eval_ppl"], rel=1e-6)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["rounds_skipped"] == 1
+    adapter = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
+    assert all(v.abs().max() == 0 for k, v in adapter.items() if "lora_B" in k)  # untrained
+
+
+def test_nodes_declare_their_client_and_rank(tiny_model, tmp_path, quiet_hetlora_logger):
+    """A rank budget (capped at r_max), a tier's rank, and a node whose client is not in the run
+    (left out; the run goes on with the others)."""
+    tiers = [
+        {"name": "phone", "rank": 2, "share": 0.5},
+        {"name": "laptop", "rank": 6, "share": 0.5},
+    ]
+    cfg = tiny_config(tiny_model, rounds=1, r_min=2, r_max=8, tiers=tiers, pruning=False)
+    ids = sorted(Simulation(cfg).client_ids)
+    nodes = [
+        {"client-id": ids[0], "rank": 50},
+        {"client-id": ids[1], "tier": "phone"},
+        {"client-id": ids[2], "tier": "laptop"},
+        {"client-id": "nobody/NOBODY", "rank": 4},
+    ]
+    run_over_loopback(cfg, tmp_path / "flower", nodes, min_nodes=4)
+    rows = rows_of(tmp_path / "flower")
+    assert rows[1]["client_ranks"] == {ids[0]: 8, ids[1]: 2, ids[2]: 6}
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["nodes"] == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
+
+
 # -- real SuperLink and SuperNodes ----------------------------------------------------------------
 
 
-def test_unregistered_supernode_is_refused(tmp_path):
-    with LocalDeployment(workdir(tmp_path, "fed"), process_env()) as fed:
-        fed.start_superlink()
-        member_id = fed.register("member")
-        fed.start_supernode(NodeSpec("member", {"partition-id": 0}, register=False))
-        intruder = fed.start_supernode(
-            NodeSpec("intruder", {"partition-id": 1}, register=False), max_retries=2
-        )
-        assert intruder.wait(timeout=120) != 0
-        log = (fed.logs / "intruder.log").read_text()
-        assert "Failed to activate SuperNode" in log
-        deadline = time.monotonic() + 60
-        while (nodes := fed.online_nodes()).get(member_id) != "online":
-            assert time.monotonic() < deadline, nodes
-            time.sleep(1)
-        assert list(nodes) == [member_id]  # the intruder's key never became a node
-    assert fed.alive() == []
-
-
-def test_deployment_gives_the_in_process_adapter(tiny_model, tmp_path):
-    cfg = tiny_config(tiny_model)
+def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node(
+    tiny_model, tmp_path
+):
+    """TLS + SuperNode authentication, 3 SuperNodes, 1 round; meanwhile a SuperNode whose key
+    was never registered tries to join and is refused."""
+    cfg = tiny_config(tiny_model, rounds=1)
     sim = Simulation(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
     # every client on its own SuperNode, declaring the rank the engine assigned it
     nodes = [{"partition-id": i, "rank": ranks[c]} for i, c in enumerate(sim.client_ids)]
     fed_dir = workdir(tmp_path, "fed")
-    result = deploy_locally(cfg, tmp_path / "flower", nodes, workdir=fed_dir, env=process_env())
+    intruder = {}
+
+    def start_intruder(fed) -> None:
+        spec = NodeSpec("intruder", {"partition-id": 0}, register=False)
+        intruder["process"] = fed.start_supernode(spec, max_retries=2)
+
+    result = deploy_locally(
+        cfg,
+        tmp_path / "flower",
+        nodes,
+        workdir=fed_dir,
+        env=process_env(),
+        on_started=start_intruder,
+    )
+    assert intruder["process"].poll() not in (None, 0)  # it gave up, with an error
+    assert "Failed to activate SuperNode" in (fed_dir / "logs" / "intruder.log").read_text()
+    assert len(result.summary["nodes"]) == 3  # the intruder's key never became a node
     local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
     flower = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
     assert local.keys() == flower.keys()
     for key in local:
         torch.testing.assert_close(flower[key], local[key], rtol=1e-5, atol=1e-6)
     assert any(v.abs().max() > 0 for k, v in flower.items() if "lora_B" in k)  # it trained
-    rows = {
-        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        for name in ("local", "flower")
-    }
-    assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
-    for a, b in zip(rows["local"], rows["flower"], strict=True):
+    for a, b in zip(rows_of(tmp_path / "local"), result.rows, strict=True):
         assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
         assert b.get("client_ranks") == a.get("client_ranks")
-        assert not b.get("rejected")
-    assert result.summary["runtime"] == "flower" and len(result.summary["nodes"]) == 3
-    # the run directory loads like any run
+    assert result.summary["runtime"] == "flower"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
         assert (tmp_path / "flower" / name).is_file(), name
-    check = evaluate_run(tmp_path / "flower")
-    assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
 
 
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
@@ -247,44 +406,6 @@ def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
     sim = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
     for key in local:
         torch.testing.assert_close(sim[key], local[key], rtol=1e-5, atol=1e-6)
-
-
-def test_killed_supernode_is_rejected_and_reported(tiny_model, tmp_path):
-    cfg = tiny_config(tiny_model)
-    victim = {"fed": None, "killed_at": None}
-
-    def kill_during_round_one() -> None:
-        fed = victim["fed"]
-        if victim["killed_at"] is None and "Receiving: train message" in (
-            fed.logs / "node-2.log"
-        ).read_text(errors="replace"):
-            fed.processes.kill("node-2")  # a crash: node, SuperExec and ClientApp at once
-            victim["killed_at"] = time.monotonic()
-
-    result = deploy_locally(
-        cfg,
-        tmp_path / "flower",
-        [{"partition-id": i} for i in range(3)],
-        workdir=workdir(tmp_path, "fed"),
-        env=process_env(),
-        round_timeout_s=150,
-        on_started=lambda fed: victim.update(fed=fed),
-        on_poll=kill_during_round_one,
-    )
-    assert victim["killed_at"] is not None
-    rows = result.rows
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    clients = sorted(result.summary["nodes"])  # node-i holds the i-th client
-    assert len(clients) == 3
-    rejected_1 = rows[1]["rejected"]
-    assert list(rejected_1) == [clients[2]], rows[1]
-    client, reason = clients[2], rejected_1[clients[2]]
-    assert "Node Unavailable" in reason or "timed out" in reason, reason
-    assert set(rows[1]["weights"]) == set(clients) - {client}  # aggregated from the two others
-    assert not rows[1]["skipped"] and not rows[2]["skipped"]
-    assert client in rows[2]["rejected"] and set(rows[2]["weights"]) == set(clients) - {client}
-    assert result.summary["rejected"]["1"][client] == reason
-    assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")

@@ -9,10 +9,12 @@ simulation and deployment runtimes.
 * :mod:`.records` -- factors, tasks and replies as Flower records (decoding only: replies are
   checked by the method server, as in-process);
 * :mod:`.project` -- the Flower App folder and its run configuration;
-* :mod:`.certificates` -- TLS certificates and SuperNode keys for a trial;
-* :mod:`.deploy`, :mod:`.launch`, :mod:`.processes` -- local SuperLink/SuperNodes or simulation,
-  started and stopped by process id;
-* ``hetlora flower ...`` (:mod:`.cli`) -- the commands, a typer sub-app of ``hetlora``.
+* ``hetlora flower app`` (:mod:`.cli`) -- writes a run's Flower App folder, for ``flwr run`` on
+  any SuperLink.
+
+Starting and stopping local SuperLink/SuperNode processes, trial certificates and an in-memory
+Grid, for demos and tests, are not part of the library: ``scripts/localfed`` (the
+``scripts/flower_local.py`` commands).
 
 Importing this package does not import Flower; its modules do.
 """

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.errors import HetLoRAError
-from hetlora.runtime.flower import certificates
-from hetlora.runtime.flower.processes import ProcessSet
+from localfed import certificates
+from localfed.processes import ProcessSet
 
 log = logging.getLogger(__name__)
 
