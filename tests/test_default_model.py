@@ -17,14 +17,14 @@ from hetlora.cli import app
 @pytest.mark.slow
 def test_short_run_on_default_model(tmp_path):
     out = tmp_path / "run"
-    # the smallest run that still shows learning: evaluated at rounds 0 and 2 only, 16 held-out
+    # the smallest run that still shows learning: one round of two clients, 16 held-out
     # examples, one ROUGE-L generation of a few tokens
     settings = [
-        "rounds=2",
+        "rounds=1",
         "clients_per_round=2",
         "local_steps=3",
         "batch_size=4",
-        "eval_every=2",
+        "eval_every=1",
         "eval_examples=16",
         "rouge_examples=1",
         "max_new_tokens=6",
@@ -36,8 +36,8 @@ def test_short_run_on_default_model(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    # the base instruct model is far from Shakespeare's dialogue; two small rounds already help
+    assert [r["round"] for r in rows] == [0, 1]
+    # the base instruct model is far from Shakespeare's dialogue; one small round already helps
     assert rows[-1]["eval_ppl"] < rows[0]["eval_ppl"]
     summary = json.loads((out / "summary.json").read_text())
     assert "SmolLM2-135M-Instruct" in summary["model"]
