@@ -365,9 +365,10 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     fed_dir = workdir(tmp_path, "fed")
     intruder = {}
 
-    def start_intruder(fed) -> None:
+    def start_intruder(fed) -> None:  # before the run starts: it must give up on its own
         spec = NodeSpec("intruder", {"partition-id": 0}, register=False)
-        intruder["process"] = fed.start_supernode(spec, max_retries=2)
+        intruder["exit"] = fed.start_supernode(spec, max_retries=2).wait(timeout=180)
+        intruder["log"] = (fed.logs / "intruder.log").read_text()
 
     result = deploy_locally(
         cfg,
@@ -377,8 +378,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         env=process_env(),
         on_started=start_intruder,
     )
-    assert intruder["process"].poll() not in (None, 0)  # it gave up, with an error
-    assert "Failed to activate SuperNode" in (fed_dir / "logs" / "intruder.log").read_text()
+    assert intruder["exit"] != 0 and "Failed to activate SuperNode" in intruder["log"]
     assert len(result.summary["nodes"]) == 3  # the intruder's key never became a node
     local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
     flower = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
