@@ -41,9 +41,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts tools
 
 # Two workers (pytest-xdist): most tests are single-threaded model runs, so two cores are kept busy.
+# One test at a time from a shared queue, longest first (tests/conftest.py), so both finish together.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts tools
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1
 
 clean:
 	rm -rf $(VENV) runs mutants

@@ -18,6 +18,26 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 
+# The tests that take tens of seconds (real processes, the real default model, torch.compile),
+# longest first. `make test` hands out one test at a time (--maxschedchunk 1), so these start
+# first and the two workers finish together instead of one waiting on the other's last long test.
+SLOW = (
+    "test_default_model.py::test_short_run_on_default_model",
+    "test_flower.py::test_simulation_runtime_gives_the_in_process_adapter",
+    "test_flower.py::test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node",
+    "test_bench.py::test_bench_smoke_writes_every_key",
+    "test_bad_inputs.py::test_every_bad_input_is_one_line_exit_2_and_loses_nothing",
+    "test_client_mutants.py::test_step_and_compile_seconds_are_counted_apart",
+    "test_reliability.py::test_sigkill_then_resume_matches_an_uninterrupted_run",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first (every test still runs; only the order changes)."""
+    rank = {name: i for i, name in enumerate(SLOW)}
+    items.sort(key=lambda item: rank.get(item.nodeid.removeprefix("tests/"), len(SLOW)))
+
+
 @pytest.fixture(autouse=True)
 def _private_caches(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
