@@ -88,8 +88,8 @@ reproduce-paper: $(STAMP)
 paper-results: $(STAMP)
 	$(VENV)/bin/hetlora report $(PAPER_OUT)
 	mkdir -p docs/reproduction/paper
-	cp $(PAPER_OUT)/results.csv $(PAPER_OUT)/results.md $(PAPER_OUT)/summary.csv \
-		$(PAPER_OUT)/summary.md $(PAPER_OUT)/comparison.json $(PAPER_OUT)/*.png docs/reproduction/paper/
+	cp $(PAPER_OUT)/*.csv $(PAPER_OUT)/*.md $(PAPER_OUT)/comparison.json $(PAPER_OUT)/*.png \
+		docs/reproduction/paper/
 	cd $(PAPER_OUT) && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
 		mkdir -p $(CURDIR)/docs/reproduction/paper/$$run; \
 		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(CURDIR)/docs/reproduction/paper/$$run/; \

@@ -4,6 +4,7 @@ dynamics in metrics.jsonl, and seeded comparisons tuned on validation."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -193,6 +194,15 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
     assert h["selected_on"].startswith("val")
     assert summary_rows["Hom r=2"]["seeds"] == "1" and summary_rows["Hom r=2"]["test_std"] == "nan"
     assert "| H | " in (out / "summary.md").read_text()
+    # Paired by seed against the first method (no "HetLoRA" here): only seed 1 is common.
+    with (out / "paired.csv").open() as fh:
+        (pair,) = list(csv.DictReader(fh))
+    hom = next(r for r in rows if r["method"] == "Hom r=2")
+    ref = next(r for r in rows if r["name"] == winner and r["seed"] == "1")
+    diff = float(hom["test_ppl"]) - float(ref["test_ppl"])
+    assert (pair["method"], pair["reference"], pair["seeds"]) == ("Hom r=2", "H", "1")
+    assert float(pair["diff_mean"]) == pytest.approx(diff)
+    assert pair["diff_per_seed"] == f"s1: {diff:+.2f}"
     for name in ("ppl_vs_round.png", "val_vs_round.png", "rank_dynamics.png"):
         assert (out / name).stat().st_size > 1000, name
 
@@ -309,3 +319,26 @@ def test_paper_config_plans_the_documented_runs():
     for e in entries:
         assert (e.cfg.r_min, e.cfg.r_max, e.cfg.clients_per_round) == (5, 50, 5)
         assert (e.cfg.local_steps, e.cfg.batch_size, e.cfg.gamma) == (5, 8, 0.99)
+
+
+def test_paired_differences_are_taken_seed_by_seed():
+    from hetlora.report import paired
+
+    def run(method, seed, test, val):
+        return {"method": method, "seed": seed, "test_ppl": test, "val_ppl": val}
+
+    picked = {
+        "HetLoRA": [run("HetLoRA", 0, 50.0, 52.0), run("HetLoRA", 1, 40.0, 45.0)],
+        "HomLoRA r=5": [run("HomLoRA r=5", 0, 53.0, 55.0), run("HomLoRA r=5", 1, 41.0, 47.0)],
+        "FLoRA": [run("FLoRA", 1, 38.0, 44.0), run("FLoRA", 2, 30.0, 31.0)],
+    }
+    rows = {r["method"]: r for r in paired(picked, "HetLoRA")}
+    assert set(rows) == {"HomLoRA r=5", "FLoRA"}
+    hom = rows["HomLoRA r=5"]
+    assert hom["seeds"] == 2 and hom["diff_mean"] == pytest.approx(2.0)
+    assert hom["diff_std"] == pytest.approx(2**0.5)  # diffs +3 and +1, ddof 1
+    assert hom["diff_per_seed"] == "s0: +3.00; s1: +1.00"
+    assert hom["val_diff_mean"] == pytest.approx(2.5)
+    flora = rows["FLoRA"]  # seed 2 has no reference run: left out
+    assert flora["seeds"] == 1 and flora["diff_mean"] == pytest.approx(-2.0)
+    assert math.isnan(flora["diff_std"])

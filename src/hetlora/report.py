@@ -10,8 +10,11 @@ method over a grid of lr, lambda) keeps the grid point with the lowest validatio
 the last round, *averaged over the seeds* (the test set is never used to choose; without a
 validation split the choice falls back to the test perplexity, and ``selected_on`` says so);
 ``summary.csv``/``.md`` give each method's chosen point with the mean, sample std (ddof 1) and
-per-seed values of its final test and validation perplexity. Curves show the mean over seeds
-with a min-max band.
+per-seed values of its final test and validation perplexity; ``paired.csv``/``.md`` give each
+method's chosen runs minus the reference method's (``REFERENCE``, HetLoRA, where the study has
+it), seed by seed: a seed gives every method the same clients, splits and samples, so the paired
+difference is not drowned by the seeds' different held-out sets. Curves show the mean over
+seeds with a min-max band.
 """
 
 from __future__ import annotations
@@ -74,7 +77,27 @@ SUMMARY_COLUMNS = [
     ("selected_on", "chosen on"),
 ]
 
+#: The method the others are compared with, seed by seed, where a study runs it.
+REFERENCE = "HetLoRA"
+
+#: Columns of a seeded comparison's ``paired.csv``: each method against the reference method,
+#: seed by seed (the same seed gives both the same clients, splits and sampled clients).
+PAIRED_COLUMNS = [
+    ("method", "method"),
+    ("reference", "against"),
+    ("seeds", "seeds"),
+    ("diff_mean", "test ppl diff mean"),
+    ("diff_std", "test ppl diff std"),
+    ("diff_per_seed", "test ppl diff per seed"),
+    ("val_diff_mean", "val ppl diff mean"),
+    ("val_diff_std", "val ppl diff std"),
+]
+
 PPL_KEYS = (
+    "diff_mean",
+    "diff_std",
+    "val_diff_mean",
+    "val_diff_std",
     "final_ppl",
     "best_ppl",
     "val_ppl",
@@ -451,6 +474,37 @@ def seeded_report(
     return rows, summary_rows, runs
 
 
+def paired(picked: dict[str, list[dict[str, Any]]], reference: str) -> list[dict[str, Any]]:
+    """Each method's chosen runs minus ``reference``'s, seed by seed, over their common seeds.
+
+    A seed fixes the clients, their train/validation/test splits and each round's sample for
+    every method, so the per-seed difference removes what the seeds' different held-out sets
+    add to each method's own spread. Negative: lower perplexity than the reference."""
+    ref = {r["seed"]: r for r in picked[reference]}
+    out = []
+    for method, runs in picked.items():
+        if method == reference:
+            continue
+        common = [r for r in runs if r["seed"] in ref]
+        diffs = [r["test_ppl"] - ref[r["seed"]]["test_ppl"] for r in common]
+        val_diffs = [r["val_ppl"] - ref[r["seed"]]["val_ppl"] for r in common]
+        out.append(
+            {
+                "method": method,
+                "reference": reference,
+                "seeds": len(common),
+                "diff_mean": _mean(diffs),
+                "diff_std": _std(diffs),
+                "diff_per_seed": "; ".join(
+                    f"s{r['seed']}: {d:+.2f}" for r, d in zip(common, diffs, strict=True)
+                ),
+                "val_diff_mean": _mean(val_diffs),
+                "val_diff_std": _std(val_diffs),
+            }
+        )
+    return out
+
+
 def choose(grid: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
     """The chosen grid point of one method, and what it was chosen on.
 
@@ -507,6 +561,13 @@ def report(directory: Path | str) -> dict[str, Any]:
             write_tables(rows, directory, columns=SEED_COLUMNS)
             write_tables(summary_rows, directory, stem="summary", columns=SUMMARY_COLUMNS)
             tables += [directory / "summary.csv", directory / "summary.md"]
+            picked = {m: [r for r in rows if r["method"] == m and r["selected"]] for m in runs}
+            if len(picked) > 1:
+                reference = REFERENCE if REFERENCE in picked else next(iter(picked))
+                write_tables(
+                    paired(picked, reference), directory, stem="paired", columns=PAIRED_COLUMNS
+                )
+                tables += [directory / "paired.csv", directory / "paired.md"]
         else:
             metrics_by_name, rows = {}, []
             for entry in entries:
