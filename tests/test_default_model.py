@@ -17,15 +17,15 @@ from hetlora.cli import app
 @pytest.mark.slow
 def test_short_run_on_default_model(tmp_path):
     out = tmp_path / "run"
-    # the smallest run that still shows learning: one round of two clients, 16 held-out
+    # the smallest run that still shows learning: one round of two clients, 8 held-out
     # examples, one ROUGE-L generation of a few tokens
     settings = [
         "rounds=1",
         "clients_per_round=2",
-        "local_steps=3",
+        "local_steps=2",
         "batch_size=4",
         "eval_every=1",
-        "eval_examples=16",
+        "eval_examples=8",
         "rouge_examples=1",
         "max_new_tokens=6",
         "lr=0.002",

@@ -3,10 +3,10 @@
 * the records and checks every reply goes through (fast, no processes);
 * the ServerApp and ClientApp over an in-memory Grid (``localfed.loopback``: the real apps and
   strategy, nothing but the transport replaced): the in-process engine's adapter and rows over
-  two rounds, nodes that fail in every way a node can (no answer, an exception, a malformed or
+  two rounds of three nodes, nodes that fail in every way a node can (no answer, an exception, a malformed or
   non-finite reply), too few replies, and what nodes declare (rank budget, tier, unknown client);
 * real processes, kept few because each costs tens of seconds: a SuperLink with TLS and
-  SuperNode authentication and three SuperNodes give the in-process adapter while a SuperNode
+  SuperNode authentication and two SuperNodes give the in-process adapter while a SuperNode
   whose key is not registered is refused; Flower's simulation runtime (Ray) gives it too; no
   process started by these tests is left running.
 """
@@ -354,9 +354,9 @@ def test_nodes_declare_their_client_and_rank(tiny_model, tmp_path, quiet_hetlora
 def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node(
     tiny_model, tmp_path
 ):
-    """TLS + SuperNode authentication, 3 SuperNodes, 1 round; meanwhile a SuperNode whose key
+    """TLS + SuperNode authentication, 2 SuperNodes, 1 round; meanwhile a SuperNode whose key
     was never registered tries to join and is refused."""
-    cfg = tiny_config(tiny_model, rounds=1)
+    cfg = tiny_config(tiny_model, rounds=1, max_clients=2, clients_per_round=2)
     sim = Simulation(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
@@ -379,7 +379,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         on_started=start_intruder,
     )
     assert intruder["exit"] != 0 and "Failed to activate SuperNode" in intruder["log"]
-    assert len(result.summary["nodes"]) == 3  # the intruder's key never became a node
+    assert len(result.summary["nodes"]) == 2  # the intruder's key never became a node
     local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
     flower = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
     assert local.keys() == flower.keys()
@@ -395,11 +395,11 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
 
 
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
-    """`flwr run` on Flower's simulation runtime (Ray, CPU, 127.0.0.1), 3 virtual SuperNodes."""
-    cfg = tiny_config(tiny_model, rounds=1)
+    """`flwr run` on Flower's simulation runtime (Ray, CPU, 127.0.0.1), 2 virtual SuperNodes."""
+    cfg = tiny_config(tiny_model, rounds=1, max_clients=2, clients_per_round=2)
     Simulation(cfg).run(tmp_path / "local")
     result = simulate_locally(
-        cfg, tmp_path / "sim", 3, workdir=workdir(tmp_path, "fed"), env=process_env()
+        cfg, tmp_path / "sim", 2, workdir=workdir(tmp_path, "fed"), env=process_env()
     )
     assert [r["round"] for r in result.rows] == [0, 1] and result.summary["runtime"] == "flower"
     local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
