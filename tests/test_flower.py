@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from safetensors.torch import load_file
 
 from hetlora.client import ClientResult, TrainSettings
@@ -35,7 +35,7 @@ from hetlora.runtime.flower.project import RunOptions, config_from_run_config, w
 from hetlora.runtime.local import Simulation, evaluate_run
 from localfed.deploy import NodeSpec
 from localfed.launch import deploy_locally, simulate_locally
-from localfed.loopback import LoopbackGrid, run_server_app
+from localfed.loopback import LoopbackGrid, run_server_app, server_identity
 
 WORKDIRS: list[Path] = []  # every federation's folder, for the final leftover check
 
@@ -240,6 +240,36 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
     check = evaluate_run(tmp_path / "flower")
     assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
+
+
+def test_flowers_strategy_interface_gives_the_round_loops_round(
+    tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """configure_train / aggregate_train (what a Flower Strategy user calls) and the round loop
+    (what the ServerApp runs) give the same global adapter, round after round."""
+    cfg = tiny_config(tiny_model)
+    run_config = {"hetlora-config": cfg.to_toml(), **RunOptions(str(tmp_path)).run_config()}
+    options = RunOptions(str(tmp_path))
+    nodes = [{"partition-id": i} for i in range(3)]
+    with server_identity():
+        loop = server_app.flower_run(cfg, LoopbackGrid(client_app.app, nodes, run_config), options)
+        grid = LoopbackGrid(client_app.app, nodes, run_config)
+        strategy = server_app.flower_run(cfg, grid, options).transport.strategy
+        for round_idx in (1, 2):
+            loop.run_round()
+            messages = strategy.configure_train(round_idx, ArrayRecord(), ConfigRecord(), grid)
+            arrays, metrics = strategy.aggregate_train(
+                round_idx, grid.send_and_receive(messages, timeout=60)
+            )
+            assert metrics["clients"] == 3 and metrics["rejected"] == 0
+            expected = loop.server.global_factors()
+            got = strategy.server.global_factors()
+            for name, (b, a) in expected.items():
+                torch.testing.assert_close(got[name][0], b, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(got[name][1], a, rtol=1e-5, atol=1e-7)
+            assert strategy.server.ranks == loop.server.ranks
+            assert sorted(arrays) == sorted(records.factors_record(got))
+    assert strategy.configure_evaluate(1, arrays, ConfigRecord(), grid) == []
 
 
 def _nan_arrays(instruction: Message, reply: Message) -> Message:

@@ -14,7 +14,8 @@ message, or None for a node that never answers (the round's timeout path).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from uuid import uuid4
 
@@ -107,16 +108,23 @@ class LoopbackGrid(Grid):
         return list(self.pull_messages(list(self.push_messages(messages))))
 
 
-def run_server_app(server_app: ServerApp, grid: LoopbackGrid) -> None:
-    """Run ``server_app`` over ``grid`` in this process, as Flower's ServerApp runner would:
-    with the process's task identity (run 1, the server's node 0) set while it runs."""
+@contextlib.contextmanager
+def server_identity() -> Iterator[None]:
+    """The task identity Flower's ServerApp runner gives its process (run 1, the server's node
+    0), which creating a Message needs; restored afterwards."""
     saved = {name: getattr(TaskIdentity, f"_{name}") for name in ("run_id", "node_id", "task_id")}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=grid.run_config
-    )
     try:
-        server_app(grid, context)
+        yield
     finally:
         for name, value in saved.items():
             setattr(TaskIdentity, f"_{name}", value)
+
+
+def run_server_app(server_app: ServerApp, grid: LoopbackGrid) -> None:
+    """Run ``server_app`` over ``grid`` in this process, as Flower's ServerApp runner would."""
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=grid.run_config
+    )
+    with server_identity():
+        server_app(grid, context)
