@@ -205,6 +205,10 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
     assert pair["diff_per_seed"] == f"s1: {diff:+.2f}"
     for name in ("ppl_vs_round.png", "val_vs_round.png", "rank_dynamics.png"):
         assert (out / name).stat().st_size > 1000, name
+    with (out / "rank_dynamics.csv").open() as fh:
+        dynamics = list(csv.DictReader(fh))
+    assert {r["method"] for r in dynamics} == {"H", "Hom r=2"}
+    assert all(float(r["global_rank_max"]) <= 6 for r in dynamics)  # the study's r_max
 
 
 def _slug_of(row):
@@ -342,3 +346,29 @@ def test_paired_differences_are_taken_seed_by_seed():
     flora = rows["FLoRA"]  # seed 2 has no reference run: left out
     assert flora["seeds"] == 1 and flora["diff_mean"] == pytest.approx(-2.0)
     assert math.isnan(flora["diff_std"])
+
+
+def test_rank_table_summarises_global_and_client_ranks_per_round():
+    from hetlora.report import rank_rows
+
+    seed0 = [
+        {"round": 0, "global_rank": 8},
+        {"round": 1, "global_rank": 6, "ranks": {"a": 8, "b": 4}},
+    ]
+    seed1 = [
+        {"round": 0, "global_rank": 8},
+        {"round": 1, "global_rank": 4, "ranks": {"a": 6, "c": 2}},
+        {"round": 2, "global_rank": 4, "ranks": {"a": 6}},  # past the shorter seed: left out
+    ]
+    rows = rank_rows({"HetLoRA": [seed0, seed1], "Full FT": [[{"round": 0}, {"round": 1}]]})
+    assert [(r["method"], r["round"]) for r in rows] == [("HetLoRA", 0), ("HetLoRA", 1)]
+    first, second = rows
+    assert (first["global_rank_mean"], first["seeds"]) == (8, 2)
+    assert math.isnan(first["client_rank_mean"])
+    assert (second["global_rank_mean"], second["global_rank_min"], second["global_rank_max"]) == (
+        5,
+        4,
+        6,
+    )
+    assert second["client_rank_mean"] == 5 and second["client_rank_min"] == 2
+    assert second["client_rank_max"] == 8

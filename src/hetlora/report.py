@@ -176,7 +176,7 @@ def _fmt(key: str, value: Any) -> str:
         return f"{value / 2**20:.1f} MiB"
     if key == "client_flops":
         return f"{value:.3g}"
-    if key in ("mean_final_rank", "global_rank_mean"):
+    if key in ("mean_final_rank", "global_rank_mean", "client_rank_mean"):
         return f"{value:.1f}"
     if key in ("lr", "lambda_"):
         return f"{value:g}"
@@ -328,6 +328,49 @@ def plot_rank_dynamics(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+#: Columns of ``rank_dynamics.csv``: the numbers behind ``rank_dynamics.png``.
+RANK_COLUMNS = [
+    ("method", "method"),
+    ("round", "round"),
+    ("seeds", "seeds"),
+    ("global_rank_mean", "live global rank (mean)"),
+    ("global_rank_min", "min"),
+    ("global_rank_max", "max"),
+    ("client_rank_mean", "client rank (mean)"),
+    ("client_rank_min", "min"),
+    ("client_rank_max", "max"),
+]
+
+
+def rank_rows(runs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per method and round: the live global rank over seeds (mean, min, max) and every
+    client's current rank pooled over clients and seeds (mean, min, max); NaN where a run's
+    rows lack the field. Empty when no run has either."""
+    out = []
+    for name, seeds in runs.items():
+        n = min(len(rows) for rows in seeds)
+        for i in range(n):
+            rows = [run[i] for run in seeds]
+            glob = [r["global_rank"] for r in rows if "global_rank" in r]
+            ranks = [v for r in rows for v in r.get("ranks", {}).values()]
+            if not glob and not ranks:
+                continue
+            out.append(
+                {
+                    "method": name,
+                    "round": rows[0]["round"],
+                    "seeds": len(rows),
+                    "global_rank_mean": _mean(glob),
+                    "global_rank_min": min(glob, default=math.nan),
+                    "global_rank_max": max(glob, default=math.nan),
+                    "client_rank_mean": _mean(ranks),
+                    "client_rank_min": min(ranks, default=math.nan),
+                    "client_rank_max": max(ranks, default=math.nan),
+                }
+            )
+    return out
 
 
 def plot_ranks(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
@@ -591,6 +634,9 @@ def report(directory: Path | str) -> dict[str, Any]:
     else:
         raise HetLoRAError(f"{directory} is neither a run nor a comparison directory")
     plots = plot_curves(runs, directory)
+    if ranks := rank_rows(runs):
+        write_tables(ranks, directory, stem="rank_dynamics", columns=RANK_COLUMNS)
+        tables += [directory / "rank_dynamics.csv", directory / "rank_dynamics.md"]
     for extra in (plot_ranks(runs, directory), plot_rank_dynamics(runs, directory)):
         if extra:
             plots.append(extra)
