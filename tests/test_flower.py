@@ -183,6 +183,30 @@ def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model,
         write_app(tmp_path / "app2", tiny_config(tiny_model, method="flora"), RunOptions("x"))
 
 
+def test_flower_app_command_writes_the_app_folder(tiny_model, tmp_path):
+    """``hetlora flower app``: the run's Flower App folder, its config and options; a method
+    Flower does not run is one error line and exit 2, nothing written."""
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from hetlora.cli import app
+
+    args = ["flower", "app", str(tmp_path / "app"), "--out", str(tmp_path / "run")]
+    args += ["--set", f"model={tiny_model}", "--min-nodes", "2", "--round-timeout", "90"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    run_config = project["tool"]["flwr"]["app"]["config"]
+    assert config_from_run_config(run_config).model == str(tiny_model)
+    assert (run_config["min-nodes"], run_config["round-timeout-s"]) == (2, 90.0)
+    assert run_config["out-dir"] == str((tmp_path / "run").resolve())
+    bad = ["flower", "app", str(tmp_path / "app2"), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, [*bad, "--set", "method=full_ft"])
+    assert result.exit_code == 2 and "not supported on Flower" in result.output
+    assert not (tmp_path / "app2").exists()
+
+
 # -- the ServerApp and ClientApp over an in-memory Grid --------------------------------------------
 
 
