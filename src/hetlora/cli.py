@@ -28,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(flower_app, name="flower")  # hetlora flower app|certificates|deploy|simulate
+app.add_typer(flower_app, name="flower")  # hetlora flower app (local processes: scripts/localfed)
 # Piped output (logs, CI) gets a width that fits the tables instead of rich's default of 80.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
