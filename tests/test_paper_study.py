@@ -326,7 +326,11 @@ def test_paper_config_plans_the_documented_runs():
 
 
 def test_paired_differences_are_taken_seed_by_seed():
-    from hetlora.report import paired
+    from hetlora.report import paired, reference_method
+
+    study = ["HomLoRA r=5", "HomLoRA r=50", "HetLoRA [5, 50]", "HetLoRA no pruning"]
+    assert reference_method(study) == "HetLoRA [5, 50]"
+    assert reference_method(["H", "Hom r=2"]) == "H"
 
     def run(method, seed, test, val):
         return {"method": method, "seed": seed, "test_ppl": test, "val_ppl": val}

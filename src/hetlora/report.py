@@ -11,10 +11,10 @@ the last round, *averaged over the seeds* (the test set is never used to choose;
 validation split the choice falls back to the test perplexity, and ``selected_on`` says so);
 ``summary.csv``/``.md`` give each method's chosen point with the mean, sample std (ddof 1) and
 per-seed values of its final test and validation perplexity; ``paired.csv``/``.md`` give each
-method's chosen runs minus the reference method's (``REFERENCE``, HetLoRA, where the study has
-it), seed by seed: a seed gives every method the same clients, splits and samples, so the paired
-difference is not drowned by the seeds' different held-out sets. Curves show the mean over
-seeds with a min-max band.
+method's chosen runs minus the reference method's (the first whose name starts with
+``REFERENCE``, "HetLoRA"), seed by seed: a seed gives every method the same clients, splits
+and samples, so the paired difference is not drowned by the seeds' different held-out sets.
+Curves show the mean over seeds with a min-max band.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ SUMMARY_COLUMNS = [
     ("selected_on", "chosen on"),
 ]
 
-#: The method the others are compared with, seed by seed, where a study runs it.
+#: The others are compared, seed by seed, with the first method whose name starts with this
+#: (the paper study's "HetLoRA [5, 50]"; the first method where none does).
 REFERENCE = "HetLoRA"
 
 #: Columns of a seeded comparison's ``paired.csv``: each method against the reference method,
@@ -517,6 +518,11 @@ def seeded_report(
     return rows, summary_rows, runs
 
 
+def reference_method(methods: list[str]) -> str:
+    """The method the others are paired with: the first named ``REFERENCE...``, else the first."""
+    return next((m for m in methods if m.startswith(REFERENCE)), methods[0])
+
+
 def paired(picked: dict[str, list[dict[str, Any]]], reference: str) -> list[dict[str, Any]]:
     """Each method's chosen runs minus ``reference``'s, seed by seed, over their common seeds.
 
@@ -606,10 +612,8 @@ def report(directory: Path | str) -> dict[str, Any]:
             tables += [directory / "summary.csv", directory / "summary.md"]
             picked = {m: [r for r in rows if r["method"] == m and r["selected"]] for m in runs}
             if len(picked) > 1:
-                reference = REFERENCE if REFERENCE in picked else next(iter(picked))
-                write_tables(
-                    paired(picked, reference), directory, stem="paired", columns=PAIRED_COLUMNS
-                )
+                pairs = paired(picked, reference_method(list(picked)))
+                write_tables(pairs, directory, stem="paired", columns=PAIRED_COLUMNS)
                 tables += [directory / "paired.csv", directory / "paired.md"]
         else:
             metrics_by_name, rows = {}, []
