@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,12 @@ def test_resumed_run_continues_the_same_tracker_runs(tmp_path: Path, monkeypatch
     assert run.data.params["r_max"] == "16"
 
     # W&B offline: two offline folders (one a session), both of the same run id, which
-    # `wandb sync` joins into one run.
+    # `wandb sync` joins into one run. A folder is offline-run-<start second>-<id>; W&B adds
+    # "-<n>" when a session starts in the same second as the last one (fast here).
     folders = sorted((out / "wandb").glob("offline-run-*"))
     assert len(folders) == 2
-    assert all(f.name.endswith(f"-{ids['wandb']}") for f in folders)
+    name = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(ids['wandb'])}(-\d+)?")
+    assert all(name.fullmatch(f.name) for f in folders), [f.name for f in folders]
 
 
 def test_overwrite_starts_new_tracker_runs(tmp_path: Path, monkeypatch) -> None:
