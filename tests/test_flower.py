@@ -31,7 +31,12 @@ from hetlora.methods.base import ClientTask, ClientUpdate
 from hetlora.methods.hetlora import HetLoRAServer
 from hetlora.runtime.flower import client_app, records, server_app
 from hetlora.runtime.flower.client_app import node_client
-from hetlora.runtime.flower.project import RunOptions, config_from_run_config, write_app
+from hetlora.runtime.flower.project import (
+    RunOptions,
+    app_run_config,
+    config_from_run_config,
+    write_app,
+)
 from hetlora.runtime.local import Simulation, evaluate_run
 from localfed.deploy import NodeSpec
 from localfed.launch import deploy_locally, simulate_locally
@@ -224,8 +229,7 @@ def run_over_loopback(
     cfg, out: Path, nodes, deliver=None, app=client_app.app, **options
 ) -> LoopbackGrid:
     """The ServerApp's ``main`` over a :class:`LoopbackGrid` of the ClientApp ``app``."""
-    run_config = {"hetlora-config": cfg.to_toml(), **RunOptions(str(out), **options).run_config()}
-    grid = LoopbackGrid(app, nodes, run_config, deliver)
+    grid = LoopbackGrid(app, nodes, app_run_config(cfg, RunOptions(str(out), **options)), deliver)
     run_server_app(server_app.app, grid)
     return grid
 
@@ -272,8 +276,8 @@ def test_flowers_strategy_interface_gives_the_round_loops_round(
     """configure_train / aggregate_train (what a Flower Strategy user calls) and the round loop
     (what the ServerApp runs) give the same global adapter, round after round."""
     cfg = tiny_config(tiny_model)
-    run_config = {"hetlora-config": cfg.to_toml(), **RunOptions(str(tmp_path)).run_config()}
     options = RunOptions(str(tmp_path))
+    run_config = app_run_config(cfg, options)
     nodes = [{"partition-id": i} for i in range(3)]
     with server_identity():
         loop = server_app.flower_run(cfg, LoopbackGrid(client_app.app, nodes, run_config), options)

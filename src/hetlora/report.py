@@ -465,9 +465,15 @@ def _mean(values: list[float]) -> float:
 
 def seeded_report(
     directory: Path, entries: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, list[list[dict[str, Any]]]]]:
-    """The per-(entry, seed) rows, the per-method summary rows, and the chosen entries' metrics
-    by method (see the module docstring for the selection rule)."""
+) -> tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    dict[str, list[list[dict[str, Any]]]],
+    list[dict[str, Any]],
+]:
+    """The per-(entry, seed) rows, the per-method summary rows, the chosen entries' metrics by
+    method, and the paired rows (:func:`paired`; empty with one method). See the module
+    docstring for the selection rule."""
     rows, metrics = [], {}
     for entry in entries:
         run_dir = directory / entry["dir"]
@@ -487,9 +493,9 @@ def seeded_report(
     for row in rows:
         by_method.setdefault(row["method"], {}).setdefault(row["name"], []).append(row)
     chosen = {method: choose(grid) for method, grid in by_method.items()}
-    summary_rows, runs = [], {}
+    summary_rows, runs, chosen_runs = [], {}, {}
     for method, (name, selected_on) in chosen.items():
-        picked = by_method[method][name]
+        picked = chosen_runs[method] = by_method[method][name]
         for r in picked:
             r["selected"] = True
         tests = [r["test_ppl"] for r in picked]
@@ -515,7 +521,8 @@ def seeded_report(
         runs[method] = [metrics[(name, r["seed"])] for r in picked]
     for row in rows:
         row.setdefault("selected", False)
-    return rows, summary_rows, runs
+    pairs = paired(chosen_runs, reference_method(list(chosen_runs))) if len(chosen_runs) > 1 else []
+    return rows, summary_rows, runs, pairs
 
 
 def reference_method(methods: list[str]) -> str:
@@ -606,13 +613,11 @@ def report(directory: Path | str) -> dict[str, Any]:
         if not entries:
             raise HetLoRAError(f"{directory}: no run of the comparison has finished yet")
         if any("seed" in e for e in entries):
-            rows, summary_rows, runs = seeded_report(directory, entries)
+            rows, summary_rows, runs, pairs = seeded_report(directory, entries)
             write_tables(rows, directory, columns=SEED_COLUMNS)
             write_tables(summary_rows, directory, stem="summary", columns=SUMMARY_COLUMNS)
             tables += [directory / "summary.csv", directory / "summary.md"]
-            picked = {m: [r for r in rows if r["method"] == m and r["selected"]] for m in runs}
-            if len(picked) > 1:
-                pairs = paired(picked, reference_method(list(picked)))
+            if pairs:
                 write_tables(pairs, directory, stem="paired", columns=PAIRED_COLUMNS)
                 tables += [directory / "paired.csv", directory / "paired.md"]
         else:

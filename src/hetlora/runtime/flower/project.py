@@ -110,6 +110,11 @@ def check_supported(cfg: Config) -> None:
         )
 
 
+def app_run_config(cfg: Config, options: RunOptions) -> dict[str, Any]:
+    """The run configuration of a run's Flower App: the hetlora config and the run options."""
+    return {"hetlora-config": cfg.to_toml(), **options.run_config()}
+
+
 def write_app(folder: Path | str, cfg: Config, options: RunOptions) -> Path:
     """Write the Flower App folder for one run; returns its ``pyproject.toml``."""
     check_supported(cfg)
@@ -129,7 +134,7 @@ def write_app(folder: Path | str, cfg: Config, options: RunOptions) -> Path:
                 "app": {
                     "publisher": "hetlora",
                     "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-                    "config": {"hetlora-config": cfg.to_toml(), **options.run_config()},
+                    "config": app_run_config(cfg, options),
                 }
             }
         },
