@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce reproduce-paper paper-results flower-demo bench mutate
+.PHONY: demo test lint install clean reproduce reproduce-paper paper-continue paper-results flower-demo bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,17 @@ PAPER_CONFIG ?= configs/paper.toml
 reproduce-paper: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hetlora compare --config $(PAPER_CONFIG) --out $(PAPER_OUT) --resume
 	$(MAKE) paper-results
+
+# The study on a new machine, continued from the runs committed in docs/reproduction/paper/:
+# their config.toml and summary.json are what --resume needs to keep a finished run, so only
+# the runs not yet committed are trained. A run already in PAPER_OUT is left as it is.
+paper-continue: $(STAMP)
+	mkdir -p $(PAPER_OUT)
+	cd docs/reproduction/paper && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
+		[ -e $(abspath $(PAPER_OUT))/$$run ] || { mkdir -p $(abspath $(PAPER_OUT))/$$run && \
+		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(abspath $(PAPER_OUT))/$$run/; }; \
+	done
+	$(MAKE) reproduce-paper
 
 # The study's tables and plots from the runs finished so far (it may still be running), and
 # the small files of the finished runs copied into docs/reproduction/paper/ (never checkpoints

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -245,3 +246,16 @@ def test_adapter_rank_counts_positions_where_both_factors_live(tmp_path):
     )
     assert adapter_rank(tmp_path) == 4.0  # q: positions 0, 1, 2, 4; v: 0, 1
     assert adapter_rank(tmp_path / "missing") != adapter_rank(tmp_path / "missing")  # NaN
+
+
+def test_adapter_rank_of_a_run_kept_without_its_adapter_is_its_last_live_rank(tmp_path):
+    """The study's committed runs keep summary.json but not adapter/: the table's global rank
+    then comes from the last round's live rank, and stays NaN for a method without one."""
+    from hetlora.report import adapter_rank
+
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "summary.json").write_text(json.dumps({"global_rank_final": 37}))
+    (tmp_path / "flora").mkdir()
+    (tmp_path / "flora" / "summary.json").write_text(json.dumps({"method": "flora"}))
+    assert adapter_rank(tmp_path / "lora") == 37.0
+    assert math.isnan(adapter_rank(tmp_path / "flora"))

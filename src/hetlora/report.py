@@ -129,10 +129,16 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def adapter_rank(run_dir: Path) -> float:
     """The rank the saved global adapter really has: the number of rank positions j where some
     module's B[:, j] and A[j, :] are both non-zero (the positions that add to B A), the largest
-    over modules. Below r_max when aggregation left positions at zero; NaN without an adapter."""
+    over modules. Below r_max when aggregation left positions at zero. A run kept without its
+    adapter (the study's committed small files) gives the same count from its last metrics
+    row (``global_rank_final`` in ``summary.json``); NaN for a method without an adapter."""
     path = run_dir / "adapter" / "adapter_model.safetensors"
     if not path.is_file():
-        return math.nan
+        summary = run_dir / "summary.json"
+        final = (
+            json.loads(summary.read_text()).get("global_rank_final") if summary.is_file() else None
+        )
+        return math.nan if final is None else float(final)
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
