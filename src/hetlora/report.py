@@ -5,16 +5,13 @@ A run directory holds ``summary.json`` and ``metrics.jsonl``; a comparison direc
 seed) when the comparison has ``seeds``.
 
 A seeded comparison is reported as a study: ``results.csv``/``.md`` have one row per (entry,
-seed) with ``name, method, seed, lr, lambda_, val_ppl, test_ppl, ...``; each ``group`` (one
-method over a grid of lr, lambda) keeps the grid point with the lowest validation perplexity at
-the last round, *averaged over the seeds* (the test set is never used to choose; without a
-validation split the choice falls back to the test perplexity, and ``selected_on`` says so);
-``summary.csv``/``.md`` give each method's chosen point with the mean, sample std (ddof 1) and
-per-seed values of its final test and validation perplexity; ``paired.csv``/``.md`` give each
-method's chosen runs minus the reference method's (the first whose name starts with
-``REFERENCE``, "HetLoRA"), seed by seed: a seed gives every method the same clients, splits
-and samples, so the paired difference is not drowned by the seeds' different held-out sets.
-Curves show the mean over seeds with a min-max band.
+seed); each ``group`` (one method over a grid of lr, lambda) keeps the grid point with the
+lowest final validation perplexity *averaged over the seeds* (the test perplexity only where a
+run has no validation split; ``selected_on`` says which: :func:`choose`); ``summary.csv``/``.md``
+give each method's chosen point with the mean, sample std (ddof 1) and per-seed values of its
+final test and validation perplexity; ``paired.csv``/``.md`` give each method's chosen runs
+minus the reference method's (:data:`REFERENCE`), seed by seed (:func:`paired`). Curves show
+the mean over seeds with a min-max band.
 """
 
 from __future__ import annotations
@@ -26,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.errors import HetLoRAError
+
+#: Metrics by method: name -> the ``metrics.jsonl`` rows of each of its seeds.
+Runs = dict[str, list[list[dict[str, Any]]]]
 
 COLUMNS = [
     ("name", "method"),
@@ -236,7 +236,7 @@ def _spread(seeds: list[list[dict[str, Any]]], x: str, y: str = "eval_ppl"):
     n = min(len(xs) for xs, _ in curves)
     xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
     ys = [[c[1][i] for c in curves] for i in range(n)]
-    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+    return xs, *([f(v) for v in ys] for f in (_mean, min, max))
 
 
 def _pyplot():
@@ -262,13 +262,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(
-    runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path, title: str = ""
-) -> list[Path]:
+def plot_curves(runs: Runs, out_dir: Path, title: str = "") -> list[Path]:
     """Perplexity against round, cumulative bytes and cumulative client FLOPs, one line per
-    method (``runs``: name -> the metrics rows of each of its seeds); with several seeds, the
-    mean over seeds with a min-max band. Test perplexity (``eval_ppl``); where the runs have a
-    validation split, also ``val_vs_round.png``."""
+    method; with several seeds, the mean over seeds with a min-max band. Test perplexity
+    (``eval_ppl``); where the runs have a validation split, also ``val_vs_round.png``."""
     plt = _pyplot()
     seeded = any(len(seeds) > 1 for seeds in runs.values())
     has_val = all("val_ppl" in seeds[0][0] for seeds in runs.values())
@@ -301,7 +298,7 @@ def plot_curves(
     return written
 
 
-def plot_rank_dynamics(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
+def plot_rank_dynamics(runs: Runs, out_dir: Path) -> Path | None:
     """``rank_dynamics.png``: per method, the live global rank against round (positions where
     both global factors are non-zero, the largest over modules; mean over seeds, min-max band),
     and the distribution of every client's current rank (mean, and the min-max over clients
@@ -344,7 +341,7 @@ RANK_COLUMNS = [
 ]
 
 
-def rank_rows(runs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+def rank_rows(runs: Runs) -> list[dict[str, Any]]:
     """Per method and round: the live global rank over seeds (mean, min, max) and every
     client's current rank pooled over clients and seeds (mean, min, max); NaN where a run's
     rows lack the field. Empty when no run has either."""
@@ -373,7 +370,7 @@ def rank_rows(runs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any
     return out
 
 
-def plot_ranks(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
+def plot_ranks(runs: Runs, out_dir: Path) -> Path | None:
     """Client ranks over rounds under self-pruning, for runs where some rank changed (the
     first seed of each method).
 
@@ -455,12 +452,7 @@ def _mean(values: list[float]) -> float:
 
 def seeded_report(
     directory: Path, entries: list[dict[str, Any]]
-) -> tuple[
-    list[dict[str, Any]],
-    list[dict[str, Any]],
-    dict[str, list[list[dict[str, Any]]]],
-    list[dict[str, Any]],
-]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Runs, list[dict[str, Any]]]:
     """The per-(entry, seed) rows, the per-method summary rows, the chosen entries' metrics by
     method, and the paired rows (:func:`paired`; empty with one method). See the module
     docstring for the selection rule."""
