@@ -212,12 +212,11 @@ def run_comparison(
         )
 
     for members in groups.values():
-        for entry in members:
-            if not entry.deferred:
-                run(entry)
-        later = [e for e in members if e.deferred]
-        if later:
-            winner = _tuned_winner(out_dir, [e for e in members if not e.deferred])
+        tuned = [e for e in members if not e.deferred]
+        for entry in tuned:
+            run(entry)
+        if later := [e for e in members if e.deferred]:
+            winner = _tuned_winner(out_dir, tuned)
             chosen = [e for e in later if e.name == winner]
             planned += chosen
             _write_manifest(out_dir, [e for e in entries if e in planned])
