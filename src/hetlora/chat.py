@@ -1,12 +1,11 @@
 """Talk to the result of a run (``hetlora chat``): its global model, as a device tier runs it.
 
-For HetLoRA, HomLoRA and Recon+SVD the run's global adapter is cut to rank R (the first R
-columns of B and rows of A at the same scale, as a device of tier R receives it, see
-:mod:`hetlora.export`) and loaded onto the base model with ``PeftModel.from_pretrained``; for
-FLoRA and full fine-tuning the run's merged ``model/`` is loaded. A reply is the greedy
-continuation of the conversation rendered as the run rendered its data
-(:class:`hetlora.data.chat.Renderer`: the chat template unless the tokenizer has none or the
-run set ``chat_template = "off"``).
+For HetLoRA, HomLoRA and Recon+SVD the run's global adapter is cut to rank R as a device of
+tier R receives it (:mod:`hetlora.export`) and loaded onto the base model with
+``PeftModel.from_pretrained``; for FLoRA and full fine-tuning the run's merged ``model/`` is
+loaded. A reply is the greedy continuation of the conversation rendered as the run rendered
+its data (:class:`hetlora.data.chat.Renderer`: the chat template unless the tokenizer has none
+or the run set ``chat_template = "off"``).
 """
 
 from __future__ import annotations
@@ -50,12 +49,10 @@ class ChatModel:
 
         if not turns or turns[-1][0] != "user":
             raise HetLoRAError("a reply needs a conversation that ends with a user turn")
-        start = 0
-        prompt = self.renderer.chat_prompt(turns)
-        while start < len(turns) - 1:
-            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            if n <= self.max_seq_len:
-                break
+        start, prompt = 0, self.renderer.chat_prompt(turns)
+        while start < len(turns) - 1 and (
+            len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) > self.max_seq_len
+        ):
             start += 1
             prompt = self.renderer.chat_prompt(turns[start:])
         return generate_greedy(
@@ -73,9 +70,8 @@ def load_chat_model(
             given for a merged model (FLoRA, full fine-tuning).
     """
     from hetlora.config import load_config
-    from hetlora.export import export_adapter, read_adapter
+    from hetlora.export import export_adapter, read_adapter, tier_settings
     from hetlora.hardware import resolve_bf16, resolve_device, use_cpu_attention
-    from hetlora.lora import rank_of
     from hetlora.models import load_base_model
 
     run_dir = Path(run_dir)
@@ -105,15 +101,7 @@ def load_chat_model(
         from peft import PeftModel
 
         factors, adapter_cfg = read_adapter(run_dir / "adapter")
-        r_max = rank_of(factors)
-        rank = r_max if rank is None else rank
-        if not 1 <= rank <= r_max:
-            raise HetLoRAError(
-                f"--rank must lie in [1, {r_max}] (the run's global rank), got {rank}"
-            )
-        scale = float(adapter_cfg["lora_alpha"]) / float(adapter_cfg["r"])
-        targets = adapter_cfg["target_modules"]
-        targets = sorted(targets) if isinstance(targets, list | set | tuple) else [targets]
+        rank, scale, targets = tier_settings(factors, adapter_cfg, rank)
         base = load_base_model(cfg.model, device)
         use_cpu_attention(base.model, device)
         with tempfile.TemporaryDirectory(prefix="hetlora-chat-") as tmp:

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,9 +36,25 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
-def _fail(message: str) -> None:
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
+]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory (must be empty or new).")]
+
+
+def _error_line(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """An expected failure (:class:`HetLoRAError`) inside: one ``error:`` line, exit code 2."""
+    try:
+        yield
+    except HetLoRAError as exc:
+        _error_line(str(exc))
+        raise typer.Exit(code=2) from None
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -154,16 +172,12 @@ def run(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file of config keys (see README).")
     ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory (must be empty or new).")
-    ] = Path("runs/latest"),
+    out: Out = Path("runs/latest"),
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config key: --set rounds=5 (repeatable)."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
-    ] = False,
+    overwrite: Overwrite = False,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -172,7 +186,7 @@ def run(
             "(its config.toml, unless --config/--set are given; they must match).",
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run federated fine-tuning (HetLoRA by default) in-process and write the run directory.
 
@@ -180,11 +194,10 @@ def run(
     global LoRA adapter in PEFT format), samples.jsonl (generations), summary.json and
     checkpoint.pt (rewritten atomically after every round, for --resume).
     """
-    import json
-
     _quiet_libraries(verbose)
-    try:
+    with _one_line_errors():
         from hetlora.config import load_config
+        from hetlora.report import load_run
         from hetlora.runtime.local import Simulation, check_out_dir
 
         if resume is not None:
@@ -201,10 +214,7 @@ def run(
             live = LiveProgress(progress)
             sim = Simulation(cfg, progress=live)
             summary = sim.run(out, overwrite=overwrite, resume=resume is not None)
-    except HetLoRAError as exc:
-        _fail(str(exc))
-        return
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = load_run(out)[1]
     console.print(_final_table(metrics, summary))
     console.print(
         f"perplexity {summary['base_ppl']:.2f} (base) -> {summary['final_ppl']:.2f} (final), "
@@ -244,16 +254,12 @@ def compare(
             help=escape("TOML: shared keys plus [[compare]] entries."),
         ),
     ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output directory (must be empty or new).")
-    ],
+    out: Out,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a key for every method (repeatable)."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run files in a non-empty --out.")
-    ] = False,
+    overwrite: Overwrite = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -262,7 +268,7 @@ def compare(
             "continue checkpointed ones, run the rest.",
         ),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run several methods on the same clients, sampling and seeds; write tables and plots.
 
@@ -271,7 +277,7 @@ def compare(
     over rounds under self-pruning.
     """
     _quiet_libraries(verbose)
-    try:
+    with _one_line_errors():
         from hetlora.runtime.compare import load_comparison, run_comparison
         from hetlora.runtime.local import check_out_dir
 
@@ -296,38 +302,37 @@ def compare(
                 entries, out, overwrite=overwrite, progress=on_event, resume=resume
             )
             progress.advance(methods)
-    except HetLoRAError as exc:
-        _fail(str(exc))
-        return
     _print_results(result, out)
 
 
 def _print_results(result: dict[str, Any], out: Path) -> None:
     from hetlora.report import COLUMNS, _fmt
 
-    table = Table(title=f"results ({out / 'results.md'})")
-    short = {
-        "name": "method",
-        "final_ppl": "final ppl",
-        "best_ppl": "best",
-        "best_round": "at",
-        "rouge_l": "ROUGE-L",
-        "total_bytes": "bytes",
-        "client_flops": "FLOPs",
-        "mean_final_rank": "rank",
-        "global_rank": "global r",
-    }
-    for key, _ in COLUMNS:
-        table.add_column(short[key], justify="left" if key == "name" else "right", no_wrap=True)
-    for row in result["rows"]:
-        table.add_row(*[_fmt(k, row[k]) for k, _ in COLUMNS])
     if result.get("summary"):  # a seeded comparison: one line per method, over its seeds
         table = Table(title=f"summary over seeds ({out / 'summary.md'})")
-        keys = ("method", "lr", "lambda_", "seeds", "test_mean", "test_std", "val_mean")
-        for key in keys:
-            table.add_column(key, justify="left" if key == "method" else "right", no_wrap=True)
-        for row in result["summary"]:
-            table.add_row(*[_fmt(k, row[k]) for k in keys])
+        keys = headings = ("method", "lr", "lambda_", "seeds", "test_mean", "test_std", "val_mean")
+        rows = result["summary"]
+    else:
+        table = Table(title=f"results ({out / 'results.md'})")
+        short = {
+            "name": "method",
+            "final_ppl": "final ppl",
+            "best_ppl": "best",
+            "best_round": "at",
+            "rouge_l": "ROUGE-L",
+            "total_bytes": "bytes",
+            "client_flops": "FLOPs",
+            "mean_final_rank": "rank",
+            "global_rank": "global r",
+        }
+        keys = [key for key, _ in COLUMNS]
+        headings = [short[key] for key in keys]
+        rows = result["rows"]
+    for key, heading in zip(keys, headings, strict=True):
+        justify = "left" if key in ("name", "method") else "right"
+        table.add_column(heading, justify=justify, no_wrap=True)
+    for row in rows:
+        table.add_row(*[_fmt(k, row[k]) for k in keys])
     console.print(table)
     for path in result["plots"]:
         console.print(f"plot: {path}")
@@ -348,20 +353,17 @@ def report(
     A comparison still running, or stopped, is reported on its finished runs (the others are
     listed).
     """
-    try:
+    with _one_line_errors():
         from hetlora.report import report as redraw
 
         result = redraw(directory)
-    except HetLoRAError as exc:
-        _fail(str(exc))
-        return
     _print_results(result, directory)
 
 
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (from `hetlora run`).")],
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Reload a run's adapter with PeftModel.from_pretrained and re-measure its perplexity.
 
@@ -369,14 +371,10 @@ def evaluate(
     measures next to the one metrics.jsonl reports for the last evaluated round.
     """
     _quiet_libraries(verbose)
-    try:
+    with _one_line_errors(), console.status("loading the base model and the adapter, evaluating"):
         from hetlora.runtime.local import evaluate_run
 
-        with console.status("loading the base model and the adapter, evaluating"):
-            result = evaluate_run(run_dir)
-    except HetLoRAError as exc:
-        _fail(str(exc))
-        return
+        result = evaluate_run(run_dir)
     console.print(
         f"round {result['round']}: perplexity {result['eval_ppl']:.4f} measured from adapter/ "
         f"({result['eval_examples']} held-out examples, bf16={result['bf16']}); "
@@ -392,7 +390,7 @@ def export(
     merge: Annotated[
         bool, typer.Option("--merge", help="Write the base model with the adapter merged in.")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Export the global adapter cut to one device tier's rank (PEFT format), or merged.
 
@@ -400,13 +398,10 @@ def export(
     adapter loads with PeftModel.from_pretrained, the merged folder with from_pretrained.
     """
     _quiet_libraries(verbose)
-    try:
+    with _one_line_errors():
         from hetlora.export import export_run
 
         path = export_run(run_dir, rank, out, merge=merge)
-    except HetLoRAError as exc:
-        _fail(str(exc))
-        return
     kind = "merged model" if merge else "adapter"
     console.print(f"wrote the rank-{rank} {kind} to {path}")
 
@@ -428,7 +423,7 @@ def chat(
         int | None,
         typer.Option("--max-new-tokens", help="Reply length (default: the run's max_new_tokens)."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Talk to a run's global model, with the chat template, as a device of rank R runs it.
 
@@ -436,7 +431,7 @@ def chat(
     a user turn answered in turn, until end of input or a line `exit`.
     """
     _quiet_libraries(verbose)
-    try:
+    with _one_line_errors():
         from hetlora.chat import load_chat_model
 
         bot = load_chat_model(run_dir, rank, max_new_tokens)
@@ -461,9 +456,6 @@ def chat(
             answer = bot.reply(turns)
             turns.append(("assistant", answer))
             console.print(answer, highlight=False, markup=False)
-    except HetLoRAError as exc:
-        _fail(str(exc))
-        return
 
 
 @app.command()
@@ -483,11 +475,7 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name="hetlora")
     except click.exceptions.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "hetlora"
-        err_console.print(
-            f"[bold red]error:[/] {escape(exc.format_message())} (see: {command} --help)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _error_line(f"{exc.format_message()} (see: {command} --help)")
         sys.exit(2)
     except click.exceptions.Abort:
         err_console.print("aborted")

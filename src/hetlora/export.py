@@ -43,12 +43,8 @@ def export_adapter(
     base_model: str,
     out_dir: Path,
 ) -> Path:
-    """Write ``factors`` cut to ``rank`` as a PEFT LoRA adapter folder of ``base_model``.
-
-    PEFT builds the adapter on the base model (``get_peft_model`` with ``r = rank`` and
-    ``lora_alpha = scale * rank``) and writes it (``save_pretrained``); it loads with
-    ``PeftModel.from_pretrained``.
-    """
+    """Write ``factors`` cut to ``rank`` as a PEFT LoRA adapter folder of ``base_model`` (built
+    and saved by PEFT, see the module docstring)."""
     cut = truncate(factors, rank)
     model = adapters.wrap(_base_model(base_model), rank, scale, target_modules)
     adapters.write_factors(model, cut)
@@ -79,6 +75,20 @@ def read_adapter(folder: Path) -> tuple[Factors, dict[str, Any]]:
     return factors, config.to_dict()
 
 
+def tier_settings(
+    factors: Factors, config: dict[str, Any], rank: int | None = None
+) -> tuple[int, float, list[str]]:
+    """The rank (default: the adapter's full rank, checked to lie in [1, it]), scale and target
+    modules of ``factors`` cut for a device tier, from the adapter's PEFT ``config``."""
+    r_max = rank_of(factors)
+    rank = r_max if rank is None else rank
+    if not 1 <= rank <= r_max:
+        raise HetLoRAError(f"--rank must lie in [1, {r_max}] (the run's global rank), got {rank}")
+    targets = config["target_modules"]
+    targets = sorted(targets) if isinstance(targets, list | set | tuple) else [targets]
+    return rank, float(config["lora_alpha"]) / float(config["r"]), targets
+
+
 def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool = False) -> Path:
     """Export a finished run's global adapter at ``rank`` (or the base merged with it)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -92,12 +102,7 @@ def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool 
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise HetLoRAError(f"{run_dir / 'adapter'} is not a PEFT adapter folder")
     factors, config = read_adapter(run_dir / "adapter")
-    r_max = rank_of(factors)
-    if not 1 <= rank <= r_max:
-        raise HetLoRAError(f"--rank must lie in [1, {r_max}] (the run's global rank), got {rank}")
-    scale = float(config["lora_alpha"]) / float(config["r"])
-    targets = config["target_modules"]
-    targets = sorted(targets) if isinstance(targets, list | set | tuple) else [targets]
+    rank, scale, targets = tier_settings(factors, config, rank)
     base_path = config.get("base_model_name_or_path") or ""
     staging = Path(
         tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None)

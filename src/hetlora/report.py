@@ -5,16 +5,13 @@ A run directory holds ``summary.json`` and ``metrics.jsonl``; a comparison direc
 seed) when the comparison has ``seeds``.
 
 A seeded comparison is reported as a study: ``results.csv``/``.md`` have one row per (entry,
-seed) with ``name, method, seed, lr, lambda_, val_ppl, test_ppl, ...``; each ``group`` (one
-method over a grid of lr, lambda) keeps the grid point with the lowest validation perplexity at
-the last round, *averaged over the seeds* (the test set is never used to choose; without a
-validation split the choice falls back to the test perplexity, and ``selected_on`` says so);
-``summary.csv``/``.md`` give each method's chosen point with the mean, sample std (ddof 1) and
-per-seed values of its final test and validation perplexity; ``paired.csv``/``.md`` give each
-method's chosen runs minus the reference method's (the first whose name starts with
-``REFERENCE``, "HetLoRA"), seed by seed: a seed gives every method the same clients, splits
-and samples, so the paired difference is not drowned by the seeds' different held-out sets.
-Curves show the mean over seeds with a min-max band.
+seed); each ``group`` (one method over a grid of lr, lambda) keeps the grid point with the
+lowest final validation perplexity *averaged over the seeds* (the test perplexity only where a
+run has no validation split; ``selected_on`` says which: :func:`choose`); ``summary.csv``/``.md``
+give each method's chosen point with the mean, sample std (ddof 1) and per-seed values of its
+final test and validation perplexity; ``paired.csv``/``.md`` give each method's chosen runs
+minus the reference method's (:data:`REFERENCE`), seed by seed (:func:`paired`). Curves show
+the mean over seeds with a min-max band.
 """
 
 from __future__ import annotations
@@ -26,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.errors import HetLoRAError
+
+#: Metrics by method: name -> the ``metrics.jsonl`` rows of each of its seeds.
+Runs = dict[str, list[list[dict[str, Any]]]]
 
 COLUMNS = [
     ("name", "method"),
@@ -81,8 +81,7 @@ SUMMARY_COLUMNS = [
 #: (the paper study's "HetLoRA [5, 50]"; the first method where none does).
 REFERENCE = "HetLoRA"
 
-#: Columns of a seeded comparison's ``paired.csv``: each method against the reference method,
-#: seed by seed (the same seed gives both the same clients, splits and sampled clients).
+#: Columns of a seeded comparison's ``paired.csv`` (:func:`paired`).
 PAIRED_COLUMNS = [
     ("method", "method"),
     ("reference", "against"),
@@ -154,7 +153,7 @@ def adapter_rank(run_dir: Path) -> float:
     return float(rank)
 
 
-def result_row(name: str, summary: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+def result_row(name: str, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One line of the results table (``run_dir`` for the saved adapter's rank)."""
     has_ranks = summary.get("mean_rank_final", 0) > 0
     return {
@@ -166,7 +165,7 @@ def result_row(name: str, summary: dict[str, Any], run_dir: Path | None = None) 
         "total_bytes": summary.get("bytes_up", 0) + summary.get("bytes_down", 0),
         "client_flops": summary.get("flops", 0.0),
         "mean_final_rank": summary["mean_rank_final"] if has_ranks else math.nan,
-        "global_rank": adapter_rank(run_dir) if run_dir is not None else math.nan,
+        "global_rank": adapter_rank(run_dir),
         "val_ppl": summary.get("final_val_ppl", math.nan),
         "best_val_ppl": summary.get("best_val_ppl", math.nan),
     }
@@ -197,9 +196,10 @@ def write_tables(
     out_dir: Path,
     stem: str = "results",
     columns: list[tuple[str, str]] = COLUMNS,
-) -> None:
-    """``<stem>.csv`` (raw numbers) and ``<stem>.md`` (formatted)."""
-    with (out_dir / f"{stem}.csv").open("w", newline="") as fh:
+) -> list[Path]:
+    """``<stem>.csv`` (raw numbers) and ``<stem>.md`` (formatted); returns the two paths."""
+    paths = [out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
+    with paths[0].open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[k for k, _ in columns], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -209,7 +209,8 @@ def write_tables(
     ]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(k, row[k]) for k, _ in columns) + " |")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    paths[1].write_text("\n".join(lines) + "\n")
+    return paths
 
 
 def _curve(rows: list[dict[str, Any]], x: str, y: str = "eval_ppl") -> tuple[list, list]:
@@ -235,21 +236,37 @@ def _spread(seeds: list[list[dict[str, Any]]], x: str, y: str = "eval_ppl"):
     n = min(len(xs) for xs, _ in curves)
     xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
     ys = [[c[1][i] for c in curves] for i in range(n)]
-    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+    return xs, *([f(v) for v in ys] for f in (_mean, min, max))
 
 
-def plot_curves(
-    runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path, title: str = ""
-) -> list[Path]:
-    """Perplexity against round, cumulative bytes and cumulative client FLOPs, one line per
-    method (``runs``: name -> the metrics rows of each of its seeds); with several seeds, the
-    mean over seeds with a min-max band. Test perplexity (``eval_ppl``); where the runs have a
-    validation split, also ``val_vs_round.png``."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _line(ax, xs, mean, low, high, label: str, band: bool, alpha: float = 0.15) -> None:
+    """The mean as a line with markers, and (``band``) the min-max band in its colour."""
+    (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+    if band:
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=alpha, linewidth=0)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_curves(runs: Runs, out_dir: Path, title: str = "") -> list[Path]:
+    """Perplexity against round, cumulative bytes and cumulative client FLOPs, one line per
+    method; with several seeds, the mean over seeds with a min-max band. Test perplexity
+    (``eval_ppl``); where the runs have a validation split, also ``val_vs_round.png``."""
+    plt = _pyplot()
     seeded = any(len(seeds) > 1 for seeds in runs.values())
     has_val = all("val_ppl" in seeds[0][0] for seeds in runs.values())
     plots = [
@@ -268,9 +285,7 @@ def plot_curves(
                 keep = [i for i, a in enumerate(xs) if a > 0]
                 xs, mean, low, high = ([v[i] for i in keep] for v in (xs, mean, low, high))
             label_n = f"{name} ({len(seeds)} seeds)" if seeded else name
-            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=label_n)
-            if len(seeds) > 1:
-                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+            _line(ax, xs, mean, low, high, label_n, band=len(seeds) > 1)
         ax.set_xlabel(label)
         which = "validation" if y == "val_ppl" else "held-out test"
         ax.set_ylabel(f"{which} perplexity" + (" (mean, min-max band)" if seeded else ""))
@@ -279,50 +294,29 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(title or f"{which} perplexity")
-        fig.tight_layout()
-        path = out_dir / fname
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / fname))
     return written
 
 
-def plot_rank_dynamics(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
+def plot_rank_dynamics(runs: Runs, out_dir: Path) -> Path | None:
     """``rank_dynamics.png``: per method, the live global rank against round (positions where
     both global factors are non-zero, the largest over modules; mean over seeds, min-max band),
     and the distribution of every client's current rank (mean, and the min-max over clients
     and seeds). Methods whose rows lack these fields (runs made before they were recorded,
     methods without a global adapter or ranks) are left out of the panel concerned."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     global_rank = {n: s for n, s in runs.items() if all("global_rank" in r[-1] for r in s)}
     client = {n: s for n, s in runs.items() if all("ranks" in r[-1] for r in s)}
     if not global_rank and not client:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(12, 4.5))
     for name, seeds in global_rank.items():
-        xs, mean, low, high = _spread(seeds, "round", "global_rank")
-        (line,) = left.plot(xs, mean, marker="o", markersize=3, label=name)
-        if len(seeds) > 1:
-            left.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        _line(left, *_spread(seeds, "round", "global_rank"), name, band=len(seeds) > 1)
     for name, seeds in client.items():
         n = min(len(rows) for rows in seeds)
         rounds = [seeds[0][i]["round"] for i in range(n)]
         pooled = [[v for rows in seeds for v in rows[i]["ranks"].values()] for i in range(n)]
-        (line,) = right.plot(
-            rounds, [sum(p) / len(p) for p in pooled], marker="o", markersize=3, label=name
-        )
-        right.fill_between(
-            rounds,
-            [min(p) for p in pooled],
-            [max(p) for p in pooled],
-            color=line.get_color(),
-            alpha=0.12,
-            linewidth=0,
-        )
+        mean, low, high = ([f(p) for p in pooled] for f in (_mean, min, max))
+        _line(right, rounds, mean, low, high, name, band=True, alpha=0.12)
     left.set_title("live global rank (both factors non-zero; max over modules)", fontsize=10)
     right.set_title("every client's current rank (mean; band: min-max)", fontsize=10)
     for ax in (left, right):
@@ -330,11 +324,7 @@ def plot_rank_dynamics(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Pat
         ax.set_ylabel("rank")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "rank_dynamics.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "rank_dynamics.png")
 
 
 #: Columns of ``rank_dynamics.csv``: the numbers behind ``rank_dynamics.png``.
@@ -351,7 +341,7 @@ RANK_COLUMNS = [
 ]
 
 
-def rank_rows(runs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+def rank_rows(runs: Runs) -> list[dict[str, Any]]:
     """Per method and round: the live global rank over seeds (mean, min, max) and every
     client's current rank pooled over clients and seeds (mean, min, max); NaN where a run's
     rows lack the field. Empty when no run has either."""
@@ -380,18 +370,13 @@ def rank_rows(runs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any
     return out
 
 
-def plot_ranks(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Path | None:
+def plot_ranks(runs: Runs, out_dir: Path) -> Path | None:
     """Client ranks over rounds under self-pruning, for runs where some rank changed (the
     first seed of each method).
 
     Each round shows the current ranks of every client that has taken part so far (a box per
     round), so pruning is visible however small the share of clients sampled.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = {}
     for name, seeds in runs.items():
         rows = seeds[0]
@@ -409,7 +394,7 @@ def plot_ranks(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Pa
             series[name] = (rounds, boxes, changed, len(current))
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
     for ax, (name, (rounds, boxes, changed, seen)) in zip(axes[0], series.items(), strict=True):
         ax.boxplot(boxes, positions=rounds, widths=0.6)
         ax.plot(rounds, [sum(b) / len(b) for b in boxes], marker="o", markersize=3, label="mean")
@@ -418,11 +403,7 @@ def plot_ranks(runs: dict[str, list[list[dict[str, Any]]]], out_dir: Path) -> Pa
         ax.set_ylabel("rank of clients that took part")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "ranks.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "ranks.png")
 
 
 def best_of_groups(
@@ -471,12 +452,7 @@ def _mean(values: list[float]) -> float:
 
 def seeded_report(
     directory: Path, entries: list[dict[str, Any]]
-) -> tuple[
-    list[dict[str, Any]],
-    list[dict[str, Any]],
-    dict[str, list[list[dict[str, Any]]]],
-    list[dict[str, Any]],
-]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Runs, list[dict[str, Any]]]:
     """The per-(entry, seed) rows, the per-method summary rows, the chosen entries' metrics by
     method, and the paired rows (:func:`paired`; empty with one method). See the module
     docstring for the selection rule."""
@@ -484,14 +460,12 @@ def seeded_report(
     for entry in entries:
         run_dir = directory / entry["dir"]
         summary, run_metrics = load_run(run_dir)
-        row = result_row(entry["name"], summary, run_dir)
-        row.update(_run_settings(run_dir))
+        row = result_row(entry["name"], summary, run_dir) | _run_settings(run_dir)
         row.update(
-            {
-                "method": entry.get("group") or entry["name"],
-                "seed": entry.get("seed", ""),
-                "test_ppl": row["final_ppl"],
-            }
+            method=entry.get("group") or entry["name"],
+            seed=entry.get("seed", ""),
+            test_ppl=row["final_ppl"],
+            selected=False,
         )
         rows.append(row)
         metrics[(entry["name"], entry.get("seed"))] = run_metrics
@@ -525,8 +499,6 @@ def seeded_report(
             }
         )
         runs[method] = [metrics[(name, r["seed"])] for r in picked]
-    for row in rows:
-        row.setdefault("selected", False)
     pairs = paired(chosen_runs, reference_method(list(chosen_runs))) if len(chosen_runs) > 1 else []
     return rows, summary_rows, runs, pairs
 
@@ -599,62 +571,48 @@ def report(directory: Path | str) -> dict[str, Any]:
     A comparison whose entries carry a ``group`` (the same method over a hyperparameter grid)
     also gets ``best.csv``/``best.md`` (the best entry of each group, on validation where the
     runs have it), and its plots show one line per group, the best one. A comparison with
-    ``seeds`` gets the study's tables instead (module docstring): ``results`` per (entry, seed),
-    ``summary`` per method, and curves with the spread over seeds. A comparison that has not
+    ``seeds`` gets the study's tables instead (module docstring). A comparison that has not
     finished is reported on its finished runs; ``missing`` names the others.
     """
     directory = Path(directory)
     manifest = directory / "comparison.json"
-    tables = [directory / "results.csv", directory / "results.md"]
     summary_rows: list[dict[str, Any]] = []
     missing: list[str] = []
     if manifest.is_file():
         entries = json.loads(manifest.read_text())["runs"]
-        # A comparison still running (or stopped) is reported on its finished runs; the rest
-        # are named in ``missing``.
         missing = [
             e["dir"] for e in entries if not (directory / e["dir"] / "summary.json").is_file()
         ]
         entries = [e for e in entries if e["dir"] not in missing]
         if not entries:
             raise HetLoRAError(f"{directory}: no run of the comparison has finished yet")
-        if any("seed" in e for e in entries):
-            rows, summary_rows, runs, pairs = seeded_report(directory, entries)
-            write_tables(rows, directory, columns=SEED_COLUMNS)
-            write_tables(summary_rows, directory, stem="summary", columns=SUMMARY_COLUMNS)
-            tables += [directory / "summary.csv", directory / "summary.md"]
-            if pairs:
-                write_tables(pairs, directory, stem="paired", columns=PAIRED_COLUMNS)
-                tables += [directory / "paired.csv", directory / "paired.md"]
-        else:
-            metrics_by_name, rows = {}, []
-            for entry in entries:
-                summary, metrics = load_run(directory / entry["dir"])
-                metrics_by_name[entry["name"]] = [metrics]
-                rows.append(result_row(entry["name"], summary, directory / entry["dir"]))
-            write_tables(rows, directory)
-            if any(e.get("group") for e in entries):
-                best = best_of_groups(entries, rows)
-                write_tables([row for _, row in best], directory, stem="best")
-                tables += [directory / "best.csv", directory / "best.md"]
-                runs = {row["name"]: metrics_by_name[entry] for entry, row in best}
-            else:
-                runs = metrics_by_name
-    elif (directory / "summary.json").is_file():
-        summary, metrics = load_run(directory)
-        name = summary.get("method", "run")
-        runs = {name: [metrics]}
-        rows = [result_row(name, summary, directory)]
-        write_tables(rows, directory)
+    elif (directory / "summary.json").is_file():  # a single run: a comparison of itself
+        entries = [{"name": load_run(directory)[0].get("method", "run"), "dir": "."}]
     else:
         raise HetLoRAError(f"{directory} is neither a run nor a comparison directory")
+    if any("seed" in e for e in entries):
+        rows, summary_rows, runs, pairs = seeded_report(directory, entries)
+        tables = write_tables(rows, directory, columns=SEED_COLUMNS)
+        tables += write_tables(summary_rows, directory, "summary", SUMMARY_COLUMNS)
+        if pairs:
+            tables += write_tables(pairs, directory, "paired", PAIRED_COLUMNS)
+    else:
+        metrics_by_name, rows = {}, []
+        for entry in entries:
+            summary, metrics = load_run(directory / entry["dir"])
+            metrics_by_name[entry["name"]] = [metrics]
+            rows.append(result_row(entry["name"], summary, directory / entry["dir"]))
+        tables = write_tables(rows, directory)
+        if any(e.get("group") for e in entries):
+            best = best_of_groups(entries, rows)
+            tables += write_tables([row for _, row in best], directory, "best")
+            runs = {row["name"]: metrics_by_name[entry] for entry, row in best}
+        else:
+            runs = metrics_by_name
     plots = plot_curves(runs, directory)
     if ranks := rank_rows(runs):
-        write_tables(ranks, directory, stem="rank_dynamics", columns=RANK_COLUMNS)
-        tables += [directory / "rank_dynamics.csv", directory / "rank_dynamics.md"]
-    for extra in (plot_ranks(runs, directory), plot_rank_dynamics(runs, directory)):
-        if extra:
-            plots.append(extra)
+        tables += write_tables(ranks, directory, "rank_dynamics", RANK_COLUMNS)
+    plots += [p for p in (plot_ranks(runs, directory), plot_rank_dynamics(runs, directory)) if p]
     return {
         "rows": rows,
         "summary": summary_rows,

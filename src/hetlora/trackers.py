@@ -36,10 +36,10 @@ __all__ = ["OUTPUTS", "TRACKERS", "Trackers", "check_available", "round_scalars"
 
 log = logging.getLogger(__name__)
 
-#: What the trackers write inside a run directory (removed by ``--overwrite``).
-OUTPUTS = ("tensorboard", "mlruns", "wandb", "trackers.json")
 #: Where the MLflow and W&B run ids of a run directory are kept, to resume them.
 IDS_FILE = "trackers.json"
+#: What the trackers write inside a run directory (removed by ``--overwrite``).
+OUTPUTS = ("tensorboard", "mlruns", "wandb", IDS_FILE)
 
 _ROUND_KEYS = (
     "train_loss",
@@ -77,11 +77,7 @@ def round_scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numbers of one ``metrics.jsonl`` row, flat: its scalar keys, the sampled clients'
     ranks (``rank/mean``, ``rank/min``, ``rank/max``), ``rank_count/R`` (clients at rank R)
     and ``rejected`` (replies left out)."""
-    out: dict[str, float] = {}
-    for key in _ROUND_KEYS:
-        value = _number(row.get(key))
-        if value is not None:
-            out[key] = value
+    out = {key: v for key in _ROUND_KEYS if (v := _number(row.get(key))) is not None}
     ranks = [r for r in (row.get("client_ranks") or {}).values() if isinstance(r, int)]
     if ranks:
         out["rank/mean"] = sum(ranks) / len(ranks)
@@ -110,15 +106,11 @@ def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _flat_config(config: dict[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in config.items()}
-
-
 class Trackers:
-    """The open trackers of one run; ``names`` is the ``report_to`` list.
+    """The open trackers of one run.
 
     Args:
-        names: trackers to open (checked with :func:`check_available`).
+        names: the ``report_to`` list (checked with :func:`check_available`).
         config: the run's config as a dict (logged once).
         out_dir: the run directory, where trackers keep their files.
     """
@@ -190,7 +182,7 @@ class Trackers:
         found = client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else client.create_experiment(experiment)
         run = client.create_run(exp_id, run_name=name)
-        params = [Param(k, v[:6000]) for k, v in _flat_config(config).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in config.items()]
         client.log_batch(run.info.run_id, params=params)
         self._mlflow, self._mlflow_run = client, run.info.run_id
         self._keep_id("mlflow", run.info.run_id)

@@ -18,9 +18,8 @@ Each entry runs with :class:`~hetlora.runtime.local.Simulation` into ``OUT/<slug
 Seeds: a top-level ``seeds = [0, 1, 2]`` runs every entry once per seed, into
 ``OUT/<slug>/seed-<s>/`` (each its own resumable run; the seed drives ranks, sampling, splits,
 init and batches). An entry may narrow it with its own ``seeds`` list (a costly method run on
-fewer seeds); ``seed`` itself may then not be set. :func:`hetlora.report.report` picks each
-group's grid point on the validation perplexity, averaged over seeds, and reports test numbers
-as mean, std and per-seed values (see :mod:`hetlora.report`).
+fewer seeds); ``seed`` itself may then not be set. The report then picks each group's grid
+point and gives its test numbers over the seeds (:mod:`hetlora.report`).
 
 Tuning in two stages: with ``tune_seeds = [0]`` (a subset of ``seeds``), every grid point of a
 group of two or more entries runs on the tune seeds only; the point with the lowest validation
@@ -39,11 +38,12 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetlora.config import Config, _parse_override, make_config
+from hetlora.config import Config, _parse_override, load_config, make_config
 from hetlora.errors import HetLoRAError
 from hetlora.runtime.local import Progress, Simulation, check_out_dir
 
@@ -91,9 +91,7 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
     if not isinstance(entries, list) or not entries:
         raise HetLoRAError(f"{path} has no [[compare]] entries")
     shared = dict(raw)
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        shared[key] = value
+    shared.update(_parse_override(item) for item in overrides or [])
     seeds = _seed_list(shared.pop("seeds"), str(path)) if "seeds" in shared else None
     if seeds is not None and "seed" in shared:
         raise HetLoRAError(f"{path}: set either seeds (a list, one run each) or seed, not both")
@@ -104,10 +102,7 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
             raise HetLoRAError(
                 f"{path}: tune_seeds {tune} must be a proper subset of the top-level seeds list"
             )
-    sizes: dict[str, int] = {}
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("group"):
-            sizes[entry["group"]] = sizes.get(entry["group"], 0) + 1
+    sizes = Counter(e["group"] for e in entries if isinstance(e, dict) and e.get("group"))
     out, seen = [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -117,11 +112,11 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
         if slug in seen:
             raise HetLoRAError(f"two [[compare]] entries are named like {name!r}")
         seen.add(slug)
+        where = f"[[compare]] entry {name!r}"
         group = entry.get("group", "")
         if not isinstance(group, str):
-            raise HetLoRAError(f"[[compare]] entry {name!r}: group must be a string")
+            raise HetLoRAError(f"{where}: group must be a string")
         keys = {k: v for k, v in entry.items() if k not in ("name", "group", "seeds")}
-        where = f"[[compare]] entry {name!r}"
         if "seeds" in entry:
             if seeds is None:
                 raise HetLoRAError(f"{where}: seeds needs a top-level seeds list")
@@ -151,8 +146,6 @@ def _resume_state(entry: Entry, run_dir: Path) -> str:
     (finished, kept), ``partial`` (checkpointed, continued) or ``restart`` (started but no round
     checkpointed). A folder that holds a run of another config is refused: nothing is
     overwritten."""
-    from hetlora.config import load_config
-
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return "new"
     if not (run_dir / "config.toml").is_file():
@@ -219,12 +212,11 @@ def run_comparison(
         )
 
     for members in groups.values():
-        for entry in members:
-            if not entry.deferred:
-                run(entry)
-        later = [e for e in members if e.deferred]
-        if later:
-            winner = _tuned_winner(out_dir, [e for e in members if not e.deferred])
+        tuned = [e for e in members if not e.deferred]
+        for entry in tuned:
+            run(entry)
+        if later := [e for e in members if e.deferred]:
+            winner = _tuned_winner(out_dir, tuned)
             chosen = [e for e in later if e.name == winner]
             planned += chosen
             _write_manifest(out_dir, [e for e in entries if e in planned])

@@ -54,7 +54,6 @@ def app(
     ] = 0,
 ) -> None:
     """Write the Flower App folder of a run."""
-
     try:
         from hetlora.config import load_config
         from hetlora.runtime.flower.project import RunOptions, write_app
