@@ -194,6 +194,10 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
     assert h["selected_on"].startswith("val")
     assert summary_rows["Hom r=2"]["seeds"] == "1" and summary_rows["Hom r=2"]["test_std"] == "nan"
     assert "| H | " in (out / "summary.md").read_text()
+    with (out / "curves.csv").open() as fh:
+        curves = [r for r in csv.DictReader(fh) if r["method"] == "H"]
+    assert curves and {r["seeds"] for r in curves} == {"2"}  # the winner's two seeds
+    assert float(curves[-1]["test_mean"]) == pytest.approx(sum(tests) / 2)
     # Paired by seed against the first method (no "HetLoRA" here): only seed 1 is common.
     with (out / "paired.csv").open() as fh:
         (pair,) = list(csv.DictReader(fh))
@@ -376,3 +380,32 @@ def test_rank_table_summarises_global_and_client_ranks_per_round():
     )
     assert second["client_rank_mean"] == 5 and second["client_rank_min"] == 2
     assert second["client_rank_max"] == 8
+
+
+def test_curve_table_gives_each_evaluated_round_over_seeds():
+    """curves.csv: test and validation perplexity per evaluated round, over the seeds; rounds
+    without an evaluation, or evaluated in only some seeds, are left out."""
+    from hetlora.report import curve_rows
+
+    seed0 = [
+        {"round": 0, "eval_ppl": 100.0, "val_ppl": 110.0},
+        {"round": 1, "train_loss": 4.0},
+        {"round": 2, "eval_ppl": 60.0, "val_ppl": 62.0},
+        {"round": 4, "eval_ppl": 58.0, "val_ppl": 61.0},
+    ]
+    seed1 = [
+        {"round": 0, "eval_ppl": 90.0, "val_ppl": 100.0},
+        {"round": 2, "eval_ppl": 50.0, "val_ppl": 56.0},
+    ]
+    rows = curve_rows({"H": [seed0, seed1], "FT": [[{"round": 0, "eval_ppl": 80.0}]]})
+    assert [(r["method"], r["round"], r["seeds"]) for r in rows] == [
+        ("H", 0, 2),
+        ("H", 2, 2),
+        ("FT", 0, 1),
+    ]
+    h2 = rows[1]
+    assert (h2["test_mean"], h2["test_min"], h2["test_max"]) == (55.0, 50.0, 60.0)
+    assert h2["test_std"] == pytest.approx(50**0.5)  # 60 and 50, ddof 1
+    assert (h2["val_mean"], h2["val_std"]) == (59.0, pytest.approx(18**0.5))
+    ft = rows[2]
+    assert ft["test_mean"] == 80.0 and math.isnan(ft["test_std"]) and math.isnan(ft["val_mean"])

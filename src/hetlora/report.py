@@ -10,8 +10,10 @@ lowest final validation perplexity *averaged over the seeds* (the test perplexit
 run has no validation split; ``selected_on`` says which: :func:`choose`); ``summary.csv``/``.md``
 give each method's chosen point with the mean, sample std (ddof 1) and per-seed values of its
 final test and validation perplexity; ``paired.csv``/``.md`` give each method's chosen runs
-minus the reference method's (:data:`REFERENCE`), seed by seed (:func:`paired`). Curves show
-the mean over seeds with a min-max band.
+minus the reference method's (:data:`REFERENCE`), seed by seed (:func:`paired`);
+``curves.csv``/``.md`` give the chosen points' test and validation perplexity at every
+evaluated round over the seeds (:func:`curve_rows`). Curves show the mean over seeds with a
+min-max band.
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ PPL_KEYS = (
     "best_val_ppl",
     "test_mean",
     "test_std",
+    "test_min",
+    "test_max",
     "val_mean",
     "val_std",
 )
@@ -370,6 +374,47 @@ def rank_rows(runs: Runs) -> list[dict[str, Any]]:
     return out
 
 
+#: Columns of a seeded comparison's ``curves.csv``: the numbers behind ``ppl_vs_round.png`` and
+#: ``val_vs_round.png``, per method (its chosen grid point) and evaluated round, over seeds.
+CURVE_COLUMNS = [
+    ("method", "method"),
+    ("round", "round"),
+    ("seeds", "seeds"),
+    ("test_mean", "test ppl mean"),
+    ("test_std", "std"),
+    ("test_min", "min"),
+    ("test_max", "max"),
+    ("val_mean", "val ppl mean"),
+    ("val_std", "val std"),
+]
+
+
+def curve_rows(runs: Runs) -> list[dict[str, Any]]:
+    """Per method and evaluated round: test (``eval_ppl``) and validation perplexity over the
+    seeds (mean, sample std; test min and max); the validation columns are NaN without a
+    validation split. Rounds are those every seed of the method evaluated."""
+    out = []
+    for name, seeds in runs.items():
+        by_round = [{r["round"]: r for r in rows if "eval_ppl" in r} for rows in seeds]
+        for rnd in sorted(set.intersection(*(set(b) for b in by_round))):
+            tests = [b[rnd]["eval_ppl"] for b in by_round]
+            vals = [b[rnd]["val_ppl"] for b in by_round if "val_ppl" in b[rnd]]
+            out.append(
+                {
+                    "method": name,
+                    "round": rnd,
+                    "seeds": len(tests),
+                    "test_mean": _mean(tests),
+                    "test_std": _std(tests),
+                    "test_min": min(tests),
+                    "test_max": max(tests),
+                    "val_mean": _mean(vals),
+                    "val_std": _std(vals),
+                }
+            )
+    return out
+
+
 def plot_ranks(runs: Runs, out_dir: Path) -> Path | None:
     """Client ranks over rounds under self-pruning, for runs where some rank changed (the
     first seed of each method).
@@ -596,6 +641,7 @@ def report(directory: Path | str) -> dict[str, Any]:
         tables += write_tables(summary_rows, directory, "summary", SUMMARY_COLUMNS)
         if pairs:
             tables += write_tables(pairs, directory, "paired", PAIRED_COLUMNS)
+        tables += write_tables(curve_rows(runs), directory, "curves", CURVE_COLUMNS)
     else:
         metrics_by_name, rows = {}, []
         for entry in entries:
