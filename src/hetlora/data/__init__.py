@@ -9,9 +9,6 @@ The sources:
   ``flwr-datasets``, see :mod:`hetlora.data.files`;
 * a folder written by ``Dataset``/``DatasetDict.save_to_disk``, or a hub dataset id where a
   network exists, with the same columns, see :mod:`hetlora.data.sources`.
-
-The loss is computed on the response tokens only; for text-only data the prompt is ``""``;
-for ``messages`` rows it is on every assistant turn (:mod:`hetlora.data.chat`).
 """
 
 from __future__ import annotations
