@@ -33,16 +33,16 @@ def model_size(model: torch.nn.Module) -> ModelSize:
     """Count the decoder's linear weights, the output head, and all parameters."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
-    body = 0
-    for name, module in base.get_decoder().named_modules():
-        weight = getattr(module, "weight", None)
-        if "lora_" in name or weight is None or weight.ndim != 2:
-            continue
-        if isinstance(module, torch.nn.Embedding):
-            continue
-        body += weight.numel()
-    params = {id(p): p.numel() for n, p in base.named_parameters() if "lora_" not in n}
-    return ModelSize(body=body, head=head.weight.numel(), total=sum(params.values()))
+    body = sum(
+        module.weight.numel()
+        for name, module in base.get_decoder().named_modules()
+        if "lora_" not in name
+        and getattr(module, "weight", None) is not None
+        and module.weight.ndim == 2
+        and not isinstance(module, torch.nn.Embedding)
+    )
+    total = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    return ModelSize(body=body, head=head.weight.numel(), total=total)
 
 
 def train_flops(size: ModelSize, tokens: int, targets: int, trainable: int, full: bool) -> float:

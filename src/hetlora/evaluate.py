@@ -48,7 +48,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_h[start : start + CE_CHUNK] = (probs @ w).to(hidden.dtype)
                 if need_w:
                     grad_w += (probs.t() @ h).to(acc)
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
@@ -91,11 +91,12 @@ def response_nll(
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
+    hidden, targets = hidden[:, :-1][keep], labels[keep]
     head = base.get_output_embeddings()
     if not fused or getattr(head, "bias", None) is not None or type(head) is not torch.nn.Linear:
-        logits = head(hidden[:, :-1][keep])  # an unusual head: the plain path
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
-    nll = linear_cross_entropy(hidden[:, :-1][keep], head.weight, labels[keep])
+        nll = F.cross_entropy(head(hidden).float(), targets, reduction="sum")  # the plain path
+    else:
+        nll = linear_cross_entropy(hidden, head.weight, targets)
     return nll, int(keep.sum())
 
 

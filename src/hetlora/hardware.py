@@ -21,12 +21,10 @@ def cpu_has_bf16() -> bool:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    flags = set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    return False
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -40,12 +38,9 @@ def resolve_device(choice: str) -> torch.device:
 
 def resolve_bf16(choice: str, device: torch.device) -> bool:
     """Whether training runs under bf16 autocast (``auto``: where the hardware supports it)."""
-    if choice == "fp32":
-        return False
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-    if choice == "bf16":
-        return True
-    return supported
+    if choice in ("fp32", "bf16"):
+        return choice == "bf16"
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
 
 
 #: ``compile = "auto"`` compiles when a run has at least this many local training steps: below
@@ -142,16 +137,11 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers causal LM (``model.layers`` of Llama/Qwen/Gemma,
-    ``transformer.h`` of GPT-2): the longest ``nn.ModuleList`` in the model."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    return list(max(lists, key=len)) if lists else []
-
-
 def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every decoder layer of ``model`` in place; returns how many.
 
+    The decoder layers are the longest ``nn.ModuleList`` in the model (``model.layers`` of
+    Llama/Qwen/Gemma, ``transformer.h`` of GPT-2).
     All layers share one compiled graph: parameters are graph inputs (Dynamo inlines
     ``nn.Module``s), so the compile cost is one layer's whatever the depth, provided every
     layer sees inputs of the same kind. Two things would split them: the layers' shapes changing
@@ -164,7 +154,8 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     ``backend`` is torch.compile's (the tests use ``aot_eager``: Dynamo's graph capture and
     AOTAutograd without inductor's kernel build).
     """
-    layers = decoder_layers(model)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    layers = list(max(lists, key=len)) if lists else []
     if layers and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     for layer in layers:

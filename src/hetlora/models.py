@@ -67,10 +67,9 @@ def default_model_folder() -> Path:
     gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
     config = gguf_model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)
-    plain_config = type(gguf_model.config).from_dict(config)
-    plain = type(gguf_model)(plain_config)
+    for key in ("quantization_config", "_name_or_path"):
+        config.pop(key, None)
+    plain = type(gguf_model)(type(gguf_model.config).from_dict(config))
     plain.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -9,9 +9,6 @@ The sources:
   ``flwr-datasets``, see :mod:`hetlora.data.files`;
 * a folder written by ``Dataset``/``DatasetDict.save_to_disk``, or a hub dataset id where a
   network exists, with the same columns, see :mod:`hetlora.data.sources`.
-
-The loss is computed on the response tokens only; for text-only data the prompt is ``""``;
-for ``messages`` rows it is on every assistant turn (:mod:`hetlora.data.chat`).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetlora.data.sources import is_hub_id, load_hub, load_saved
 from hetlora.errors import HetLoRAError
 
 __all__ = [
@@ -64,34 +62,6 @@ class Example:
     messages: tuple[tuple[str, str], ...] = ()
 
 
-def _check_params(
-    *,
-    min_examples: int,
-    partitioner: str,
-    num_partitions: int,
-    dirichlet_alpha: float,
-) -> None:
-    """Reject parameter values that are wrong whatever the data."""
-    if isinstance(min_examples, bool) or not isinstance(min_examples, int) or min_examples < 1:
-        raise HetLoRAError(f"min_examples must be an integer >= 1, got {min_examples!r}")
-    if partitioner not in PARTITIONERS:
-        raise HetLoRAError(
-            f"unknown partitioner {partitioner!r}; expected one of: {', '.join(PARTITIONERS)}"
-        )
-    if (
-        isinstance(num_partitions, bool)
-        or not isinstance(num_partitions, int)
-        or num_partitions < 1
-    ):
-        raise HetLoRAError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
-    if not (
-        isinstance(dirichlet_alpha, int | float)
-        and math.isfinite(dirichlet_alpha)
-        and dirichlet_alpha > 0
-    ):
-        raise HetLoRAError(f"dirichlet_alpha must be a finite number > 0, got {dirichlet_alpha!r}")
-
-
 def load_clients(
     source: str,
     *,
@@ -108,10 +78,7 @@ def load_clients(
     """Load the examples of every client, keyed by client id in sorted order.
 
     Args:
-        source: ``"shakespeare"`` for the built-in data set, else a path to a ``.jsonl``,
-            ``.json``, ``.csv`` or ``.parquet`` file with columns (``client_id``, ``prompt``,
-            ``response``) or (``client_id``, ``text``); without ``client_id`` the rows are
-            split into ``num_partitions`` clients by ``partitioner``.
+        source: one of the sources above; the columns are those of :mod:`hetlora.data.files`.
         min_examples: clients with fewer examples are dropped (the count is logged).
         partitioner: ``"iid"`` or ``"dirichlet"``; only used for files without ``client_id``.
         num_partitions: number of clients made by the partitioner.
@@ -124,19 +91,23 @@ def load_clients(
             the built-in data set, whose rows are all usable).
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
 
-    Returns:
-        A dict from client id to that client's examples, with keys in sorted order.
-
     Raises:
         HetLoRAError: bad parameters, unreadable or malformed data, bad rows (``"error"``),
             or no client left.
     """
-    _check_params(
-        min_examples=min_examples,
-        partitioner=partitioner,
-        num_partitions=num_partitions,
-        dirichlet_alpha=dirichlet_alpha,
-    )
+    for name, value in (("min_examples", min_examples), ("num_partitions", num_partitions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HetLoRAError(f"{name} must be an integer >= 1, got {value!r}")
+    if partitioner not in PARTITIONERS:
+        raise HetLoRAError(
+            f"unknown partitioner {partitioner!r}; expected one of: {', '.join(PARTITIONERS)}"
+        )
+    if not (
+        isinstance(dirichlet_alpha, int | float)
+        and math.isfinite(dirichlet_alpha)
+        and dirichlet_alpha > 0
+    ):
+        raise HetLoRAError(f"dirichlet_alpha must be a finite number > 0, got {dirichlet_alpha!r}")
     if on_bad_rows not in BAD_ROW_ACTIONS:
         raise HetLoRAError(
             f"on_bad_rows must be one of {', '.join(BAD_ROW_ACTIONS)}; got {on_bad_rows!r}"
@@ -146,15 +117,6 @@ def load_clients(
     if not isinstance(source, str) or not source:
         raise HetLoRAError(f"data source must be 'shakespeare' or a file path, got {source!r}")
 
-    from hetlora.data.sources import is_hub_id, load_hub, load_saved
-
-    partitioning = {
-        "partitioner": partitioner,
-        "num_partitions": num_partitions,
-        "partition_by": partition_by,
-        "dirichlet_alpha": dirichlet_alpha,
-        "seed": seed,
-    }
     path = Path(source).expanduser()
     from_datasets = source != SHAKESPEARE and (path.is_dir() or is_hub_id(source))
     if split and not from_datasets:
@@ -168,17 +130,24 @@ def load_clients(
         clients = load_shakespeare()
         if report is not None:
             report["bad_rows_skipped"] = 0
-    elif from_datasets:
-        from hetlora.data.files import dataset_clients
-
-        ds = load_saved(path, split) if path.is_dir() else load_hub(source, split)
-        clients = dataset_clients(
-            ds, source, **partitioning, on_bad_rows=on_bad_rows, report=report
-        )
     else:
-        from hetlora.data.files import load_file_clients
+        from hetlora.data.files import dataset_clients, read_file
 
-        clients = load_file_clients(source, **partitioning, on_bad_rows=on_bad_rows, report=report)
+        if from_datasets:
+            ds = load_saved(path, split) if path.is_dir() else load_hub(source, split)
+        else:
+            ds = read_file(Path(source))
+        clients = dataset_clients(
+            ds,
+            source if from_datasets else Path(source),
+            partitioner=partitioner,
+            num_partitions=num_partitions,
+            partition_by=partition_by,
+            dirichlet_alpha=dirichlet_alpha,
+            seed=seed,
+            on_bad_rows=on_bad_rows,
+            report=report,
+        )
 
     before = len(clients)
     kept = {cid: clients[cid] for cid in sorted(clients) if len(clients[cid]) >= min_examples}
@@ -201,10 +170,23 @@ def load_clients(
     return kept
 
 
-def _client_rng(seed: int, client_id: str) -> random.Random:
-    """A random generator that depends only on ``seed`` and ``client_id``."""
-    digest = hashlib.sha256(f"{seed}\x00{client_id}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+def _seeded_pick(
+    examples: list[Example], k: int, fraction: float, seed: int, key: str
+) -> tuple[list[Example], list[Example]]:
+    """(rest, picked) of ``examples``, both in their original order: ``k`` picked by a shuffle
+    seeded by ``seed`` and ``key`` only, within the bounds stated by :func:`split_clients`."""
+    n = len(examples)
+    if fraction > 0 and n >= 2:
+        k = max(k, 1)
+    k = max(0, min(k, n - 1))
+    order = list(range(n))
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    picked = set(order[:k])
+    return (
+        [ex for i, ex in enumerate(examples) if i not in picked],
+        [ex for i, ex in enumerate(examples) if i in picked],
+    )
 
 
 def split_clients(
@@ -215,8 +197,7 @@ def split_clients(
     The split of a client depends only on ``seed`` and its id, not on the other clients.
     Every client keeps at least one training example; a client with two or more examples
     gets at least one test example when ``test_fraction > 0``. Both parts keep the
-    original order of the examples. Both returned dicts have every client id as a key (a
-    test list may be empty).
+    original order of the examples, and have every client id as a key.
 
     Raises:
         HetLoRAError: ``test_fraction`` outside [0, 1) or a client with no examples.
@@ -231,18 +212,10 @@ def split_clients(
     test: dict[str, list[Example]] = {}
     for cid in sorted(clients):
         examples = clients[cid]
-        n = len(examples)
-        if n == 0:
+        if not examples:
             raise HetLoRAError(f"client {cid!r} has no examples")
-        n_test = round(test_fraction * n)
-        if test_fraction > 0 and n >= 2:
-            n_test = max(n_test, 1)
-        n_test = min(n_test, n - 1)
-        order = list(range(n))
-        _client_rng(seed, cid).shuffle(order)
-        test_idx = set(order[:n_test])
-        train[cid] = [ex for i, ex in enumerate(examples) if i not in test_idx]
-        test[cid] = [ex for i, ex in enumerate(examples) if i in test_idx]
+        k = round(test_fraction * len(examples))
+        train[cid], test[cid] = _seeded_pick(examples, k, test_fraction, seed, cid)
     return train, test
 
 
@@ -256,17 +229,12 @@ def cap_examples(
     """
     if max_examples < 0:
         raise HetLoRAError(f"max_examples_per_client must be >= 0, got {max_examples}")
-    out: dict[str, list[Example]] = {}
-    for cid in sorted(clients):
-        examples = clients[cid]
-        if not max_examples or len(examples) <= max_examples:
-            out[cid] = list(examples)
-            continue
-        order = list(range(len(examples)))
-        _client_rng(seed, f"cap\x00{cid}").shuffle(order)
-        keep = sorted(order[:max_examples])
-        out[cid] = [examples[i] for i in keep]
-    return out
+    return {
+        cid: list(ex)
+        if not max_examples or len(ex) <= max_examples
+        else _seeded_pick(ex, max_examples, 1, seed, f"cap\x00{cid}")[1]
+        for cid, ex in sorted(clients.items())
+    }
 
 
 def split_validation(
@@ -276,26 +244,15 @@ def split_validation(
 
     Applied after :func:`split_clients`, so the test split is the same whatever
     ``val_fraction``. Client ``c`` gives ``round(val_fraction * sizes[c])`` examples (``sizes``:
-    its number of examples before any split), at least one when ``val_fraction > 0`` and it has
-    two or more training examples, and always keeps one for training. The choice depends only
-    on ``seed`` and the client id (a stream separate from the test split's); both parts keep
-    the original order. With ``val_fraction = 0`` the training sets are returned unchanged and
-    every validation list is empty.
+    its number of examples before any split), within the same bounds and order as there, by a
+    seeded stream separate from the test split's. With ``val_fraction = 0`` the training sets
+    are returned unchanged and every validation list is empty.
     """
     if not 0 <= val_fraction < 1:
         raise HetLoRAError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     kept: dict[str, list[Example]] = {}
     val: dict[str, list[Example]] = {}
     for cid in sorted(train):
-        examples = train[cid]
-        n = len(examples)
-        n_val = round(val_fraction * sizes.get(cid, n))
-        if val_fraction > 0 and n >= 2:
-            n_val = max(n_val, 1)
-        n_val = max(0, min(n_val, n - 1))
-        order = list(range(n))
-        _client_rng(seed, f"val\x00{cid}").shuffle(order)
-        val_idx = set(order[:n_val])
-        kept[cid] = [ex for i, ex in enumerate(examples) if i not in val_idx]
-        val[cid] = [ex for i, ex in enumerate(examples) if i in val_idx]
+        k = round(val_fraction * sizes.get(cid, len(train[cid])))
+        kept[cid], val[cid] = _seeded_pick(train[cid], k, val_fraction, seed, f"val\x00{cid}")
     return kept, val

@@ -37,13 +37,24 @@ class Tokenized:
         return len(self.ids) - max(self.n_prompt, 1)
 
 
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of ``text``, without special tokens."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def fit(context: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Cut ``context`` on the left and ``answer`` on the right to ``max_len`` tokens in all;
+    the answer keeps at least half of ``max_len``."""
+    if len(context) + len(answer) > max_len:
+        answer = answer[: max(max_len // 2, max_len - len(context))]
+        context = context[len(context) - (max_len - len(answer)) :] if max_len > len(answer) else []
+    return context, answer
+
+
 def tokenize(tokenizer, prompt: str, response: str, max_len: int) -> Tokenized:
     """Tokenise one example; the prompt is cut on the left and the response on the right."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(p) + len(r) > max_len:
-        r = r[: max(max_len // 2, max_len - len(p))]
-        p = p[len(p) - (max_len - len(r)) :] if max_len > len(r) else []
+    p, r = fit(token_ids(tokenizer, prompt), r, max_len)
     return Tokenized(ids=tuple(p + r), n_prompt=len(p))
 
 

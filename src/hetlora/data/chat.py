@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hetlora.data import Example
-from hetlora.data.batching import Tokenized, tokenize
+from hetlora.data.batching import Tokenized, fit, token_ids, tokenize
 from hetlora.errors import HetLoRAError
 
 __all__ = [
@@ -85,24 +85,18 @@ def example_from_messages(value: list[dict[str, Any]]) -> Example:
     return Example(prompt=before[-1] if before else "", response=turns[last][1], messages=turns)
 
 
-def _as_dicts(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"role": role, "content": content} for role, content in turns]
-
-
 def _apply(tokenizer, turns: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(
-            _as_dicts(turns), tokenize=False, add_generation_prompt=generation_prompt
+            [{"role": role, "content": content} for role, content in turns],
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
     except Exception as exc:  # a Jinja error raised by the template itself
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HetLoRAError(
             f"the tokenizer's chat template failed on a conversation: {first}"
         ) from exc
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: int) -> Tokenized:
@@ -112,9 +106,9 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     (system and user turns, the assistant header) and turn ``i`` itself (its content and the
     template's end-of-turn text). Turns after the last assistant turn carry no loss and are
     dropped. Truncation to ``max_len`` keeps the longest run of whole exchanges from the start;
-    when even the first does not fit, its context is cut on the left and its answer on the
-    right (the answer keeps at least half of ``max_len``), as for prompt/response rows, so an
-    example always ends in answer tokens and never trains on a cut-off prompt alone.
+    when even the first does not fit, it is cut as prompt/response rows are
+    (:func:`~hetlora.data.batching.fit`), so an example always ends in answer tokens and never
+    trains on a cut-off prompt alone.
 
     Raises:
         HetLoRAError: the template fails, or renders a prefix of the conversation as text
@@ -134,7 +128,7 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
                 "use a template whose renderings of growing conversations extend each other"
             )
         exchanges.append(
-            (_ids(tokenizer, before[len(done) :]), _ids(tokenizer, after[len(before) :]))
+            (token_ids(tokenizer, before[len(done) :]), token_ids(tokenizer, after[len(before) :]))
         )
         done = after
     exchanges = [(ctx, ans) for ctx, ans in exchanges if ans or ctx]
@@ -146,10 +140,7 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
         kept.append((ctx, ans))
         total += len(ctx) + len(ans)
     if not kept:
-        ctx, ans = exchanges[0]
-        ans = ans[: max(max_len // 2, max_len - len(ctx))]
-        ctx = ctx[len(ctx) - (max_len - len(ans)) :] if max_len > len(ans) else []
-        kept = [(ctx, ans)]
+        kept = [fit(*exchanges[0], max_len)]
     ids: list[int] = []
     target: list[bool] = []
     for ctx, ans in kept:
@@ -166,25 +157,17 @@ def has_chat_template(tokenizer) -> bool:
 @dataclass(frozen=True)
 class Renderer:
     """How the examples of a run become tokens and generation prompts (training, evaluation,
-    ROUGE-L generations, ``hetlora evaluate`` and ``hetlora chat`` all use one).
-
-    ``mode`` is the ``chat_template`` key: under ``"on"``, ``prompt``/``response`` examples are
-    rendered as a user turn and an assistant turn; ``messages`` examples always are.
-    """
+    ROUGE-L generations, ``hetlora evaluate`` and ``hetlora chat`` all use one); ``mode`` is
+    the ``chat_template`` key (see the module docstring)."""
 
     tokenizer: Any
     mode: str
-
-    @property
-    def pairs_through_template(self) -> bool:
-        """Whether ``prompt``/``response`` examples go through the chat template."""
-        return self.mode == "on"
 
     def conversation(self, example: Example) -> tuple[tuple[str, str], ...] | None:
         """The turns ``example`` is rendered from, or ``None`` for raw prompt + response."""
         if example.messages:
             return example.messages
-        if self.pairs_through_template:
+        if self.mode == "on":
             return (("user", example.prompt), ("assistant", example.response))
         return None
 

@@ -1,6 +1,7 @@
-"""User data from a local ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
+"""User data: a local ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, or the rows of a
+``datasets`` folder or hub id (:mod:`hetlora.data.sources`).
 
-The file is read with Hugging Face ``datasets`` (packaged builders on a local file, with a
+A file is read with Hugging Face ``datasets`` (packaged builders on a local file, with a
 throw-away cache folder: no hub access, nothing left in the user's cache). Accepted columns:
 
 * ``client_id``, ``prompt``, ``response``, or ``client_id``, ``text``: natural clients;
@@ -8,25 +9,24 @@ throw-away cache folder: no hub access, nothing left in the user's cache). Accep
 * ``prompt``, ``response``, ``messages`` or ``text`` alone: the rows are split into clients by
   an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
 
-The same columns are read from a ``datasets`` folder or hub id (:mod:`hetlora.data.sources`).
-
 Text-only rows become examples with an empty prompt. Extra columns are ignored (except the
 Dirichlet ``partition_by`` column).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from hetlora.data import BAD_ROW_ACTIONS, PARTITIONERS, Example
+from hetlora.data import Example
 from hetlora.data.chat import example_from_messages, messages_problem
 from hetlora.errors import HetLoRAError
 
-__all__ = ["FORMATS", "dataset_clients", "load_file_clients"]
+__all__ = ["FORMATS", "dataset_clients", "read_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +60,34 @@ def _is_blank(path: Path, *, text: bool) -> bool:
     return True
 
 
-def _parquet_rows(path: Path) -> int:
-    """The row count in a Parquet file's metadata (``datasets`` fails on 0 rows)."""
-    import pyarrow.parquet as pq
+def read_file(path: Path) -> Any:
+    """Read a data file into a ``datasets.Dataset``, with a temporary cache folder.
 
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except Exception as exc:  # not a Parquet file, or a damaged one
-        raise HetLoRAError(f"cannot read {path} as parquet: {_one_line(exc)}") from exc
+    Raises:
+        HetLoRAError: missing, empty, unreadable or malformed file.
+    """
+    if not path.exists():
+        raise HetLoRAError(f"data file not found: {path}")
+    if not path.is_file():
+        raise HetLoRAError(f"data source is not a file: {path}")
+    builder = FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise HetLoRAError(
+            f"unsupported data file type {path.suffix or '(none)'!r} for {path}; "
+            f"expected one of: {', '.join(FORMATS)} (or 'shakespeare')"
+        )
+    if _is_blank(path, text=builder != "parquet"):
+        raise HetLoRAError(f"data file {path} is empty")
+    if builder == "parquet":  # datasets fails on a Parquet file of 0 rows: read its metadata
+        import pyarrow.parquet as pq
 
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # not a Parquet file, or a damaged one
+            raise HetLoRAError(f"cannot read {path} as parquet: {_one_line(exc)}") from exc
+        if rows == 0:
+            raise HetLoRAError(f"data file {path} has no rows")
 
-def _read(path: Path, builder: str) -> Any:
-    """Read ``path`` into a ``datasets.Dataset`` with a temporary cache folder."""
     import datasets
 
     # Quiet while reading: our error message replaces datasets' own log lines and bars.
@@ -81,27 +97,26 @@ def _read(path: Path, builder: str) -> Any:
     datasets.logging.set_verbosity(logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="hetlora-datasets-") as cache_dir:
-            try:
-                ds = datasets.load_dataset(
+            try:  # keep_in_memory: the table does not refer to files in cache_dir
+                return datasets.load_dataset(
                     builder,
                     data_files=str(path),
                     split="train",
                     cache_dir=cache_dir,
                     keep_in_memory=True,
                 )
-            except (StopIteration, datasets.exceptions.DatasetGenerationError) as exc:
-                cause = exc.__cause__ if exc.__cause__ is not None else exc
-                if isinstance(exc, StopIteration) or "EmptyDataError" in type(cause).__name__:
-                    raise HetLoRAError(f"data file {path} has no rows") from exc
-                raise HetLoRAError(f"cannot read {path} as {builder}: {_one_line(exc)}") from exc
-            except ValueError as exc:
-                if "corresponds to no data" in str(exc):
-                    raise HetLoRAError(f"data file {path} has no rows") from exc
-                raise HetLoRAError(f"cannot read {path} as {builder}: {_one_line(exc)}") from exc
             except Exception as exc:  # any parse failure is the file's fault
+                cause = exc.__cause__ or exc
+                if (
+                    isinstance(exc, StopIteration)
+                    or (
+                        isinstance(exc, datasets.exceptions.DatasetGenerationError)
+                        and "EmptyDataError" in type(cause).__name__
+                    )
+                    or (isinstance(exc, ValueError) and "corresponds to no data" in str(exc))
+                ):
+                    raise HetLoRAError(f"data file {path} has no rows") from exc
                 raise HetLoRAError(f"cannot read {path} as {builder}: {_one_line(exc)}") from exc
-            # keep_in_memory: the table no longer refers to files in cache_dir.
-            return ds
     finally:
         datasets.logging.set_verbosity(verbosity)
         if bars_were_on:
@@ -121,7 +136,7 @@ def _column(ds: Any, name: str) -> list[Any]:
     return values
 
 
-def _text_problem(value: Any, name: str, *, allow_empty: bool) -> str | None:
+def _text_problem(value: Any, name: str, allow_empty: bool) -> str | None:
     """Why a cell of a text column is unusable (None if it is fine)."""
     if value is None:
         return f"column {name!r} is null"
@@ -141,15 +156,12 @@ def _client_id_problem(value: Any) -> str | None:
     return None
 
 
-def _text_columns(ds: Any, path: Path) -> list[tuple[str, bool]]:
-    """The text columns the rows are read from, each with whether it may be empty."""
+def _text_columns(ds: Any, path: Path | str) -> list[str]:
+    """The text columns the rows are read from: (messages), (prompt, response) or (text)."""
     columns = set(ds.column_names)
-    if "messages" in columns:
-        return [("messages", False)]
-    if {"prompt", "response"} <= columns:
-        return [("prompt", True), ("response", False)]
-    if "text" in columns:
-        return [("text", False)]
+    for names in (["messages"], ["prompt", "response"], ["text"]):
+        if set(names) <= columns:
+            return names
     raise HetLoRAError(
         f"{path}: needs columns (messages), (prompt, response) or (text), optionally with "
         "client_id; "
@@ -157,88 +169,52 @@ def _text_columns(ds: Any, path: Path) -> list[tuple[str, bool]]:
     )
 
 
-def _bad_rows(ds: Any, path: Path, label: str | None) -> dict[int, list[str]]:
-    """Every unusable row (0-based index) with all of its reasons, in one pass over the file.
+def _drop_bad_rows(
+    ds: Any, path: Path | str, on_bad_rows: str, label: str | None
+) -> tuple[Any, int]:
+    """Check every row in one pass; raise for bad rows (``"error"``) or drop them with one
+    warning line (``"skip"``). Returns the clean rows and how many were dropped.
 
     ``label`` is the Dirichlet ``partition_by`` column, whose cells must not be null.
     """
-    problems: dict[int, list[str]] = {}
-    for name, allow_empty in _text_columns(ds, path):
-        for i, value in enumerate(_column(ds, name)):
-            if name == "messages":
-                why = messages_problem(value)
-            else:
-                why = _text_problem(value, name, allow_empty=allow_empty)
-            if why is not None:
-                problems.setdefault(i, []).append(why)
+    checks = [
+        (name, messages_problem)
+        if name == "messages"
+        else (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
+        for name in _text_columns(ds, path)
+    ]
     if "client_id" in ds.column_names:
-        for i, value in enumerate(_column(ds, "client_id")):
-            if (why := _client_id_problem(value)) is not None:
-                problems.setdefault(i, []).append(why)
+        checks.append(("client_id", _client_id_problem))
     elif label is not None and label in ds.column_names:
-        for i, value in enumerate(_column(ds, label)):
-            if value is None:
-                problems.setdefault(i, []).append(f"partition_by column {label!r} is null")
-    return dict(sorted(problems.items()))
-
-
-def _describe_bad_rows(problems: dict[int, list[str]], total: int) -> str:
-    """``N bad rows of M: row i: reason, reason; row j: ...; and K more`` on one line."""
-    shown = list(problems.items())[:SHOWN_BAD_ROWS]
-    rows = "; ".join(f"row {i + 1}: {', '.join(why)}" for i, why in shown)
-    n = len(problems)
-    more = f"; and {n - len(shown)} more" if n > len(shown) else ""
-    return f"{n} bad row{'s' if n != 1 else ''} of {total}: {rows}{more}"
-
-
-def _drop_bad_rows(ds: Any, path: Path, on_bad_rows: str, label: str | None) -> tuple[Any, int]:
-    """Check every row; raise for bad rows (``"error"``) or drop them with one warning line
-    (``"skip"``). Returns the clean rows and how many were dropped."""
-    if on_bad_rows not in BAD_ROW_ACTIONS:
-        raise HetLoRAError(
-            f"on_bad_rows must be one of {', '.join(BAD_ROW_ACTIONS)}; got {on_bad_rows!r}"
-        )
-    problems = _bad_rows(ds, path, label)
+        null = f"partition_by column {label!r} is null"
+        checks.append((label, lambda value: null if value is None else None))
+    problems: dict[int, list[str]] = {}
+    for name, check in checks:
+        for i, value in enumerate(_column(ds, name)):
+            if (why := check(value)) is not None:
+                problems.setdefault(i, []).append(why)
     if not problems:
         return ds, 0
-    described = _describe_bad_rows(problems, ds.num_rows)
+    n = len(problems)
+    shown = sorted(problems.items())[:SHOWN_BAD_ROWS]
+    rows = "; ".join(f"row {i + 1}: {', '.join(why)}" for i, why in shown)
+    more = f"; and {n - len(shown)} more" if n > len(shown) else ""
+    described = f"{n} bad row{'s' if n != 1 else ''} of {ds.num_rows}: {rows}{more}"
     if on_bad_rows == "error":
         raise HetLoRAError(f'{path}: {described} (fix them, or set on_bad_rows = "skip")')
-    if len(problems) == ds.num_rows:
+    if n == ds.num_rows:
         raise HetLoRAError(f"{path}: no usable rows: {described}")
     logger.warning('%s: skipped (on_bad_rows = "skip") %s', path, described)
     keep = [i for i in range(ds.num_rows) if i not in problems]
     # flatten: _column reads the table itself, which must hold only the kept rows
     clean = ds.select(keep, keep_in_memory=True).flatten_indices(keep_in_memory=True)
-    return clean, len(problems)
-
-
-def _examples(ds: Any, path: Path) -> list[Example]:
-    """One example per row, from (messages), (prompt, response) or (text) columns (rows
-    already checked)."""
-    columns = [name for name, _ in _text_columns(ds, path)]
-    if columns == ["messages"]:
-        return [example_from_messages(v) for v in _column(ds, "messages")]
-    if columns == ["text"]:
-        return [Example(prompt="", response=t) for t in _column(ds, "text")]
-    return [
-        Example(prompt=p, response=r)
-        for p, r in zip(_column(ds, "prompt"), _column(ds, "response"), strict=True)
-    ]
-
-
-def _natural_clients(ds: Any, examples: list[Example]) -> dict[str, list[Example]]:
-    """Group rows by their ``client_id`` value (converted to ``str``; rows already checked)."""
-    clients: dict[str, list[Example]] = {}
-    for cid, example in zip(_column(ds, "client_id"), examples, strict=True):
-        clients.setdefault(str(cid), []).append(example)
-    return clients
+    return clean, n
 
 
 def _partition(
     ds: Any,
     examples: list[Example],
-    path: Path,
+    path: Path | str,
     *,
     partitioner: str,
     num_partitions: int,
@@ -246,7 +222,8 @@ def _partition(
     dirichlet_alpha: float,
     seed: int,
 ) -> dict[str, list[Example]]:
-    """Split the rows into ``num_partitions`` clients with an flwr-datasets partitioner."""
+    """Split the rows into ``num_partitions`` clients with an flwr-datasets partitioner
+    (``partitioner`` already checked by :func:`hetlora.data.load_clients`)."""
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
@@ -260,7 +237,7 @@ def _partition(
             seed=seed, keep_in_memory=True
         )
         part = IidPartitioner(num_partitions=num_partitions)
-    elif partitioner == "dirichlet":
+    else:
         if not partition_by:
             raise HetLoRAError(
                 "the dirichlet partitioner needs partition_by, the name of a column of "
@@ -280,20 +257,13 @@ def _partition(
             min_partition_size=0,
             seed=seed,
         )
-    else:  # load_clients checks the name first; keep this for direct callers.
-        raise HetLoRAError(
-            f"unknown partitioner {partitioner!r}; expected one of: {', '.join(PARTITIONERS)}"
-        )
-
     part.dataset = index
     width = max(3, len(str(num_partitions - 1)))
-    clients: dict[str, list[Example]] = {}
     try:
-        for pid in range(num_partitions):
-            rows = part.load_partition(pid)[_ROW]
-            clients[f"partition-{pid:0{width}d}"] = [examples[r] for r in rows]
-    except HetLoRAError:
-        raise
+        clients = {
+            f"partition-{pid:0{width}d}": [examples[r] for r in part.load_partition(pid)[_ROW]]
+            for pid in range(num_partitions)
+        }
     except Exception as exc:  # flwr-datasets rejects the data or parameters
         raise HetLoRAError(
             f"{partitioner} partitioning of {path} failed: {_one_line(exc)}"
@@ -304,73 +274,22 @@ def _partition(
     return clients
 
 
-def load_file_clients(
-    source: str | Path,
-    *,
-    partitioner: str = "iid",
-    num_partitions: int = 10,
-    partition_by: str | None = None,
-    dirichlet_alpha: float = 0.5,
-    seed: int = 0,
-    on_bad_rows: str = "error",
-    report: dict[str, int] | None = None,
-) -> dict[str, list[Example]]:
-    """Read a data file and return its clients (unfiltered, keys in sorted order).
-
-    The partitioner arguments are used only when the file has no ``client_id`` column. Every
-    row is checked before any is used: with ``on_bad_rows = "error"`` one error gives the count
-    of bad rows and the first few with their reasons; ``"skip"`` drops them with one warning
-    line and, when ``report`` is given, sets ``report["bad_rows_skipped"]`` to their count.
-
-    Raises:
-        HetLoRAError: missing, empty, unreadable or malformed file, bad rows (``"error"``),
-            no usable row, or bad partitioning.
-    """
-    path = Path(source)
-    if not path.exists():
-        raise HetLoRAError(f"data file not found: {path}")
-    if not path.is_file():
-        raise HetLoRAError(f"data source is not a file: {path}")
-    builder = FORMATS.get(path.suffix.lower())
-    if builder is None:
-        raise HetLoRAError(
-            f"unsupported data file type {path.suffix or '(none)'!r} for {path}; "
-            f"expected one of: {', '.join(FORMATS)} (or 'shakespeare')"
-        )
-    if _is_blank(path, text=builder != "parquet"):
-        raise HetLoRAError(f"data file {path} is empty")
-
-    if builder == "parquet" and _parquet_rows(path) == 0:
-        raise HetLoRAError(f"data file {path} has no rows")
-    ds = _read(path, builder)
-    return dataset_clients(
-        ds,
-        path,
-        partitioner=partitioner,
-        num_partitions=num_partitions,
-        partition_by=partition_by,
-        dirichlet_alpha=dirichlet_alpha,
-        seed=seed,
-        on_bad_rows=on_bad_rows,
-        report=report,
-    )
-
-
 def dataset_clients(
     ds: Any,
     path: Path | str,
     *,
-    partitioner: str = "iid",
-    num_partitions: int = 10,
-    partition_by: str | None = None,
-    dirichlet_alpha: float = 0.5,
-    seed: int = 0,
-    on_bad_rows: str = "error",
-    report: dict[str, int] | None = None,
+    partitioner: str,
+    num_partitions: int,
+    partition_by: str | None,
+    dirichlet_alpha: float,
+    seed: int,
+    on_bad_rows: str,
+    report: dict[str, int] | None,
 ) -> dict[str, list[Example]]:
-    """The clients of a ``datasets.Dataset`` (``path`` names its source in messages).
-
-    Every row is checked first (``on_bad_rows`` and ``report`` as in :func:`load_file_clients`).
+    """The clients of a ``datasets.Dataset`` (unfiltered, keys in sorted order); ``path``
+    names its source in messages. The arguments are :func:`hetlora.data.load_clients`'s, which
+    checks them; the partitioner ones are used only when there is no ``client_id`` column.
+    Every row is checked before any is used.
 
     Raises:
         HetLoRAError: no rows, bad rows (``"error"``), no usable row, or bad partitioning.
@@ -381,13 +300,17 @@ def dataset_clients(
     ds, skipped = _drop_bad_rows(ds, path, on_bad_rows, label)
     if report is not None:
         report["bad_rows_skipped"] = skipped
-    examples = _examples(ds, path)
-    if "client_id" in ds.column_names:
-        clients = _natural_clients(ds, examples)
-        logger.info(
-            "read %d rows of %s: %d clients by client_id", len(examples), path, len(clients)
-        )
+    columns = _text_columns(ds, path)
+    if columns == ["messages"]:
+        examples = [example_from_messages(v) for v in _column(ds, "messages")]
+    elif columns == ["text"]:
+        examples = [Example(prompt="", response=t) for t in _column(ds, "text")]
     else:
+        examples = [
+            Example(prompt=p, response=r)
+            for p, r in zip(_column(ds, "prompt"), _column(ds, "response"), strict=True)
+        ]
+    if "client_id" not in ds.column_names:
         clients = _partition(
             ds,
             examples,
@@ -397,5 +320,12 @@ def dataset_clients(
             partition_by=partition_by,
             dirichlet_alpha=dirichlet_alpha,
             seed=seed,
+        )
+    else:
+        clients = {}
+        for cid, example in zip(_column(ds, "client_id"), examples, strict=True):
+            clients.setdefault(str(cid), []).append(example)
+        logger.info(
+            "read %d rows of %s: %d clients by client_id", len(examples), path, len(clients)
         )
     return {cid: clients[cid] for cid in sorted(clients)}

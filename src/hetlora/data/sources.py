@@ -17,18 +17,11 @@ from typing import Any
 
 from hetlora.errors import HetLoRAError
 
-__all__ = ["is_hub_id", "is_saved_dataset", "load_hub", "load_saved"]
+__all__ = ["is_hub_id", "load_hub", "load_saved"]
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_DICT_MARKER = "dataset_dict.json"
-_DATASET_MARKERS = ("state.json", "dataset_info.json")
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """Whether ``path`` is a folder written by ``Dataset``/``DatasetDict.save_to_disk``."""
-    return path.is_dir() and any((path / m).is_file() for m in (_DICT_MARKER, *_DATASET_MARKERS))
 
 
 def is_hub_id(source: str) -> bool:
@@ -49,7 +42,8 @@ def load_saved(path: Path, split: str) -> Any:
     """
     import datasets
 
-    if not is_saved_dataset(path):
+    markers = ("dataset_dict.json", "state.json", "dataset_info.json")
+    if not (path.is_dir() and any((path / m).is_file() for m in markers)):
         raise HetLoRAError(
             f"data folder {path} was not written by Dataset.save_to_disk or "
             "DatasetDict.save_to_disk (no dataset_dict.json, state.json or dataset_info.json)"
