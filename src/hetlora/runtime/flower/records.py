@@ -22,7 +22,7 @@ Nothing here knows about sockets or processes: these are plain functions over re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ RESULT_METRICS = {
     "seconds": "seconds",
     "step-seconds": "step_seconds",
 }
+COUNTS = ("tokens", "target-tokens", "steps")  # of RESULT_METRICS: whole numbers
 
 
 def factors_record(factors: Factors) -> ArrayRecord:
@@ -189,20 +190,12 @@ def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, Cli
         raise HetLoRAError("reply without factors or metrics")
     metrics = content.metric_records[METRICS]
     factors = read_factors(content.array_records[ARRAYS])
-    values = {field: _number(metrics, key) for key, field in RESULT_METRICS.items()}
-    result = ClientResult(
-        factors=factors,
-        rank_received=sent.rank,
-        rank=_count(metrics, "rank"),
-        train_loss=values["train_loss"],
-        tail_before=values["tail_before"],
-        tail_after=values["tail_after"],
-        tokens=_count(metrics, "tokens"),
-        target_tokens=_count(metrics, "target-tokens"),
-        steps=_count(metrics, "steps"),
-        seconds=values["seconds"],
-        step_seconds=values["step_seconds"],
-    )
+    values = {
+        field: (_count if key in COUNTS else _number)(metrics, key)
+        for key, field in RESULT_METRICS.items()
+    }
+    rank = _count(metrics, "rank")
+    result = ClientResult(factors=factors, rank_received=sent.rank, rank=rank, **values)
     update = ClientUpdate(
         sent.client_id,
         _count(metrics, "num-examples"),
@@ -232,15 +225,7 @@ class NodeInfo:
     tier: str = ""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "client-id": self.client_id,
-                "index": self.index,
-                "num-examples": self.num_examples,
-                "rank": self.rank,
-                "tier": self.tier,
-            }
-        )
+        return ConfigRecord({key.replace("_", "-"): value for key, value in asdict(self).items()})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeInfo:

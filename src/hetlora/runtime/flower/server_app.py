@@ -151,7 +151,13 @@ def flower_run(
         min_clients=min_clients,
         max_update_norm=cfg.max_update_norm,
     )
-    strategy.summary()
+    log.info(
+        "HetLoRAStrategy: method %s, %d nodes, min_clients %d, ranks %s",
+        server.name,
+        len(nodes),
+        min_clients,
+        dict(sorted(server.ranks.items())),
+    )
     extra = {"runtime": "flower", "nodes": {c: n for n, c in sorted(nodes.items())}}
     transport = GridTransport(grid, strategy, options.round_timeout_s)
     return RoundLoop(ws, server, transport, clients, min_clients, progress, extra)
