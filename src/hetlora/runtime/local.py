@@ -114,9 +114,8 @@ class GlobalModel:
         model = self.ws.peft_model
         factors = server.global_factors()
         if factors is None:
-            live = adapters.live_factors(model, adapters.GLOBAL)
             with torch.no_grad():
-                for b, _ in live.values():
+                for b, _ in adapters.live_factors(model, adapters.GLOBAL).values():
                     b.zero_()  # B = 0: the adapter adds nothing to the (merged) base
             return
         if rank is not None and rank < rank_of(factors):

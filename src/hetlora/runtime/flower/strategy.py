@@ -64,8 +64,7 @@ class HetLoRAStrategy(Strategy):
         max_update_norm: float = 0.0,
     ) -> None:
         self.server = server
-        self.nodes = dict(nodes)
-        self.node_of = {client: node for node, client in self.nodes.items()}
+        self.node_of = {client: node for node, client in nodes.items()}
         self.settings = settings
         self.sample_clients = sample_clients or (lambda _round: sorted(self.node_of))
         self.min_clients = min_clients
