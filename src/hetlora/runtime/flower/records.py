@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +38,8 @@ CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"
 
-#: ConfigRecord key -> :class:`~hetlora.client.TrainSettings` field, for local training.
+#: ConfigRecord key -> :class:`~hetlora.client.TrainSettings` field: the local-training
+#: hyperparameters the server sends (the node sets its own precision).
 HYPERPARAMETERS = {
     "local-steps": "local_steps",
     "lr": "lr",
@@ -100,11 +100,6 @@ def read_factors(record: ArrayRecord) -> Factors:
     return factors
 
 
-def hyperparameters(settings: TrainSettings) -> dict[str, Any]:
-    """The ConfigRecord entries for local training (everything but the node's precision)."""
-    return {key: getattr(settings, field) for key, field in HYPERPARAMETERS.items()}
-
-
 def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> RecordDict:
     """The content of one training instruction (LoRA tasks only)."""
     if task.kind != "lora" or task.factors is None:
@@ -116,7 +111,7 @@ def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> 
             "rank": task.rank,
             "pruning": task.pruning,
             "regularise": task.regularise,
-            **hyperparameters(settings),
+            **{key: getattr(settings, field) for key, field in HYPERPARAMETERS.items()},
         }
     )
     return RecordDict({ARRAYS: factors_record(task.factors), CONFIG: config})
