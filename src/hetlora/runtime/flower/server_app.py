@@ -151,13 +151,7 @@ def flower_run(
         min_clients=min_clients,
         max_update_norm=cfg.max_update_norm,
     )
-    log.info(
-        "HetLoRAStrategy: method %s, %d nodes, min_clients %d, ranks %s",
-        server.name,
-        len(nodes),
-        min_clients,
-        dict(sorted(server.ranks.items())),
-    )
+    strategy.summary()
     extra = {"runtime": "flower", "nodes": {c: n for n, c in sorted(nodes.items())}}
     transport = GridTransport(grid, strategy, options.round_timeout_s)
     return RoundLoop(ws, server, transport, clients, min_clients, progress, extra)

@@ -64,7 +64,8 @@ class HetLoRAStrategy(Strategy):
         max_update_norm: float = 0.0,
     ) -> None:
         self.server = server
-        self.node_of = {client: node for node, client in nodes.items()}
+        self.nodes = dict(nodes)
+        self.node_of = {client: node for node, client in self.nodes.items()}
         self.settings = settings
         self.sample_clients = sample_clients or (lambda _round: sorted(self.node_of))
         self.min_clients = min_clients
@@ -73,6 +74,15 @@ class HetLoRAStrategy(Strategy):
         self._tasks: dict[str, ClientTask] = {}  # client -> the task sent this round
         self._messages: dict[str, Message] = {}  # client -> the instruction sent
         self._unsent: dict[str, str] = {}  # client -> why nothing was sent
+
+    def summary(self) -> None:  # Flower's Strategy requires it
+        log.info(
+            "HetLoRAStrategy: method %s, %d nodes, min_clients %d, ranks %s",
+            self.server.name,
+            len(self.nodes),
+            self.min_clients,
+            dict(sorted(self.server.ranks.items())),
+        )
 
     def instructions(
         self,
