@@ -1,9 +1,3 @@
-"""Runtimes that drive a method's server: one round loop, two transports.
-
-* :mod:`.workspace` -- the data and the PEFT-wrapped model every process of a run builds;
-* :mod:`.rounds` -- one round (sample, exchange over a transport, check and fold replies) and
-  its metrics row;
-* :mod:`.local` -- :class:`~.local.RoundLoop` (every round, evaluation, checkpoints, summary)
-  and :class:`~.local.Simulation`, the in-process run (the default);
-* :mod:`.flower` -- the same round loop over Flower's Grid (ServerApp) and a ClientApp.
-"""
+"""Runtimes that drive a method's server: one round loop (:mod:`.local`, a round in
+:mod:`.rounds`) over two transports, in-process and Flower (:mod:`.flower`), on the set-up every
+process of a run shares (:mod:`.workspace`)."""

@@ -91,14 +91,9 @@ def check_matches(payload: dict[str, Any], config: dict[str, Any], model: str, d
     its default: a new key's default is the behaviour from before it existed)."""
     from hetlora.config import Config, translate_old_keys
 
-    older = translate_old_keys(payload["config"], warn=False)
-    payload = {**payload, "config": {**Config().to_dict(), **older}}
-    if payload["config"] != config:
-        changed = sorted(
-            k
-            for k in set(config) | set(payload["config"])
-            if payload["config"].get(k) != config.get(k)
-        )
+    saved = {**Config().to_dict(), **translate_old_keys(payload["config"], warn=False)}
+    if saved != config:
+        changed = sorted(k for k in set(config) | set(saved) if saved.get(k) != config.get(k))
         raise HetLoRAError(
             f"checkpoint was made with another config (differs in: {', '.join(changed)})"
         )

@@ -1,16 +1,11 @@
 """The run: one round loop over a transport, evaluation, checkpoints, and the run directory.
 
-Layers, bottom up: :mod:`hetlora.lora` (math) -> :mod:`hetlora.methods` (one ``Server`` per
-method) -> :mod:`.rounds` (one round: sample, exchange, check, fold) -> :class:`RoundLoop` (every
-round, evaluation, checkpoint and resume, summary) -> the CLI. A transport moves tasks and
-replies: :class:`~.rounds.InProcessClients` here, Flower's Grid in
-:mod:`hetlora.runtime.flower.server_app`, which builds its :class:`RoundLoop` by composition.
-
-:class:`Simulation` is the in-process run: every client of a federated run, one base model, one
-process. The base model is loaded once and wrapped once with PEFT (:mod:`.workspace`); each
-sampled client's adapter is put in, trained and taken out (:mod:`hetlora.client`). Writes
-``config.toml``, ``metrics.jsonl``, ``adapter/``, ``samples.jsonl``, ``summary.json`` and
-``checkpoint.pt`` into the output directory.
+:class:`RoundLoop` runs every round (:mod:`.rounds`) over a transport:
+:class:`~.rounds.InProcessClients` in :class:`Simulation`, the in-process run (one base model,
+wrapped once with PEFT, every client's adapter put in, trained and taken out in turn), or
+Flower's Grid in :mod:`hetlora.runtime.flower.server_app`, which builds its :class:`RoundLoop`
+by composition. Writes ``config.toml``, ``metrics.jsonl``, ``adapter/``, ``samples.jsonl``,
+``summary.json`` and ``checkpoint.pt`` into the output directory.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +36,7 @@ from hetlora.hardware import (
 )
 from hetlora.lora import pad, rank_of, truncate
 from hetlora.methods import hetlora, make_server
-from hetlora.methods.base import BaseUpdate, Server
+from hetlora.methods.base import Server
 from hetlora.models import load_base_model
 from hetlora.runtime import checkpoint
 from hetlora.runtime.rounds import (
@@ -57,7 +53,7 @@ from hetlora.runtime.workspace import (
     Workspace,
     build_workspace,
     eval_set,
-    federated_data,
+    federated_splits,
 )
 from hetlora.trackers import OUTPUTS as TRACKER_OUTPUTS
 from hetlora.trackers import Trackers, check_available
@@ -109,13 +105,8 @@ class GlobalModel:
         self.eval_examples = eval_set(ws.test_data, cfg.eval_examples, cfg.seed)
         self.eval_items = ws.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
         # the validation set (val_fraction > 0): the same cap and shuffle as the test set
-        self.val_items = (
-            ws.renderer.tokenize_all(
-                eval_set(ws.val_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len
-            )
-            if cfg.val_fraction > 0
-            else []
-        )
+        val = eval_set(ws.val_data, cfg.eval_examples, cfg.seed) if cfg.val_fraction > 0 else []
+        self.val_items = ws.renderer.tokenize_all(val, cfg.max_seq_len)
         self._pristine: dict[str, torch.Tensor] | None = None  # W0 of adapted modules (FLoRA)
 
     def show(self, server: Server, rank: int | None = None) -> None:
@@ -123,9 +114,8 @@ class GlobalModel:
         model = self.ws.peft_model
         factors = server.global_factors()
         if factors is None:
-            live = adapters.live_factors(model, adapters.GLOBAL)
             with torch.no_grad():
-                for b, _ in live.values():
+                for b, _ in adapters.live_factors(model, adapters.GLOBAL).values():
                     b.zero_()  # B = 0: the adapter adds nothing to the (merged) base
             return
         if rank is not None and rank < rank_of(factors):
@@ -176,25 +166,18 @@ class GlobalModel:
             )
         return preds, [ex.response.strip() for ex in sample]
 
-    def apply_base_update(self, server: Server) -> None:
-        """After a round: the change the method makes to the base model (FLoRA, full FT)."""
-        update = server.base_update()
-        if update is None:
-            return
-        if update.deltas:  # W = W0 + (sum of every merge): the same arithmetic on resume
-            self.set_base(server.base_state())
-        if update.weights:
-            adapters.load_base_weights(self.ws.peft_model, update.weights)
-
-    def set_base(self, base: BaseUpdate | None, weights: bool = False) -> None:
-        """Rebuild the base as W0 + every merge so far (and its replaced weights with ``weights``)."""
+    def set_base(self, server: Server) -> None:
+        """The base model as the method has changed it so far (FLoRA, full FT), after a round
+        and on resume: W0 + the sum of every merge (the same arithmetic both times), and every
+        replaced weight."""
+        base = server.base_state()
         if base is None:
             return
         if base.deltas:
             if self._pristine is None:  # the base as loaded, before any merge
                 self._pristine = adapters.adapted_base_weights(self.ws.peft_model)
             adapters.set_base(self.ws.peft_model, self._pristine, base.deltas)
-        if weights and base.weights:
+        if base.weights:
             adapters.load_base_weights(self.ws.peft_model, base.weights)
 
     def save(self, server: Server, out_dir: Path) -> None:
@@ -288,7 +271,7 @@ class RoundLoop:
             self.ws.size,
         )
         if not outcome.skipped:
-            self.model.apply_base_update(self.server)
+            self.model.set_base(self.server)
         self.round = round_idx
         row = round_row(outcome, self.server)
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
@@ -302,9 +285,8 @@ class RoundLoop:
         cfg = self.cfg
         if not self.server.has_global_adapter:
             return []
-        in_use = set(self.initial_ranks.values()) | set(self.server.ranks.values())
-        if cfg.tiers or cfg.method == "homlora":
-            ranks = in_use
+        if cfg.tiers or cfg.method == "homlora":  # the ranks in use
+            ranks = set(self.initial_ranks.values()) | set(self.server.ranks.values())
         else:  # uniform draws: every rank is "in use"; evaluate the ends and the middle
             ranks = {cfg.r_min, (cfg.r_min + cfg.r_max) // 2}
         top = self.server.r_max()
@@ -339,7 +321,7 @@ class RoundLoop:
         self.server = payload["server"]
         self.round = payload["round"]
         self.initial_ranks = payload["initial_ranks"]
-        self.model.set_base(self.server.base_state(), weights=True)
+        self.model.set_base(self.server)
         return list(payload["metrics"]), list(payload.get("base_preds") or [])
 
     def run(self, out_dir: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -357,11 +339,52 @@ class RoundLoop:
             check_out_dir(out_dir, overwrite)
             _prepare_out_dir(out_dir)
             cfg.save(out_dir / "config.toml")
-        trackers = Trackers(cfg.report_to, cfg.to_dict(), out_dir)
-        try:
-            return self._run(out_dir, metrics, base_preds, resume, trackers)
-        finally:
-            trackers.close()
+        with closing(Trackers(cfg.report_to, cfg.to_dict(), out_dir)) as trackers:
+            start = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
+            with (out_dir / "metrics.jsonl").open("w") as fh:
+                for row in metrics:  # on resume: exactly the rows of the checkpointed rounds
+                    fh.write(json.dumps(row) + "\n")
+                fh.flush()
+
+                def record(row: dict[str, Any]) -> None:
+                    row["elapsed_s"] = time.perf_counter() - start
+                    metrics.append(row)
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    trackers.log_round(row)
+                    self._emit("round_end", row=row, rounds=cfg.rounds)
+
+                if not resume:
+                    row, base_preds = self._round_zero()
+                    record(row)
+                    self._save_checkpoint(out_dir, metrics, base_preds)
+                else:
+                    self._emit("resume", round=self.round)
+                while self.round < cfg.rounds:
+                    self._emit("round_start", round=self.round + 1, rounds=cfg.rounds)
+                    record(self.run_round())
+                    self._save_checkpoint(out_dir, metrics, base_preds)
+            summary = self._summary(metrics)
+            summary["tier_ppl"] = {}
+            for rank in self.tier_ranks():
+                self._emit("eval", round=f"final, rank {rank}")
+                summary["tier_ppl"][str(rank)] = self.evaluate(rank)[1]
+            if cfg.rouge_examples:
+                self._emit("generate", which="final")
+                preds, refs = self.model.generations(self.server)
+                summary["rouge_l_base"] = rouge_l(base_preds, refs)
+                summary["rouge_l"] = rouge_l(preds, refs)
+                with (out_dir / "samples.jsonl").open("w") as fh:
+                    examples = self.model.eval_examples
+                    for ex, base, pred in zip(examples, base_preds, preds, strict=False):
+                        sample = {"prompt": ex.prompt, "reference": ex.response.strip()}
+                        fh.write(json.dumps({**sample, "base": base, cfg.method: pred}) + "\n")
+            self.model.save(self.server, out_dir)
+            summary["wall_s"] = time.perf_counter() - start
+            trackers.log_summary(summary, self.round)
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._emit("done", summary=summary)
+        return summary
 
     def _round_zero(self) -> tuple[dict[str, Any], list[str]]:
         """The base model's row (round 0) and its generations for ROUGE-L."""
@@ -383,63 +406,6 @@ class RoundLoop:
             "wall_s": time.perf_counter() - t0,
         }
         return row, base_preds
-
-    def _run(
-        self,
-        out_dir: Path,
-        metrics: list[dict[str, Any]],
-        base_preds: list[str],
-        resume: bool,
-        trackers: Trackers,
-    ) -> dict[str, Any]:
-        cfg = self.cfg
-        start = time.perf_counter() - (metrics[-1]["elapsed_s"] if metrics else 0.0)
-        with (out_dir / "metrics.jsonl").open("w") as fh:
-            for row in metrics:  # on resume: exactly the rows of the checkpointed rounds
-                fh.write(json.dumps(row) + "\n")
-            fh.flush()
-
-            def record(row: dict[str, Any]) -> None:
-                row["elapsed_s"] = time.perf_counter() - start
-                metrics.append(row)
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                trackers.log_round(row)
-                self._emit("round_end", row=row, rounds=cfg.rounds)
-
-            if not resume:
-                row, base_preds = self._round_zero()
-                record(row)
-                self._save_checkpoint(out_dir, metrics, base_preds)
-            else:
-                self._emit("resume", round=self.round)
-            while self.round < cfg.rounds:
-                self._emit("round_start", round=self.round + 1, rounds=cfg.rounds)
-                record(self.run_round())
-                self._save_checkpoint(out_dir, metrics, base_preds)
-        summary = self._summary(metrics)
-        tiers = {}
-        for rank in self.tier_ranks():
-            self._emit("eval", round=f"final, rank {rank}")
-            tiers[str(rank)] = self.evaluate(rank)[1]
-        summary["tier_ppl"] = tiers
-        if cfg.rouge_examples:
-            self._emit("generate", which="final")
-            preds, refs = self.model.generations(self.server)
-            summary["rouge_l_base"] = rouge_l(base_preds, refs)
-            summary["rouge_l"] = rouge_l(preds, refs)
-            with (out_dir / "samples.jsonl").open("w") as fh:
-                examples = self.model.eval_examples
-                for ex, base, pred in zip(examples, base_preds, preds, strict=False):
-                    sample = {"prompt": ex.prompt, "reference": ex.response.strip()}
-                    sample.update({"base": base, cfg.method: pred})
-                    fh.write(json.dumps(sample) + "\n")
-        self.model.save(self.server, out_dir)
-        summary["wall_s"] = time.perf_counter() - start
-        trackers.log_summary(summary, self.round)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._emit("done", summary=summary)
-        return summary
 
     def _summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         ws = self.ws
@@ -524,10 +490,7 @@ class Simulation(RoundLoop):
         check_available(cfg.report_to)
         ws = build_workspace(cfg, trains_locally=True, progress=progress)
         server = initial_server(cfg, ws, assigned_ranks(cfg, ws.client_ids))
-        emit = progress or (lambda event: None)
-        transport = InProcessClients(
-            ws.train, cfg.local_steps, lambda event, **f: emit({"event": event, **f})
-        )
+        transport = InProcessClients(ws.train, cfg.local_steps, self._emit)
         super().__init__(ws, server, transport, ws.client_ids, cfg.min_clients, progress)
 
 
@@ -537,8 +500,7 @@ def run(
     """Prepare and run a simulation; see :class:`Simulation`."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
-    sim = Simulation(cfg, progress)
-    return sim.run(out_dir, overwrite=overwrite)
+    return Simulation(cfg, progress).run(out_dir, overwrite=overwrite)
 
 
 def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
@@ -564,7 +526,7 @@ def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
     base = load_base_model(cfg.model, device)
     use_cpu_attention(base.model, device)
     model = PeftModel.from_pretrained(base.model, str(run_dir / "adapter")).to(device)
-    train_data, test_data = federated_data(cfg)
+    train_data, _, test_data = federated_splits(cfg)
     renderer = make_renderer(
         base.tokenizer, cfg.chat_template, [ex for v in train_data.values() for ex in v]
     )

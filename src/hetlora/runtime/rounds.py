@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -206,10 +207,7 @@ def play_round(
 
 def counts(values: Iterable[int]) -> dict[str, int]:
     """How many clients hold each rank (rank as a string, ascending)."""
-    out: dict[str, int] = {}
-    for v in values:
-        out[str(v)] = out.get(str(v), 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    return {str(v): n for v, n in sorted(Counter(values).items())}
 
 
 def rank_dynamics(server: Server) -> dict[str, Any]:
@@ -272,16 +270,3 @@ def round_line(row: dict[str, Any]) -> str:
         parts.append("SKIPPED")
     parts.append(f"({row.get('wall_s', 0.0):.1f}s)")
     return "  ".join(parts)
-
-
-__all__ = [
-    "InProcessClients",
-    "Reply",
-    "RoundOutcome",
-    "Transport",
-    "fold",
-    "play_round",
-    "round_line",
-    "round_row",
-    "sample_clients",
-]

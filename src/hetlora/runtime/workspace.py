@@ -77,13 +77,6 @@ def federated_splits(
     return train, val, test
 
 
-def federated_data(cfg: Config, report: dict[str, int] | None = None) -> tuple[Splits, Splits]:
-    """The run's clients, split per client into training and held-out test examples (seeded);
-    the validation split, if any, is left out of the training examples."""
-    train, _, test = federated_splits(cfg, report)
-    return train, test
-
-
 def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
     """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``."""
     pooled = [ex for c in sorted(test_data) for ex in test_data[c]]
@@ -149,14 +142,16 @@ class Workspace:
         task: ClientTask,
         round_idx: int,
         on_step: Callable[[int, float], None] | None = None,
+        settings: TrainSettings | None = None,
     ) -> tuple[ClientUpdate, ClientResult]:
-        """What one client does in a round: :func:`~hetlora.client.run_task` on its own data."""
+        """What one client does in a round: :func:`~hetlora.client.run_task` on its own data
+        (with ``settings`` in place of the run's: a Flower ClientApp's come with the task)."""
         client = task.client_id
         return run_task(
             self.peft_model,
             task,
             self.client_batches(client, round_idx),
-            self.settings,
+            settings or self.settings,
             self.target_modules,
             self.device,
             num_examples=len(self.train_data[client]),
@@ -214,23 +209,17 @@ def build_workspace(
         size=model_size(peft_model),
         compiled=compiled,
         compile_start=compile_start,
-        settings=train_settings(cfg, bf16, compiled),
+        settings=TrainSettings(
+            local_steps=cfg.local_steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            lambda_=cfg.lambda_,
+            gamma=cfg.gamma,
+            r_min=cfg.r_min,
+            lora_scale=cfg.lora_scale,
+            bf16=bf16,
+            fixed_rank=cfg.r_max if compiled else 0,
+        ),
         client_ids=client_ids,
-    )
-
-
-def train_settings(cfg: Config, bf16: bool, compiled: bool) -> TrainSettings:
-    """Local-training hyperparameters. Whether a client prunes and regularises is the method
-    server's decision, carried by each :class:`~hetlora.methods.base.ClientTask`."""
-    return TrainSettings(
-        local_steps=cfg.local_steps,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        lambda_=cfg.lambda_,
-        gamma=cfg.gamma,
-        r_min=cfg.r_min,
-        lora_scale=cfg.lora_scale,
-        bf16=bf16,
-        fixed_rank=cfg.r_max if compiled else 0,
     )

@@ -38,12 +38,11 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hetlora.client import run_task
 from hetlora.config import Config, make_config
 from hetlora.errors import HetLoRAError
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
-from hetlora.runtime.workspace import Workspace, build_workspace, federated_data
+from hetlora.runtime.workspace import Workspace, build_workspace, federated_splits
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def node_client(client_ids: list[str], node: dict[str, Any]) -> str:
 
 def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
     """What the node declares: its client (from the data, without loading the model) and rank."""
-    train_data, _ = federated_data(cfg)
+    train_data, _, _ = federated_splits(cfg)
     client_ids = [str(c) for c in sorted(train_data)]
     client = node_client(client_ids, node)
     rank = node.get("rank", 0)
@@ -105,15 +104,14 @@ def _workspace(config_toml: str) -> Workspace:
     return build_workspace(make_config(tomllib.loads(config_toml)))
 
 
+@functools.cache
 def _log_to_stderr() -> None:
     """Show hetlora's log lines in the SuperNode's output (once per process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hetlora %(levelname)s: %(message)s"))
     root = logging.getLogger("hetlora")
-    if not any(getattr(h, "_hetlora_flower", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("hetlora %(levelname)s: %(message)s"))
-        handler._hetlora_flower = True
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 app = ClientApp()
@@ -139,15 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     task, round_idx, settings = records.read_train(msg.content, ws.bf16)
     if task.client_id != client:
         raise HetLoRAError(f"task for client {task.client_id!r} sent to the node of {client!r}")
-    update, result = run_task(
-        ws.peft_model,
-        task,
-        ws.client_batches(client, round_idx),
-        settings,
-        ws.target_modules,
-        ws.device,
-        num_examples=len(ws.train_data[client]),
-    )
+    update, result = ws.train(task, round_idx, settings=settings)
     log.info(
         "round %d: client %s rank %d -> %d, loss %.3f",
         round_idx,

@@ -22,8 +22,7 @@ Nothing here knows about sockets or processes: these are plain functions over re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -39,7 +38,8 @@ CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"
 
-#: ConfigRecord key -> :class:`~hetlora.client.TrainSettings` field, for local training.
+#: ConfigRecord key -> :class:`~hetlora.client.TrainSettings` field: the local-training
+#: hyperparameters the server sends (the node sets its own precision).
 HYPERPARAMETERS = {
     "local-steps": "local_steps",
     "lr": "lr",
@@ -62,6 +62,7 @@ RESULT_METRICS = {
     "seconds": "seconds",
     "step-seconds": "step_seconds",
 }
+COUNTS = ("tokens", "target-tokens", "steps")  # of RESULT_METRICS: whole numbers
 
 
 def factors_record(factors: Factors) -> ArrayRecord:
@@ -99,11 +100,6 @@ def read_factors(record: ArrayRecord) -> Factors:
     return factors
 
 
-def hyperparameters(settings: TrainSettings) -> dict[str, Any]:
-    """The ConfigRecord entries for local training (everything but the node's precision)."""
-    return {key: getattr(settings, field) for key, field in HYPERPARAMETERS.items()}
-
-
 def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> RecordDict:
     """The content of one training instruction (LoRA tasks only)."""
     if task.kind != "lora" or task.factors is None:
@@ -115,7 +111,7 @@ def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> 
             "rank": task.rank,
             "pruning": task.pruning,
             "regularise": task.regularise,
-            **hyperparameters(settings),
+            **{key: getattr(settings, field) for key, field in HYPERPARAMETERS.items()},
         }
     )
     return RecordDict({ARRAYS: factors_record(task.factors), CONFIG: config})
@@ -189,20 +185,12 @@ def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, Cli
         raise HetLoRAError("reply without factors or metrics")
     metrics = content.metric_records[METRICS]
     factors = read_factors(content.array_records[ARRAYS])
-    values = {field: _number(metrics, key) for key, field in RESULT_METRICS.items()}
-    result = ClientResult(
-        factors=factors,
-        rank_received=sent.rank,
-        rank=_count(metrics, "rank"),
-        train_loss=values["train_loss"],
-        tail_before=values["tail_before"],
-        tail_after=values["tail_after"],
-        tokens=_count(metrics, "tokens"),
-        target_tokens=_count(metrics, "target-tokens"),
-        steps=_count(metrics, "steps"),
-        seconds=values["seconds"],
-        step_seconds=values["step_seconds"],
-    )
+    values = {
+        field: (_count if key in COUNTS else _number)(metrics, key)
+        for key, field in RESULT_METRICS.items()
+    }
+    rank = _count(metrics, "rank")
+    result = ClientResult(factors=factors, rank_received=sent.rank, rank=rank, **values)
     update = ClientUpdate(
         sent.client_id,
         _count(metrics, "num-examples"),
@@ -232,15 +220,7 @@ class NodeInfo:
     tier: str = ""
 
     def record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "client-id": self.client_id,
-                "index": self.index,
-                "num-examples": self.num_examples,
-                "rank": self.rank,
-                "tier": self.tier,
-            }
-        )
+        return ConfigRecord({key.replace("_", "-"): value for key, value in asdict(self).items()})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeInfo:

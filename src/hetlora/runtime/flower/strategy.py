@@ -71,12 +71,11 @@ class HetLoRAStrategy(Strategy):
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
         self.size = size
-        self.outcome: RoundOutcome | None = None  # the last round aggregate_train closed
         self._tasks: dict[str, ClientTask] = {}  # client -> the task sent this round
         self._messages: dict[str, Message] = {}  # client -> the instruction sent
         self._unsent: dict[str, str] = {}  # client -> why nothing was sent
 
-    def summary(self) -> None:
+    def summary(self) -> None:  # Flower's Strategy requires it
         log.info(
             "HetLoRAStrategy: method %s, %d nodes, min_clients %d, ranks %s",
             self.server.name,
@@ -84,10 +83,6 @@ class HetLoRAStrategy(Strategy):
             self.min_clients,
             dict(sorted(self.server.ranks.items())),
         )
-
-    def global_arrays(self) -> ArrayRecord:
-        factors = self.server.global_factors()
-        return records.factors_record(factors) if factors else ArrayRecord()
 
     def instructions(
         self,
@@ -168,10 +163,9 @@ class HetLoRAStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's entry point: :meth:`replies`, then the shared :func:`~hetlora.runtime.rounds.
-        fold` (check, add, finish; skipped with fewer than ``min_clients`` valid replies)."""
+        """Flower's entry point: :meth:`replies`, then :func:`~hetlora.runtime.rounds.fold`."""
         outcome = RoundOutcome(server_round, sorted(self._tasks) + sorted(self._unsent))
-        self.outcome = fold(
+        fold(
             self.server,
             self.replies(server_round, replies),
             self.min_clients,
@@ -189,12 +183,12 @@ class HetLoRAStrategy(Strategy):
                 "train-loss": sum(losses) / len(losses),
             }
         )
-        return self.global_arrays(), metrics
+        factors = self.server.global_factors()
+        return records.factors_record(factors) if factors else ArrayRecord(), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation: the ServerApp evaluates the global adapter itself."""
         return []
 
     def aggregate_evaluate(
