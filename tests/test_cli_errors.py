@@ -136,3 +136,11 @@ def test_defaults_print_valid_toml():
         "eval_every",
     ):
         assert key in values
+
+
+def test_first_line_is_the_message_head_or_the_type_name():
+    from hetlora.errors import first_line
+
+    assert first_line(OSError("  no such file\n  at /x/y\n")) == "no such file"
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(RuntimeError("   \n ")) == "RuntimeError"

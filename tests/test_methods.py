@@ -129,7 +129,7 @@ def test_flora_server_merges_scaled_weighted_products_and_sends_fresh_adapters()
     server.add(reply("a", fa, n=10))
     server.add(reply("b", fb, n=30))
     server.finish()
-    deltas = server.base_update().deltas
+    deltas = server.base_state().deltas
     for n in SHAPES:
         expected = 2.0 * (0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
         torch.testing.assert_close(deltas[n], expected, rtol=1e-5, atol=1e-5)
@@ -144,7 +144,7 @@ def test_full_ft_is_example_weighted_fedavg():
     server.add(ClientUpdate("a", 10, weights={"w": torch.ones(3, 3), "b": torch.ones(3)}))
     server.add(ClientUpdate("b", 30, weights={"w": 5 * torch.ones(3, 3), "b": torch.zeros(3)}))
     server.finish()
-    new = server.base_update().weights
+    new = server.base_state().weights
     torch.testing.assert_close(new["w"], 4 * torch.ones(3, 3))
     torch.testing.assert_close(new["b"], 0.25 * torch.ones(3))
     with pytest.raises(HetLoRAError, match="has shape"):
@@ -176,7 +176,7 @@ def test_make_server_maps_methods_and_ablations():
 def test_full_ft_rounds_weights_and_fresh_state_each_round():
     w0 = {"w": torch.zeros(2, 2)}
     server = FullFTServer(w0, ["a", "b"])
-    assert server.ranks == {"a": 0, "b": 0} and server.base_update() is None  # nothing yet
+    assert server.ranks == {"a": 0, "b": 0} and server.base_state() is None  # nothing yet
     assert server.task("b").client_id == "b"
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
@@ -189,7 +189,7 @@ def test_full_ft_rounds_weights_and_fresh_state_each_round():
     server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2)}))  # fewer examples than 1
     server.add(ClientUpdate("b", 3, weights={"w": 5 * torch.ones(2, 2)}))
     assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
-    torch.testing.assert_close(server.base_update().weights["w"], 4 * torch.ones(2, 2))
+    torch.testing.assert_close(server.base_state().weights["w"], 4 * torch.ones(2, 2))
     # round 2 starts from nothing folded in: one reply is the new model
     server.add(ClientUpdate("a", 2, weights={"w": 7 * torch.ones(2, 2)}))
     assert server.finish() == {"a": 1.0} and server.round == 2
@@ -202,7 +202,7 @@ def test_full_ft_rounds_weights_and_fresh_state_each_round():
 
 def test_flora_rounds_accumulate_merges_and_seed_the_fresh_adapters():
     server = FLoRAServer(SHAPES, {"a": 2, "b": 3}, scale=0.5, seed=7)
-    assert server.base_update() is None and server.base_state() is None
+    assert server.base_state() is None
     again = FLoRAServer(SHAPES, {"a": 2, "b": 3}, scale=0.5, seed=7)
     for n in SHAPES:  # the fresh adapter depends on (seed, round, client) only
         torch.testing.assert_close(server.task("b").factors[n][1], again.task("b").factors[n][1])
@@ -222,12 +222,11 @@ def test_flora_rounds_accumulate_merges_and_seed_the_fresh_adapters():
         server.add(reply("b", fb, n=3))
         assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75})
         assert server.round == round_ + 1
-        for n in SHAPES:
-            merge = 0.5 * (0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
-            torch.testing.assert_close(server.base_update().deltas[n], merge, rtol=1e-5, atol=1e-5)
-            total[n] += merge
-    for n in SHAPES:  # what a resumed run adds to the pristine base: every merge so far
-        torch.testing.assert_close(server.base_state().deltas[n], total[n], rtol=1e-5, atol=1e-5)
+        for n in SHAPES:  # what the base gains over the pristine one: every merge so far
+            total[n] += 0.5 * (0.25 * fa[n][0] @ fa[n][1] + 0.75 * fb[n][0] @ fb[n][1])
+            torch.testing.assert_close(
+                server.base_state().deltas[n], total[n], rtol=1e-5, atol=1e-5
+            )
     fresh = server.task("a").factors  # round 3 draws again
     assert all(torch.count_nonzero(b) == 0 for b, _ in fresh.values())
     server.add(reply("a", factors(2, 5), n=1))

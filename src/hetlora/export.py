@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hetlora import adapters
-from hetlora.errors import HetLoRAError
+from hetlora.errors import HetLoRAError, first_line
 from hetlora.lora import Factors, rank_of, truncate
 
 
@@ -69,8 +69,7 @@ def read_adapter(folder: Path) -> tuple[Factors, dict[str, Any]]:
     try:
         model = PeftModel.from_pretrained(base, str(folder))
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HetLoRAError(f"PEFT cannot load the adapter in {folder}: {first}") from None
+        raise HetLoRAError(f"PEFT cannot load the adapter in {folder}: {first_line(exc)}") from None
     factors = adapters.read_factors(model)
     return factors, config.to_dict()
 

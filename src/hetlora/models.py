@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hetlora.errors import HetLoRAError
+from hetlora.errors import HetLoRAError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ def load_base_model(name: str, device: torch.device | str = "cpu") -> BaseModel:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HetLoRAError(f"cannot load model {name!r}: {first}") from None
+        raise HetLoRAError(f"cannot load model {name!r}: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.config import TRACKERS
-from hetlora.errors import HetLoRAError
+from hetlora.errors import HetLoRAError, first_line
 
 __all__ = ["OUTPUTS", "TRACKERS", "Trackers", "check_available", "round_scalars"]
 
@@ -134,8 +134,9 @@ class Trackers:
             raise
         except Exception as exc:  # a tracker that cannot start (bad URI, W&B not logged in)
             self.close()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise HetLoRAError(f"a tracker of report_to {names} failed to start: {first}") from exc
+            raise HetLoRAError(
+                f"a tracker of report_to {names} failed to start: {first_line(exc)}"
+            ) from exc
 
     def _read_ids(self) -> dict[str, str]:
         try:

@@ -28,7 +28,7 @@ from typing import Any
 
 from hetlora.data import Example
 from hetlora.data.batching import Tokenized, fit, token_ids, tokenize
-from hetlora.errors import HetLoRAError
+from hetlora.errors import HetLoRAError, first_line
 
 __all__ = [
     "ROLES",
@@ -93,9 +93,8 @@ def _apply(tokenizer, turns: Sequence[tuple[str, str]], generation_prompt: bool)
             add_generation_prompt=generation_prompt,
         )
     except Exception as exc:  # a Jinja error raised by the template itself
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HetLoRAError(
-            f"the tokenizer's chat template failed on a conversation: {first}"
+            f"the tokenizer's chat template failed on a conversation: {first_line(exc)}"
         ) from exc
 
 

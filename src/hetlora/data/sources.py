@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hetlora.errors import HetLoRAError
+from hetlora.errors import HetLoRAError, first_line
 
 __all__ = ["is_hub_id", "load_hub", "load_saved"]
 
@@ -27,11 +27,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def is_hub_id(source: str) -> bool:
     """Whether ``source`` looks like a hub dataset id (``owner/name``, not a local path)."""
     return bool(_HUB_ID.fullmatch(source)) and not Path(source).exists()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_saved(path: Path, split: str) -> Any:
@@ -51,7 +46,7 @@ def load_saved(path: Path, split: str) -> Any:
     try:
         loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
     except Exception as exc:  # a damaged folder
-        raise HetLoRAError(f"cannot read the datasets folder {path}: {_first_line(exc)}") from exc
+        raise HetLoRAError(f"cannot read the datasets folder {path}: {first_line(exc)}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         names = sorted(loaded)
         if not split and len(names) == 1:
@@ -93,5 +88,5 @@ def load_hub(source: str, split: str) -> Any:
     except Exception as exc:  # network down, unknown id or split
         raise HetLoRAError(
             f"cannot load the hub dataset {source!r} (split {split or 'train'!r}): "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc

@@ -11,7 +11,8 @@ Two kinds of client work exist:
 * ``"full"``: train every weight of the base model (full fine-tuning).
 
 Some methods also change the base model itself each round (FLoRA merges the stacked adapters,
-full fine-tuning replaces the weights): :meth:`Server.base_update` hands the runtime that change.
+full fine-tuning replaces the weights): :meth:`Server.base_state` hands the runtime everything
+changed in the pristine base so far.
 """
 
 from __future__ import annotations
@@ -170,10 +171,6 @@ class Server(ABC):
 
     def global_factors(self) -> Factors | None:
         """The global adapter at r_max (None for methods without one)."""
-        return None
-
-    def base_update(self) -> BaseUpdate | None:
-        """What the runtime must change in its base model after :meth:`finish` (or None)."""
         return None
 
     def base_state(self) -> BaseUpdate | None:

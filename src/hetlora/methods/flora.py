@@ -71,7 +71,6 @@ class FLoRAServer(Server):
         self.scale = scale
         self.seed = seed
         self._replies: list[tuple[str, float, Factors]] = []
-        self._merge: dict[str, torch.Tensor] | None = None
         self.last_stack_nbytes = 0
         self.merged: dict[str, torch.Tensor] = {}  # sum of every merge so far
 
@@ -99,11 +98,9 @@ class FLoRAServer(Server):
         weights = {c: n / total for c, n, _ in self._replies}
         stacked = stack([(n / total, f) for _, n, f in self._replies])
         self.last_stack_nbytes = tensors_nbytes(stacked)
-        self._merge = {
-            n: self.scale * (b.double() @ a.double()).float() for n, (b, a) in stacked.items()
-        }
+        merge = {n: self.scale * (b.double() @ a.double()).float() for n, (b, a) in stacked.items()}
         # the base state a resumed run rebuilds: W0 + sum of every round's merge so far
-        for n, delta in self._merge.items():
+        for n, delta in merge.items():
             self.merged[n] = delta.clone() if n not in self.merged else self.merged[n] + delta
         self._replies = []
         self.round += 1
@@ -117,6 +114,3 @@ class FLoRAServer(Server):
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self.shapes)
-
-    def base_update(self) -> BaseUpdate | None:
-        return BaseUpdate(deltas=self._merge) if self._merge is not None else None

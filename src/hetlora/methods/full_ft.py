@@ -62,7 +62,4 @@ class FullFTServer(Server):
         return self.weights
 
     def base_state(self) -> BaseUpdate | None:
-        return self.base_update()
-
-    def base_update(self) -> BaseUpdate | None:
         return BaseUpdate(weights=self.weights) if self.round else None
