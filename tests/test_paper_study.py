@@ -285,10 +285,20 @@ def test_two_stage_tuning_runs_only_the_winner_on_the_other_seeds(tiny_model, tm
     assert h["entry"] == winner and h["seeds"] == "2"
     assert h["selected_on"] == "val (mean over tune seeds 0)"
 
-    # Resuming the finished study runs nothing; a stopped one is reported on what finished.
+    # Resuming the finished study runs nothing, and lists every finished run from its start
+    # (the winner's later seed too: a report made while a resumed study runs shows it).
     started.clear()
-    compare_mod.run_comparison(entries, out, resume=True, progress=lambda ev: started.append(ev))
+    listed = []
+
+    def progress(ev):
+        started.append(ev)
+        if not listed:
+            runs = json.loads((out / "comparison.json").read_text())["runs"]
+            listed.extend((r["name"], r["seed"]) for r in runs)
+
+    compare_mod.run_comparison(entries, out, resume=True, progress=progress)
     assert all(ev.get("state") == "done" for ev in started if ev.get("event") == "method_start")
+    assert (winner, 1) in listed and len(listed) == 4
     (out / "hom-r-2" / "seed-1" / "summary.json").unlink()
     result = report(out)
     assert result["missing"] == ["hom-r-2/seed-1"]
@@ -311,19 +321,24 @@ def test_tune_seeds_errors(tmp_path):
 
 
 def test_paper_config_plans_the_documented_runs():
-    """configs/paper.toml as docs/reproduction.md describes it: 20 grid points on seed 0, each
-    LoRA method's winner on seeds 1 and 2 (16 runs), full fine-tuning on seed 0 only."""
+    """configs/paper.toml as docs/reproduction.md describes it: 21 grid points on seed 0, each
+    method's winner on seeds 1 and 2 (18 runs), and the same-lambda HetLoRA reference (a group
+    of one) on all three seeds."""
     from pathlib import Path
 
     from hetlora.runtime.compare import load_comparison
 
     entries = load_comparison(Path(__file__).parents[1] / "configs" / "paper.toml")
-    first = [e for e in entries if not e.deferred]
-    assert len(first) == 20 and {e.seed for e in first} == {0}
+    reference = "HetLoRA [5, 50] at lambda 0.01"
+    first = [e for e in entries if not e.deferred and e.group != reference]
+    assert len(first) == 21 and {e.seed for e in first} == {0}
+    assert [(e.seed, e.cfg.lambda_, e.cfg.lr) for e in entries if e.group == reference] == [
+        (s, 0.01, 1e-3) for s in (0, 1, 2)
+    ]
     groups = {e.group for e in entries}
-    assert len(groups) == 9
+    assert len(groups) == 10
     later = {(e.group, e.seed) for e in entries if e.deferred}
-    assert len(later) == 16 and {g for g, _ in later} == groups - {"Full FT"}
+    assert len(later) == 18 and {g for g, _ in later} == groups - {reference}
     for e in entries:
         assert (e.cfg.r_min, e.cfg.r_max, e.cfg.clients_per_round) == (5, 50, 5)
         assert (e.cfg.local_steps, e.cfg.batch_size, e.cfg.gamma) == (5, 8, 0.99)

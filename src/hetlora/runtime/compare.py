@@ -186,7 +186,10 @@ def run_comparison(
         groups.setdefault(e.group or e.name, []).append(e)
     planned = [e for e in entries if not e.deferred]
     total = len(planned) + len({(e.group, e.seed) for e in entries if e.deferred})
-    _write_manifest(out_dir, planned)
+    # a resumed study lists its finished runs from the start, the later seeds' ones too, so that
+    # `hetlora report` while it runs shows every finished run
+    kept = [e for e in entries if e.deferred and states.get(e.slug) == "done"]
+    _write_manifest(out_dir, [e for e in entries if e in planned or e in kept])
     emit = progress or (lambda event: None)
     done = 0
 
@@ -219,7 +222,7 @@ def run_comparison(
             winner = _tuned_winner(out_dir, tuned)
             chosen = [e for e in later if e.name == winner]
             planned += chosen
-            _write_manifest(out_dir, [e for e in entries if e in planned])
+            _write_manifest(out_dir, [e for e in entries if e in planned or e in kept])
             for entry in chosen:
                 run(entry)
     return report(out_dir)
