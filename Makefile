@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce reproduce-paper paper-continue paper-results flower-demo bench mutate
+.PHONY: demo test lint install clean reproduce reproduce-paper reproduce-paper-long paper-continue paper-results flower-demo bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,7 @@ reproduce: $(STAMP)
 # or weights) are copied into docs/reproduction/paper/.
 PAPER_OUT ?= runs/paper
 PAPER_CONFIG ?= configs/paper.toml
+PAPER_DOCS ?= docs/reproduction/paper
 reproduce-paper: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hetlora compare --config $(PAPER_CONFIG) --out $(PAPER_OUT) --resume
 	$(MAKE) paper-results
@@ -87,21 +88,27 @@ reproduce-paper: $(STAMP)
 # the runs not yet committed are trained. A run already in PAPER_OUT is left as it is.
 paper-continue: $(STAMP)
 	mkdir -p $(PAPER_OUT)
-	cd docs/reproduction/paper && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
+	cd $(PAPER_DOCS) && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
 		[ -e $(abspath $(PAPER_OUT))/$$run ] || { mkdir -p $(abspath $(PAPER_OUT))/$$run && \
 		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(abspath $(PAPER_OUT))/$$run/; }; \
 	done
 	$(MAKE) reproduce-paper
+
+# The same regime at twice the budget (configs/paper-long.toml: HetLoRA, HomLoRA r=5 and full FT
+# for 24 rounds on 3 seeds, with the 12-round study's chosen settings); resumable like the study.
+reproduce-paper-long:
+	$(MAKE) reproduce-paper PAPER_CONFIG=configs/paper-long.toml PAPER_OUT=runs/paper-long \
+		PAPER_DOCS=docs/reproduction/paper-long
 
 # The study's tables and plots from the runs finished so far (it may still be running), and
 # the small files of the finished runs copied into docs/reproduction/paper/ (never checkpoints
 # or weights, nor a run still in progress).
 paper-results: $(STAMP)
 	$(VENV)/bin/hetlora report $(PAPER_OUT)
-	mkdir -p docs/reproduction/paper
+	mkdir -p $(PAPER_DOCS)
 	cp $(PAPER_OUT)/*.csv $(PAPER_OUT)/*.md $(PAPER_OUT)/comparison.json $(PAPER_OUT)/*.png \
-		docs/reproduction/paper/
+		$(PAPER_DOCS)/
 	cd $(PAPER_OUT) && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
-		mkdir -p $(CURDIR)/docs/reproduction/paper/$$run; \
-		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(CURDIR)/docs/reproduction/paper/$$run/; \
+		mkdir -p $(CURDIR)/$(PAPER_DOCS)/$$run; \
+		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(CURDIR)/$(PAPER_DOCS)/$$run/; \
 	done

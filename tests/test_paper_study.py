@@ -344,6 +344,32 @@ def test_paper_config_plans_the_documented_runs():
         assert (e.cfg.local_steps, e.cfg.batch_size, e.cfg.gamma) == (5, 8, 0.99)
 
 
+def test_paper_long_config_repeats_the_study_at_twice_the_budget():
+    """configs/paper-long.toml: the 12-round study's chosen settings for HetLoRA, HomLoRA r=5 and
+    full FT, 24 rounds, seeds 0-2, every other key as in configs/paper.toml (so rounds 1-12
+    repeat the study's runs)."""
+    from pathlib import Path
+
+    from hetlora.runtime.compare import load_comparison
+
+    configs = Path(__file__).parents[1] / "configs"
+    study = {(e.name, e.seed): e.cfg for e in load_comparison(configs / "paper.toml")}
+    entries = load_comparison(configs / "paper-long.toml")
+    assert [(e.name, e.seed) for e in entries] == [
+        (name, seed)
+        for name in (
+            "HetLoRA [5, 50], lr 1e-3, lambda 0.1",
+            "HomLoRA r=5, lr 1e-3",
+            "Full FT, lr 1e-5",
+        )
+        for seed in (0, 1, 2)
+    ]
+    for e in entries:
+        assert e.cfg.rounds == 24 and not e.deferred
+        same = study[(e.name, 0)].to_dict() | {"rounds": 24, "seed": e.seed}
+        assert e.cfg.to_dict() == same
+
+
 def test_paired_differences_are_taken_seed_by_seed():
     from hetlora.report import paired, reference_method
 
