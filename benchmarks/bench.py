@@ -295,6 +295,23 @@ def round_overhead(model: str, smoke: bool, compile_mode: str) -> dict:
     }
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak RSS in MiB: ``VmHWM``, the high-water mark of its memory map.
+
+    Not ``getrusage().ru_maxrss``: Linux carries into a child the RSS its parent had when it
+    forked (the forked copy of the parent's memory map is counted at ``exec``), so a child of
+    this 4 GiB bench would report at least the parent's 4 GiB whatever it uses itself.
+    ``ru_maxrss`` (kilobytes on Linux) is the fallback where ``/proc`` is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_child(model: str, clients: int, smoke: bool) -> None:
     """One simulation of ``clients`` clients, one round; prints its peak RSS in MiB."""
     from hetlora.runtime.local import Simulation
@@ -317,7 +334,7 @@ def rss_child(model: str, clients: int, smoke: bool) -> None:
         json.dumps(
             {
                 "clients": clients,
-                "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_mib": peak_rss_mib(),
             }
         )
     )

@@ -89,3 +89,26 @@ def test_profile_step_smoke_splits_the_step_into_kinds_of_work(tiny_model, tmp_p
     assert result["shares"]["matmul (linear layers)"] > 0
     assert result["matmul_gflops_in_step"] > 0 and result["top"]
     assert "| kind of work |" in done.stdout and "of 100)" in done.stdout
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """The bench's rss_ratio compares two child processes' peaks. A child started by a parent
+    holding 512 MiB must not report those 512 MiB (getrusage's ru_maxrss does on Linux)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import bench; "
+        "big = bytearray(512 * 2**20); big[::4096] = b'x' * len(big[::4096]); "
+        "import subprocess; child = subprocess.run([sys.executable, '-c', "
+        "'import sys; sys.path.insert(0, sys.argv[1]); import bench; print(bench.peak_rss_mib())',"
+        " sys.argv[1]], capture_output=True, text=True, check=True); "
+        "print(bench.peak_rss_mib(), child.stdout.strip())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    parent, child = map(float, done.stdout.split()[-2:])
+    assert parent > 512  # the parent's own peak holds the buffer
+    assert child < parent - 400  # the child (torch and hetlora imported) does not
