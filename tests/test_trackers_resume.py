@@ -52,6 +52,11 @@ def test_resumed_run_continues_the_same_tracker_runs(tmp_path: Path, monkeypatch
 
 
 def test_overwrite_starts_new_tracker_runs(tmp_path: Path, monkeypatch) -> None:
+    """After --overwrite removed a run's tracker files, new runs start, in the same process too
+    (a notebook or a sweep): MLflow keeps one store per URI for the life of a process, whose
+    folder is gone, so it is laid out again."""
+    from mlflow.tracking import MlflowClient
+
     from hetlora.runtime.local import _prepare_out_dir
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -62,12 +67,17 @@ def test_overwrite_starts_new_tracker_runs(tmp_path: Path, monkeypatch) -> None:
     old = json.loads((out / IDS_FILE).read_text())
     _prepare_out_dir(out)  # what --overwrite does before a run
     assert not (out / IDS_FILE).exists() and not (out / "mlruns").exists()
-    # W&B here; MLflow caches its file store per URI for the life of a process, so a new
-    # MLflow run after --overwrite is the next process's (each `hetlora run` is one).
-    trackers = Trackers(["wandb"], {}, out)
-    trackers.close()
+    _session(out, range(0, 3))
     new = json.loads((out / IDS_FILE).read_text())
-    assert set(new) == {"wandb"} and new["wandb"] != old["wandb"]
+    assert set(new) == {"mlflow", "wandb"}
+    assert new["wandb"] != old["wandb"] and new["mlflow"] != old["mlflow"]
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("hetlora").experiment_id])
+    assert run.info.run_id == new["mlflow"] and run.info.status == "FINISHED"
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_ppl")
+    )
+    assert history == [(r, 100.0 - r) for r in range(3)]
 
 
 def test_unreadable_ids_file_is_one_clear_error(tmp_path: Path) -> None:

@@ -168,10 +168,19 @@ class Trackers:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            uri = (out_dir / "mlruns").resolve().as_uri()
+            store = out_dir / "mlruns"
+            uri = store.resolve().as_uri()
             # MLflow 3 keeps its file store only on request; it is the one that needs no server
             # or database, so a run directory can hold its own tracking data.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            # MLflow keeps one store object per URI for the life of the process, and a store
+            # lays out its folder only when it is built: after --overwrite removed the folder,
+            # a second run in the same process (a notebook, a sweep) would find none. A new
+            # FileStore lays it out again for the cached one.
+            if not store.is_dir():
+                from mlflow.store.tracking.file_store import FileStore
+
+                FileStore(uri)
         client = MlflowClient(tracking_uri=uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "hetlora"
         previous = self._ids.get("mlflow")
