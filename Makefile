@@ -95,9 +95,10 @@ paper-continue: $(STAMP)
 	$(MAKE) reproduce-paper
 
 # The same regime at twice the budget (configs/paper-long.toml: HetLoRA, HomLoRA r=5 and full FT
-# for 24 rounds on 3 seeds, with the 12-round study's chosen settings); resumable like the study.
+# for 24 rounds on 3 seeds, with the 12-round study's chosen settings). Like paper-continue, it
+# keeps the runs committed in docs/reproduction/paper-long/ and trains only the others.
 reproduce-paper-long:
-	$(MAKE) reproduce-paper PAPER_CONFIG=configs/paper-long.toml PAPER_OUT=runs/paper-long \
+	$(MAKE) paper-continue PAPER_CONFIG=configs/paper-long.toml PAPER_OUT=runs/paper-long \
 		PAPER_DOCS=docs/reproduction/paper-long
 
 # The study's tables and plots from the runs finished so far (it may still be running), and
