@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peak_rss import peak_rss_mib  # benchmarks/peak_rss.py, next to this file
 
 from hetlora import adapters
 from hetlora.client import TrainSettings, train_client
@@ -293,23 +293,6 @@ def round_overhead(model: str, smoke: bool, compile_mode: str) -> dict:
         "round_compile_s": row["compile_s"],
         "round_overhead": wall / train,
     }
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak RSS in MiB: ``VmHWM``, the high-water mark of its memory map.
-
-    Not ``getrusage().ru_maxrss``: Linux carries into a child the RSS its parent had when it
-    forked (the forked copy of the parent's memory map is counted at ``exec``), so a child of
-    this 4 GiB bench would report at least the parent's 4 GiB whatever it uses itself.
-    ``ru_maxrss`` (kilobytes on Linux) is the fallback where ``/proc`` is missing.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_child(model: str, clients: int, smoke: bool) -> None:
