@@ -23,24 +23,23 @@ KEYS = {
 }
 
 
-def test_bench_smoke_writes_every_key(tiny_model, tmp_path):
-    out = tmp_path / "bench.json"
+def _smoke(script: str, model: Path, out: Path, *extra: str, timeout: int = 900):
+    """Run ``benchmarks/<script> --smoke --model MODEL --out OUT EXTRA...``; it must succeed."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--model", str(model)]
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench.py"),
-            "--smoke",
-            "--model",
-            str(tiny_model),
-            "--out",
-            str(out),
-        ],
+        [*argv, "--out", str(out), *extra],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_bench_smoke_writes_every_key(tiny_model, tmp_path):
+    out = tmp_path / "bench.json"
+    done = _smoke("bench.py", tiny_model, out)
     result = json.loads(out.read_text())
     assert KEYS <= set(result)
     for key in KEYS:
@@ -63,28 +62,9 @@ def test_profile_step_smoke_splits_the_step_into_kinds_of_work(tiny_model, tmp_p
     """benchmarks/profile_step.py (docs/performance.md's profile) at toy sizes: every profiled
     microsecond lands in one kind of work, the linear layers' matmuls among them."""
     out = tmp_path / "profile.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "profile_step.py"),
-            "--smoke",
-            "--model",
-            str(tiny_model),
-            "--steps",
-            "2",
-            "--compile",  # the compiled path's own smoke test is the bench's, above
-            "off",
-            "--gflops",
-            "100",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # eager: the compiled path's own smoke test is the bench's, above
+    args = ("--steps", "2", "--compile", "off", "--gflops", "100")
+    done = _smoke("profile_step.py", tiny_model, out, *args, timeout=600)
     result = json.loads(out.read_text())
     assert result["compile"] == "off" and result["steps"] == 2 and result["tokens"] > 0
     assert abs(sum(result["shares"].values()) - 1.0) < 1e-9

@@ -26,14 +26,11 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _stat(values: list[float]) -> str:
-    per_seed = ", ".join(f"{v:+.2f}" for v in values)
-    return f"{statistics.fmean(values):+.2f} +- {_std(values):.2f} ({per_seed})"
-
-
-def _plain(values: list[float]) -> str:
-    per_seed = ", ".join(f"{v:.2f}" for v in values)
-    return f"{statistics.fmean(values):.2f} +- {_std(values):.2f} ({per_seed})"
+def _stat(values: list[float], signed: bool = False) -> str:
+    """``mean +- std (per seed)``; ``signed`` for differences."""
+    fmt = "+.2f" if signed else ".2f"
+    per_seed = ", ".join(format(v, fmt) for v in values)
+    return f"{format(statistics.fmean(values), fmt)} +- {_std(values):.2f} ({per_seed})"
 
 
 def load(study: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -75,11 +72,11 @@ def table(methods: dict[str, dict[int, dict[str, Any]]], reference: str) -> str:
             diffs = ("—", "—")
         else:
             diffs = tuple(
-                _stat([by_seed[s][key] - ref[s][key] for s in seeds])
+                _stat([by_seed[s][key] - ref[s][key] for s in seeds], signed=True)
                 for key in ("test_ppl_at_best_val", "final_ppl")
             )
         lines.append(
-            f"| {name} | {rounds} | {_plain(stopped)} | {_plain(last)} | {diffs[0]} | {diffs[1]} |"
+            f"| {name} | {rounds} | {_stat(stopped)} | {_stat(last)} | {diffs[0]} | {diffs[1]} |"
         )
     return "\n".join(lines) + "\n"
 
