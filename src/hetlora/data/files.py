@@ -11,6 +11,13 @@ throw-away cache folder: no hub access, nothing left in the user's cache). Accep
 
 Text-only rows become examples with an empty prompt. Extra columns are ignored (except the
 Dirichlet ``partition_by`` column).
+
+Cells are taken as written. A CSV file has no types: every cell is read as its text, with no
+number or missing-value guessing (``007`` and ``7`` are two client ids, ``NA`` and ``42`` are
+answers, an empty cell is the empty string). JSON and Parquet cells keep their types: a text
+column must hold strings, and a ``client_id`` is a string or an integer (read as its decimal
+string); a float id is a bad row, since ``1.10`` and ``1.1`` are the same float and an id
+column of floats usually holds integers that went through a missing value.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ def read_file(path: Path) -> Any:
         )
     if _is_blank(path, text=builder != "parquet"):
         raise HetLoRAError(f"data file {path} is empty")
+    options = _csv_options(path) if builder == "csv" else {}
     if builder == "parquet":  # datasets fails on a Parquet file of 0 rows: read its metadata
         import pyarrow.parquet as pq
 
@@ -104,6 +112,7 @@ def read_file(path: Path) -> Any:
                     split="train",
                     cache_dir=cache_dir,
                     keep_in_memory=True,
+                    **options,
                 )
             except Exception as exc:  # any parse failure is the file's fault
                 cause = exc.__cause__ or exc
@@ -121,6 +130,21 @@ def read_file(path: Path) -> Any:
         datasets.logging.set_verbosity(verbosity)
         if bars_were_on:
             datasets.enable_progress_bars()
+
+
+def _csv_options(path: Path) -> dict[str, Any]:
+    """``load_dataset`` options that read every column of a CSV file as the text written in it:
+    each column a string (its names from the header, read as pandas reads it) and no cell
+    taken for a missing value."""
+    import datasets
+    import pandas as pd
+
+    try:
+        header = pd.read_csv(path, nrows=0)
+    except Exception as exc:  # an unreadable header is the file's fault
+        raise HetLoRAError(f"cannot read {path} as csv: {_one_line(exc)}") from exc
+    features = datasets.Features({str(c): datasets.Value("string") for c in header.columns})
+    return {"features": features, "keep_default_na": False, "na_filter": False}
 
 
 def _column(ds: Any, name: str) -> list[Any]:
@@ -151,8 +175,11 @@ def _client_id_problem(value: Any) -> str | None:
     """Why a ``client_id`` cell is unusable (None if it is fine)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return "column 'client_id' is empty"
-    if isinstance(value, list | dict):
-        return f"column 'client_id' must be a string or an integer, got {type(value).__name__}"
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return (
+            f"column 'client_id' must be a string or an integer, got {type(value).__name__} "
+            f"{value!r:.40}"
+        )
     return None
 
 
