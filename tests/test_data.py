@@ -321,6 +321,37 @@ def test_parquet_text_column_keeps_its_type(tmp_path: Path) -> None:
         load_clients(str(path))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("partitioner", "dirichlet", "partitioner = 'dirichlet'"),
+        ("num_partitions", 3, "num_partitions = 3"),
+        ("partition_by", "label", "partition_by = 'label'"),
+        ("dirichlet_alpha", 0.1, "dirichlet_alpha = 0.1"),
+    ],
+)
+def test_partitioner_keys_on_data_with_client_id_are_an_error(tmp_path, key, value, shown):
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"client_id": f"u{i % 2}", "text": f"t{i}", "label": "x"} for i in range(6)],
+    )
+    with pytest.raises(HetLoRAError) as info:
+        load_clients(str(path), **{key: value})
+    assert str(info.value) == (
+        f"{path} has a client_id column, so its rows are not partitioned: remove {shown}"
+    )
+    assert list(load_clients(str(path), partitioner="iid", num_partitions=10)) == ["u0", "u1"]
+
+
+def test_a_missing_relative_file_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source in ("mydata/train.jsonl", "mydata/train.CSV", "data/x.parquet", "a/b.json"):
+        with pytest.raises(HetLoRAError, match=f"data file not found: {re.escape(source)}$"):
+            load_clients(source)
+    with pytest.raises(HetLoRAError, match="hub dataset id"):
+        load_clients("owner/name")  # still a hub id (offline here)
+
+
 # --- files without client_id: partitioning -----------------------------------------------
 
 

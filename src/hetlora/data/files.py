@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hetlora.data import Example
+from hetlora.data import PARTITION_DEFAULTS, Example
 from hetlora.data.chat import example_from_messages, messages_problem
 from hetlora.errors import HetLoRAError
 
@@ -301,6 +301,16 @@ def _partition(
     return clients
 
 
+def _check_not_partitioned(path: Path | str, **keys: Any) -> None:
+    """Refuse partitioner keys at other values than their defaults for data with client_id."""
+    set_here = [f"{k} = {v!r}" for k, v in keys.items() if v != PARTITION_DEFAULTS[k]]
+    if set_here:
+        raise HetLoRAError(
+            f"{path} has a client_id column, so its rows are not partitioned: remove "
+            f"{', '.join(set_here)}"
+        )
+
+
 def dataset_clients(
     ds: Any,
     path: Path | str,
@@ -315,11 +325,13 @@ def dataset_clients(
 ) -> dict[str, list[Example]]:
     """The clients of a ``datasets.Dataset`` (unfiltered, keys in sorted order); ``path``
     names its source in messages. The arguments are :func:`hetlora.data.load_clients`'s, which
-    checks them; the partitioner ones are used only when there is no ``client_id`` column.
+    checks them; the partitioner ones are used only when there is no ``client_id`` column, and
+    must be at their defaults when there is.
     Every row is checked before any is used.
 
     Raises:
-        HetLoRAError: no rows, bad rows (``"error"``), no usable row, or bad partitioning.
+        HetLoRAError: no rows, bad rows (``"error"``), no usable row, bad partitioning, or
+            partitioner keys set for rows with ``client_id``.
     """
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
@@ -349,6 +361,13 @@ def dataset_clients(
             seed=seed,
         )
     else:
+        _check_not_partitioned(
+            path,
+            partitioner=partitioner,
+            num_partitions=num_partitions,
+            partition_by=partition_by or "",
+            dirichlet_alpha=dirichlet_alpha,
+        )
         clients = {}
         for cid, example in zip(_column(ds, "client_id"), examples, strict=True):
             clients.setdefault(str(cid), []).append(example)
