@@ -198,7 +198,9 @@ def test_chat_template_modes(chat_tok, tiny_model: Path) -> None:
     assert auto.tokenize(chat, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
     on = make_renderer(chat_tok, "on", [pair])
     assert on.tokenize(pair, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
-    assert chat_tok.decode(on.prompt(pair)) == "### user: Who art thou?<|endoftext|>\n### assistant:"
+    assert (
+        chat_tok.decode(on.prompt(pair)) == "### user: Who art thou?<|endoftext|>\n### assistant:"
+    )
     assert make_renderer(chat_tok, "off", [pair]).tokenize(pair, 64) == auto.tokenize(pair, 64)
     text = Example(prompt="", response="Words, words, words.")
     with pytest.raises(HetLoRAError, match=r"this data has no prompts \(text rows\)"):
