@@ -194,11 +194,13 @@ def test_chat_template_modes(chat_tok, tiny_model: Path) -> None:
     chat = Example(prompt="Who art thou?", response="A friend.", messages=TURNS[1:3])
     auto = make_renderer(chat_tok, "auto", [pair])
     assert auto.tokenize(pair, 64) == tokenize(chat_tok, pair.prompt, pair.response, 64)
-    assert auto.prompt(pair) == "Who art thou?"
+    assert chat_tok.decode(auto.prompt(pair)) == "Who art thou?"
     assert auto.tokenize(chat, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
     on = make_renderer(chat_tok, "on", [pair])
     assert on.tokenize(pair, 64) == render_conversation(chat_tok, TURNS[1:3], 64)
-    assert on.prompt(pair) == "### user: Who art thou?<|endoftext|>\n### assistant:"
+    assert (
+        chat_tok.decode(on.prompt(pair)) == "### user: Who art thou?<|endoftext|>\n### assistant:"
+    )
     assert make_renderer(chat_tok, "off", [pair]).tokenize(pair, 64) == auto.tokenize(pair, 64)
     text = Example(prompt="", response="Words, words, words.")
     with pytest.raises(HetLoRAError, match=r"this data has no prompts \(text rows\)"):

@@ -300,4 +300,5 @@ def test_flower_node_reads_messages_from_its_own_data_file(
     ws = build_workspace(cfg)  # what the node's ClientApp builds
     items = ws.client_items("client-1")
     assert all(item.target is not None and item.target[-1] for item in items)
-    assert ws.renderer.prompt(ws.train_data["client-1"][0]).endswith("### assistant:")
+    prompt = ws.renderer.prompt(ws.train_data["client-1"][0])
+    assert ws.tokenizer.decode(prompt).endswith("### assistant:")

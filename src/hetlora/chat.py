@@ -4,8 +4,9 @@ For HetLoRA, HomLoRA and Recon+SVD the run's global adapter is cut to rank R as 
 tier R receives it (:mod:`hetlora.export`) and loaded onto the base model with
 ``PeftModel.from_pretrained``; for FLoRA and full fine-tuning the run's merged ``model/`` is
 loaded. A reply is the greedy continuation of the conversation rendered as the run rendered
-its data (:class:`hetlora.data.chat.Renderer`: the chat template unless the tokenizer has none
-or the run set ``chat_template = "off"``).
+its training data (:class:`hetlora.data.chat.Renderer`): through the chat template when the
+run's examples went through it (``chat_template_used`` in ``summary.json``), else the last user
+turn raw, as a run on raw prompts or text trained.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hetlora.data.chat import Renderer, make_renderer
+from hetlora.data.chat import Renderer, has_chat_template, make_renderer
 from hetlora.errors import HetLoRAError
 
 __all__ = ["ChatModel", "load_chat_model"]
@@ -50,9 +51,7 @@ class ChatModel:
         if not turns or turns[-1][0] != "user":
             raise HetLoRAError("a reply needs a conversation that ends with a user turn")
         start, prompt = 0, self.renderer.chat_prompt(turns)
-        while start < len(turns) - 1 and (
-            len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) > self.max_seq_len
-        ):
+        while start < len(turns) - 1 and len(prompt) > self.max_seq_len:
             start += 1
             prompt = self.renderer.chat_prompt(turns[start:])
         return generate_greedy(
@@ -69,6 +68,8 @@ def load_chat_model(
         HetLoRAError: not a finished run, ``rank`` outside [1, adapter rank], or ``rank``
             given for a merged model (FLoRA, full fine-tuning).
     """
+    import json
+
     from hetlora.config import load_config
     from hetlora.export import export_adapter, read_adapter, tier_settings
     from hetlora.hardware import resolve_bf16, resolve_device, use_cpu_attention
@@ -84,6 +85,8 @@ def load_chat_model(
             f"{run_dir} is not a finished run (needs config.toml and adapter/ or model/)"
         )
     cfg = load_config(run_dir / "config.toml")
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     device = resolve_device(cfg.device)
     bf16 = resolve_bf16(cfg.precision, device)
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -112,7 +115,15 @@ def load_chat_model(
     return ChatModel(
         model=model,
         tokenizer=base.tokenizer,
-        renderer=make_renderer(base.tokenizer, cfg.chat_template),
+        renderer=make_renderer(
+            base.tokenizer,
+            cfg.chat_template,
+            # a run without the key: the template wherever the run could have used it
+            templated=summary.get(
+                "chat_template_used",
+                cfg.chat_template != "off" and has_chat_template(base.tokenizer),
+            ),
+        ),
         device=device,
         bf16=bf16,
         rank=rank,

@@ -1,15 +1,23 @@
-"""Evaluation: token-level perplexity on response tokens, ROUGE-L of greedy generations."""
+"""Evaluation: token-level perplexity on response tokens, ROUGE-L of greedy generations.
+
+The losses are the model's own: its final logit transform (Gemma 2's
+``final_logit_softcapping``, Granite's ``logits_scaling``, Cohere's ``logit_scale``) applied
+inside the fused cross-entropy, or, for a model whose logits that does not reproduce, its own
+forward (:func:`logit_transform`).
+"""
 
 from __future__ import annotations
 
 import math
+import re
+import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from hetlora.data.batching import IGNORE, Tokenized, eval_batches
-from hetlora.hardware import autocast
+from hetlora.data.batching import IGNORE, Tokenized, eval_batches, start_ids
+from hetlora.hardware import autocast, no_compile
 
 CE_CHUNK = 256  # rows of logits alive at once in :class:`LinearCrossEntropy`
 
@@ -23,10 +31,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     weight trains) computed on the spot, so backward is one multiplication by the incoming
     scalar. With a 49k vocabulary this removes the fp32 log-softmax and its backward, which
     otherwise cost as much as a fifth of a LoRA training step on CPU.
+
+    ``scale`` and ``cap`` are the model's final logit transform ``z = cap * tanh(scale * x / cap)``
+    (``z = scale * x`` without ``cap``), applied in fp32 before the softmax; the gradient is
+    multiplied by ``dz/dx = scale * (1 - (z / cap)^2)``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype):  # noqa: D102
+    def forward(ctx, hidden, weight, targets, dtype, scale=1.0, cap=None):  # noqa: D102
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         w = weight.to(dtype)
@@ -38,11 +50,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + CE_CHUNK].to(dtype)
             t = targets[start : start + CE_CHUNK]
             logits = (h @ w.t()).to(acc)
+            if scale != 1.0:
+                logits = logits * scale
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w:
+                slope = scale * (1.0 - (logits / cap) ** 2) if cap is not None else scale
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                if cap is not None or scale != 1.0:
+                    probs = probs * slope
                 probs = probs.to(dtype)
                 if need_h:
                     grad_h[start : start + CE_CHUNK] = (probs @ w).to(hidden.dtype)
@@ -56,13 +75,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float = 1.0,
+    cap: float | None = None,
 ) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` without the logits.
+    """``F.cross_entropy(f(hidden @ weight.T), targets, reduction="sum")`` without the logits,
+    with ``f`` the logit transform of :class:`LinearCrossEntropy` (identity by default).
 
     The projection runs in the autocast dtype when autocast is on (as ``nn.Linear`` would),
     the softmax in fp32.
@@ -71,7 +95,55 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
     with torch.autocast(hidden.device.type, enabled=False):
-        return LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+        return LinearCrossEntropy.apply(hidden, weight, targets, dtype, scale, cap)
+
+
+def _transform(logits: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    if scale != 1.0:
+        logits = logits * scale
+    return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+
+#: base model -> (scale, cap) of its final logit transform, or None: its own forward is used
+_TRANSFORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def logit_transform(base: torch.nn.Module) -> tuple[float, float | None] | None:
+    """The final logit transform of ``base`` as ``(scale, cap)`` (see
+    :class:`LinearCrossEntropy`), read from its config: ``final_logit_softcapping`` (Gemma 2
+    and 3) is ``cap``, ``scale`` is ``logit_scale`` (Cohere) divided by ``logits_scaling``
+    (Granite). ``None`` when that does not reproduce the model's own logits.
+
+    Checked once per model on a four-token probe: the model's own forward against the head's
+    weights applied to its decoder's output with this transform (eager, no gradient, under the
+    caller's autocast).
+    """
+    if base in _TRANSFORMS:
+        return _TRANSFORMS[base]
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else None
+    config = config or base.config
+    cap = getattr(config, "final_logit_softcapping", None) or None
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    found: tuple[float, float | None] | None = (scale, cap)
+    head = base.get_output_embeddings()
+    device = head.weight.device
+    probe = (torch.arange(4, device=device) % head.weight.shape[0])[None]
+    was_training = base.training
+    base.eval()
+    low = torch.is_autocast_enabled(device.type)  # as the caller runs (a bf16 base needs it)
+    with torch.no_grad(), no_compile():
+        own = base(input_ids=probe, use_cache=False).logits.float()
+        hidden = base.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
+        fused = type(head) is torch.nn.Linear  # the fused path reads the weights, not the module
+        logits = F.linear(hidden, head.weight, head.bias) if fused else head(hidden)
+        ours = _transform(logits.float(), scale, cap)
+    base.train(was_training)
+    tol = 2e-2 if low else 1e-4
+    if own.shape != ours.shape or not torch.allclose(own, ours, rtol=tol, atol=tol):
+        found = None
+    _TRANSFORMS[base] = found
+    return found
 
 
 def response_nll(
@@ -81,22 +153,35 @@ def response_nll(
 
     The output projection runs only at positions whose next token is labelled, not over the
     whole padded batch (with a 49k vocabulary that is most of a small model's compute), and
-    through :func:`linear_cross_entropy`, which never materialises the logits. The softmax is
-    fp32 whatever the autocast dtype. ``fused = False`` takes the plain head and
-    ``F.cross_entropy`` instead (the benchmark measures both).
+    through :func:`linear_cross_entropy`, which never materialises the logits, with the
+    model's final logit transform (:func:`logit_transform`). The softmax is fp32 whatever the
+    autocast dtype. ``fused = False`` takes the plain head and ``F.cross_entropy`` instead
+    (the benchmark measures both). A model whose logits the transform does not reproduce runs
+    its own forward.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    targets = labels[keep]
+    transform = logit_transform(base)
+    if transform is None:  # the model's own logits, whole
+        logits = base(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        return F.cross_entropy(logits[:, :-1][keep].float(), targets, reduction="sum"), int(
+            keep.sum()
+        )
+    scale, cap = transform
     hidden = base.get_decoder()(  # no key/value cache: nothing is generated here
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    hidden, targets = hidden[:, :-1][keep], labels[keep]
+    hidden = hidden[:, :-1][keep]
     head = base.get_output_embeddings()
     if not fused or getattr(head, "bias", None) is not None or type(head) is not torch.nn.Linear:
-        nll = F.cross_entropy(head(hidden).float(), targets, reduction="sum")  # the plain path
+        logits = _transform(head(hidden).float(), scale, cap)  # the plain path
+        nll = F.cross_entropy(logits, targets, reduction="sum")
     else:
-        nll = linear_cross_entropy(hidden, head.weight, targets)
+        nll = linear_cross_entropy(hidden, head.weight, targets, scale, cap)
     return nll, int(keep.sum())
 
 
@@ -130,27 +215,45 @@ def perplexity(
     return loss, math.exp(min(loss, 50.0))
 
 
+def stop_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """The tokens a generation stops at: the union of the model's generation config's
+    ``eos_token_id`` (one id or a list, as ``<end_of_turn>`` and ``<eos>`` of Gemma) and the
+    tokenizer's end-of-sequence token."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 @torch.no_grad()
 def generate_greedy(
     model: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int,
     device,
     bf16: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, one at a time, cut at the end-of-sequence token.
+    """Greedy continuations of ``prompts``, one at a time, cut at the first stop token
+    (:func:`stop_ids`).
 
-    ``bf16`` generates under bf16 autocast, as training and evaluation run.
+    A prompt is token ids (as :meth:`hetlora.data.chat.Renderer.prompt` gives them), or a text,
+    which is tokenised as the tokenizer starts a text
+    (:func:`~hetlora.data.batching.start_ids`: its BOS where it adds one). ``bf16`` generates
+    under bf16 autocast, as training and evaluation run.
     """
     was_training = model.training
     model.eval()
+    stops = stop_ids(model, tokenizer)
+    start = None
     outs = []
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.shape[1] == 0:
-            ids = torch.tensor([[tokenizer.eos_token_id]])
-        ids = ids.to(device)
+        if isinstance(prompt, str):
+            start = start_ids(tokenizer) if start is None else start
+            prompt = start + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([list(prompt) or [tokenizer.eos_token_id]], device=device)
         with autocast(torch.device(device), bf16):
             gen = model.generate(
                 input_ids=ids,
@@ -158,20 +261,50 @@ def generate_greedy(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
             )
         outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train(was_training)
     return outs
 
 
+#: A word of :func:`words`: a CJK, kana or hangul character alone, else a run of other letters
+#: and digits of any script (the underscore separates, as every other non-word character).
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+_ASCII_WORD = re.compile("[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+    """``text`` lowercased and cut into Unicode words (:data:`_WORD`), ASCII words of more than
+    three characters Porter-stemmed: ``"Ça va, 東京! Running"`` ->
+    ``["ça", "va", "東", "京", "run"]``. On ASCII text these are exactly ``rouge-score``'s
+    default tokens with ``use_stemmer=True``."""
+    from nltk.stem import porter
+
+    stem = porter.PorterStemmer().stem
+    return [
+        stem(w) if len(w) > 3 and _ASCII_WORD.fullmatch(w) else w
+        for w in _WORD.findall(text.lower())
+    ]
+
+
+class _Words:
+    """``rouge-score``'s tokenizer interface over :func:`words`."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return words(text)
+
+
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (``rouge-score``, with stemming)."""
+    """Mean ROUGE-L F1 (``rouge-score``'s longest common subsequence) over Unicode words
+    (:func:`words`: lowercased runs of word characters of any script, each CJK character a word
+    of its own), so that text in any language scores."""
     from rouge_score import rouge_scorer
 
     if not predictions:
         return float("nan")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
     scores = [
         scorer.score(ref, pred)["rougeL"].fmeasure
         for pred, ref in zip(predictions, references, strict=True)

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,20 +101,35 @@ def resolve_model(name: str) -> str:
     return name  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
 
 
-def load_base_model(name: str, device: torch.device | str = "cpu") -> BaseModel:
-    """Load a causal LM and its tokenizer in fp32; the frozen base of every client."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of model ``name`` (its pad token the end-of-sequence token if it has none).
 
-    source = resolve_model(name)
+    Raises:
+        HetLoRAError: it cannot be loaded, or has no end-of-sequence token.
+    """
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as exc:
         raise HetLoRAError(f"cannot load model {name!r}: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise HetLoRAError(f"the tokenizer of {name!r} has no end-of-sequence token")
+    return tokenizer
+
+
+def load_base_model(name: str, device: torch.device | str = "cpu") -> BaseModel:
+    """Load a causal LM and its tokenizer in fp32; the frozen base of every client."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name)
+    tokenizer = load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise HetLoRAError(f"cannot load model {name!r}: {first_line(exc)}") from None
     model.to(device)
     model.requires_grad_(False)
     return BaseModel(model=model, tokenizer=tokenizer, path=source)

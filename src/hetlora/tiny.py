@@ -1,4 +1,4 @@
-"""Tiny randomly initialised causal LMs (Llama, GPT-2, Qwen2, Gemma) with its own small BPE tokenizer, for tests and smoke runs.
+"""Tiny randomly initialised causal LMs (Llama, GPT-2, Qwen2, Gemma, Gemma 2, Granite) with its own small BPE tokenizer, for tests and smoke runs.
 
 Built offline in about a second from the packaged Shakespeare text; it exercises every code path
 of a real run (PEFT adapters, training, aggregation, evaluation, generation) at toy cost.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma")
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite")
 
 #: A small chat template for the tiny tokenizer (``make_tiny_model(chat_template=True)``): a
 #: plain-text role header per turn, each turn ended by the end-of-sequence token.
@@ -26,13 +26,18 @@ def make_tiny_model(
     layers: int = 2,
     seed: int = 0,
     chat_template: bool = False,
+    bos: bool = False,
+    **config: object,
 ) -> Path:
     """Write a tiny causal LM of family ``arch`` and a byte-level BPE tokenizer into ``folder``.
 
     ``chat_template``: give the tokenizer :data:`TINY_CHAT_TEMPLATE` (the weights are the same).
+    ``bos``: the tokenizer starts every text with a ``<bos>`` token (a post-processor, as
+    Gemma's and Llama 3's do). ``config``: further model config values (Gemma 2's
+    ``final_logit_softcapping``, Granite's ``logits_scaling``).
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from hetlora.data.shakespeare import load_shakespeare
@@ -46,13 +51,21 @@ def make_tiny_model(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", "<bos>"] if bos else ["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(text, trainer=trainer)
+    if bos:
+        bos_id = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+        )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        **({"bos_token": "<bos>"} if bos else {}),
     )
     if chat_template:
         fast.chat_template = TINY_CHAT_TEMPLATE
@@ -61,15 +74,16 @@ def make_tiny_model(
     special = {
         "eos_token_id": fast.eos_token_id,
         "pad_token_id": fast.pad_token_id,
-        "bos_token_id": fast.eos_token_id,
+        "bos_token_id": fast.bos_token_id if bos else fast.eos_token_id,
         "vocab_size": len(fast),
         "tie_word_embeddings": True,
+        **config,
     }
     if arch == "gpt2":
         config = AutoConfig.for_model(
             "gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **special
         )
-    elif arch in ("llama", "qwen2", "gemma"):
+    elif arch in ("llama", "qwen2", "gemma", "gemma2", "granite"):
         config = AutoConfig.for_model(
             arch,
             hidden_size=hidden,

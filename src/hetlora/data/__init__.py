@@ -20,6 +20,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hetlora.data.sources import is_hub_id, load_hub, load_saved
 from hetlora.errors import HetLoRAError
@@ -84,6 +85,7 @@ def load_clients(
     on_bad_rows: str = "error",
     report: dict[str, int] | None = None,
     split: str = "",
+    tokenizer: Any = None,
 ) -> dict[str, list[Example]]:
     """Load the examples of every client, keyed by client id in sorted order.
 
@@ -102,6 +104,8 @@ def load_clients(
         report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
             the built-in data set, whose rows are all usable).
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
+        tokenizer: the model's; ``messages`` rows are then also rendered with its chat
+            template and tokenised while checking, so a row the template refuses is a bad row.
 
     Raises:
         HetLoRAError: bad parameters, unreadable or malformed data, bad rows (``"error"``),
@@ -159,6 +163,7 @@ def load_clients(
             seed=seed,
             on_bad_rows=on_bad_rows,
             report=report,
+            tokenizer=tokenizer,
         )
 
     before = len(clients)

@@ -1,6 +1,8 @@
 """Tokenised examples, padded batches and a seeded batch stream per client.
 
-An example is ``prompt + response + eos``; labels are ``-100`` on the prompt and on padding,
+An example is ``start + prompt + response + eos``, where ``start`` is what the tokenizer puts
+before a text by default (:func:`start_ids`: the BOS token of Gemma or Llama 3, nothing for
+SmolLM2 or GPT-2); labels are ``-100`` on the prompt and on padding,
 so the loss (training and evaluation) is on response tokens only. A conversation rendered with
 a chat template (:mod:`hetlora.data.chat`) carries a per-token ``target`` mask instead: the
 loss is on its assistant turns only.
@@ -42,6 +44,22 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def start_ids(tokenizer) -> list[int]:
+    """The special tokens ``tokenizer`` puts before a text with its defaults (its BOS where it
+    adds one, through ``add_bos_token`` or a post-processor; usually none or one token).
+
+    Found by tokenising a probe text with and without special tokens: whatever precedes the
+    plain ids in the default encoding.
+    """
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i])
+    return []
+
+
 def fit(context: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """Cut ``context`` on the left and ``answer`` on the right to ``max_len`` tokens in all;
     the answer keeps at least half of ``max_len``."""
@@ -51,16 +69,24 @@ def fit(context: list[int], answer: list[int], max_len: int) -> tuple[list[int],
     return context, answer
 
 
-def tokenize(tokenizer, prompt: str, response: str, max_len: int) -> Tokenized:
-    """Tokenise one example; the prompt is cut on the left and the response on the right."""
+def tokenize(
+    tokenizer, prompt: str, response: str, max_len: int, start: Sequence[int] | None = None
+) -> Tokenized:
+    """Tokenise one example as ``start + prompt + response + eos`` in at most ``max_len``
+    tokens: the prompt is cut on the left (after ``start``, which always stays at position 0)
+    and the response on the right. ``start`` defaults to :func:`start_ids`; it is part of the
+    prompt (never a target).
+    """
+    start = start_ids(tokenizer) if start is None else list(start)
     r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    p, r = fit(token_ids(tokenizer, prompt), r, max_len)
-    return Tokenized(ids=tuple(p + r), n_prompt=len(p))
+    p, r = fit(token_ids(tokenizer, prompt), r, max(max_len - len(start), 1))
+    return Tokenized(ids=tuple(start + p + r), n_prompt=len(start) + len(p))
 
 
 def tokenize_all(tokenizer, examples: Sequence, max_len: int) -> list[Tokenized]:
     """Tokenise ``Example`` objects (with ``prompt`` and ``response``)."""
-    return [tokenize(tokenizer, ex.prompt, ex.response, max_len) for ex in examples]
+    start = start_ids(tokenizer)
+    return [tokenize(tokenizer, ex.prompt, ex.response, max_len, start) for ex in examples]
 
 
 def collate(items: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,11 +6,14 @@ The conventions are those of the Hugging Face ecosystem (TRL's ``SFTTrainer`` wi
 template applied to them, and the loss is on the assistant turns only, every one of them in a
 multi-turn conversation (each predicted from the whole conversation before it).
 
-The token positions of each assistant turn come from rendering growing prefixes of the
+The characters of each assistant turn come from rendering growing prefixes of the
 conversation: with ``render(m)`` the template applied to the turns ``m``, assistant turn ``i``
 is the text between ``render(m[:i], add_generation_prompt=True)`` and ``render(m[:i+1])``.
-The conversation is tokenised piece by piece along these cuts, so the mask is exact whatever
-the tokenizer; a template whose renderings are not prefixes of each other is refused.
+The whole rendering is tokenised once, as Hugging Face's ``apply_chat_template(tokenize=True)``
+does (no special tokens added: the template writes its own BOS), and a token is trained on
+when its character offsets overlap an assistant turn, so the ids are the rendered
+conversation's whatever the tokenizer (byte-level or Metaspace); a template whose renderings
+are not prefixes of each other is refused.
 
 ``chat_template`` (a config key) decides which rows go through the template:
 
@@ -24,16 +27,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from hetlora.data import Example
-from hetlora.data.batching import Tokenized, fit, token_ids, tokenize
+from hetlora.data.batching import Tokenized, fit, start_ids, token_ids, tokenize
 from hetlora.errors import HetLoRAError, first_line
 
 __all__ = [
     "ROLES",
     "Renderer",
     "example_from_messages",
+    "conversation_problem",
     "make_renderer",
     "messages_problem",
     "render_conversation",
@@ -106,14 +111,15 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     template's end-of-turn text). Turns after the last assistant turn carry no loss and are
     dropped. Truncation to ``max_len`` keeps the longest run of whole exchanges from the start;
     when even the first does not fit, it is cut as prompt/response rows are
-    (:func:`~hetlora.data.batching.fit`), so an example always ends in answer tokens and never
-    trains on a cut-off prompt alone.
+    (:func:`~hetlora.data.batching.fit`, the template's BOS kept at position 0), so an example
+    always ends in answer tokens and never trains on a cut-off prompt alone.
 
     Raises:
-        HetLoRAError: the template fails, or renders a prefix of the conversation as text
-            that is not a prefix of the whole (the assistant positions would be ambiguous).
+        HetLoRAError: the template fails, renders a prefix of the conversation as text that is
+            not a prefix of the whole (the assistant positions would be ambiguous), or the
+            tokenizer gives no character offsets (a slow tokenizer).
     """
-    exchanges: list[tuple[list[int], list[int]]] = []
+    spans: list[tuple[int, int]] = []  # characters of each assistant turn
     done = ""
     for i, (role, _) in enumerate(turns):
         if role != "assistant":
@@ -126,26 +132,44 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
                 "from the whole conversation, so the assistant turns cannot be located; "
                 "use a template whose renderings of growing conversations extend each other"
             )
-        exchanges.append(
-            (token_ids(tokenizer, before[len(done) :]), token_ids(tokenizer, after[len(before) :]))
-        )
+        spans.append((len(before), len(after)))
         done = after
-    exchanges = [(ctx, ans) for ctx, ans in exchanges if ans or ctx]
-    kept: list[tuple[list[int], list[int]]] = []
-    total = 0
-    for ctx, ans in exchanges:
-        if total + len(ctx) + len(ans) > max_len:
-            break
-        kept.append((ctx, ans))
-        total += len(ctx) + len(ans)
-    if not kept:
-        kept = [fit(*exchanges[0], max_len)]
-    ids: list[int] = []
-    target: list[bool] = []
-    for ctx, ans in kept:
-        ids += ctx + ans
-        target += [False] * len(ctx) + [True] * len(ans)
-    return Tokenized(ids=tuple(ids), n_prompt=len(kept[0][0]), target=tuple(target))
+    if not getattr(tokenizer, "is_fast", False):
+        raise HetLoRAError(
+            "conversations need a fast tokenizer (one with character offsets) to locate the "
+            "assistant turns; give the model folder a tokenizer.json"
+        )
+    enc = tokenizer(done, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    target = [any(s < end and max(e, s + 1) > begin for begin, end in spans) for s, e in offsets]
+    ends = [sum(1 for s, _ in offsets if s < end) for _, end in spans]  # exchange boundaries
+    cut = max((b for b in ends if b <= max_len), default=0)
+    if cut:
+        ids, target = ids[:cut], target[:cut]
+    else:  # the first exchange alone is too long
+        first = target.index(True) if True in target else ends[0]
+        start = start_ids(tokenizer)
+        keep = len(start) if ids[: len(start)] == start and first >= len(start) else 0
+        ctx, ans = fit(ids[keep:first], ids[first : ends[0]], max(max_len - keep, 1))
+        ids = ids[:keep] + ctx + ans
+        target = [False] * (keep + len(ctx)) + [True] * len(ans)
+    n_prompt = target.index(True) if True in target else len(ids)
+    return Tokenized(ids=tuple(ids), n_prompt=n_prompt, target=tuple(target))
+
+
+def conversation_problem(tokenizer, value: Any) -> str | None:
+    """Why a ``messages`` value cannot be trained on with ``tokenizer``'s chat template, or
+    ``None``: :func:`messages_problem`, then the template rendered and the conversation
+    tokenised (a template error, a conversation it refuses such as one that starts with an
+    assistant turn). A tokenizer without a template renders nothing here (the run is refused
+    for it as a whole, by :func:`make_renderer`)."""
+    if (why := messages_problem(value)) is not None or not has_chat_template(tokenizer):
+        return why
+    try:
+        render_conversation(tokenizer, example_from_messages(value).messages, 1 << 30)
+    except HetLoRAError as exc:
+        return str(exc)
+    return None
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -157,10 +181,21 @@ def has_chat_template(tokenizer) -> bool:
 class Renderer:
     """How the examples of a run become tokens and generation prompts (training, evaluation,
     ROUGE-L generations, ``hetlora evaluate`` and ``hetlora chat`` all use one); ``mode`` is
-    the ``chat_template`` key (see the module docstring)."""
+    the ``chat_template`` key (see the module docstring), ``templated`` whether the run's
+    training examples went through the chat template (``messages`` rows, or ``mode = "on"``).
+
+    Raw rows start as the tokenizer starts a text (:func:`~hetlora.data.batching.start_ids`:
+    its BOS where it adds one); rendered conversations as the template writes them.
+    """
 
     tokenizer: Any
     mode: str
+    templated: bool = False
+
+    @cached_property
+    def start(self) -> list[int]:
+        """The ids a raw sequence starts with (:func:`~hetlora.data.batching.start_ids`)."""
+        return start_ids(self.tokenizer)
 
     def conversation(self, example: Example) -> tuple[tuple[str, str], ...] | None:
         """The turns ``example`` is rendered from, or ``None`` for raw prompt + response."""
@@ -174,33 +209,39 @@ class Renderer:
         """Token ids and loss mask of one example."""
         turns = self.conversation(example)
         if turns is None:
-            return tokenize(self.tokenizer, example.prompt, example.response, max_len)
+            return tokenize(self.tokenizer, example.prompt, example.response, max_len, self.start)
         return render_conversation(self.tokenizer, turns, max_len)
 
     def tokenize_all(self, examples: Sequence[Example], max_len: int) -> list[Tokenized]:
         """:meth:`tokenize` of every example."""
         return [self.tokenize(ex, max_len) for ex in examples]
 
-    def prompt(self, example: Example) -> str:
-        """The text a generation continues: every turn before the last assistant turn, with
-        the template's assistant header (or the raw prompt)."""
+    def _template_ids(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        return token_ids(self.tokenizer, _apply(self.tokenizer, turns, generation_prompt=True))
+
+    def prompt(self, example: Example) -> list[int]:
+        """The token ids a generation continues: every turn before the last assistant turn,
+        with the template's assistant header (or the raw prompt after :attr:`start`)."""
         turns = self.conversation(example)
         if turns is None:
-            return example.prompt
+            return self.start + token_ids(self.tokenizer, example.prompt)
         last = max(i for i, (role, text) in enumerate(turns) if role == "assistant" and text)
-        return _apply(self.tokenizer, turns[:last], generation_prompt=True)
+        return self._template_ids(turns[:last])
 
-    def chat_prompt(self, turns: Sequence[tuple[str, str]]) -> str:
-        """The text a chat reply continues: ``turns`` (ending with a user turn) through the
-        template (unless ``chat_template = "off"`` or the tokenizer has none), else the last
-        turn raw, as such a run trained on prompts."""
-        if self.mode != "off" and has_chat_template(self.tokenizer):
-            return _apply(self.tokenizer, turns, generation_prompt=True)
-        return turns[-1][1]
+    def chat_prompt(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        """The token ids a chat reply continues: ``turns`` (ending with a user turn) through
+        the template when the run trained on it (:attr:`templated`), else the last turn raw
+        after :attr:`start`, as such a run trained on prompts."""
+        if self.templated:
+            return self._template_ids(turns)
+        return self.start + token_ids(self.tokenizer, turns[-1][1])
 
 
-def make_renderer(tokenizer, mode: str, examples: Sequence[Example] = ()) -> Renderer:
-    """The :class:`Renderer` for ``chat_template = mode`` and a run's ``examples``.
+def make_renderer(
+    tokenizer, mode: str, examples: Sequence[Example] = (), templated: bool | None = None
+) -> Renderer:
+    """The :class:`Renderer` for ``chat_template = mode`` and a run's training ``examples``
+    (``templated``, when given, says instead whether they went through the template).
 
     Raises:
         HetLoRAError: ``messages`` examples with ``mode = "off"``, ``mode = "on"`` for text
@@ -218,8 +259,8 @@ def make_renderer(tokenizer, mode: str, examples: Sequence[Example] = ()) -> Ren
             "chat_template = 'on' renders prompt/response rows as a user and an assistant turn; "
             "this data has no prompts (text rows): use chat_template = 'auto' or 'off'"
         )
-    needs = has_messages or mode == "on"
+    needs = (has_messages or mode == "on") if templated is None else templated
     if needs and not has_chat_template(tokenizer):
         what = "messages rows need" if has_messages else "chat_template = 'on' needs"
         raise HetLoRAError(f"{what} a chat template and the model's tokenizer has none: {_FIX}")
-    return Renderer(tokenizer=tokenizer, mode=mode)
+    return Renderer(tokenizer=tokenizer, mode=mode, templated=needs)

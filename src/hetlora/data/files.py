@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.data import PARTITION_DEFAULTS, Example
-from hetlora.data.chat import example_from_messages, messages_problem
+from hetlora.data.chat import conversation_problem, example_from_messages, messages_problem
 from hetlora.errors import HetLoRAError
 
 __all__ = ["FORMATS", "dataset_clients", "read_file"]
@@ -197,15 +197,18 @@ def _text_columns(ds: Any, path: Path | str) -> list[str]:
 
 
 def _drop_bad_rows(
-    ds: Any, path: Path | str, on_bad_rows: str, label: str | None
+    ds: Any, path: Path | str, on_bad_rows: str, label: str | None, tokenizer: Any = None
 ) -> tuple[Any, int]:
     """Check every row in one pass; raise for bad rows (``"error"``) or drop them with one
     warning line (``"skip"``). Returns the clean rows and how many were dropped.
 
-    ``label`` is the Dirichlet ``partition_by`` column, whose cells must not be null.
+    ``label`` is the Dirichlet ``partition_by`` column, whose cells must not be null. With
+    ``tokenizer``, ``messages`` rows are rendered and tokenised too
+    (:func:`~hetlora.data.chat.conversation_problem`).
     """
+    rendered = functools.partial(conversation_problem, tokenizer) if tokenizer else None
     checks = [
-        (name, messages_problem)
+        (name, rendered or messages_problem)
         if name == "messages"
         else (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
         for name in _text_columns(ds, path)
@@ -322,12 +325,13 @@ def dataset_clients(
     seed: int,
     on_bad_rows: str,
     report: dict[str, int] | None,
+    tokenizer: Any = None,
 ) -> dict[str, list[Example]]:
     """The clients of a ``datasets.Dataset`` (unfiltered, keys in sorted order); ``path``
     names its source in messages. The arguments are :func:`hetlora.data.load_clients`'s, which
     checks them; the partitioner ones are used only when there is no ``client_id`` column, and
     must be at their defaults when there is.
-    Every row is checked before any is used.
+    Every row is checked before any is used (with ``tokenizer``, rendered and tokenised).
 
     Raises:
         HetLoRAError: no rows, bad rows (``"error"``), no usable row, bad partitioning, or
@@ -336,7 +340,7 @@ def dataset_clients(
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
     label = partition_by if partitioner == "dirichlet" else None
-    ds, skipped = _drop_bad_rows(ds, path, on_bad_rows, label)
+    ds, skipped = _drop_bad_rows(ds, path, on_bad_rows, label, tokenizer)
     if report is not None:
         report["bad_rows_skipped"] = skipped
     columns = _text_columns(ds, path)

@@ -445,6 +445,7 @@ class RoundLoop:
                 1 for c, r in self.server.ranks.items() if r < self.initial_ranks[c]
             ),
             "target_modules": ws.target_modules,
+            "chat_template_used": ws.renderer.templated,
         }
         if "global_rank" in metrics[-1]:
             summary["global_rank_final"] = metrics[-1]["global_rank"]

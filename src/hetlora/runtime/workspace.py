@@ -20,7 +20,14 @@ from hetlora import adapters
 from hetlora.accounting import model_size
 from hetlora.client import ClientResult, TrainSettings, run_task
 from hetlora.config import Config
-from hetlora.data import Example, cap_examples, load_clients, split_clients, split_validation
+from hetlora.data import (
+    SHAKESPEARE,
+    Example,
+    cap_examples,
+    load_clients,
+    split_clients,
+    split_validation,
+)
 from hetlora.data.batching import Tokenized, batch_stream
 from hetlora.data.chat import Renderer, make_renderer
 from hetlora.errors import HetLoRAError
@@ -35,7 +42,7 @@ from hetlora.hardware import (
 )
 from hetlora.methods import FROZEN_BASE
 from hetlora.methods.base import ClientTask, ClientUpdate
-from hetlora.models import default_target_modules, load_base_model
+from hetlora.models import default_target_modules, load_base_model, load_tokenizer
 from hetlora.runtime import checkpoint
 
 Progress = Callable[[dict[str, Any]], None]
@@ -64,6 +71,7 @@ def federated_splits(
         on_bad_rows=cfg.on_bad_rows,
         report=report,
         split=cfg.split,
+        tokenizer=None if cfg.data == SHAKESPEARE else load_tokenizer(cfg.model),
     )
     if cfg.max_clients and len(clients) > cfg.max_clients:
         rng = np.random.default_rng([cfg.seed, 0xC11])

@@ -1,0 +1,262 @@
+"""Sequences as the model expects them: its BOS, its own logits (final transform), its stop
+tokens, conversations tokenised as rendered, template failures as bad rows, ``hetlora chat``
+rendering as the run trained, and ROUGE-L on any script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from hetlora.config import make_config
+from hetlora.data import Example, load_clients
+from hetlora.data.batching import collate, start_ids
+from hetlora.data.chat import make_renderer, render_conversation
+from hetlora.errors import HetLoRAError
+from hetlora.evaluate import (
+    _transform,
+    generate_greedy,
+    linear_cross_entropy,
+    response_nll,
+    rouge_l,
+    stop_ids,
+)
+from hetlora.tiny import make_tiny_model
+
+LONG = "Now is the winter of our discontent made glorious summer by this sun of York; " * 4
+PAIR = Example(prompt=LONG, response="And all the clouds that lour'd upon our house.")
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory) -> Path:
+    """A tiny Gemma 2 whose tokenizer adds BOS and whose logits are soft-capped at 0.02 (its
+    random logits are small)."""
+    folder = tmp_path_factory.mktemp("gemma2")
+    return make_tiny_model(folder, arch="gemma2", bos=True, final_logit_softcapping=0.02)
+
+
+@pytest.fixture(scope="module")
+def granite(tmp_path_factory) -> Path:
+    """A tiny Granite whose tokenizer adds BOS and whose logits are divided by
+    ``logits_scaling = 0.25``."""
+    folder = tmp_path_factory.mktemp("granite")
+    return make_tiny_model(folder, arch="granite", bos=True, logits_scaling=0.25)
+
+
+def test_raw_rows_start_with_bos_kept_through_left_truncation(gemma2: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(gemma2)
+    assert start_ids(tok) == [tok.bos_token_id] and tok.bos_token_id != tok.eos_token_id
+    renderer = make_renderer(tok, "auto", [PAIR])
+    item = renderer.tokenize(PAIR, 24)  # the prompt alone is longer: cut on the left
+    plain = tok(PAIR.prompt, add_special_tokens=False)["input_ids"]
+    assert len(item.ids) == 24 and item.ids[0] == tok.bos_token_id
+    assert item.ids[1 : item.n_prompt] == tuple(plain[-(item.n_prompt - 1) :])
+    assert item.ids[item.n_prompt] == tok(PAIR.response, add_special_tokens=False)["input_ids"][0]
+    text = Example(prompt="", response="Words, words, words.")
+    ids = renderer.tokenize(text, 64).ids
+    assert list(ids) == tok(text.response)["input_ids"] + [tok.eos_token_id]
+    assert renderer.prompt(PAIR)[:2] == [tok.bos_token_id, plain[0]]
+    assert renderer.chat_prompt([("user", "Hail!")]) == tok("Hail!")["input_ids"]
+
+
+def _batch(tok, texts: list[str]) -> dict[str, torch.Tensor]:
+    renderer = make_renderer(tok, "auto")
+    items = [renderer.tokenize(Example(prompt="", response=t), 64) for t in texts]
+    return collate(items, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("which", ["gemma2", "granite"])
+def test_loss_is_the_models_own(which: str, request) -> None:
+    folder = request.getfixturevalue(which)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    batch = _batch(tok, ["To be, or not to be: that is the question.", "Alas, poor Yorick!"])
+    own = model(**batch).loss  # HF's mean over the labelled next tokens
+    for fused in (True, False):
+        nll, n = response_nll(model, batch, fused)
+        assert float(nll / n) == pytest.approx(float(own), rel=1e-5)
+    head = model.get_output_embeddings().weight
+    plain = F.linear(model.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state, head)
+    mask = batch["labels"][:, 1:] != -100
+    untransformed = F.cross_entropy(plain[:, :-1][mask], batch["labels"][:, 1:][mask])
+    assert abs(float(untransformed) - float(own)) > 0.01  # the transform matters here
+
+
+def test_a_logit_transform_it_cannot_fuse_runs_the_models_own_forward(tiny_model: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: out * 3.0)
+    batch = _batch(tok, ["Friends, Romans, countrymen, lend me your ears."])
+    nll, n = response_nll(model, batch)
+    assert float(nll / n) == pytest.approx(float(model(**batch).loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale, cap", [(4.0, None), (0.7, 0.5), (1.0, 2.0)])
+def test_fused_transform_gradients_match_autograd(scale: float, cap: float | None) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (300,), generator=gen)
+    ours = linear_cross_entropy(hidden, weight, targets, scale, cap)
+    g_h, g_w = torch.autograd.grad(2.5 * ours, (hidden, weight))
+    ref = F.cross_entropy(_transform(hidden @ weight.T, scale, cap), targets, reduction="sum")
+    r_h, r_w = torch.autograd.grad(2.5 * ref, (hidden, weight))
+    assert float(ours) == pytest.approx(float(ref), rel=1e-12)
+    assert torch.allclose(g_h, r_h, rtol=1e-10) and torch.allclose(g_w, r_w, rtol=1e-10)
+
+
+def test_generation_starts_with_bos_and_stops_at_every_stop_id(granite: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(granite)
+    model = AutoModelForCausalLM.from_pretrained(granite, dtype=torch.float32)
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
+    )
+    prompt = "Good morrow, cousin."
+    model.generation_config.eos_token_id = tok.eos_token_id
+    free = generate_greedy(model, tok, [prompt], 6, "cpu")[0]
+    assert seen[0] == tok(prompt)["input_ids"] and seen[0][0] == tok.bos_token_id
+    ids = tok(prompt)["input_ids"]
+    run_on = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=-1)
+    new = run_on[0, len(ids) :].tolist()
+    assert tok.eos_token_id not in new and free == tok.decode(new).strip()
+    model.generation_config.eos_token_id = [tok.eos_token_id, new[0]]  # as Gemma: two stops
+    assert stop_ids(model, tok) == [tok.eos_token_id, new[0]]
+    stopped = generate_greedy(model, tok, [prompt], 6, "cpu")[0]
+    assert stopped == tok.decode(new[:1]).strip() != free
+
+
+#: A Llama 2 style template over a Metaspace tokenizer: turns written back to back.
+INST_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ raise_exception('only user and assistant turns') }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def metaspace_tok() -> PreTrainedTokenizerFast:
+    """A BPE tokenizer with a Metaspace pre-tokenizer (``▁`` for spaces, as Llama 2 and
+    Mistral) and a Llama 2 style chat template that refuses system turns."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from hetlora.data.shakespeare import load_shakespeare
+
+    clients = load_shakespeare()
+    text = [ex.prompt + ex.response for c in list(clients)[:30] for ex in clients[c]]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")  # as Llama 2
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "</s>", "[INST]", "[/INST]"], show_progress=False
+    )
+    tok.train_from_iterator(text, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = INST_TEMPLATE
+    return fast
+
+
+def test_a_conversation_is_tokenised_once_as_rendered(metaspace_tok) -> None:
+    tok = metaspace_tok
+    turns = (
+        ("user", "What say you?"),
+        ("assistant", "Nothing, my lord."),
+        ("user", "Nothing?"),
+        ("assistant", "Nothing will come of nothing."),
+    )
+    item = render_conversation(tok, turns, 256)
+    text = tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+    assert list(item.ids) == tok(text, add_special_tokens=False)["input_ids"]
+    answers = [t for t, keep in zip(item.ids, item.target, strict=True) if keep]
+    assert tok.decode(answers) == "Nothing, my lord.</s>Nothing will come of nothing.</s>"
+    assert item.n_prompt == item.target.index(True) > 0
+    cut = render_conversation(tok, turns, len(item.ids) - 1)  # the second exchange is dropped
+    assert cut.ids == item.ids[: len(cut.ids)] and cut.target[-1]
+    assert tok.decode([t for t, k in zip(cut.ids, cut.target, strict=True) if k]).endswith(
+        "lord.</s>"
+    )
+
+
+def test_a_row_the_template_refuses_is_a_bad_row_before_training(metaspace_tok, tmp_path) -> None:
+    rows = [
+        {"client_id": f"c{i % 2}", "messages": [{"role": "user", "content": f"Say {i}."}]}
+        for i in range(6)
+    ]
+    for i, row in enumerate(rows):
+        row["messages"].append({"role": "assistant", "content": f"{i}, my lord."})
+    rows[3]["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sum(map(len, load_clients(str(path)).values())) == 6  # structure alone: all fine
+    with pytest.raises(HetLoRAError, match=r"1 bad row of 6: row 4: .*only user and assistant"):
+        load_clients(str(path), tokenizer=metaspace_tok)
+    report: dict[str, int] = {}
+    kept = load_clients(str(path), tokenizer=metaspace_tok, on_bad_rows="skip", report=report)
+    assert report["bad_rows_skipped"] == 1 and sum(map(len, kept.values())) == 5
+
+
+def test_federated_splits_render_every_conversation(tiny_chat_model: Path, tmp_path) -> None:
+    from hetlora.runtime.workspace import federated_splits
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_chat_model.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = INST_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    turns = [{"role": "user", "content": "Hail."}, {"role": "assistant", "content": "Hail!"}]
+    rows = [{"client_id": "a", "messages": turns}] * 3 + [
+        {"client_id": "a", "messages": turns[1:]}  # starts with the assistant: refused
+    ]
+    rows[2] = {"client_id": "a", "messages": [{"role": "system", "content": "x"}, *turns]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config({"model": str(folder), "data": str(path), "test_fraction": 0.0})
+    with pytest.raises(HetLoRAError, match=r"2 bad rows of 4: row 3: .*turns; row 4: .*empty"):
+        federated_splits(cfg)
+
+
+def test_chat_on_a_raw_run_prompts_raw(tiny_chat_model: Path, tmp_path: Path) -> None:
+    from hetlora.chat import load_chat_model
+    from hetlora.runtime.local import run
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    raw = make_renderer(tok, "auto", [PAIR])
+    assert not raw.templated and raw.chat_prompt([("user", "Hail!")]) == tok("Hail!")["input_ids"]
+    assert make_renderer(tok, "on", [PAIR]).templated
+    settings = {
+        "model": str(tiny_chat_model),
+        "rounds": 1,
+        "clients_per_round": 1,
+        "local_steps": 1,
+        "batch_size": 2,
+        "max_clients": 2,
+        "min_examples": 4,
+        "max_seq_len": 32,
+        "eval_examples": 4,
+        "rouge_examples": 0,
+        "precision": "fp32",
+    }
+    summary = run(make_config(settings), tmp_path / "run")
+    assert summary["chat_template_used"] is False
+    chat = load_chat_model(tmp_path / "run", max_new_tokens=2)
+    assert chat.renderer.chat_prompt([("user", "Hail!")]) == tok("Hail!")["input_ids"]
+
+
+def test_rouge_l_reads_every_script() -> None:
+    from rouge_score import rouge_scorer
+
+    assert rouge_l(["Привет, мир"], ["привет мир!"]) == 1.0
+    assert rouge_l(["東京タワー"], ["東京駅"]) == pytest.approx(0.5)  # LCS 2 of 5 and 3
+    assert rouge_l(["Ça va très bien"], ["ça va bien"]) == pytest.approx(2 * 3 / 7)
+    english = ["The cats were sitting on the mat", "To be or not"]
+    refs = ["A cat sits on the mat", "to be, or not to be"]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # unchanged on English
+    expected = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(english, refs, strict=True)]
+    assert rouge_l(english, refs) == pytest.approx(sum(expected) / 2, rel=1e-12)
