@@ -193,9 +193,11 @@ def test_a_row_the_template_refuses_is_a_bad_row_before_training(metaspace_tok, 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert sum(map(len, load_clients(str(path)).values())) == 6  # structure alone: all fine
     with pytest.raises(HetLoRAError, match=r"1 bad row of 6: row 4: .*only user and assistant"):
-        load_clients(str(path), tokenizer=metaspace_tok)
+        load_clients(str(path), tokenizer_loader=lambda: metaspace_tok)
     report: dict[str, int] = {}
-    kept = load_clients(str(path), tokenizer=metaspace_tok, on_bad_rows="skip", report=report)
+    kept = load_clients(
+        str(path), tokenizer_loader=lambda: metaspace_tok, on_bad_rows="skip", report=report
+    )
     assert report["bad_rows_skipped"] == 1 and sum(map(len, kept.values())) == 5
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def load_clients(
     on_bad_rows: str = "error",
     report: dict[str, int] | None = None,
     split: str = "",
-    tokenizer: Any = None,
+    tokenizer_loader: Callable[[], Any] | None = None,
 ) -> dict[str, list[Example]]:
     """Load the examples of every client, keyed by client id in sorted order.
 
@@ -104,8 +105,9 @@ def load_clients(
         report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
             the built-in data set, whose rows are all usable).
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
-        tokenizer: the model's; ``messages`` rows are then also rendered with its chat
-            template and tokenised while checking, so a row the template refuses is a bad row.
+        tokenizer_loader: returns the model's tokenizer; ``messages`` rows are then also
+            rendered with its chat template and tokenised while checking, so a row the template
+            refuses is a bad row (it is called only for data with ``messages`` rows).
 
     Raises:
         HetLoRAError: bad parameters, unreadable or malformed data, bad rows (``"error"``),
@@ -163,7 +165,7 @@ def load_clients(
             seed=seed,
             on_bad_rows=on_bad_rows,
             report=report,
-            tokenizer=tokenizer,
+            tokenizer_loader=tokenizer_loader,
         )
 
     before = len(clients)

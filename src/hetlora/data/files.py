@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,21 +198,29 @@ def _text_columns(ds: Any, path: Path | str) -> list[str]:
 
 
 def _drop_bad_rows(
-    ds: Any, path: Path | str, on_bad_rows: str, label: str | None, tokenizer: Any = None
+    ds: Any,
+    path: Path | str,
+    on_bad_rows: str,
+    label: str | None,
+    tokenizer_loader: Callable[[], Any] | None = None,
 ) -> tuple[Any, int]:
     """Check every row in one pass; raise for bad rows (``"error"``) or drop them with one
     warning line (``"skip"``). Returns the clean rows and how many were dropped.
 
     ``label`` is the Dirichlet ``partition_by`` column, whose cells must not be null. With
-    ``tokenizer``, ``messages`` rows are rendered and tokenised too
-    (:func:`~hetlora.data.chat.conversation_problem`).
+    ``tokenizer_loader``, ``messages`` rows are rendered and tokenised too
+    (:func:`~hetlora.data.chat.conversation_problem`); it is called only for such rows, after
+    the columns are known to be usable.
     """
-    rendered = functools.partial(conversation_problem, tokenizer) if tokenizer else None
+    columns = _text_columns(ds, path)
+    messages_check = messages_problem
+    if tokenizer_loader is not None and "messages" in columns:
+        messages_check = functools.partial(conversation_problem, tokenizer_loader())
     checks = [
-        (name, rendered or messages_problem)
+        (name, messages_check)
         if name == "messages"
         else (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
-        for name in _text_columns(ds, path)
+        for name in columns
     ]
     if "client_id" in ds.column_names:
         checks.append(("client_id", _client_id_problem))
@@ -325,13 +334,13 @@ def dataset_clients(
     seed: int,
     on_bad_rows: str,
     report: dict[str, int] | None,
-    tokenizer: Any = None,
+    tokenizer_loader: Callable[[], Any] | None = None,
 ) -> dict[str, list[Example]]:
     """The clients of a ``datasets.Dataset`` (unfiltered, keys in sorted order); ``path``
     names its source in messages. The arguments are :func:`hetlora.data.load_clients`'s, which
     checks them; the partitioner ones are used only when there is no ``client_id`` column, and
     must be at their defaults when there is.
-    Every row is checked before any is used (with ``tokenizer``, rendered and tokenised).
+    Every row is checked before any is used (with ``tokenizer_loader``, rendered and tokenised).
 
     Raises:
         HetLoRAError: no rows, bad rows (``"error"``), no usable row, bad partitioning, or
@@ -340,7 +349,7 @@ def dataset_clients(
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
     label = partition_by if partitioner == "dirichlet" else None
-    ds, skipped = _drop_bad_rows(ds, path, on_bad_rows, label, tokenizer)
+    ds, skipped = _drop_bad_rows(ds, path, on_bad_rows, label, tokenizer_loader)
     if report is not None:
         report["bad_rows_skipped"] = skipped
     columns = _text_columns(ds, path)

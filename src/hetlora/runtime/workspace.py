@@ -8,6 +8,7 @@ the client's own seeded batches. The server side adds the held-out sets and the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +72,9 @@ def federated_splits(
         on_bad_rows=cfg.on_bad_rows,
         report=report,
         split=cfg.split,
-        tokenizer=None if cfg.data == SHAKESPEARE else load_tokenizer(cfg.model),
+        tokenizer_loader=None
+        if cfg.data == SHAKESPEARE
+        else functools.partial(load_tokenizer, cfg.model),
     )
     if cfg.max_clients and len(clients) > cfg.max_clients:
         rng = np.random.default_rng([cfg.seed, 0xC11])
