@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetlora import adapters
+from hetlora import adapters, provenance
 from hetlora.config import Config
 from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
@@ -443,6 +443,7 @@ class RoundLoop:
                 1 for c, r in self.server.ranks.items() if r < self.initial_ranks[c]
             ),
             "target_modules": ws.target_modules,
+            "provenance": provenance.collect(ws.bf16, ws.device),
         }
         if "global_rank" in metrics[-1]:
             summary["global_rank_final"] = metrics[-1]["global_rank"]
