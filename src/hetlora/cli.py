@@ -334,6 +334,8 @@ def _print_results(result: dict[str, Any], out: Path) -> None:
     for row in rows:
         table.add_row(*[_fmt(k, row[k]) for k in keys])
     console.print(table)
+    if result.get("provenance"):
+        _print_provenance(result["provenance"], out)
     for path in result["plots"]:
         console.print(f"plot: {path}")
     if result.get("missing"):
@@ -342,6 +344,21 @@ def _print_results(result: dict[str, Any], out: Path) -> None:
             f"{n} run{'s' if n > 1 else ''} not finished, left out of the tables: "
             + ", ".join(result["missing"])
         )
+
+
+def _print_provenance(rows: list[dict[str, Any]], out: Path) -> None:
+    """The report's provenance table, compacted to fit a terminal (every column is in
+    provenance.md)."""
+    table = Table(title=f"provenance ({out / 'provenance.md'})")
+    for heading in ("run", "commit", "date (UTC)", "precision", "host", "versions"):
+        table.add_column(heading, overflow="fold")
+    for r in rows:
+        dirty = " (dirty)" if r["dirty"] == "true" else ""
+        host = f"{r['cpu']}, {r['cores']} cores, CPU bf16 {r['cpu_bf16']}, GPU {r['gpu']}"
+        versions = f"torch {r['torch']}, transformers {r['transformers']}, peft {r['peft']}"
+        date = r["date"][:16].replace("T", " ")
+        table.add_row(r["name"], r["commit"] + dirty, date, r["precision"], host, versions)
+    console.print(table)
 
 
 @app.command()

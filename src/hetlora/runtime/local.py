@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetlora import adapters
+from hetlora import adapters, provenance
 from hetlora.config import Config
 from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
@@ -446,6 +446,7 @@ class RoundLoop:
             ),
             "target_modules": ws.target_modules,
             "chat_template_used": ws.renderer.templated,
+            "provenance": provenance.collect(ws.bf16, ws.device),
         }
         if "global_rank" in metrics[-1]:
             summary["global_rank_final"] = metrics[-1]["global_rank"]
