@@ -111,9 +111,11 @@ def _reply(factors, rank: int, metrics: dict | None = None) -> RecordDict:
 def test_task_and_reply_round_trip():
     task = ClientTask("hamlet/HAMLET", "lora", rank=6, factors=_factors(6), pruning=True)
     settings = TrainSettings(local_steps=3, lr=0.01, lambda_=0.5, gamma=0.9, r_min=2)
-    content = records.train_content(task, 4, settings)
-    got, round_idx, got_settings = records.read_train(content, bf16=False)
-    assert (got.client_id, got.rank, got.pruning, round_idx) == ("hamlet/HAMLET", 6, True, 4)
+    content = records.train_content(task, 4, settings, index=2)
+    got, round_idx, got_settings, index = records.read_train(content, bf16=False)
+    assert (got.client_id, got.rank, got.pruning, round_idx, index) == (
+        "hamlet/HAMLET", 6, True, 4, 2
+    )
     assert got_settings == settings
     for name, (b, a) in task.factors.items():
         assert torch.equal(got.factors[name][0], b) and torch.equal(got.factors[name][1], a)
