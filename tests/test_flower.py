@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,11 @@ def test_task_and_reply_round_trip():
     content = records.train_content(task, 4, settings, index=2)
     got, round_idx, got_settings, index = records.read_train(content, bf16=False)
     assert (got.client_id, got.rank, got.pruning, round_idx, index) == (
-        "hamlet/HAMLET", 6, True, 4, 2
+        "hamlet/HAMLET",
+        6,
+        True,
+        4,
+        2,
     )
     assert got_settings == settings
     for name, (b, a) in task.factors.items():
@@ -243,8 +248,9 @@ def rows_of(run_dir: Path) -> list[dict]:
 def test_server_app_over_a_grid_gives_the_in_process_run(
     tiny_model, tmp_path, quiet_hetlora_logger
 ):
-    """Two rounds (pruning on: ranks change between them): same rows, same adapter."""
-    cfg = tiny_config(tiny_model)
+    """Two rounds (pruning on: ranks change between them): same rows, same adapter; the nodes'
+    federated evaluation gives the in-process perplexities (test, validation, every tier)."""
+    cfg = tiny_config(tiny_model, val_fraction=0.1)
     sim = Simulation(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
@@ -259,6 +265,7 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
     for a, b in zip(rows["local"], rows["flower"], strict=True):
         assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+        assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5)
         assert b.get("client_ranks") == a.get("client_ranks")
         assert b.get("train_loss", 0) == pytest.approx(a.get("train_loss", 0), rel=1e-5)
         assert not b.get("rejected")
@@ -267,7 +274,12 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("query") == 3 and kinds.count("train") == 2 * cfg.clients_per_round
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
+    assert len(local_summary["tier_ppl"]) >= 2
+    assert summary["tier_ppl"] == pytest.approx(local_summary["tier_ppl"], rel=1e-5)
+    for key in ("eval_examples", "val_examples", "final_val_ppl"):
+        assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")
     assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
 
@@ -406,6 +418,98 @@ def test_nodes_declare_their_client_and_rank(tiny_model, tmp_path, quiet_hetlora
     assert rows[1]["client_ranks"] == {ids[0]: 8, ids[1]: 2, ids[2]: 6}
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["nodes"] == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
+
+
+def device_files(folder: Path, clients: int, per_client: int = 70) -> tuple[Path, list, list]:
+    """Shakespeare clients as devices: every example carries its device's marker string.
+
+    Returns the file of all of them (for the in-process run), each device's own file and the
+    markers."""
+    from hetlora.data import load_clients
+
+    chosen = [(c, ex) for c, ex in load_clients("shakespeare").items() if len(ex) >= per_client]
+    rows, files, markers = [], [], []
+    for i, (client, examples) in enumerate(chosen[:clients]):
+        marker = f"CANARY{i}x{os.getpid()}"
+        own = [
+            {"client_id": client, "prompt": ex.prompt, "response": f"{ex.response} {marker}"}
+            for ex in examples[:per_client]
+        ]
+        path = folder / f"device-{i}" / "data.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in own))
+        rows += own
+        files.append(path)
+        markers.append(marker)
+    everything = folder / "all.jsonl"
+    everything.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return everything, files, markers
+
+
+def leaks(folders, markers, texts) -> list[str]:
+    """Files under ``folders`` holding a marker or an example's text."""
+    found = []
+    for folder in folders:
+        for path in [folder] if folder.is_file() else sorted(folder.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                if any(m.encode() in data for m in markers + texts):
+                    found.append(str(path))
+    return found
+
+
+def test_a_server_without_data_runs_and_no_device_text_reaches_it(
+    tiny_model, tmp_path, quiet_hetlora_logger, caplog
+):
+    """Each node reads only its own file; the server's ``data`` points nowhere. The run equals
+    the in-process run over the same examples, and nothing the server writes or logs holds a
+    device's marker or example text."""
+    everything, files, markers = device_files(tmp_path, 3)
+    cfg = tiny_config(tiny_model, data=str(everything), rouge_examples=2, max_new_tokens=4)
+    Simulation(cfg).run(tmp_path / "local")
+    server_cfg = tiny_config(tiny_model, data=str(tmp_path / "nowhere" / "none.jsonl"))
+    server_cfg = replace(server_cfg, rouge_examples=2, max_new_tokens=4)
+    nodes = [{"data": str(f)} for f in files]
+    with caplog.at_level(logging.INFO, logger="hetlora"):
+        run_over_loopback(server_cfg, tmp_path / "flower", nodes)
+    rows, local = rows_of(tmp_path / "flower"), rows_of(tmp_path / "local")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for a, b in zip(local, rows, strict=True):
+        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+    assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
+    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    assert leaks([tmp_path / "flower"], markers, texts) == []
+    assert not any(m in caplog.text for m in markers)
+    assert not (tmp_path / "flower" / "samples.jsonl").exists()
+    assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
+
+
+def test_bad_declarations_leave_the_node_out_and_a_node_without_data_stops(
+    tiny_model, tmp_path, quiet_hetlora_logger, caplog
+):
+    """A node declaring counts the split rule cannot give, and a second node of one client,
+    are left out with a logged reason; in a deployment (no run data) a node without its own
+    file stops with one line."""
+    _, files, _ = device_files(tmp_path, 2)
+    cfg = tiny_config(tiny_model, data="", clients_per_round=2, rounds=1)
+    nodes = [{"data": str(files[0])}, {"data": str(files[1])}, {"data": str(files[1])}]
+    nodes.append({"data": str(files[0]), "liar": True})
+
+    def app(message, context):  # node 4 inflates its training count
+        reply = client_app.app(message, context)
+        if context.node_config.get("liar") and message.metadata.message_type == "query":
+            reply.content.config_records[records.INFO]["num-examples"] += 5
+        return reply
+
+    with caplog.at_level(logging.WARNING, logger="hetlora"):
+        run_over_loopback(cfg, tmp_path / "flower", nodes, app=app, min_nodes=4)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert sorted(summary["nodes"].values()) == [1, 2]
+    assert "node 3 left out of the run: client" in caplog.text and "already held" in caplog.text
+    assert "node 4 left out of the run: declared (train, validation, test)" in caplog.text
+    with pytest.raises(HetLoRAError, match="this node has no data") as info:
+        client_app.node_config(cfg, {"client-id": "x"})
+    assert "\n" not in str(info.value)
 
 
 # -- real SuperLink and SuperNodes ----------------------------------------------------------------

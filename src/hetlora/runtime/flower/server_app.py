@@ -134,12 +134,12 @@ def discover(
             if records.INFO not in reply.content.config_records:
                 raise HetLoRAError("reply without node info")
             info = records.NodeInfo.from_record(reply.content.config_records[records.INFO])
+            check_counts(cfg, info)
+            declared_rank(cfg, info)
             if info.client_id in held:
                 raise HetLoRAError(
                     f"client {info.client_id!r} is already held by node {held[info.client_id]}"
                 )
-            check_counts(cfg, info)
-            declared_rank(cfg, info)
         except HetLoRAError as exc:
             log.warning("node %s left out of the run: %s", node, exc)
             continue
