@@ -518,14 +518,17 @@ def test_bad_declarations_leave_the_node_out_and_a_node_without_data_stops(
 def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node(
     tiny_model, tmp_path
 ):
-    """TLS + SuperNode authentication, 2 SuperNodes, 1 round; meanwhile a SuperNode whose key
-    was never registered tries to join and is refused."""
-    cfg = tiny_config(tiny_model, rounds=1, max_clients=2, clients_per_round=2)
+    """A private deployment: TLS + SuperNode authentication, 2 SuperNodes each reading only its
+    own file, a server config without data, 1 round; no device's marker or text reaches the
+    server's run directory or logs. Meanwhile a SuperNode whose key was never registered tries
+    to join and is refused."""
+    everything, files, markers = device_files(tmp_path, 2)
+    cfg = tiny_config(tiny_model, data=str(everything), rounds=1, clients_per_round=2)
     sim = Simulation(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
-    # every client on its own SuperNode, declaring the rank the engine assigned it
-    nodes = [{"partition-id": i, "rank": ranks[c]} for i, c in enumerate(sim.client_ids)]
+    # every client on its own SuperNode with its own file, declaring the rank the engine gave it
+    nodes = [{"data": str(f), "rank": ranks[c]} for f, c in zip(files, sim.client_ids, strict=True)]
     fed_dir = workdir(tmp_path, "fed")
     intruder = {}
 
@@ -535,7 +538,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         intruder["log"] = (fed.logs / "intruder.log").read_text()
 
     result = deploy_locally(
-        cfg,
+        replace(cfg, data=""),
         tmp_path / "flower",
         nodes,
         workdir=fed_dir,
@@ -556,6 +559,13 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     assert result.summary["runtime"] == "flower"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
         assert (tmp_path / "flower" / name).is_file(), name
+    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    server_side = [
+        tmp_path / "flower",
+        *fed_dir.rglob("superlink.log"),
+        *fed_dir.rglob("flwr-run*"),
+    ]
+    assert len(server_side) >= 3 and leaks(server_side, markers, texts) == []
 
 
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
