@@ -73,9 +73,8 @@ reproduce: $(STAMP)
 	cp runs/reproduce/results.md runs/reproduce/results.csv runs/reproduce/best.md runs/reproduce/best.csv runs/reproduce/*.png docs/reproduction/
 
 # The paper-regime study (docs/reproduction.md, configs/paper.toml): every method at 3 seeds
-# with lr (and lambda) chosen on validation; about 6.5 hours on 2 cores (estimate in
-# docs/reproduction.md). Resumable: run it again
-# after an interruption and it keeps the finished (method, seed) runs and continues the rest.
+# with lr (and lambda) chosen on validation; it took 9 h 0 min on 2 cores (docs/reproduction.md).
+# Resumable: run it again after an interruption and it keeps the finished (method, seed) runs and continues the rest.
 # The small results (tables, plots, each run's config, metrics and summary; never checkpoints
 # or weights) are copied into docs/reproduction/paper/.
 PAPER_OUT ?= runs/paper
@@ -107,6 +106,7 @@ reproduce-paper-long:
 # the small files of the finished runs copied into docs/reproduction/paper/ (never checkpoints
 # or weights, nor a run still in progress).
 paper-results: $(STAMP)
+	@test -d $(PAPER_OUT) || { echo "error: $(PAPER_OUT) does not exist: run make reproduce-paper (or paper-continue) first; the committed tables redraw with: hetlora report $(PAPER_DOCS)"; exit 2; }
 	$(VENV)/bin/hetlora report $(PAPER_OUT)
 	mkdir -p $(PAPER_DOCS)
 	cp $(PAPER_OUT)/*.csv $(PAPER_OUT)/*.md $(PAPER_OUT)/comparison.json $(PAPER_OUT)/*.png \

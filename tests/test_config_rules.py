@@ -33,6 +33,7 @@ CASES = {
     ),
     "padding": ("keep", {"method": "homlora"}, {"method": "hetlora"}),
     "lora_scale": (1.0, {"method": "full_ft"}, {"method": "flora"}),
+    "target_modules": (["q_proj"], {"method": "full_ft"}, {"method": "homlora"}),
     "on_bad_rows": ("skip", {}, {"data": "x.jsonl"}),
     "split": ("train", {}, {"data": "some/hub-dataset"}),
     "partitioner": ("dirichlet", {}, {"data": "x.jsonl"}),
@@ -202,3 +203,52 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_at_its_default():
         checkpoint.check_matches(
             {"config": older, "model": "m", "data": "d"}, {**current, "compile": "on"}, "m", "d"
         )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"seed": -1}, "config key 'seed' must lie in [0, 2**63), got -1"),
+        ({"seed": 2**63}, "config key 'seed' must lie in [0, 2**63)"),
+        (
+            {"min_clients": 5, "clients_per_round": 4},
+            "config key 'min_clients' (5) must not exceed clients_per_round (4): every round "
+            "would be skipped",
+        ),
+        (
+            {"max_new_tokens": 0, "rouge_examples": 3},
+            "config key 'max_new_tokens' must be >= 1 when rouge_examples > 0",
+        ),
+    ],
+)
+def test_values_that_would_fail_mid_run_are_refused_up_front(values, message):
+    with pytest.raises(HetLoRAError) as err:
+        make_config(values)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_edges_of_those_values_are_accepted():
+    assert make_config({"seed": 0}).seed == 0
+    assert make_config({"seed": 2**63 - 1}).seed == 2**63 - 1
+    assert make_config({"min_clients": 4, "clients_per_round": 4}).min_clients == 4
+    assert make_config({"max_new_tokens": 0, "rouge_examples": 0}).max_new_tokens == 0
+
+
+def test_a_model_path_is_stored_absolute_and_older_relative_checkpoints_match(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "models" / "m")
+    for given in ("models/m", "./models/m", "models/../models/m", absolute):
+        assert make_config({"model": given}).model == absolute
+    # the packaged name and a hub id stay as they are, even where a folder of that name exists
+    (tmp_path / "smollm2-135m").mkdir()
+    assert make_config({}).model == "smollm2-135m"
+    assert make_config({"model": "owner/name"}).model == "owner/name"
+    # a checkpoint of an older run, whose config kept the relative path, resumes from its folder
+    current = make_config({"model": "models/m"}).to_dict()
+    older = {**current, "model": "models/m"}
+    checkpoint.check_matches(
+        {"version": 2, "config": older, "model": "m", "data": "d"}, current, "m", "d"
+    )

@@ -249,6 +249,109 @@ def test_parquet_with_client_id(tmp_path: Path) -> None:
     assert clients == {"1": [Example("p", "x"), Example("q", "y")], "2": [Example("r", "z")]}
 
 
+def test_csv_cells_are_read_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(
+        "client_id,prompt,response\n"
+        "007,Q1,42\n"
+        "7,,NA\n"
+        "0007,Q3,None\n"
+        "1.10,Q4,null\n"
+        "1.1,Q5,nan\n"
+        "7,Q6,True\n"
+    )
+    assert load_clients(str(path)) == {
+        "0007": [Example("Q3", "None")],
+        "007": [Example("Q1", "42")],
+        "1.1": [Example("Q5", "nan")],
+        "1.10": [Example("Q4", "null")],
+        "7": [Example("", "NA"), Example("Q6", "True")],
+    }
+
+
+def test_csv_text_column_of_numbers_is_text(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("client_id,text\n10,3.50\n2,1e3\n10,-0\n")
+    assert load_clients(str(path)) == {
+        "10": [Example("", "3.50"), Example("", "-0")],
+        "2": [Example("", "1e3")],
+    }
+
+
+def test_csv_missing_id_is_one_bad_row_and_the_others_keep_theirs(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("client_id,text\n1,a\n,b\n2,c\n1,d\n")
+    with pytest.raises(HetLoRAError, match=r"1 bad row of 4: row 2: column 'client_id' is empty"):
+        load_clients(str(path))
+    assert load_clients(str(path), on_bad_rows="skip") == {
+        "1": [Example("", "a"), Example("", "d")],
+        "2": [Example("", "c")],
+    }
+
+
+def test_parquet_ids_as_written(tmp_path: Path) -> None:
+    strings = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"client_id": ["007", "7", "0007"], "text": ["a", "b", "c"]}), strings)
+    assert list(load_clients(str(strings))) == ["0007", "007", "7"]
+    # an integer column with a missing id: the other ids stay integers, the row is bad
+    ints = tmp_path / "i.parquet"
+    pq.write_table(
+        pa.table({"client_id": pa.array([12, None, 3], pa.int64()), "text": ["a", "b", "c"]}), ints
+    )
+    assert load_clients(str(ints), on_bad_rows="skip") == {
+        "12": [Example("", "a")],
+        "3": [Example("", "c")],
+    }
+    floats = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"client_id": [1.1, 1.10, 2.0], "text": ["a", "b", "c"]}), floats)
+    pattern = (
+        r"3 bad rows of 3: row 1: column 'client_id' must be a string or an integer, got "
+        r"float 1\.1; row 2: .*; row 3: .*got float 2\.0"
+    )
+    with pytest.raises(HetLoRAError, match=pattern):
+        load_clients(str(floats))
+
+
+def test_parquet_text_column_keeps_its_type(tmp_path: Path) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(
+        pa.table({"client_id": ["a", "b"], "prompt": ["", "q"], "response": [4, 2]}), path
+    )
+    with pytest.raises(HetLoRAError, match="row 1: column 'response' must be a string, got int 4"):
+        load_clients(str(path))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("partitioner", "dirichlet", "partitioner = 'dirichlet'"),
+        ("num_partitions", 3, "num_partitions = 3"),
+        ("partition_by", "label", "partition_by = 'label'"),
+        ("dirichlet_alpha", 0.1, "dirichlet_alpha = 0.1"),
+    ],
+)
+def test_partitioner_keys_on_data_with_client_id_are_an_error(tmp_path, key, value, shown):
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"client_id": f"u{i % 2}", "text": f"t{i}", "label": "x"} for i in range(6)],
+    )
+    with pytest.raises(HetLoRAError) as info:
+        load_clients(str(path), **{key: value})
+    assert str(info.value) == (
+        f"{path} has a client_id column, so its rows are not partitioned: remove {shown}"
+    )
+    assert list(load_clients(str(path), partitioner="iid", num_partitions=10)) == ["u0", "u1"]
+
+
+def test_a_missing_relative_file_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source in ("mydata/train.jsonl", "mydata/train.CSV", "data/x.parquet", "a/b.json"):
+        with pytest.raises(HetLoRAError, match=f"data file not found: {re.escape(source)}$"):
+            load_clients(source)
+    with pytest.raises(HetLoRAError, match="hub dataset id"):
+        load_clients("owner/name")  # still a hub id (offline here)
+
+
 # --- files without client_id: partitioning -----------------------------------------------
 
 
@@ -370,9 +473,10 @@ def test_null_value(tmp_path: Path) -> None:
         load_clients(str(path), num_partitions=1)
     csv = tmp_path / "d.csv"
     csv.write_text("client_id,prompt,response\n1,,x\n2,q,\n")
-    pattern = "d.csv: 2 bad rows of 2: row 1: column 'prompt' is null; row 2: column 'response'"
+    pattern = "d.csv: 1 bad row of 2: row 2: column 'response' is empty"
     with pytest.raises(HetLoRAError, match=pattern):
         load_clients(str(csv))
+    assert load_clients(str(csv), on_bad_rows="skip") == {"1": [Example("", "x")]}
 
 
 def test_non_string_value(tmp_path: Path) -> None:

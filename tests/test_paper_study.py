@@ -321,7 +321,8 @@ def test_tune_seeds_errors(tmp_path):
 
 
 def test_paper_config_plans_the_documented_runs():
-    """configs/paper.toml as docs/reproduction.md describes it: 21 grid points on seed 0, each
+    """configs/paper.toml as docs/reproduction.md describes it: 30 grid points on seed 0 (every LoRA
+    setting at lr 3e-4, 1e-3 and 3e-3; full FT at 1e-5, 3e-5, 1e-4), each
     method's winner on seeds 1 and 2 (18 runs), and the same-lambda HetLoRA reference (a group
     of one) on all three seeds."""
     from pathlib import Path
@@ -331,7 +332,12 @@ def test_paper_config_plans_the_documented_runs():
     entries = load_comparison(Path(__file__).parents[1] / "configs" / "paper.toml")
     reference = "HetLoRA [5, 50] at lambda 0.01"
     first = [e for e in entries if not e.deferred and e.group != reference]
-    assert len(first) == 21 and {e.seed for e in first} == {0}
+    assert len(first) == 30 and {e.seed for e in first} == {0}
+    lora = [e for e in first if e.cfg.method != "full_ft"]
+    settings = {(e.group, e.cfg.lambda_): set() for e in lora}
+    for e in lora:
+        settings[(e.group, e.cfg.lambda_)].add(e.cfg.lr)
+    assert all(rates == {3e-4, 1e-3, 3e-3} for rates in settings.values())
     assert [(e.seed, e.cfg.lambda_, e.cfg.lr) for e in entries if e.group == reference] == [
         (s, 0.01, 1e-3) for s in (0, 1, 2)
     ]

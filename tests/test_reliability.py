@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from typer.testing import CliRunner
 
 from hetlora.cli import app
 from hetlora.config import make_config
-from hetlora.runtime import local, workspace
+from hetlora.errors import HetLoRAError
+from hetlora.runtime import checkpoint, local, workspace
 
 SETTINGS = [
     "rounds=5",
@@ -269,3 +271,55 @@ def _values(items: list[str]) -> dict:
     import tomllib
 
     return {k: tomllib.loads(f"v = {v}")["v"] for k, v in (i.split("=", 1) for i in items)}
+
+
+def _stop_after_round_2(event: dict) -> None:
+    if event["event"] == "round_start" and event["round"] == 3:
+        raise Stop  # round 2 is recorded and checkpointed
+
+
+@pytest.mark.parametrize(("before", "after"), [(False, True), (True, False)])
+def test_resume_where_auto_precision_resolves_otherwise(
+    before, after, tiny_model, tmp_path, monkeypatch
+):
+    # precision = "auto" on a host without bf16, continued on one with it (and the other way
+    # round): the base is fingerprinted as loaded, before the bf16 cast of its linears.
+    args = [a for a in resume_args("hetlora") if not a.startswith("precision")]
+    cfg = make_config({"model": str(tiny_model), **_values(args)})
+    assert cfg.precision == "auto"
+    out = tmp_path / "run"
+    monkeypatch.setattr(workspace, "resolve_bf16", lambda choice, device: before)
+    with pytest.raises(Stop):
+        local.Simulation(cfg, progress=_stop_after_round_2).run(out)
+    monkeypatch.setattr(workspace, "resolve_bf16", lambda choice, device: after)
+    summary = local.Simulation(cfg).run(out, resume=True)
+    assert summary["bf16"] is after
+    assert [r["round"] for r in rows(out)] == [0, 1, 2, 3, 4]
+
+
+def test_a_format_1_checkpoint_is_compared_with_the_prepared_base():
+    config = make_config({}).to_dict()
+    old = {"version": 1, "config": config, "model": "prepared-fp", "data": "d"}
+    checkpoint.check_matches(old, config, "loaded-fp", "d", lambda: "prepared-fp")
+    with pytest.raises(HetLoRAError, match="another base model"):
+        checkpoint.check_matches(old, config, "loaded-fp", "d", lambda: "other-fp")
+    new = {**old, "version": 2}
+    with pytest.raises(HetLoRAError, match="another base model"):
+        checkpoint.check_matches(new, config, "loaded-fp", "d", lambda: "prepared-fp")
+    checkpoint.check_matches({**new, "model": "loaded-fp"}, config, "loaded-fp", "d")
+
+
+def test_a_relative_model_path_is_stored_absolute(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)
+    out = tmp_path / "run"
+    args = cli_args(Path(tiny_model.name), out, "rounds=1", "rouge_examples=0")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads((out / "config.toml").read_text())["model"] == str(tiny_model)
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["evaluate", str(out)])
+    assert result.exit_code == 0, result.output

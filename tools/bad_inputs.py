@@ -96,6 +96,30 @@ CASES: list[tuple[str, list[str], str]] = [
         ["run", "--out", "{out}", "--set", "max_update_norm=-1"],
         "'max_update_norm' must be >= 0",
     ),
+    ("negative seed", ["run", "--out", "{out}", "--set", "seed=-1"], "'seed' must lie in"),
+    (
+        "min_clients above clients_per_round",
+        ["run", "--out", "{out}", "--set", "min_clients=5", "--set", "clients_per_round=4"],
+        "'min_clients' (5) must not exceed clients_per_round (4)",
+    ),
+    (
+        "max_new_tokens = 0 with ROUGE-L on",
+        ["run", "--out", "{out}", "--set", "max_new_tokens=0"],
+        "'max_new_tokens' must be >= 1 when rouge_examples > 0",
+    ),
+    (
+        "LoRA target modules under full fine-tuning",
+        [
+            "run",
+            "--out",
+            "{out}",
+            "--set",
+            "method='full_ft'",
+            "--set",
+            "target_modules=['q_proj']",
+        ],
+        "'target_modules' = ['q_proj'] applies to LoRA methods",
+    ),
     (
         "data file without the needed columns",
         ["run", "--out", "{out}", "--set", "data='{no_columns}'"],
@@ -106,6 +130,16 @@ CASES: list[tuple[str, list[str], str]] = [
         "missing data file",
         ["run", "--out", "{out}", "--set", "data='{tmp}/absent.jsonl'"],
         "not found",
+    ),
+    (
+        "missing data file at a relative path shaped like a hub id",
+        ["run", "--out", "{out}", "--set", "data='mydata/train.jsonl'"],
+        "data file not found: mydata/train.jsonl",
+    ),
+    (
+        "partitioner key for a file with client_id",
+        ["run", "--out", "{out}", "--set", "data='{few}'", "--set", "num_partitions=3"],
+        "has a client_id column, so its rows are not partitioned: remove num_partitions = 3",
     ),
     (
         "malformed JSON lines",

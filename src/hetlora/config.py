@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import tomllib
 import types
 import typing
@@ -20,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from hetlora.data import BAD_ROW_ACTIONS, PARTITIONERS, SHAKESPEARE
+from hetlora.data import BAD_ROW_ACTIONS, PARTITION_DEFAULTS, PARTITIONERS, SHAKESPEARE
 from hetlora.errors import HetLoRAError
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class Config:
             set every evaluation round measures both (``val_ppl`` and ``eval_ppl``, the test
             perplexity); 0 (default) has none.
         partitioner, num_partitions, partition_by, dirichlet_alpha: how a file without
-            ``client_id`` is split into clients (``iid`` or ``dirichlet`` over ``partition_by``).
+            ``client_id`` is split into clients (``iid`` or ``dirichlet`` over ``partition_by``);
+            an error for data with ``client_id``.
         max_seq_len: tokens per example (prompt truncated on the left, response on the right).
         on_bad_rows: rows of a data file that cannot be used (null, empty response or text,
             wrong type, empty client_id): ``"error"`` stops with their count and the first few
@@ -103,8 +105,9 @@ class Config:
 
     Federated loop and local training:
         rounds, clients_per_round, local_steps, batch_size, lr, weight_decay, max_grad_norm.
-        seed: seeds ranks, client sampling, splits, batches and adapter init.
-        min_clients: a round with fewer valid replies is skipped (global state unchanged).
+        seed: seeds ranks, client sampling, splits, batches and adapter init (>= 0).
+        min_clients: a round with fewer valid replies is skipped (global state unchanged); at
+            most clients_per_round.
         max_update_norm: replies whose update norm (||dW_k||_F, or the change of all weights for
             full fine-tuning) exceeds this are refused; 0 disables the bound.
         precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16`` or ``fp32``.
@@ -120,7 +123,7 @@ class Config:
         eval_examples: cap on the held-out set (union of clients' test splits).
         eval_batch_size: batch size for evaluation.
         rouge_examples: held-out examples for ROUGE-L of greedy generations (0 disables).
-        max_new_tokens: generation length for ROUGE-L.
+        max_new_tokens: generation length for ROUGE-L (>= 1 when rouge_examples > 0).
         report_to: experiment trackers that get every round's metrics and the config, any of
             ``tensorboard``, ``mlflow``, ``wandb`` (see :mod:`hetlora.trackers`).
     """
@@ -135,10 +138,10 @@ class Config:
     max_examples_per_client: int = 0
     test_fraction: float = 0.2
     val_fraction: float = 0.0
-    partitioner: str = "iid"
-    num_partitions: int = 10
-    partition_by: str = ""
-    dirichlet_alpha: float = 0.5
+    partitioner: str = PARTITION_DEFAULTS["partitioner"]
+    num_partitions: int = PARTITION_DEFAULTS["num_partitions"]
+    partition_by: str = PARTITION_DEFAULTS["partition_by"]
+    dirichlet_alpha: float = PARTITION_DEFAULTS["dirichlet_alpha"]
     max_seq_len: int = 128
     on_bad_rows: str = "error"
 
@@ -241,6 +244,12 @@ KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule("padding", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
     KeyRule(
         "lora_scale",
+        "LoRA methods (not 'full_ft')",
+        ("method",),
+        lambda c: c.method != "full_ft",
+    ),
+    KeyRule(
+        "target_modules",
         "LoRA methods (not 'full_ft')",
         ("method",),
         lambda c: c.method != "full_ft",
@@ -402,13 +411,27 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     return make_config(values)
 
 
+def stored_model(model: str) -> str:
+    """The ``model`` value a config keeps: one that names an existing local path is made
+    absolute (relative to the working folder of the command that reads it), so that the run's
+    config.toml and adapter name the same folder from anywhere; the packaged name and hub ids
+    stay as they are."""
+    if model == _DEFAULTS["model"] or not model.strip():
+        return model
+    path = Path(model).expanduser()
+    return os.path.abspath(path) if path.exists() else model
+
+
 def make_config(values: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a dict of keys."""
+    """Build and validate a :class:`Config` from a dict of keys (``model`` as
+    :func:`stored_model` keeps it)."""
     clean: dict[str, Any] = {}
     for key, value in translate_old_keys(values).items():
         if key not in _FIELDS:
             raise HetLoRAError(f"unknown config key '{key}'{_suggest(key)}")
         clean[key] = _check_type(key, value)
+    if "model" in clean:
+        clean["model"] = stored_model(clean["model"])
     cfg = Config(**clean)
     validate(cfg)
     return cfg
@@ -496,6 +519,18 @@ def validate(cfg: Config) -> None:
         "max_grad_norm",
     ):
         _at_least(cfg, key, 0)
+    if not 0 <= cfg.seed < 2**63:
+        raise HetLoRAError(f"config key 'seed' must lie in [0, 2**63), got {cfg.seed}")
+    if cfg.min_clients > cfg.clients_per_round:
+        raise HetLoRAError(
+            f"config key 'min_clients' ({cfg.min_clients}) must not exceed clients_per_round "
+            f"({cfg.clients_per_round}): every round would be skipped"
+        )
+    if cfg.rouge_examples and cfg.max_new_tokens < 1:
+        raise HetLoRAError(
+            f"config key 'max_new_tokens' must be >= 1 when rouge_examples > 0 (ROUGE-L scores "
+            f"generations), got {cfg.max_new_tokens}; or set rouge_examples = 0"
+        )
     if cfg.rank and not cfg.r_min <= cfg.rank <= cfg.r_max:
         raise HetLoRAError(f"config key 'rank' ({cfg.rank}) must lie in [r_min, r_max]")
     if not cfg.lr > 0:

@@ -27,6 +27,7 @@ from hetlora.errors import HetLoRAError
 __all__ = [
     "BAD_ROW_ACTIONS",
     "PARTITIONERS",
+    "PARTITION_DEFAULTS",
     "SHAKESPEARE",
     "Example",
     "cap_examples",
@@ -43,6 +44,15 @@ SHAKESPEARE = "shakespeare"
 
 #: Partitioner names accepted by :func:`load_clients` for files without ``client_id``.
 PARTITIONERS = ("iid", "dirichlet")
+
+#: The partitioner keys and their defaults (:func:`load_clients`'s and the config's): for data
+#: with a ``client_id`` column any other value is an error, since its rows are not partitioned.
+PARTITION_DEFAULTS = {
+    "partitioner": "iid",
+    "num_partitions": 10,
+    "partition_by": "",
+    "dirichlet_alpha": 0.5,
+}
 
 #: ``on_bad_rows`` values, as pandas' ``on_bad_lines``: stop with every bad row listed, or drop
 #: them with one warning line.
@@ -67,10 +77,10 @@ def load_clients(
     source: str,
     *,
     min_examples: int = 1,
-    partitioner: str = "iid",
-    num_partitions: int = 10,
+    partitioner: str = PARTITION_DEFAULTS["partitioner"],
+    num_partitions: int = PARTITION_DEFAULTS["num_partitions"],
     partition_by: str | None = None,
-    dirichlet_alpha: float = 0.5,
+    dirichlet_alpha: float = PARTITION_DEFAULTS["dirichlet_alpha"],
     seed: int = 0,
     on_bad_rows: str = "error",
     report: dict[str, int] | None = None,
@@ -81,7 +91,9 @@ def load_clients(
     Args:
         source: one of the sources above; the columns are those of :mod:`hetlora.data.files`.
         min_examples: clients with fewer examples are dropped (the count is logged).
-        partitioner: ``"iid"`` or ``"dirichlet"``; only used for files without ``client_id``.
+        partitioner: ``"iid"`` or ``"dirichlet"``; only for data without ``client_id`` (this
+            and the next three at other values than :data:`PARTITION_DEFAULTS` are an error
+            for data with it).
         num_partitions: number of clients made by the partitioner.
         partition_by: column whose values drive the Dirichlet partitioner (required for it).
         dirichlet_alpha: concentration of the Dirichlet partitioner (smaller = more skewed).

@@ -11,6 +11,13 @@ throw-away cache folder: no hub access, nothing left in the user's cache). Accep
 
 Text-only rows become examples with an empty prompt. Extra columns are ignored (except the
 Dirichlet ``partition_by`` column).
+
+Cells are taken as written. A CSV file has no types: every cell is read as its text, with no
+number or missing-value guessing (``007`` and ``7`` are two client ids, ``NA`` and ``42`` are
+answers, an empty cell is the empty string). JSON and Parquet cells keep their types: a text
+column must hold strings, and a ``client_id`` is a string or an integer (read as its decimal
+string); a float id is a bad row, since ``1.10`` and ``1.1`` are the same float and an id
+column of floats usually holds integers that went through a missing value.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hetlora.data import Example
+from hetlora.data import PARTITION_DEFAULTS, Example
 from hetlora.data.chat import example_from_messages, messages_problem
 from hetlora.errors import HetLoRAError
 
@@ -78,6 +85,7 @@ def read_file(path: Path) -> Any:
         )
     if _is_blank(path, text=builder != "parquet"):
         raise HetLoRAError(f"data file {path} is empty")
+    options = _csv_options(path) if builder == "csv" else {}
     if builder == "parquet":  # datasets fails on a Parquet file of 0 rows: read its metadata
         import pyarrow.parquet as pq
 
@@ -104,6 +112,7 @@ def read_file(path: Path) -> Any:
                     split="train",
                     cache_dir=cache_dir,
                     keep_in_memory=True,
+                    **options,
                 )
             except Exception as exc:  # any parse failure is the file's fault
                 cause = exc.__cause__ or exc
@@ -121,6 +130,21 @@ def read_file(path: Path) -> Any:
         datasets.logging.set_verbosity(verbosity)
         if bars_were_on:
             datasets.enable_progress_bars()
+
+
+def _csv_options(path: Path) -> dict[str, Any]:
+    """``load_dataset`` options that read every column of a CSV file as the text written in it:
+    each column a string (its names from the header, read as pandas reads it) and no cell
+    taken for a missing value."""
+    import datasets
+    import pandas as pd
+
+    try:
+        header = pd.read_csv(path, nrows=0)
+    except Exception as exc:  # an unreadable header is the file's fault
+        raise HetLoRAError(f"cannot read {path} as csv: {_one_line(exc)}") from exc
+    features = datasets.Features({str(c): datasets.Value("string") for c in header.columns})
+    return {"features": features, "keep_default_na": False, "na_filter": False}
 
 
 def _column(ds: Any, name: str) -> list[Any]:
@@ -151,8 +175,11 @@ def _client_id_problem(value: Any) -> str | None:
     """Why a ``client_id`` cell is unusable (None if it is fine)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return "column 'client_id' is empty"
-    if isinstance(value, list | dict):
-        return f"column 'client_id' must be a string or an integer, got {type(value).__name__}"
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return (
+            f"column 'client_id' must be a string or an integer, got {type(value).__name__} "
+            f"{value!r:.40}"
+        )
     return None
 
 
@@ -274,6 +301,16 @@ def _partition(
     return clients
 
 
+def _check_not_partitioned(path: Path | str, **keys: Any) -> None:
+    """Refuse partitioner keys at other values than their defaults for data with client_id."""
+    set_here = [f"{k} = {v!r}" for k, v in keys.items() if v != PARTITION_DEFAULTS[k]]
+    if set_here:
+        raise HetLoRAError(
+            f"{path} has a client_id column, so its rows are not partitioned: remove "
+            f"{', '.join(set_here)}"
+        )
+
+
 def dataset_clients(
     ds: Any,
     path: Path | str,
@@ -288,11 +325,13 @@ def dataset_clients(
 ) -> dict[str, list[Example]]:
     """The clients of a ``datasets.Dataset`` (unfiltered, keys in sorted order); ``path``
     names its source in messages. The arguments are :func:`hetlora.data.load_clients`'s, which
-    checks them; the partitioner ones are used only when there is no ``client_id`` column.
+    checks them; the partitioner ones are used only when there is no ``client_id`` column, and
+    must be at their defaults when there is.
     Every row is checked before any is used.
 
     Raises:
-        HetLoRAError: no rows, bad rows (``"error"``), no usable row, or bad partitioning.
+        HetLoRAError: no rows, bad rows (``"error"``), no usable row, bad partitioning, or
+            partitioner keys set for rows with ``client_id``.
     """
     if ds.num_rows == 0:
         raise HetLoRAError(f"data file {path} has no rows")
@@ -322,6 +361,13 @@ def dataset_clients(
             seed=seed,
         )
     else:
+        _check_not_partitioned(
+            path,
+            partitioner=partitioner,
+            num_partitions=num_partitions,
+            partition_by=partition_by or "",
+            dirichlet_alpha=dirichlet_alpha,
+        )
         clients = {}
         for cid, example in zip(_column(ds, "client_id"), examples, strict=True):
             clients.setdefault(str(cid), []).append(example)

@@ -2,8 +2,9 @@
 
 * A folder written by ``Dataset.save_to_disk`` is read whole; one written by
   ``DatasetDict.save_to_disk`` needs the ``split`` key unless it has a single split.
-* A hub id (``owner/name``) is read with ``datasets.load_dataset(id, split=split or "train")``
-  where a network exists; offline it is one error line.
+* A hub id (``owner/name``, not ending in a data file's suffix) is read with
+  ``datasets.load_dataset(id, split=split or "train")`` where a network exists; offline it is
+  one error line.
 
 The rows then have the columns of a data file (:mod:`hetlora.data.files`).
 """
@@ -25,8 +26,15 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def is_hub_id(source: str) -> bool:
-    """Whether ``source`` looks like a hub dataset id (``owner/name``, not a local path)."""
-    return bool(_HUB_ID.fullmatch(source)) and not Path(source).exists()
+    """Whether ``source`` is read as a hub dataset id: ``owner/name``, not an existing local
+    path and not ending in a data file's suffix (``mydata/train.jsonl`` is a file path)."""
+    from hetlora.data.files import FORMATS
+
+    return (
+        bool(_HUB_ID.fullmatch(source))
+        and not source.lower().endswith(tuple(FORMATS))
+        and not Path(source).exists()
+    )
 
 
 def load_saved(path: Path, split: str) -> Any:

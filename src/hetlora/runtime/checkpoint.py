@@ -3,7 +3,10 @@
 A checkpoint holds everything the next round depends on: the method's server state (global
 factors or weights, every client's current rank, FLoRA's merged total), the round counter, the
 metrics so far, the base model's generations for ROUGE-L, and fingerprints of the config, the
-base model and the client data. Client sampling and batches are seeded by (seed, round, client),
+base model and the client data. The base model's fingerprint is taken as loaded (fp32, before
+any dtype cast, PEFT wrapping or compiling), so a run made where ``precision = "auto"`` meant
+fp32 resumes where it means bf16 and the other way round; a checkpoint of format 1 holds the
+fingerprint of the base as prepared on its host, compared with the same here. Client sampling and batches are seeded by (seed, round, client),
 and local optimisers start fresh each round, so no other RNG or optimizer state exists.
 
 The file is written to a temporary name in the same folder, fsynced, renamed over the old one
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,9 @@ import torch
 from hetlora.errors import HetLoRAError
 
 FILE = "checkpoint.pt"
-VERSION = 1
+#: Format written; ``load`` also reads format 1 (model fingerprint of the prepared base).
+VERSION = 2
+VERSIONS = (1, 2)
 
 
 def fingerprint(obj: Any) -> str:
@@ -33,7 +39,7 @@ def fingerprint(obj: Any) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the base model's config and a checksum of its weights as loaded."""
+    """Hash of the base model's config and a checksum of its first weights (in name order)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.to_dict()
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
@@ -77,7 +83,7 @@ def load(out_dir: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a corrupt file
         raise HetLoRAError(f"checkpoint {path} is corrupt: {type(exc).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("version") != VERSION:
+    if not isinstance(payload, dict) or payload.get("version") not in VERSIONS:
         raise HetLoRAError(f"checkpoint {path} is corrupt or from another hetlora version")
     for key in ("config", "model", "data", "round", "server", "metrics"):
         if key not in payload:
@@ -85,18 +91,31 @@ def load(out_dir: Path) -> dict[str, Any]:
     return payload
 
 
-def check_matches(payload: dict[str, Any], config: dict[str, Any], model: str, data: str) -> None:
-    """Refuse a checkpoint made with another config, base model or client data (a checkpoint of
-    an older version is compared with its old keys translated, and a key it predates taken at
-    its default: a new key's default is the behaviour from before it existed)."""
-    from hetlora.config import Config, translate_old_keys
+def check_matches(
+    payload: dict[str, Any],
+    config: dict[str, Any],
+    model: str,
+    data: str,
+    prepared_model: Callable[[], str] | None = None,
+) -> None:
+    """Refuse a checkpoint made with another config, base model or client data.
+
+    ``model`` is the fingerprint of the base as loaded; ``prepared_model`` gives that of the
+    base as prepared in this process, which a format-1 checkpoint holds. A checkpoint of an
+    older version is compared with its old keys translated, and a key it predates taken at its
+    default (a new key's default is the behaviour from before it existed).
+    """
+    from hetlora.config import Config, stored_model, translate_old_keys
 
     saved = {**Config().to_dict(), **translate_old_keys(payload["config"], warn=False)}
+    saved["model"] = stored_model(saved["model"])  # a relative path of an older run
     if saved != config:
         changed = sorted(k for k in set(config) | set(saved) if saved.get(k) != config.get(k))
         raise HetLoRAError(
             f"checkpoint was made with another config (differs in: {', '.join(changed)})"
         )
+    if payload.get("version") == 1 and prepared_model is not None:
+        model = prepared_model()
     if payload["model"] != model:
         raise HetLoRAError("checkpoint was made with another base model")
     if payload["data"] != data:

@@ -10,6 +10,7 @@ by composition. Writes ``config.toml``, ``metrics.jsonl``, ``adapter/``, ``sampl
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -363,7 +364,8 @@ class RoundLoop:
     def _restore(self, out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
         payload = checkpoint.load(out_dir)
         model_fp, data_fp = self._fingerprints()
-        checkpoint.check_matches(payload, self.cfg.to_dict(), model_fp, data_fp)
+        prepared = functools.partial(checkpoint.model_fingerprint, self.ws.peft_model)
+        checkpoint.check_matches(payload, self.cfg.to_dict(), model_fp, data_fp, prepared)
         self.server = payload["server"]
         self.round = payload["round"]
         self.initial_ranks = payload["initial_ranks"]

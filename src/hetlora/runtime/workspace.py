@@ -224,6 +224,7 @@ def build_workspace(
     client_ids = sorted(train_data)
     emit({"event": "setup", "stage": "model"})
     base = load_base_model(cfg.model, device)
+    model_fp = checkpoint.model_fingerprint(base.model)  # as loaded: before any cast
     renderer = make_renderer(
         base.tokenizer, cfg.chat_template, [ex for c in client_ids for ex in train_data[c]]
     )
@@ -253,7 +254,7 @@ def build_workspace(
         renderer=renderer,
         target_modules=target_modules,
         peft_model=peft_model,
-        model_fp=checkpoint.model_fingerprint(base.model),
+        model_fp=model_fp,
         size=model_size(peft_model),
         compiled=compiled,
         compile_start=compile_start,
