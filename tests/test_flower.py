@@ -462,21 +462,31 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     tiny_model, tmp_path, quiet_hetlora_logger, caplog
 ):
     """Each node reads only its own file; the server's ``data`` points nowhere. The run equals
-    the in-process run over the same examples, and nothing the server writes or logs holds a
+    the in-process run over the same examples (perplexity every round, ROUGE-L of the base and
+    the final model from the nodes' sums), and nothing the server writes or logs holds a
     device's marker or example text."""
     everything, files, markers = device_files(tmp_path, 3)
-    cfg = tiny_config(tiny_model, data=str(everything), rouge_examples=2, max_new_tokens=4)
+    cfg = tiny_config(tiny_model, data=str(everything), rouge_examples=6, max_new_tokens=8)
     Simulation(cfg).run(tmp_path / "local")
     server_cfg = tiny_config(tiny_model, data=str(tmp_path / "nowhere" / "none.jsonl"))
-    server_cfg = replace(server_cfg, rouge_examples=2, max_new_tokens=4)
+    server_cfg = replace(server_cfg, rouge_examples=6, max_new_tokens=8)
     nodes = [{"data": str(f)} for f in files]
     with caplog.at_level(logging.INFO, logger="hetlora"):
-        run_over_loopback(server_cfg, tmp_path / "flower", nodes)
+        grid = run_over_loopback(server_cfg, tmp_path / "flower", nodes)
     rows, local = rows_of(tmp_path / "flower"), rows_of(tmp_path / "local")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for a, b in zip(local, rows, strict=True):
         assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
     assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
+    assert all(r["eval_missing"] == {} for r in rows)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert local_summary["rouge_l"] > 0  # the trained model's words meet the references
+    for key in ("rouge_l_base", "rouge_l"):
+        assert summary[key] == pytest.approx(local_summary[key], rel=1e-12)
+    generate = [m for m in grid.sent if m.content.config_records[records.CONFIG].get("generate")]
+    asked = [p for m in generate for p in m.content.config_records[records.CONFIG]["positions"]]
+    assert len(generate) >= 2 and len(asked) == 2 * 6  # base and final: the 6 examples, once
     texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
     assert leaks([tmp_path / "flower"], markers, texts) == []
     assert not any(m in caplog.text for m in markers)

@@ -124,6 +124,13 @@ class Config:
         eval_batch_size: batch size for evaluation.
         rouge_examples: held-out examples for ROUGE-L of greedy generations (0 disables).
         max_new_tokens: generation length for ROUGE-L (>= 1 when rouge_examples > 0).
+        server_eval_data: a server-side evaluation set: a data file (``prompt``/``response``,
+            ``text`` or ``messages`` rows; a ``client_id`` column is allowed and pooled) the
+            operator owns, measured centrally on every evaluation round
+            (``server_eval_ppl``), with ROUGE-L on its first ``rouge_examples``
+            (``server_rouge_l``) and ``samples.jsonl`` from it. Both runtimes measure it; in a
+            Flower run it is the only source of ``samples.jsonl`` (the clients' held-out text
+            stays on the nodes). Empty (default): none.
         report_to: experiment trackers that get every round's metrics and the config, any of
             ``tensorboard``, ``mlflow``, ``wandb`` (see :mod:`hetlora.trackers`).
     """
@@ -177,6 +184,7 @@ class Config:
     eval_batch_size: int = 16
     rouge_examples: int = 16
     max_new_tokens: int = 40
+    server_eval_data: str = ""
     report_to: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

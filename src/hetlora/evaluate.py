@@ -202,3 +202,21 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
         for pred, ref in zip(predictions, references, strict=True)
     ]
     return sum(scores) / len(scores)
+
+
+def rouge_sums(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, int]:
+    """The sum of the per-example ROUGE-L F1 scores of :func:`rouge_l` and how many were scored:
+    what one holder of examples (the in-process run, or a node on its own) contributes to a
+    ROUGE-L (:func:`combine_rouge`)."""
+    scores = [rouge_l([pred], [ref]) for pred, ref in zip(predictions, references, strict=True)]
+    return sum(scores), len(scores)
+
+
+def combine_rouge(sums: Iterable[tuple[float, int]]) -> float:
+    """Mean ROUGE-L F1 of :func:`rouge_sums` parts, ``sum F / sum n`` (NaN for no examples):
+    :func:`rouge_l` of the union of their examples, up to float summation order."""
+    total, count = 0.0, 0
+    for score, n in sums:
+        total += score
+        count += n
+    return total / count if count else float("nan")

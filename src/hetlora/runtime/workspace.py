@@ -123,6 +123,17 @@ def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
     return [test_data[c][i] for c, i in order]
 
 
+def server_eval_set(cfg: Config) -> list[Example]:
+    """The server-side evaluation set (``server_eval_data``, a file the operator owns): every
+    row of it (any client ids pooled, no minimum per client), shuffled and capped at
+    ``eval_examples`` as the held-out set is (:func:`eval_set`)."""
+    clients = load_clients(cfg.server_eval_data, seed=cfg.seed, on_bad_rows=cfg.on_bad_rows)
+    try:
+        return eval_set(clients, cfg.eval_examples, cfg.seed)
+    except HetLoRAError:
+        raise HetLoRAError(f"server_eval_data {cfg.server_eval_data!r} has no examples") from None
+
+
 @dataclass
 class Workspace:
     """A run's data and model in one process; made by :func:`build_workspace`.

@@ -25,7 +25,10 @@ Messages:
   at the (possibly pruned) rank and the counters of the local training;
 * ``evaluate``: the global factors received, written into the node's model, measured on the
   positions of its own test or validation split the server names
-  (:func:`hetlora.evaluate.nll_sums`); replies with the NLL sum and the token count only.
+  (:func:`hetlora.evaluate.nll_sums`); replies with the NLL sum and the token count only; or,
+  for a generation instruction, greedy generations of those examples scored against their
+  responses on the node (:func:`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
+  the number of examples, never the text.
 
 A node builds only what a client needs: its own splits and the PEFT-wrapped model
 (:func:`~hetlora.runtime.workspace.build_workspace`), no server. They are built once per
@@ -48,8 +51,9 @@ from flwr.clientapp import ClientApp
 
 from hetlora import adapters
 from hetlora.config import Config, make_config
+from hetlora.data import PARTITION_DEFAULTS
 from hetlora.errors import HetLoRAError
-from hetlora.evaluate import nll_sums
+from hetlora.evaluate import generate_greedy, nll_sums, rouge_sums
 from hetlora.hardware import no_compile
 from hetlora.lora import pad
 from hetlora.runtime.flower import records
@@ -109,8 +113,13 @@ def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Spli
     :func:`~hetlora.runtime.workspace.client_splits`, as in-process.
     """
     if node.get("data"):
-        own = replace(cfg, partitioner="iid", num_partitions=1)  # rows without a client id
-        clients = load_data(own, str(node["data"]), split=str(node.get("split", "")))
+        path, split = str(node["data"]), str(node.get("split", ""))
+        try:  # rows without a client id: the whole file is one client
+            clients = load_data(
+                replace(cfg, partitioner="iid", num_partitions=1), path, split=split
+            )
+        except HetLoRAError:  # rows with one are read as they are (no partitioner keys allowed)
+            clients = load_data(replace(cfg, **PARTITION_DEFAULTS), path, split=split)
         if len(clients) == 1 and "partition-id" not in node and not node.get("client-id"):
             client = next(iter(clients))
         else:
@@ -200,18 +209,27 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Measure the global factors received on the named examples of the node's own held-out
-    split; reply with the NLL sum and token count."""
+    split; reply with the NLL sum and token count, or, for a generation instruction, with the
+    sum of the ROUGE-L scores of greedy generations and how many were scored (no text)."""
     _log_to_stderr()
     ws = node_workspace(context)
     (client,) = ws.client_ids
-    factors, split, positions = records.read_evaluate(msg.content)
+    factors, split, positions, generate = records.read_evaluate(msg.content)
     examples = (ws.val_data if split == "val" else ws.test_data)[client]
     if any(not 0 <= i < len(examples) for i in positions):
         raise HetLoRAError(f"evaluation asks for examples outside the {len(examples)} of {split}")
-    items = ws.renderer.tokenize_all([examples[i] for i in positions], ws.cfg.max_seq_len)
+    chosen = [examples[i] for i in positions]
     r_max = ws.cfg.r_max
     adapters.write_factors(ws.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
     with no_compile():
+        if generate:
+            prompts = [ws.renderer.prompt(ex) for ex in chosen]
+            preds = generate_greedy(
+                ws.peft_model, ws.tokenizer, prompts, ws.cfg.max_new_tokens, ws.device, ws.bf16
+            )
+            score, scored = rouge_sums(preds, [ex.response.strip() for ex in chosen])
+            return Message(records.rouge_reply(score, scored), reply_to=msg)
+        items = ws.renderer.tokenize_all(chosen, ws.cfg.max_seq_len)
         nll, tokens = nll_sums(
             ws.peft_model, items, ws.cfg.eval_batch_size, ws.pad_id, ws.device, ws.bf16
         )

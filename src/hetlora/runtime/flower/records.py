@@ -16,7 +16,8 @@ is acceptable is decided by the method server's one validator,
 :meth:`hetlora.methods.base.Server.check`, as in-process. A node query
 (``MessageType.QUERY``) is answered with :class:`NodeInfo` (counts and ranks); an evaluation
 (``MessageType.EVALUATE``: :func:`evaluate_content`) with the NLL sums of the node's own
-held-out examples (:func:`evaluate_reply`).
+held-out examples (:func:`evaluate_reply`), or, for a generation instruction, with the sum of
+their ROUGE-L scores (:func:`rouge_reply`): numbers, never text.
 
 Nothing here knows about sockets or processes: these are plain functions over records.
 """
@@ -255,26 +256,38 @@ class NodeInfo:
 
 #: The NLL sums of an evaluation reply (:func:`hetlora.evaluate.nll_sums`).
 NLL, TOKENS = "nll-sum", "tokens"
+#: The ROUGE-L sums of a generation reply (:func:`hetlora.evaluate.rouge_sums`).
+ROUGE, SCORED = "rouge-l-sum", "examples"
 
 
 def evaluate_content(
-    factors: Factors, split: str, positions: list[int], round_idx: int
+    factors: Factors, split: str, positions: list[int], round_idx: int, generate: bool = False
 ) -> RecordDict:
-    """An evaluation instruction: the global factors (cut to the rank evaluated), the split and
-    the positions of the node's examples in the held-out sample."""
-    config = ConfigRecord({"split": split, "positions": positions, "server-round": round_idx})
+    """An evaluation instruction: the global factors (cut to the rank evaluated), the split, the
+    positions of the node's examples in the held-out sample, and whether to score greedy
+    generations of them (ROUGE-L) instead of their NLL."""
+    config = ConfigRecord(
+        {
+            "split": split,
+            "positions": positions,
+            "server-round": round_idx,
+            "generate": generate,
+        }
+    )
     return RecordDict({ARRAYS: factors_record(factors), CONFIG: config})
 
 
-def read_evaluate(content: RecordDict) -> tuple[Factors, str, list[int]]:
-    """The factors, split and positions of an evaluation instruction (on the ClientApp)."""
+def read_evaluate(content: RecordDict) -> tuple[Factors, str, list[int], bool]:
+    """The factors, split, positions and generate flag of an evaluation instruction (on the
+    ClientApp)."""
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise HetLoRAError("evaluation instruction without factors or config")
     config = content.config_records[CONFIG]
     split, positions = config.get("split"), config.get("positions", [])
     if split not in ("test", "val") or not isinstance(positions, list):
         raise HetLoRAError(f"malformed evaluation instruction: split {split!r}")
-    return read_factors(content.array_records[ARRAYS]), str(split), [int(p) for p in positions]
+    factors = read_factors(content.array_records[ARRAYS])
+    return factors, str(split), [int(p) for p in positions], bool(config.get("generate", False))
 
 
 def evaluate_reply(nll: float, tokens: int) -> RecordDict:
@@ -292,3 +305,23 @@ def read_evaluate_reply(content: RecordDict) -> tuple[float, int]:
     if not math.isfinite(nll) or nll < 0 or tokens < 0 or (nll > 0 and tokens == 0):
         raise HetLoRAError(f"evaluation reply with NLL {nll!r} over {tokens} tokens")
     return nll, tokens
+
+
+def rouge_reply(score_sum: float, scored: int) -> RecordDict:
+    """The content of a generation reply: the sum of the per-example ROUGE-L F1 scores and how
+    many examples were scored; no text."""
+    return RecordDict({METRICS: MetricRecord({ROUGE: float(score_sum), SCORED: int(scored)})})
+
+
+def read_rouge_reply(content: RecordDict, asked: int) -> tuple[float, int]:
+    """The (ROUGE-L sum, examples) of a generation reply: exactly the ``asked`` examples scored,
+    a sum in [0, examples] (each F1 lies in [0, 1]), else HetLoRAError."""
+    if METRICS not in content.metric_records:
+        raise HetLoRAError("generation reply without metrics")
+    metrics = content.metric_records[METRICS]
+    score, scored = _number(metrics, ROUGE), _count(metrics, SCORED)
+    if scored != asked:
+        raise HetLoRAError(f"generation reply scores {scored} examples, {asked} were asked")
+    if not math.isfinite(score) or not 0 <= score <= scored:
+        raise HetLoRAError(f"generation reply with ROUGE-L sum {score!r} over {scored} examples")
+    return score, scored
