@@ -178,6 +178,24 @@ def test_undecodable_replies_raise(metrics):
             records.read_reply(_reply(truncate(_factors(6), 5), 5, metrics), task)
 
 
+def test_rouge_sums_combine_into_rouge_l_and_bad_generation_replies_are_refused():
+    """Per-holder ROUGE-L sums combine into the ROUGE-L of the union (not a mean of means);
+    a generation reply must score exactly the examples asked, each F1 within [0, 1]."""
+    from hetlora.evaluate import combine_rouge, rouge_l, rouge_sums
+
+    preds = ["the king is dead", "long live the king", "to be or not", "a horse", "my lord"]
+    refs = ["the king is dead now", "the queen", "to be or not to be", "my kingdom", "my good lord"]
+    parts = [rouge_sums(preds[:1], refs[:1]), rouge_sums(preds[1:], refs[1:])]
+    union = rouge_l(preds, refs)
+    assert 0 < union < 1 and combine_rouge(parts) == pytest.approx(union, rel=1e-12)
+    assert combine_rouge(parts) != pytest.approx((parts[0][0] + parts[1][0] / 4) / 2)
+    score, n = parts[1]
+    assert records.read_rouge_reply(records.rouge_reply(score, n), n) == (score, n)
+    for bad_score, bad_n, asked in ((score, n, n + 1), (n + 0.5, n, n), (float("nan"), n, n)):
+        with pytest.raises(HetLoRAError, match="generation reply"):
+            records.read_rouge_reply(records.rouge_reply(bad_score, bad_n), asked)
+
+
 def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model, tmp_path):
     ids = ["a/X", "b/Y", "c/Z"]
     assert node_client(ids, {"partition-id": 2, "num-partitions": 3}) == "c/Z"
@@ -492,6 +510,63 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     assert not any(m in caplog.text for m in markers)
     assert not (tmp_path / "flower" / "samples.jsonl").exists()
     assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
+
+
+def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
+    tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """``server_eval_data`` (the operator's own file): the same ``server_eval_ppl`` every round
+    and ``server_rouge_l`` in both runtimes, and ``samples.jsonl`` from it in the Flower run.
+    A node that does not answer round 1's evaluation is left out and named in ``eval_missing``
+    (that perplexity is over fewer examples)."""
+    from hetlora.data import load_clients
+    from hetlora.runtime.workspace import federated_splits
+
+    cfg = tiny_config(tiny_model, rounds=1, rouge_examples=3, max_new_tokens=6)
+    run_clients = set(federated_splits(cfg)[0])
+    public = [
+        ex for c, v in load_clients("shakespeare").items() if c not in run_clients for ex in v
+    ]
+    server_file = tmp_path / "public" / "eval.jsonl"
+    server_file.parent.mkdir()
+    rows = [{"prompt": ex.prompt, "response": ex.response} for ex in public[:12]]
+    server_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = replace(cfg, server_eval_data=str(server_file))
+    Simulation(cfg).run(tmp_path / "local")
+    victim, test_evals = 2, []
+
+    def silent_in_round_1(instruction, reply):  # the victim's second test evaluation
+        meta = instruction.metadata
+        if meta.group_id == "evaluate-test" and meta.dst_node_id == victim:
+            test_evals.append(meta.message_id)
+            return None if len(test_evals) == 2 else reply
+        return reply
+
+    nodes = [{"partition-id": i} for i in range(3)]
+    run_over_loopback(cfg, tmp_path / "flower", nodes, silent_in_round_1)
+    local, flower = rows_of(tmp_path / "local"), rows_of(tmp_path / "flower")
+    for a, b in zip(local, flower, strict=True):
+        assert b["server_eval_ppl"] == pytest.approx(a["server_eval_ppl"], rel=1e-5)
+    assert flower[1]["server_eval_ppl"] != pytest.approx(flower[0]["server_eval_ppl"], rel=1e-3)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    for key in ("server_rouge_l_base", "server_rouge_l", "server_final_ppl", "rouge_l"):
+        assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
+    assert summary["server_eval_examples"] == 12
+    samples = [
+        json.loads(x) for x in (tmp_path / "flower" / "samples.jsonl").read_text().split("\n") if x
+    ]
+    prompts = {r["prompt"] for r in rows}
+    assert len(samples) == 3 and all(x["prompt"] in prompts for x in samples)
+    assert samples == [
+        json.loads(x) for x in (tmp_path / "local" / "samples.jsonl").read_text().split("\n") if x
+    ]
+    client = {node: c for c, node in summary["nodes"].items()}[victim]
+    assert flower[0]["eval_missing"] == {}
+    assert flower[1]["eval_missing"] == {client: "test: no reply"}
+    assert summary["eval_missing"] == {"1": {client: "test: no reply"}}
+    assert flower[1]["eval_ppl"] != pytest.approx(local[1]["eval_ppl"], rel=1e-5)
+    assert flower[0]["eval_ppl"] == pytest.approx(local[0]["eval_ppl"], rel=1e-5)
 
 
 def test_bad_declarations_leave_the_node_out_and_a_node_without_data_stops(
