@@ -155,11 +155,6 @@ class GlobalModel:
         """Whether the run reports ROUGE-L (``rouge_examples`` > 0)."""
         return bool(self.cfg.rouge_examples)
 
-    @property
-    def generates(self) -> bool:
-        """Whether the generations are seen here (they need the held-out text here)."""
-        return self.held_out is None and self.scores_rouge
-
     def rouge(self, server: Server) -> tuple[float, list[str]]:
         """ROUGE-L of the global model's greedy generations on the ROUGE sample, and the
         generations where they are made here (none when the holders score their own)."""
@@ -215,9 +210,9 @@ class GlobalModel:
         """The metrics row's evaluation: ``eval_loss``/``eval_ppl`` on the test set, and
         ``val_loss``/``val_ppl`` on the validation set where the run has one,
         ``server_eval_loss``/``server_eval_ppl`` on the server-side set where the run names one
-        (``server_eval_data``). With ``held_out``
-        also ``eval_missing``: client -> why it was left out of these measurements (empty when
-        every holder answered), so a perplexity over fewer examples shows."""
+        (``server_eval_data``). With ``held_out`` also ``eval_missing``: client -> why it was
+        left out of these measurements (empty when every holder answered), so a perplexity over
+        fewer examples shows."""
         out: dict[str, Any] = {}
         if self.held_out is not None:
             self.held_out.missing.clear()
