@@ -26,8 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hetlora run --config configs/demo.toml --out $(OUT) --overwrite
 
-# HetLoRA over Flower: a SuperLink and 3 SuperNodes of ranks 16, 8, 4 on 127.0.0.1 with TLS and
-# SuperNode authentication, 3 rounds; every process it starts is stopped at the end.
+# HetLoRA over Flower, a private deployment: each of 3 devices gets its own data file in
+# runs/flower-demo-devices/<node>/, the server's config names none; a SuperLink and 3 SuperNodes
+# of ranks 16, 8, 4 on 127.0.0.1 with TLS and SuperNode authentication, 3 rounds, evaluated by
+# the nodes on their own held-out examples; every process it starts is stopped at the end.
 FLOWER_OUT ?= runs/flower-demo
 flower-demo: $(STAMP)
 	$(PY) scripts/flower_demo.py --out $(FLOWER_OUT)

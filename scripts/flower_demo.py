@@ -1,34 +1,63 @@
 #!/usr/bin/env python
-"""`make flower-demo`: HetLoRA over Flower on this machine, with TLS and SuperNode authentication.
+"""`make flower-demo`: a private HetLoRA deployment over Flower on this machine.
 
-Starts a SuperLink and 3 SuperNodes of different ranks on 127.0.0.1 (certificates and keys made
-for the trial, the SuperNodes' public keys registered), runs configs/flower-demo.toml (3 rounds,
-default model and data), prints each round's metrics, writes the run directory of `hetlora run`
-and stops every process it started, by process id, also on failure or Ctrl-C.
+Each of 3 devices gets its own data (one Shakespeare character, as a ``prompt``/``response``
+file with its ``client_id``) in its own folder, ``runs/flower-demo-devices/<node>/data.jsonl``;
+the server's config (configs/flower-demo.toml) names no data. It then starts a SuperLink and 3
+SuperNodes of ranks 16, 8, 4 on 127.0.0.1 (certificates and keys made for the trial, the
+SuperNodes' public keys registered), each reading only its own file, runs 3 rounds with the
+nodes evaluating the global adapter on their own held-out examples, prints each round's
+metrics, writes the run directory and stops every process it started, by process id, also on
+failure or Ctrl-C.
 
-    python scripts/flower_demo.py --out runs/flower-demo [--workdir DIR] [--stream] [--set k=v]
+    python scripts/flower_demo.py --out runs/flower-demo [--devices DIR] [--workdir DIR]
+        [--stream] [--set k=v]
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from localfed.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
-NODES = [  # one client each, three device budgets
-    'client-id="hamlet/HAMLET" rank=16',
-    'client-id="macbeth/MACBETH" rank=8',
-    'client-id="romeo-and-juliet/JULIET" rank=4',
-]
+DEVICES = {  # node -> (its client, its rank budget)
+    "node-0": ("hamlet/HAMLET", 16),
+    "node-1": ("macbeth/MACBETH", 8),
+    "node-2": ("romeo-and-juliet/JULIET", 4),
+}
+
+
+def write_device_data(folder: Path) -> dict[str, Path]:
+    """Each device's own data file: its character's lines as prompt/response rows."""
+    from hetlora.data import load_clients
+
+    plays = load_clients("shakespeare")
+    files = {}
+    for node, (client, _) in DEVICES.items():
+        path = folder / node / "data.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {"client_id": client, "prompt": ex.prompt, "response": ex.response}
+            for ex in plays[client]
+        ]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files[node] = path.resolve()
+    return files
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/flower-demo", help="run directory")
+    parser.add_argument("--out", default="runs/flower-demo", help="run directory (the server's)")
+    parser.add_argument(
+        "--devices", default="runs/flower-demo-devices", help="the devices' own data folders"
+    )
     parser.add_argument("--workdir", help="keep certificates, keys and logs here")
     parser.add_argument("--stream", action="store_true", help="show the ServerApp's log stream")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    files = write_device_data(Path(args.devices))
     argv = [
         "deploy",
         "--config",
@@ -36,7 +65,11 @@ if __name__ == "__main__":
         "--out",
         args.out,
     ]
-    argv += ["--overwrite"] + [f"--node={node}" for node in NODES]
+    nodes = [
+        f'data="{files[node]}" client-id="{client}" rank={rank}'
+        for node, (client, rank) in DEVICES.items()
+    ]
+    argv += ["--overwrite"] + [f"--node={node}" for node in nodes]
     argv += [f"--set={item}" for item in args.set]
     if args.workdir:
         argv += ["--workdir", args.workdir]

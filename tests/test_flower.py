@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,9 +112,15 @@ def _reply(factors, rank: int, metrics: dict | None = None) -> RecordDict:
 def test_task_and_reply_round_trip():
     task = ClientTask("hamlet/HAMLET", "lora", rank=6, factors=_factors(6), pruning=True)
     settings = TrainSettings(local_steps=3, lr=0.01, lambda_=0.5, gamma=0.9, r_min=2)
-    content = records.train_content(task, 4, settings)
-    got, round_idx, got_settings = records.read_train(content, bf16=False)
-    assert (got.client_id, got.rank, got.pruning, round_idx) == ("hamlet/HAMLET", 6, True, 4)
+    content = records.train_content(task, 4, settings, index=2)
+    got, round_idx, got_settings, index = records.read_train(content, bf16=False)
+    assert (got.client_id, got.rank, got.pruning, round_idx, index) == (
+        "hamlet/HAMLET",
+        6,
+        True,
+        4,
+        2,
+    )
     assert got_settings == settings
     for name, (b, a) in task.factors.items():
         assert torch.equal(got.factors[name][0], b) and torch.equal(got.factors[name][1], a)
@@ -169,6 +176,24 @@ def test_undecodable_replies_raise(metrics):
     if metrics:
         with pytest.raises(HetLoRAError, match="metric"):
             records.read_reply(_reply(truncate(_factors(6), 5), 5, metrics), task)
+
+
+def test_rouge_sums_combine_into_rouge_l_and_bad_generation_replies_are_refused():
+    """Per-holder ROUGE-L sums combine into the ROUGE-L of the union (not a mean of means);
+    a generation reply must score exactly the examples asked, each F1 within [0, 1]."""
+    from hetlora.evaluate import combine_rouge, rouge_l, rouge_sums
+
+    preds = ["the king is dead", "long live the king", "to be or not", "a horse", "my lord"]
+    refs = ["the king is dead now", "the queen", "to be or not to be", "my kingdom", "my good lord"]
+    parts = [rouge_sums(preds[:1], refs[:1]), rouge_sums(preds[1:], refs[1:])]
+    union = rouge_l(preds, refs)
+    assert 0 < union < 1 and combine_rouge(parts) == pytest.approx(union, rel=1e-12)
+    assert combine_rouge(parts) != pytest.approx((parts[0][0] + parts[1][0] / 4) / 2)
+    score, n = parts[1]
+    assert records.read_rouge_reply(records.rouge_reply(score, n), n) == (score, n)
+    for bad_score, bad_n, asked in ((score, n, n + 1), (n + 0.5, n, n), (float("nan"), n, n)):
+        with pytest.raises(HetLoRAError, match="generation reply"):
+            records.read_rouge_reply(records.rouge_reply(bad_score, bad_n), asked)
 
 
 def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model, tmp_path):
@@ -241,8 +266,9 @@ def rows_of(run_dir: Path) -> list[dict]:
 def test_server_app_over_a_grid_gives_the_in_process_run(
     tiny_model, tmp_path, quiet_hetlora_logger
 ):
-    """Two rounds (pruning on: ranks change between them): same rows, same adapter."""
-    cfg = tiny_config(tiny_model)
+    """Two rounds (pruning on: ranks change between them): same rows, same adapter; the nodes'
+    federated evaluation gives the in-process perplexities (test, validation, every tier)."""
+    cfg = tiny_config(tiny_model, val_fraction=0.1)
     sim = Simulation(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
@@ -257,6 +283,7 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
     for a, b in zip(rows["local"], rows["flower"], strict=True):
         assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+        assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5)
         assert b.get("client_ranks") == a.get("client_ranks")
         assert b.get("train_loss", 0) == pytest.approx(a.get("train_loss", 0), rel=1e-5)
         assert not b.get("rejected")
@@ -265,7 +292,12 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     kinds = [m.metadata.message_type for m in grid.sent]
     assert kinds.count("query") == 3 and kinds.count("train") == 2 * cfg.clients_per_round
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
+    assert len(local_summary["tier_ppl"]) >= 2
+    assert summary["tier_ppl"] == pytest.approx(local_summary["tier_ppl"], rel=1e-5)
+    for key in ("eval_examples", "val_examples", "final_val_ppl"):
+        assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")
     assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
 
@@ -406,20 +438,182 @@ def test_nodes_declare_their_client_and_rank(tiny_model, tmp_path, quiet_hetlora
     assert summary["nodes"] == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
 
 
+def device_files(folder: Path, clients: int, per_client: int = 70) -> tuple[Path, list, list]:
+    """Shakespeare clients as devices: every example carries its device's marker string.
+
+    Returns the file of all of them (for the in-process run), each device's own file and the
+    markers."""
+    from hetlora.data import load_clients
+
+    chosen = [(c, ex) for c, ex in load_clients("shakespeare").items() if len(ex) >= per_client]
+    rows, files, markers = [], [], []
+    for i, (client, examples) in enumerate(chosen[:clients]):
+        marker = f"CANARY{i}x{os.getpid()}"
+        own = [
+            {"client_id": client, "prompt": ex.prompt, "response": f"{ex.response} {marker}"}
+            for ex in examples[:per_client]
+        ]
+        path = folder / f"device-{i}" / "data.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in own))
+        rows += own
+        files.append(path)
+        markers.append(marker)
+    everything = folder / "all.jsonl"
+    everything.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return everything, files, markers
+
+
+def leaks(folders, markers, texts) -> list[str]:
+    """Files under ``folders`` holding a marker or an example's text."""
+    found = []
+    for folder in folders:
+        for path in [folder] if folder.is_file() else sorted(folder.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                if any(m.encode() in data for m in markers + texts):
+                    found.append(str(path))
+    return found
+
+
+def test_a_server_without_data_runs_and_no_device_text_reaches_it(
+    tiny_model, tmp_path, quiet_hetlora_logger, caplog
+):
+    """Each node reads only its own file; the server's ``data`` points nowhere. The run equals
+    the in-process run over the same examples (perplexity every round, ROUGE-L of the base and
+    the final model from the nodes' sums), and nothing the server writes or logs holds a
+    device's marker or example text."""
+    everything, files, markers = device_files(tmp_path, 3)
+    cfg = tiny_config(tiny_model, data=str(everything), rouge_examples=6, max_new_tokens=8)
+    Simulation(cfg).run(tmp_path / "local")
+    server_cfg = tiny_config(tiny_model, data=str(tmp_path / "nowhere" / "none.jsonl"))
+    server_cfg = replace(server_cfg, rouge_examples=6, max_new_tokens=8)
+    nodes = [{"data": str(f)} for f in files]
+    with caplog.at_level(logging.INFO, logger="hetlora"):
+        grid = run_over_loopback(server_cfg, tmp_path / "flower", nodes)
+    rows, local = rows_of(tmp_path / "flower"), rows_of(tmp_path / "local")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for a, b in zip(local, rows, strict=True):
+        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+    assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
+    assert all(r["eval_missing"] == {} for r in rows)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert local_summary["rouge_l"] > 0  # the trained model's words meet the references
+    for key in ("rouge_l_base", "rouge_l"):
+        assert summary[key] == pytest.approx(local_summary[key], rel=1e-12)
+    generate = [m for m in grid.sent if m.content.config_records[records.CONFIG].get("generate")]
+    asked = [p for m in generate for p in m.content.config_records[records.CONFIG]["positions"]]
+    assert len(generate) >= 2 and len(asked) == 2 * 6  # base and final: the 6 examples, once
+    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    assert leaks([tmp_path / "flower"], markers, texts) == []
+    assert not any(m in caplog.text for m in markers)
+    assert not (tmp_path / "flower" / "samples.jsonl").exists()
+    assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
+
+
+def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
+    tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """``server_eval_data`` (the operator's own file): the same ``server_eval_ppl`` every round
+    and ``server_rouge_l`` in both runtimes, and ``samples.jsonl`` from it in the Flower run.
+    A node that does not answer round 1's evaluation is left out and named in ``eval_missing``
+    (that perplexity is over fewer examples)."""
+    from hetlora.data import load_clients
+    from hetlora.runtime.workspace import federated_splits
+
+    cfg = tiny_config(tiny_model, rounds=1, rouge_examples=3, max_new_tokens=6)
+    run_clients = set(federated_splits(cfg)[0])
+    public = [
+        ex for c, v in load_clients("shakespeare").items() if c not in run_clients for ex in v
+    ]
+    server_file = tmp_path / "public" / "eval.jsonl"
+    server_file.parent.mkdir()
+    rows = [{"prompt": ex.prompt, "response": ex.response} for ex in public[:12]]
+    server_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = replace(cfg, server_eval_data=str(server_file))
+    Simulation(cfg).run(tmp_path / "local")
+    victim, test_evals = 2, []
+
+    def silent_in_round_1(instruction, reply):  # the victim's second test evaluation
+        meta = instruction.metadata
+        if meta.group_id == "evaluate-test" and meta.dst_node_id == victim:
+            test_evals.append(meta.message_id)
+            return None if len(test_evals) == 2 else reply
+        return reply
+
+    nodes = [{"partition-id": i} for i in range(3)]
+    run_over_loopback(cfg, tmp_path / "flower", nodes, silent_in_round_1)
+    local, flower = rows_of(tmp_path / "local"), rows_of(tmp_path / "flower")
+    for a, b in zip(local, flower, strict=True):
+        assert b["server_eval_ppl"] == pytest.approx(a["server_eval_ppl"], rel=1e-5)
+    assert flower[1]["server_eval_ppl"] != pytest.approx(flower[0]["server_eval_ppl"], rel=1e-3)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    for key in ("server_rouge_l_base", "server_rouge_l", "server_final_ppl", "rouge_l"):
+        assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
+    assert summary["server_eval_examples"] == 12
+    samples = [
+        json.loads(x) for x in (tmp_path / "flower" / "samples.jsonl").read_text().split("\n") if x
+    ]
+    prompts = {r["prompt"] for r in rows}
+    assert len(samples) == 3 and all(x["prompt"] in prompts for x in samples)
+    assert samples == [
+        json.loads(x) for x in (tmp_path / "local" / "samples.jsonl").read_text().split("\n") if x
+    ]
+    client = {node: c for c, node in summary["nodes"].items()}[victim]
+    assert flower[0]["eval_missing"] == {}
+    assert flower[1]["eval_missing"] == {client: "test: no reply"}
+    assert summary["eval_missing"] == {"1": {client: "test: no reply"}}
+    assert flower[1]["eval_ppl"] != pytest.approx(local[1]["eval_ppl"], rel=1e-5)
+    assert flower[0]["eval_ppl"] == pytest.approx(local[0]["eval_ppl"], rel=1e-5)
+
+
+def test_bad_declarations_leave_the_node_out_and_a_node_without_data_stops(
+    tiny_model, tmp_path, quiet_hetlora_logger, caplog
+):
+    """A node declaring counts the split rule cannot give, and a second node of one client,
+    are left out with a logged reason; in a deployment (no run data) a node without its own
+    file stops with one line."""
+    _, files, _ = device_files(tmp_path, 2)
+    cfg = tiny_config(tiny_model, data="", clients_per_round=2, rounds=1)
+    nodes = [{"data": str(files[0])}, {"data": str(files[1])}, {"data": str(files[1])}]
+    nodes.append({"data": str(files[0]), "liar": True})
+
+    def app(message, context):  # node 4 inflates its training count
+        reply = client_app.app(message, context)
+        if context.node_config.get("liar") and message.metadata.message_type == "query":
+            reply.content.config_records[records.INFO]["num-examples"] += 5
+        return reply
+
+    with caplog.at_level(logging.WARNING, logger="hetlora"):
+        run_over_loopback(cfg, tmp_path / "flower", nodes, app=app, min_nodes=4)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert sorted(summary["nodes"].values()) == [1, 2]
+    assert "node 3 left out of the run: client" in caplog.text and "already held" in caplog.text
+    assert "node 4 left out of the run: declared (train, validation, test)" in caplog.text
+    with pytest.raises(HetLoRAError, match="this node has no data") as info:
+        client_app.node_config(cfg, {"client-id": "x"})
+    assert "\n" not in str(info.value)
+
+
 # -- real SuperLink and SuperNodes ----------------------------------------------------------------
 
 
 def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node(
     tiny_model, tmp_path
 ):
-    """TLS + SuperNode authentication, 2 SuperNodes, 1 round; meanwhile a SuperNode whose key
-    was never registered tries to join and is refused."""
-    cfg = tiny_config(tiny_model, rounds=1, max_clients=2, clients_per_round=2)
+    """A private deployment: TLS + SuperNode authentication, 2 SuperNodes each reading only its
+    own file, a server config without data, 1 round; no device's marker or text reaches the
+    server's run directory or logs. Meanwhile a SuperNode whose key was never registered tries
+    to join and is refused."""
+    everything, files, markers = device_files(tmp_path, 2)
+    cfg = tiny_config(tiny_model, data=str(everything), rounds=1, clients_per_round=2)
     sim = Simulation(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
-    # every client on its own SuperNode, declaring the rank the engine assigned it
-    nodes = [{"partition-id": i, "rank": ranks[c]} for i, c in enumerate(sim.client_ids)]
+    # every client on its own SuperNode with its own file, declaring the rank the engine gave it
+    nodes = [{"data": str(f), "rank": ranks[c]} for f, c in zip(files, sim.client_ids, strict=True)]
     fed_dir = workdir(tmp_path, "fed")
     intruder = {}
 
@@ -429,7 +623,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         intruder["log"] = (fed.logs / "intruder.log").read_text()
 
     result = deploy_locally(
-        cfg,
+        replace(cfg, data=""),
         tmp_path / "flower",
         nodes,
         workdir=fed_dir,
@@ -450,6 +644,13 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     assert result.summary["runtime"] == "flower"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
         assert (tmp_path / "flower" / name).is_file(), name
+    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    server_side = [
+        tmp_path / "flower",
+        *fed_dir.rglob("superlink.log"),
+        *fed_dir.rglob("flwr-run*"),
+    ]
+    assert len(server_side) >= 3 and leaks(server_side, markers, texts) == []
 
 
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):

@@ -68,6 +68,12 @@ def _print_summary(summary: dict[str, Any], out: Path, seconds: float) -> None:
     )
     if "rouge_l" in summary:
         print(f"ROUGE-L {summary['rouge_l_base']:.3f} (base) -> {summary['rouge_l']:.3f} (final)")
+    if "server_rouge_l" in summary:
+        print(
+            f"server set: perplexity {summary['server_base_ppl']:.2f} -> "
+            f"{summary['server_final_ppl']:.2f}, ROUGE-L {summary['server_rouge_l_base']:.3f} -> "
+            f"{summary['server_rouge_l']:.3f}"
+        )
     print(
         f"mean client rank {summary['mean_rank_initial']:.1f} -> {summary['mean_rank_final']:.1f}"
         f"; nodes: {len(summary.get('nodes', {}))}; wall time {seconds:.0f}s"

@@ -56,7 +56,8 @@ class Config:
             ``"chitchat"`` (Chit Chat Challenge conversations, one client per participant), a
             path to a ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt,
             response`` (or ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub
-            dataset id.
+            dataset id. Empty only on the server of a Flower deployment, whose nodes each read
+            their own file.
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those; a folder
             with one split needs none, a hub id defaults to ``train``).
         chat_template: ``auto`` (``messages`` rows through the tokenizer's chat template,
@@ -125,6 +126,13 @@ class Config:
         eval_batch_size: batch size for evaluation.
         rouge_examples: held-out examples for ROUGE-L of greedy generations (0 disables).
         max_new_tokens: generation length for ROUGE-L (>= 1 when rouge_examples > 0).
+        server_eval_data: a server-side evaluation set: a data file (``prompt``/``response``,
+            ``text`` or ``messages`` rows; a ``client_id`` column is allowed and pooled) the
+            operator owns, measured centrally on every evaluation round
+            (``server_eval_ppl``), with ROUGE-L on its first ``rouge_examples``
+            (``server_rouge_l``) and ``samples.jsonl`` from it. Both runtimes measure it; in a
+            Flower run it is the only source of ``samples.jsonl`` (the clients' held-out text
+            stays on the nodes). Empty (default): none.
         report_to: experiment trackers that get every round's metrics and the config, any of
             ``tensorboard``, ``mlflow``, ``wandb`` (see :mod:`hetlora.trackers`).
     """
@@ -178,6 +186,7 @@ class Config:
     eval_batch_size: int = 16
     rouge_examples: int = 16
     max_new_tokens: int = 40
+    server_eval_data: str = ""
     report_to: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -543,8 +552,6 @@ def validate(cfg: Config) -> None:
         raise HetLoRAError(f"config key 'dirichlet_alpha' must be > 0, got {cfg.dirichlet_alpha}")
     if not cfg.model.strip():
         raise HetLoRAError("config key 'model' must not be empty")
-    if not cfg.data.strip():
-        raise HetLoRAError("config key 'data' must not be empty")
     if not all(isinstance(m, str) and m for m in cfg.target_modules):
         raise HetLoRAError(
             f"config key 'target_modules' must be a list of names: {cfg.target_modules}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,15 +186,17 @@ def response_nll(
 
 
 @torch.no_grad()
-def perplexity(
+def nll_sums(
     model: torch.nn.Module,
     items: Sequence[Tokenized],
     batch_size: int,
     pad_id: int,
     device: torch.device | str = "cpu",
     bf16: bool = False,
-) -> tuple[float, float]:
-    """Mean token NLL and perplexity ``exp(mean NLL)`` of ``model`` on ``items``.
+) -> tuple[float, int]:
+    """Summed response-token NLL of ``model`` on ``items`` and the number of tokens summed:
+    what one holder of examples (the in-process run, or a node on its own) contributes to a
+    perplexity (:func:`combine_nll`).
 
     ``bf16`` runs the model under bf16 autocast (as training does where the hardware has it);
     the NLL is always accumulated in fp32/fp64.
@@ -209,6 +211,16 @@ def perplexity(
         total += float(nll)
         count += n
     model.train(was_training)
+    return total, count
+
+
+def combine_nll(sums: Iterable[tuple[float, int]]) -> tuple[float, float]:
+    """Mean token NLL and perplexity ``exp(sum NLL / sum tokens)`` of :func:`nll_sums` parts
+    (NaN for no tokens)."""
+    total, count = 0.0, 0
+    for nll, n in sums:
+        total += nll
+        count += n
     if count == 0:
         return float("nan"), float("nan")
     loss = total / count
@@ -225,6 +237,19 @@ def stop_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def perplexity(
+    model: torch.nn.Module,
+    items: Sequence[Tokenized],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+) -> tuple[float, float]:
+    """Mean token NLL and perplexity ``exp(mean NLL)`` of ``model`` on ``items``
+    (:func:`combine_nll` of one :func:`nll_sums`)."""
+    return combine_nll([nll_sums(model, items, batch_size, pad_id, device, bf16)])
 
 
 @torch.no_grad()
@@ -310,3 +335,21 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
         for pred, ref in zip(predictions, references, strict=True)
     ]
     return sum(scores) / len(scores)
+
+
+def rouge_sums(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, int]:
+    """The sum of the per-example ROUGE-L F1 scores of :func:`rouge_l` and how many were scored:
+    what one holder of examples (the in-process run, or a node on its own) contributes to a
+    ROUGE-L (:func:`combine_rouge`)."""
+    scores = [rouge_l([pred], [ref]) for pred, ref in zip(predictions, references, strict=True)]
+    return sum(scores), len(scores)
+
+
+def combine_rouge(sums: Iterable[tuple[float, int]]) -> float:
+    """Mean ROUGE-L F1 of :func:`rouge_sums` parts, ``sum F / sum n`` (NaN for no examples):
+    :func:`rouge_l` of the union of their examples, up to float summation order."""
+    total, count = 0.0, 0
+    for score, n in sums:
+        total += score
+        count += n
+    return total / count if count else float("nan")

@@ -39,6 +39,7 @@ __all__ = [
     "cap_examples",
     "load_clients",
     "split_clients",
+    "split_sizes",
     "split_validation",
 ]
 
@@ -207,15 +208,28 @@ def load_clients(
     return kept
 
 
+def _pick_count(n: int, k: int, fraction: float) -> int:
+    """How many of ``n`` examples :func:`_seeded_pick` takes when asked for ``k``."""
+    if fraction > 0 and n >= 2:
+        k = max(k, 1)
+    return max(0, min(k, n - 1))
+
+
+def split_sizes(n: int, test_fraction: float, val_fraction: float) -> tuple[int, int, int]:
+    """(train, validation, test) sizes of a client of ``n`` examples after
+    :func:`split_clients` and :func:`split_validation`: what its splits' lengths must be."""
+    test = _pick_count(n, round(test_fraction * n), test_fraction)
+    val = _pick_count(n - test, round(val_fraction * n), val_fraction)
+    return n - test - val, val, test
+
+
 def _seeded_pick(
     examples: list[Example], k: int, fraction: float, seed: int, key: str
 ) -> tuple[list[Example], list[Example]]:
     """(rest, picked) of ``examples``, both in their original order: ``k`` picked by a shuffle
     seeded by ``seed`` and ``key`` only, within the bounds stated by :func:`split_clients`."""
     n = len(examples)
-    if fraction > 0 and n >= 2:
-        k = max(k, 1)
-    k = max(0, min(k, n - 1))
+    k = _pick_count(n, k, fraction)
     order = list(range(n))
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
     random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)

@@ -14,10 +14,10 @@ import functools
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from hetlora import adapters, provenance
 from hetlora.config import Config
 from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
-from hetlora.evaluate import generate_greedy, perplexity, rouge_l
+from hetlora.evaluate import combine_nll, combine_rouge, generate_greedy, perplexity, rouge_sums
 from hetlora.export import export_adapter
 from hetlora.hardware import (
     compile_seconds,
@@ -55,6 +55,7 @@ from hetlora.runtime.workspace import (
     build_workspace,
     eval_set,
     federated_splits,
+    server_eval_set,
 )
 from hetlora.trackers import OUTPUTS as TRACKER_OUTPUTS
 from hetlora.trackers import Trackers, check_available
@@ -91,24 +92,82 @@ def _prepare_out_dir(out_dir: Path) -> None:
             path.unlink()
 
 
+class HeldOut(Protocol):
+    """Held-out examples measured elsewhere (a Flower run's nodes, each on its own split).
+
+    ``counts``: examples in the capped sample per split (``"test"``, ``"val"``).
+    ``sums(server, rank, split)``: the :func:`~hetlora.evaluate.nll_sums` of every holder of
+    the split's sample, for the server's global adapter cut to ``rank`` (None: whole).
+    ``rouge_sums(server)``: the :func:`~hetlora.evaluate.rouge_sums` of every holder of the ROUGE
+    sample (the first ``rouge_examples`` of the test sample), for the global adapter.
+    ``missing``: client -> why it was left out of a measurement since the dict was last cleared.
+    """
+
+    counts: dict[str, int]
+    missing: dict[str, str]
+
+    def sums(self, server: Server, rank: int | None, split: str) -> list[tuple[float, int]]: ...
+
+    def rouge_sums(self, server: Server) -> list[tuple[float, int]]: ...
+
+
 class GlobalModel:
     """The server's view of the global model: the held-out sets, evaluation, generation, saving.
 
     It shows the server's global adapter (or merged base) in the workspace's model and measures
-    it; ``val_items`` is empty without a validation split.
+    it on the union of the clients' held-out examples, or asks ``held_out`` for the sums and
+    combines them (:func:`~hetlora.evaluate.combine_nll`: the same perplexity; ROUGE-L likewise,
+    :func:`~hetlora.evaluate.combine_rouge`). Without a validation split ``val_count`` is 0;
+    with ``held_out`` no generation is seen here (the holders score their own).
     """
 
-    def __init__(self, ws: Workspace) -> None:
+    def __init__(self, ws: Workspace, held_out: HeldOut | None = None) -> None:
         cfg = ws.cfg
         self.ws = ws
         self.cfg = cfg
         self.pad_id = ws.pad_id
-        self.eval_examples = eval_set(ws.test_data, cfg.eval_examples, cfg.seed)
-        self.eval_items = ws.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
-        # the validation set (val_fraction > 0): the same cap and shuffle as the test set
-        val = eval_set(ws.val_data, cfg.eval_examples, cfg.seed) if cfg.val_fraction > 0 else []
-        self.val_items = ws.renderer.tokenize_all(val, cfg.max_seq_len)
+        self.held_out = held_out
+        self.eval_examples: list = []
+        self.eval_items: list = []
+        self.val_items: list = []
+        if held_out is None:
+            self.eval_examples = eval_set(ws.test_data, cfg.eval_examples, cfg.seed)
+            self.eval_items = ws.renderer.tokenize_all(self.eval_examples, cfg.max_seq_len)
+            # the validation set (val_fraction > 0): the same cap and shuffle as the test set
+            val = eval_set(ws.val_data, cfg.eval_examples, cfg.seed) if cfg.val_fraction > 0 else []
+            self.val_items = ws.renderer.tokenize_all(val, cfg.max_seq_len)
+        self.server_examples = server_eval_set(cfg) if cfg.server_eval_data else []
+        self.server_items = ws.renderer.tokenize_all(self.server_examples, cfg.max_seq_len)
         self._pristine: dict[str, torch.Tensor] | None = None  # W0 of adapted modules (FLoRA)
+
+    @property
+    def eval_count(self) -> int:
+        """Examples in the held-out test sample."""
+        return self.held_out.counts["test"] if self.held_out is not None else len(self.eval_items)
+
+    @property
+    def val_count(self) -> int:
+        """Examples in the validation sample (0: no validation split)."""
+        return self.held_out.counts["val"] if self.held_out is not None else len(self.val_items)
+
+    @property
+    def scores_rouge(self) -> bool:
+        """Whether the run reports ROUGE-L (``rouge_examples`` > 0)."""
+        return bool(self.cfg.rouge_examples)
+
+    def rouge(self, server: Server) -> tuple[float, list[str]]:
+        """ROUGE-L of the global model's greedy generations on the ROUGE sample, and the
+        generations where they are made here (none when the holders score their own)."""
+        if self.held_out is not None:
+            return combine_rouge(self.held_out.rouge_sums(server)), []
+        preds, refs = self.generations(server, self.eval_examples)
+        return combine_rouge([rouge_sums(preds, refs)]), preds
+
+    def server_rouge(self, server: Server) -> tuple[float, list[str]]:
+        """ROUGE-L and the generations of the global model on the first ``rouge_examples`` of
+        the server-side evaluation set."""
+        preds, refs = self.generations(server, self.server_examples)
+        return combine_rouge([rouge_sums(preds, refs)]), preds
 
     def show(self, server: Server, rank: int | None = None) -> None:
         """Put the server's global adapter (cut to ``rank``) into the model; zeros if it has none."""
@@ -128,15 +187,19 @@ class GlobalModel:
         self, server: Server, rank: int | None = None, split: str = "test"
     ) -> tuple[float, float]:
         """Mean NLL and perplexity of the global model (adapter cut to ``rank``) on the held-out
-        test set, or on the validation set with ``split = "val"``.
+        test set, on the validation set with ``split = "val"``, or on the server-side evaluation
+        set with ``split = "server"`` (always measured here).
 
         Eager even when training is compiled: see docs/performance.md (compiled evaluation).
         """
+        if self.held_out is not None and split != "server":
+            return combine_nll(self.held_out.sums(server, rank, split))
+        items = {"val": self.val_items, "server": self.server_items}.get(split, self.eval_items)
         self.show(server, rank)
         with no_compile():
             return perplexity(
                 self.ws.peft_model,
-                self.val_items if split == "val" else self.eval_items,
+                items,
                 self.cfg.eval_batch_size,
                 self.pad_id,
                 self.ws.device,
@@ -145,16 +208,27 @@ class GlobalModel:
 
     def evaluations(self, server: Server) -> dict[str, float]:
         """The metrics row's evaluation: ``eval_loss``/``eval_ppl`` on the test set, and
-        ``val_loss``/``val_ppl`` on the validation set where the run has one."""
-        out: dict[str, float] = {}
-        if self.val_items:
+        ``val_loss``/``val_ppl`` on the validation set where the run has one,
+        ``server_eval_loss``/``server_eval_ppl`` on the server-side set where the run names one
+        (``server_eval_data``). With ``held_out`` also ``eval_missing``: client -> why it was
+        left out of these measurements (empty when every holder answered), so a perplexity over
+        fewer examples shows."""
+        out: dict[str, Any] = {}
+        if self.held_out is not None:
+            self.held_out.missing.clear()
+        if self.val_count:
             out["val_loss"], out["val_ppl"] = self.evaluate(server, split="val")
         out["eval_loss"], out["eval_ppl"] = self.evaluate(server)
+        if self.server_items:
+            out["server_eval_loss"], out["server_eval_ppl"] = self.evaluate(server, split="server")
+        if self.held_out is not None:
+            out["eval_missing"] = dict(sorted(self.held_out.missing.items()))
         return out
 
-    def generations(self, server: Server) -> tuple[list[str], list[str]]:
-        """Greedy generations of the current global model on the ROUGE sample."""
-        sample = self.eval_examples[: self.cfg.rouge_examples]
+    def generations(self, server: Server, examples: list) -> tuple[list[str], list[str]]:
+        """Greedy generations of the current global model on the first ``rouge_examples`` of
+        ``examples`` (the held-out or the server-side sample), and their references."""
+        sample = examples[: self.cfg.rouge_examples]
         self.show(server)
         with no_compile():  # one new token per call: compiled layers would recompile per length
             preds = generate_greedy(
@@ -219,6 +293,10 @@ class RoundLoop:
         min_clients: a round with fewer accepted replies is skipped.
         progress: receives the run's progress events.
         summary_extra: entries the transport adds to ``summary.json`` (Flower: runtime, nodes).
+        held_out: where the held-out sets are measured (Flower: the nodes); None: here, on the
+            workspace's test and validation splits.
+        sizes: client -> training examples (default: the workspace's; a Flower server has
+            only the counts its nodes declared).
 
     Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
     """
@@ -232,6 +310,8 @@ class RoundLoop:
         min_clients: int,
         progress: Progress | None = None,
         summary_extra: dict[str, Any] | None = None,
+        held_out: HeldOut | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.ws = ws
         self.cfg = ws.cfg
@@ -241,7 +321,10 @@ class RoundLoop:
         self.min_clients = min_clients
         self.progress = progress or (lambda event: None)
         self.summary_extra = summary_extra or {}
-        self.model = GlobalModel(ws)
+        self.model = GlobalModel(ws, held_out)
+        self.sizes = (
+            dict(sizes) if sizes is not None else {c: len(ws.train_data[c]) for c in client_ids}
+        )
         self.initial_ranks = dict(server.ranks)
         self.round = 0  # rounds attempted (a skipped round counts; the server counts aggregations)
 
@@ -294,11 +377,11 @@ class RoundLoop:
         return sorted(r for r in ranks | {cfg.r_min, top} if 1 <= r <= top)
 
     def _fingerprints(self) -> tuple[str, str]:
-        data = {c: len(self.ws.train_data[c]) for c in self.client_ids}
+        data = {c: self.sizes[c] for c in self.client_ids}
         return self.ws.model_fp, checkpoint.fingerprint(data)
 
     def _save_checkpoint(
-        self, out_dir: Path, metrics: list[dict[str, Any]], base_preds: list[str]
+        self, out_dir: Path, metrics: list[dict[str, Any]], base: dict[str, Any]
     ) -> None:
         model_fp, data_fp = self._fingerprints()
         checkpoint.save(
@@ -311,11 +394,12 @@ class RoundLoop:
                 "server": self.server,
                 "initial_ranks": self.initial_ranks,
                 "metrics": metrics,
-                "base_preds": base_preds,
+                "base_preds": base.get("preds", []),
+                "base": base,
             },
         )
 
-    def _restore(self, out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    def _restore(self, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         payload = checkpoint.load(out_dir)
         model_fp, data_fp = self._fingerprints()
         prepared = functools.partial(checkpoint.model_fingerprint, self.ws.peft_model)
@@ -324,7 +408,12 @@ class RoundLoop:
         self.round = payload["round"]
         self.initial_ranks = payload["initial_ranks"]
         self.model.set_base(self.server)
-        return list(payload["metrics"]), list(payload.get("base_preds") or [])
+        base = payload.get("base")
+        if base is None:  # a checkpoint that kept the base generations only
+            preds = list(payload.get("base_preds") or [])
+            refs = [ex.response.strip() for ex in self.model.eval_examples[: len(preds)]]
+            base = {"preds": preds, "rouge_l": combine_rouge([rouge_sums(preds, refs)])}
+        return list(payload["metrics"]), base
 
     def run(self, out_dir: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
         """Run every round, writing the output directory as it goes; returns the summary.
@@ -334,9 +423,9 @@ class RoundLoop:
         """
         cfg = self.cfg
         metrics: list[dict[str, Any]] = []
-        base_preds: list[str] = []
+        base: dict[str, Any] = {}
         if resume:
-            metrics, base_preds = self._restore(out_dir)
+            metrics, base = self._restore(out_dir)
         else:
             check_out_dir(out_dir, overwrite)
             _prepare_out_dir(out_dir)
@@ -357,30 +446,36 @@ class RoundLoop:
                     self._emit("round_end", row=row, rounds=cfg.rounds)
 
                 if not resume:
-                    row, base_preds = self._round_zero()
+                    row, base = self._round_zero()
                     record(row)
-                    self._save_checkpoint(out_dir, metrics, base_preds)
+                    self._save_checkpoint(out_dir, metrics, base)
                 else:
                     self._emit("resume", round=self.round)
                 while self.round < cfg.rounds:
                     self._emit("round_start", round=self.round + 1, rounds=cfg.rounds)
                     record(self.run_round())
-                    self._save_checkpoint(out_dir, metrics, base_preds)
+                    self._save_checkpoint(out_dir, metrics, base)
             summary = self._summary(metrics)
+            held_out = self.model.held_out
+            if held_out is not None:
+                held_out.missing.clear()
             summary["tier_ppl"] = {}
             for rank in self.tier_ranks():
                 self._emit("eval", round=f"final, rank {rank}")
                 summary["tier_ppl"][str(rank)] = self.evaluate(rank)[1]
-            if cfg.rouge_examples:
+            if self.model.scores_rouge:
                 self._emit("generate", which="final")
-                preds, refs = self.model.generations(self.server)
-                summary["rouge_l_base"] = rouge_l(base_preds, refs)
-                summary["rouge_l"] = rouge_l(preds, refs)
-                with (out_dir / "samples.jsonl").open("w") as fh:
-                    examples = self.model.eval_examples
-                    for ex, base, pred in zip(examples, base_preds, preds, strict=False):
-                        sample = {"prompt": ex.prompt, "reference": ex.response.strip()}
-                        fh.write(json.dumps({**sample, "base": base, cfg.method: pred}) + "\n")
+                summary["rouge_l_base"] = base["rouge_l"]
+                summary["rouge_l"], preds = self.model.rouge(self.server)
+                shown = (self.model.eval_examples, base.get("preds", []), preds)
+                if self.model.server_examples:
+                    summary["server_rouge_l_base"] = base["server_rouge_l"]
+                    summary["server_rouge_l"], preds = self.model.server_rouge(self.server)
+                    shown = (self.model.server_examples, base["server_preds"], preds)
+                if shown[2]:  # generations seen here: the server's own set's, or in-process
+                    write_samples(out_dir / "samples.jsonl", cfg.method, *shown)
+            if held_out is not None and held_out.missing:
+                summary["eval_missing"]["final"] = dict(sorted(held_out.missing.items()))
             self.model.save(self.server, out_dir)
             summary["wall_s"] = time.perf_counter() - start
             trackers.log_summary(summary, self.round)
@@ -388,15 +483,18 @@ class RoundLoop:
             self._emit("done", summary=summary)
         return summary
 
-    def _round_zero(self) -> tuple[dict[str, Any], list[str]]:
-        """The base model's row (round 0) and its generations for ROUGE-L."""
+    def _round_zero(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The base model's row (round 0) and its ROUGE-L (``rouge_l``, and ``server_rouge_l``
+        with a server-side set) with the generations seen here (``preds``, ``server_preds``)."""
         self._emit("eval", round=0)
         t0 = time.perf_counter()
         evals = self.model.evaluations(self.server)
-        base_preds: list[str] = []
-        if self.cfg.rouge_examples:
+        base: dict[str, Any] = {"preds": []}
+        if self.model.scores_rouge:
             self._emit("generate", which="base")
-            base_preds, _ = self.model.generations(self.server)
+            base["rouge_l"], base["preds"] = self.model.rouge(self.server)
+            if self.model.server_examples:
+                base["server_rouge_l"], base["server_preds"] = self.model.server_rouge(self.server)
         row = {
             "round": 0,
             **evals,
@@ -407,7 +505,7 @@ class RoundLoop:
             "flops": 0,
             "wall_s": time.perf_counter() - t0,
         }
-        return row, base_preds
+        return row, base
 
     def _summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         ws = self.ws
@@ -423,7 +521,7 @@ class RoundLoop:
             "rounds": self.cfg.rounds,
             "clients": len(self.client_ids),
             "bad_rows_skipped": ws.bad_rows_skipped,
-            "eval_examples": len(self.model.eval_items),
+            "eval_examples": self.model.eval_count,
             "base_ppl": evals[0]["eval_ppl"],
             "final_ppl": evals[-1]["eval_ppl"],
             "best_ppl": best["eval_ppl"],
@@ -450,11 +548,11 @@ class RoundLoop:
         }
         if "global_rank" in metrics[-1]:
             summary["global_rank_final"] = metrics[-1]["global_rank"]
-        if self.model.val_items:  # test perplexity is final/best_ppl; these add validation
+        if self.model.val_count:  # test perplexity is final/best_ppl; these add validation
             best_val = min(evals, key=lambda m: m["val_ppl"])
             summary.update(
                 {
-                    "val_examples": len(self.model.val_items),
+                    "val_examples": self.model.val_count,
                     "final_val_ppl": evals[-1]["val_ppl"],
                     "best_val_ppl": best_val["val_ppl"],
                     "best_val_round": best_val["round"],
@@ -464,8 +562,26 @@ class RoundLoop:
         # round -> client -> why its reply was rejected (only rounds that rejected one)
         summary["rejected"] = {str(m["round"]): m["rejected"] for m in metrics if m.get("rejected")}
         summary["rounds_skipped"] = sum(1 for m in metrics if m.get("skipped"))
+        if self.model.held_out is not None:  # round -> client -> why it was left out
+            summary["eval_missing"] = {
+                str(m["round"]): m["eval_missing"] for m in metrics if m.get("eval_missing")
+            }
+        if self.model.server_examples:
+            summary["server_eval_examples"] = len(self.model.server_examples)
+            summary["server_base_ppl"] = evals[0]["server_eval_ppl"]
+            summary["server_final_ppl"] = evals[-1]["server_eval_ppl"]
         summary.update(self.summary_extra)
         return summary
+
+
+def write_samples(
+    path: Path, method: str, examples: Sequence, base_preds: Sequence[str], preds: Sequence[str]
+) -> None:
+    """``samples.jsonl``: prompt, reference, the base model's and the final model's generation."""
+    with path.open("w") as fh:
+        for ex, base, pred in zip(examples, base_preds, preds, strict=False):
+            sample = {"prompt": ex.prompt, "reference": ex.response.strip()}
+            fh.write(json.dumps({**sample, "base": base, method: pred}) + "\n")
 
 
 def initial_server(cfg: Config, ws: Workspace, ranks: dict[str, int]) -> Server:

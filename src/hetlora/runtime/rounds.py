@@ -254,18 +254,24 @@ def round_row(outcome: RoundOutcome, server: Server) -> dict[str, Any]:
 
 
 def round_line(row: dict[str, Any]) -> str:
-    """One line for a row of ``metrics.jsonl``: loss, perplexity, ranks, rejections, time."""
+    """One line for a row of ``metrics.jsonl``: loss, perplexities, ranks, rejections, the
+    clients an evaluation went without, time."""
     parts = [f"round {row['round']:>3}"]
     loss = row.get("train_loss")
     if loss is not None and not math.isnan(loss):
         parts.append(f"train loss {loss:.3f}")
     if "eval_ppl" in row:
         parts.append(f"eval ppl {row['eval_ppl']:.2f}")
+    if "server_eval_ppl" in row:
+        parts.append(f"server ppl {row['server_eval_ppl']:.2f}")
     ranks = row.get("client_ranks")
     if ranks and any(ranks.values()):
         parts.append(f"ranks {sorted(ranks.values())}")
     if row.get("rejected"):
         parts.append("rejected: " + "; ".join(f"{c} ({r})" for c, r in row["rejected"].items()))
+    if row.get("eval_missing"):
+        missing = "; ".join(f"{c} ({r})" for c, r in row["eval_missing"].items())
+        parts.append(f"evaluated without: {missing}")
     if row.get("skipped"):
         parts.append("SKIPPED")
     parts.append(f"({row.get('wall_s', 0.0):.1f}s)")

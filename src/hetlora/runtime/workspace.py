@@ -9,7 +9,7 @@ the client's own seeded batches. The server side adds the held-out sets and the 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from hetlora.accounting import model_size
 from hetlora.client import ClientResult, TrainSettings, run_task
 from hetlora.config import Config
 from hetlora.data import (
-    SHAKESPEARE,
+    BUILTIN,
     Example,
     cap_examples,
     load_clients,
@@ -61,8 +61,26 @@ def federated_splits(
     split does not depend on ``val_fraction``. ``report``, if given, receives
     ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
     """
-    clients = load_clients(
-        cfg.data,
+    if not cfg.data.strip():
+        raise HetLoRAError(
+            "config key 'data' is empty: only the server of a Flower deployment runs without "
+            "data (each node reads its own)"
+        )
+    clients = load_data(cfg, cfg.data, report)
+    if cfg.max_clients and len(clients) > cfg.max_clients:
+        rng = np.random.default_rng([cfg.seed, 0xC11])
+        keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
+        clients = {c: clients[c] for c in keep}
+    return client_splits(clients, cfg)
+
+
+def load_data(
+    cfg: Config, source: str, report: dict[str, int] | None = None, split: str | None = None
+) -> Splits:
+    """Every client of ``source`` (the run's ``data``, or a node's own file), read with the
+    run's data keys (:func:`hetlora.data.load_clients`); ``split`` defaults to the run's."""
+    return load_clients(
+        source,
         min_examples=cfg.min_examples,
         partitioner=cfg.partitioner,
         num_partitions=cfg.num_partitions,
@@ -71,15 +89,20 @@ def federated_splits(
         seed=cfg.seed,
         on_bad_rows=cfg.on_bad_rows,
         report=report,
-        split=cfg.split,
+        split=cfg.split if split is None else split,
         tokenizer_loader=None
-        if cfg.data == SHAKESPEARE
+        if source in BUILTIN
         else functools.partial(load_tokenizer, cfg.model),
     )
-    if cfg.max_clients and len(clients) > cfg.max_clients:
-        rng = np.random.default_rng([cfg.seed, 0xC11])
-        keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
-        clients = {c: clients[c] for c in keep}
+
+
+def client_splits(clients: Splits, cfg: Config) -> tuple[Splits, Splits, Splits]:
+    """Training, validation and test examples of ``clients``: the ``max_examples_per_client``
+    cap, then :func:`~hetlora.data.split_clients` and :func:`~hetlora.data.split_validation`.
+
+    Each client's splits depend only on the seed and its own id and examples, so a node holding
+    one client's data alone splits it as a process holding every client does.
+    """
     if cfg.max_examples_per_client:
         clients = cap_examples(clients, cfg.max_examples_per_client, cfg.seed)
     train, test = split_clients(clients, cfg.test_fraction, cfg.seed)
@@ -88,15 +111,38 @@ def federated_splits(
     return train, val, test
 
 
-def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
-    """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``."""
-    pooled = [ex for c in sorted(test_data) for ex in test_data[c]]
-    if not pooled:
-        raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
+def held_out_order(counts: Mapping[str, int], cap: int, seed: int) -> list[tuple[str, int]]:
+    """The capped held-out sample as (client, position in its split) pairs, in sample order.
+
+    The clients' splits are pooled (sorted clients, each in its own order), shuffled (seeded)
+    and cut at ``cap`` (0: all). Only the counts are needed, so a server that holds no data can
+    tell each node which of its held-out examples are in the sample.
+    """
+    pooled = [(c, i) for c in sorted(counts) for i in range(counts[c])]
     order = np.random.default_rng([seed, 0xE7]).permutation(len(pooled))
     if cap:
         order = order[:cap]
     return [pooled[i] for i in order]
+
+
+def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
+    """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``
+    (:func:`held_out_order`)."""
+    order = held_out_order({c: len(v) for c, v in test_data.items()}, cap, seed)
+    if not order:
+        raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
+    return [test_data[c][i] for c, i in order]
+
+
+def server_eval_set(cfg: Config) -> list[Example]:
+    """The server-side evaluation set (``server_eval_data``, a file the operator owns): every
+    row of it (any client ids pooled, no minimum per client), shuffled and capped at
+    ``eval_examples`` as the held-out set is (:func:`eval_set`)."""
+    clients = load_clients(cfg.server_eval_data, seed=cfg.seed, on_bad_rows=cfg.on_bad_rows)
+    try:
+        return eval_set(clients, cfg.eval_examples, cfg.seed)
+    except HetLoRAError:
+        raise HetLoRAError(f"server_eval_data {cfg.server_eval_data!r} has no examples") from None
 
 
 @dataclass
@@ -142,9 +188,14 @@ class Workspace:
             self._tokenized[client_id] = items
         return self._tokenized[client_id]
 
-    def client_batches(self, client_id: str, round_idx: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The client's batch stream for one round, seeded by (seed, round, client index)."""
-        index = self.client_ids.index(client_id)
+    def client_batches(
+        self, client_id: str, round_idx: int, index: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The client's batch stream for one round, seeded by (seed, round, client index):
+        ``index`` is the client's position among the run's clients (the server sends it to a
+        Flower node; default: its position in ``client_ids``)."""
+        if index is None:
+            index = self.client_ids.index(client_id)
         rng = np.random.default_rng([self.cfg.seed, round_idx, index, 0xBA])
         return batch_stream(self.client_items(client_id), self.cfg.batch_size, rng, self.pad_id)
 
@@ -154,14 +205,16 @@ class Workspace:
         round_idx: int,
         on_step: Callable[[int, float], None] | None = None,
         settings: TrainSettings | None = None,
+        index: int | None = None,
     ) -> tuple[ClientUpdate, ClientResult]:
         """What one client does in a round: :func:`~hetlora.client.run_task` on its own data
-        (with ``settings`` in place of the run's: a Flower ClientApp's come with the task)."""
+        (with ``settings`` and the batch seed's ``index`` in place of the run's: a Flower
+        ClientApp's come with the task)."""
         client = task.client_id
         return run_task(
             self.peft_model,
             task,
-            self.client_batches(client, round_idx),
+            self.client_batches(client, round_idx, index),
             settings or self.settings,
             self.target_modules,
             self.device,
@@ -171,19 +224,25 @@ class Workspace:
 
 
 def build_workspace(
-    cfg: Config, trains_locally: bool = True, progress: Progress | None = None
+    cfg: Config,
+    trains_locally: bool = True,
+    progress: Progress | None = None,
+    splits: tuple[Splits, Splits, Splits] | None = None,
 ) -> Workspace:
     """Load the data and the base model, wrap it with PEFT (seeded), settle precision and compile.
 
-    ``trains_locally = False`` (a Flower ServerApp, which only evaluates) keeps
-    ``compile = "auto"`` off.
+    ``splits`` (train, validation, test) replaces the run's data (:func:`federated_splits`):
+    a Flower node passes its own client's, a Flower server none at all. ``trains_locally =
+    False`` (a Flower ServerApp, which trains nothing) keeps ``compile = "auto"`` off.
     """
     emit = progress or (lambda event: None)
     device = resolve_device(cfg.device)
     bf16 = resolve_bf16(cfg.precision, device)
     emit({"event": "setup", "stage": "data"})
     report: dict[str, int] = {}
-    train_data, val_data, test_data = federated_splits(cfg, report)
+    train_data, val_data, test_data = (
+        splits if splits is not None else federated_splits(cfg, report)
+    )
     client_ids = sorted(train_data)
     emit({"event": "setup", "stage": "model"})
     base = load_base_model(cfg.model, device)

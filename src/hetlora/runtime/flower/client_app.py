@@ -1,34 +1,45 @@
-"""The ClientApp: one SuperNode trains one client, with the in-process runtime's client code.
+"""The ClientApp: one SuperNode trains and evaluates one client, on its own data only.
 
 A SuperNode says which client it is and what it can afford in its node config
 (``flower-supernode --node-config '...'``):
 
-* ``partition-id``: the client's index in the run's sorted client list (Flower's simulation
-  runtime sets it for every virtual SuperNode), or ``client-id``: the client's name;
+* ``data``: the device's own data file or ``save_to_disk`` folder (any format the run's ``data``
+  takes: ``prompt``/``response``, ``text`` or ``messages`` rows, read with the run's data keys),
+  with ``split`` (optional) for a ``DatasetDict`` folder. In a deployment it is the node's only
+  data, and the server's config names none (``data = ""``): a node without it stops with one
+  error line. Without it (Flower's simulation runtime, local demos and tests) the node takes its
+  client out of the run's shared ``data``;
+* ``client-id``: the client's name (needed when its file holds several clients; a file of one
+  client names it), or ``partition-id``: the client's index in the sorted client list of the
+  data (Flower's simulation runtime sets it for every virtual SuperNode);
 * ``rank``: its rank budget (the server caps it at r_max), or ``tier``: the name of one of the
-  run's ``tiers``; with neither, the server assigns the rank the in-process runtime would;
-* ``data`` (optional): a local data file or ``save_to_disk`` folder in place of the run's
-  ``data`` (the device's own data, in any format the run's ``data`` takes: ``prompt``/
-  ``response``, ``text`` or ``messages`` rows; only this node reads it), with ``split``
-  (optional) for a ``DatasetDict`` folder.
+  run's ``tiers``; with neither, the server assigns the rank the in-process runtime would.
 
 Messages:
 
-* ``query``: the node's :class:`~.records.NodeInfo` (client, index, examples, rank, tier);
+* ``query``: the node's :class:`~.records.NodeInfo`: its client id and example counts (train,
+  validation, test), its rank budget or tier; never text or token ids;
 * ``train``: :meth:`~hetlora.runtime.workspace.Workspace.train` (:func:`hetlora.client.run_task`
-  on the factors received, with the client's own seeded batches: the same stream as in-process)
-  and the hyperparameters of the ConfigRecord; replies with the factors at the (possibly pruned)
-  rank and the counters of the local training.
+  on the factors received, its batches seeded by the client index the server sends: the same
+  stream as in-process) and the hyperparameters of the ConfigRecord; replies with the factors
+  at the (possibly pruned) rank and the counters of the local training;
+* ``evaluate``: the global factors received, written into the node's model, measured on the
+  positions of its own test or validation split the server names
+  (:func:`hetlora.evaluate.nll_sums`); replies with the NLL sum and the token count only; or,
+  for a generation instruction, greedy generations of those examples scored against their
+  responses on the node (:func:`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
+  the number of examples, never the text.
 
-A node builds only what a client needs: the data and the PEFT-wrapped model
-(:func:`~hetlora.runtime.workspace.build_workspace`), no held-out set and no server. They are
-built once per process and kept (Flower's simulation runtime reuses its worker processes; the
-deployment runtime starts one per message).
+A node builds only what a client needs: its own splits and the PEFT-wrapped model
+(:func:`~hetlora.runtime.workspace.build_workspace`), no server. They are built once per
+process and kept (Flower's simulation runtime reuses its worker processes; the deployment
+runtime starts one per message).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import tomllib
@@ -38,11 +49,23 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from hetlora import adapters
 from hetlora.config import Config, make_config
+from hetlora.data import PARTITION_DEFAULTS
 from hetlora.errors import HetLoRAError
+from hetlora.evaluate import generate_greedy, nll_sums, rouge_sums
+from hetlora.hardware import no_compile
+from hetlora.lora import pad
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
-from hetlora.runtime.workspace import Workspace, build_workspace, federated_splits
+from hetlora.runtime.workspace import (
+    Splits,
+    Workspace,
+    build_workspace,
+    client_splits,
+    federated_splits,
+    load_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +73,21 @@ NODE_KEYS = ("partition-id", "num-partitions", "client-id", "rank", "tier", "dat
 
 
 def node_config(cfg: Config, node: dict[str, Any]) -> Config:
-    """The run's config as this node reads it (its own ``data`` file, if it names one).
+    """The run's config as this node uses it (checked against its node config).
 
     ``report_to`` is dropped: the server reports, a device needs no tracker package.
     """
     unknown = sorted(set(node) - set(NODE_KEYS))
     if unknown:
         log.warning("node config keys %s are not used by hetlora", unknown)
-    cfg = replace(cfg, report_to=[])
-    data = node.get("data")
-    if data:
-        return replace(cfg, data=str(data), split=str(node.get("split", "")))
-    if node.get("split"):
+    if node.get("split") and not node.get("data"):
         raise HetLoRAError("node config 'split' applies only with the node's own 'data'")
-    return cfg
+    if not node.get("data") and not cfg.data.strip():
+        raise HetLoRAError(
+            "this node has no data: name its own file in its node config "
+            "(flower-supernode --node-config 'data=\"/path/to/data.jsonl\"'); the run names none"
+        )
+    return replace(cfg, report_to=[])
 
 
 def node_client(client_ids: list[str], node: dict[str, Any]) -> str:
@@ -71,7 +95,7 @@ def node_client(client_ids: list[str], node: dict[str, Any]) -> str:
     if node.get("client-id") not in (None, ""):
         client = str(node["client-id"])
         if client not in client_ids:
-            raise HetLoRAError(f"node config client-id {client!r} is not a client of this run")
+            raise HetLoRAError(f"node config client-id {client!r} is not a client of the data")
         return client
     if "partition-id" not in node:
         raise HetLoRAError("the node config needs 'partition-id' or 'client-id'")
@@ -81,27 +105,61 @@ def node_client(client_ids: list[str], node: dict[str, Any]) -> str:
     return client_ids[index]
 
 
+def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Splits]:
+    """This node's one client: its training, validation and test examples.
+
+    From the node's own ``data`` (every client in it a candidate; a file of one client is that
+    client), else from the run's shared ``data``. The splits are those of
+    :func:`~hetlora.runtime.workspace.client_splits`, as in-process.
+    """
+    if node.get("data"):
+        path, split = str(node["data"]), str(node.get("split", ""))
+        try:  # rows without a client id: the whole file is one client
+            clients = load_data(
+                replace(cfg, partitioner="iid", num_partitions=1), path, split=split
+            )
+        except HetLoRAError:  # rows with one are read as they are (no partitioner keys allowed)
+            clients = load_data(replace(cfg, **PARTITION_DEFAULTS), path, split=split)
+        if len(clients) == 1 and "partition-id" not in node and not node.get("client-id"):
+            client = next(iter(clients))
+        else:
+            client = node_client(sorted(clients), node)
+        return client_splits({client: clients[client]}, cfg)
+    train, val, test = federated_splits(cfg)
+    client = node_client(sorted(train), node)
+    return {client: train[client]}, {client: val[client]}, {client: test[client]}
+
+
 def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
-    """What the node declares: its client (from the data, without loading the model) and rank."""
-    train_data, _, _ = federated_splits(cfg)
-    client_ids = [str(c) for c in sorted(train_data)]
-    client = node_client(client_ids, node)
+    """What the node declares: its client and example counts (without loading the model), and
+    its rank budget or tier."""
+    train, val, test = node_splits(cfg, node)
+    (client,) = train
     rank = node.get("rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise HetLoRAError(f"node config rank must be a positive integer, got {rank!r}")
     return records.NodeInfo(
         client_id=client,
-        index=client_ids.index(client),
-        num_examples=len(train_data[client]),
+        num_examples=len(train[client]),
+        num_val=len(val[client]),
+        num_test=len(test[client]),
         rank=rank,
         tier=str(node.get("tier", "")),
     )
 
 
 @functools.lru_cache(maxsize=1)
-def _workspace(config_toml: str) -> Workspace:
-    """This node's data and model (kept for the process)."""
-    return build_workspace(make_config(tomllib.loads(config_toml)))
+def _workspace(config_toml: str, node_json: str) -> Workspace:
+    """This node's own splits and model (kept for the process)."""
+    cfg = make_config(tomllib.loads(config_toml))
+    return build_workspace(cfg, splits=node_splits(cfg, json.loads(node_json)))
+
+
+def node_workspace(context: Context) -> Workspace:
+    """The workspace of the node of ``context``: one client, its own data."""
+    node = dict(context.node_config)
+    cfg = node_config(config_from_run_config(context.run_config), node)
+    return _workspace(cfg.to_toml(), json.dumps(node, sort_keys=True))
 
 
 @functools.cache
@@ -119,7 +177,7 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's question: which client, which rank."""
+    """Answer the server's question: which client, how many examples, which rank."""
     _log_to_stderr()
     cfg = node_config(config_from_run_config(context.run_config), dict(context.node_config))
     info = node_info(cfg, dict(context.node_config))
@@ -131,13 +189,12 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the client's adapter from the factors received; reply with the upload."""
     _log_to_stderr()
-    cfg = node_config(config_from_run_config(context.run_config), dict(context.node_config))
-    ws = _workspace(cfg.to_toml())
-    client = node_client([str(c) for c in ws.client_ids], dict(context.node_config))
-    task, round_idx, settings = records.read_train(msg.content, ws.bf16)
+    ws = node_workspace(context)
+    (client,) = ws.client_ids
+    task, round_idx, settings, index = records.read_train(msg.content, ws.bf16)
     if task.client_id != client:
         raise HetLoRAError(f"task for client {task.client_id!r} sent to the node of {client!r}")
-    update, result = ws.train(task, round_idx, settings=settings)
+    update, result = ws.train(task, round_idx, settings=settings, index=index)
     log.info(
         "round %d: client %s rank %d -> %d, loss %.3f",
         round_idx,
@@ -147,3 +204,33 @@ def train(msg: Message, context: Context) -> Message:
         result.train_loss,
     )
     return Message(records.reply_content(update, result), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Measure the global factors received on the named examples of the node's own held-out
+    split; reply with the NLL sum and token count, or, for a generation instruction, with the
+    sum of the ROUGE-L scores of greedy generations and how many were scored (no text)."""
+    _log_to_stderr()
+    ws = node_workspace(context)
+    (client,) = ws.client_ids
+    factors, split, positions, generate = records.read_evaluate(msg.content)
+    examples = (ws.val_data if split == "val" else ws.test_data)[client]
+    if any(not 0 <= i < len(examples) for i in positions):
+        raise HetLoRAError(f"evaluation asks for examples outside the {len(examples)} of {split}")
+    chosen = [examples[i] for i in positions]
+    r_max = ws.cfg.r_max
+    adapters.write_factors(ws.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
+    with no_compile():
+        if generate:
+            prompts = [ws.renderer.prompt(ex) for ex in chosen]
+            preds = generate_greedy(
+                ws.peft_model, ws.tokenizer, prompts, ws.cfg.max_new_tokens, ws.device, ws.bf16
+            )
+            score, scored = rouge_sums(preds, [ex.response.strip() for ex in chosen])
+            return Message(records.rouge_reply(score, scored), reply_to=msg)
+        items = ws.renderer.tokenize_all(chosen, ws.cfg.max_seq_len)
+        nll, tokens = nll_sums(
+            ws.peft_model, items, ws.cfg.eval_batch_size, ws.pad_id, ws.device, ws.bf16
+        )
+    return Message(records.evaluate_reply(nll, tokens), reply_to=msg)

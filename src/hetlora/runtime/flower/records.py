@@ -14,7 +14,10 @@ counters of :class:`~hetlora.client.ClientResult`. :func:`read_reply` only decod
 (a record that cannot be read raises :class:`~hetlora.errors.HetLoRAError`); whether its content
 is acceptable is decided by the method server's one validator,
 :meth:`hetlora.methods.base.Server.check`, as in-process. A node query
-(``MessageType.QUERY``) is answered with :class:`NodeInfo`.
+(``MessageType.QUERY``) is answered with :class:`NodeInfo` (counts and ranks); an evaluation
+(``MessageType.EVALUATE``: :func:`evaluate_content`) with the NLL sums of the node's own
+held-out examples (:func:`evaluate_reply`), or, for a generation instruction, with the sum of
+their ROUGE-L scores (:func:`rouge_reply`): numbers, never text.
 
 Nothing here knows about sockets or processes: these are plain functions over records.
 """
@@ -100,13 +103,17 @@ def read_factors(record: ArrayRecord) -> Factors:
     return factors
 
 
-def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> RecordDict:
-    """The content of one training instruction (LoRA tasks only)."""
+def train_content(
+    task: ClientTask, round_idx: int, settings: TrainSettings, index: int
+) -> RecordDict:
+    """The content of one training instruction (LoRA tasks only); ``index`` (the client's
+    position among the run's clients) seeds its batches."""
     if task.kind != "lora" or task.factors is None:
         raise HetLoRAError(f"the Flower runtime sends LoRA tasks only, not {task.kind!r}")
     config = ConfigRecord(
         {
             "client-id": task.client_id,
+            "client-index": index,
             "server-round": round_idx,
             "rank": task.rank,
             "pruning": task.pruning,
@@ -117,13 +124,16 @@ def train_content(task: ClientTask, round_idx: int, settings: TrainSettings) -> 
     return RecordDict({ARRAYS: factors_record(task.factors), CONFIG: config})
 
 
-def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainSettings]:
-    """The task, round and training settings of an instruction (on the ClientApp)."""
+def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainSettings, int]:
+    """The task, round, training settings and client index of an instruction (on the
+    ClientApp)."""
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise HetLoRAError("training instruction without factors or config")
     config = content.config_records[CONFIG]
     missing = [
-        k for k in ("client-id", "server-round", "rank", *HYPERPARAMETERS) if k not in config
+        k
+        for k in ("client-id", "client-index", "server-round", "rank", *HYPERPARAMETERS)
+        if k not in config
     ]
     if missing:
         raise HetLoRAError(f"training instruction lacks {missing}")
@@ -139,7 +149,7 @@ def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainS
     settings = TrainSettings(
         **{field: config[key] for key, field in HYPERPARAMETERS.items()}, bf16=bf16
     )
-    return task, int(config["server-round"]), settings
+    return task, int(config["server-round"]), settings, int(config["client-index"])
 
 
 def reply_content(update: ClientUpdate, result: ClientResult) -> RecordDict:
@@ -203,19 +213,22 @@ def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, Cli
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What a SuperNode declares about itself (its answer to a query).
+    """What a SuperNode declares about itself (its answer to a query): counts and ranks, never
+    text or token ids.
 
     Attributes:
         client_id: the client (data partition) the node trains.
-        index: the client's position in the run's sorted client list (seeds its batches).
         num_examples: its training examples.
+        num_val: its validation examples.
+        num_test: its test (held-out) examples.
         rank: its rank budget from the node config (0: none declared).
         tier: its device tier from the node config ("" if none).
     """
 
     client_id: str
-    index: int
     num_examples: int
+    num_val: int = 0
+    num_test: int = 0
     rank: int = 0
     tier: str = ""
 
@@ -224,13 +237,91 @@ class NodeInfo:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> NodeInfo:
-        try:
-            return cls(
-                client_id=str(record["client-id"]),
-                index=int(record["index"]),
-                num_examples=int(record["num-examples"]),
-                rank=int(record.get("rank", 0)),
-                tier=str(record.get("tier", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HetLoRAError(f"malformed node info: {exc}") from None
+        """The declaration of a reply; a missing or mistyped field raises HetLoRAError."""
+        values = {}
+        for name, kind in (("client-id", str), ("tier", str)):
+            value = record.get(name, "")
+            if not isinstance(value, kind):
+                raise HetLoRAError(f"malformed node info: {name} is {value!r}")
+            values[name.replace("-", "_")] = value
+        for name in ("num-examples", "num-val", "num-test", "rank"):
+            value = record.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise HetLoRAError(f"malformed node info: {name} is {value!r}")
+            values[name.replace("-", "_")] = value
+        if not values["client_id"]:
+            raise HetLoRAError("malformed node info: no client-id")
+        return cls(**values)
+
+
+#: The NLL sums of an evaluation reply (:func:`hetlora.evaluate.nll_sums`).
+NLL, TOKENS = "nll-sum", "tokens"
+#: The ROUGE-L sums of a generation reply (:func:`hetlora.evaluate.rouge_sums`).
+ROUGE, SCORED = "rouge-l-sum", "examples"
+
+
+def evaluate_content(
+    factors: Factors, split: str, positions: list[int], round_idx: int, generate: bool = False
+) -> RecordDict:
+    """An evaluation instruction: the global factors (cut to the rank evaluated), the split, the
+    positions of the node's examples in the held-out sample, and whether to score greedy
+    generations of them (ROUGE-L) instead of their NLL."""
+    config = ConfigRecord(
+        {
+            "split": split,
+            "positions": positions,
+            "server-round": round_idx,
+            "generate": generate,
+        }
+    )
+    return RecordDict({ARRAYS: factors_record(factors), CONFIG: config})
+
+
+def read_evaluate(content: RecordDict) -> tuple[Factors, str, list[int], bool]:
+    """The factors, split, positions and generate flag of an evaluation instruction (on the
+    ClientApp)."""
+    if ARRAYS not in content.array_records or CONFIG not in content.config_records:
+        raise HetLoRAError("evaluation instruction without factors or config")
+    config = content.config_records[CONFIG]
+    split, positions = config.get("split"), config.get("positions", [])
+    if split not in ("test", "val") or not isinstance(positions, list):
+        raise HetLoRAError(f"malformed evaluation instruction: split {split!r}")
+    factors = read_factors(content.array_records[ARRAYS])
+    return factors, str(split), [int(p) for p in positions], bool(config.get("generate", False))
+
+
+def evaluate_reply(nll: float, tokens: int) -> RecordDict:
+    """The content of an evaluation reply: the summed NLL and its token count, nothing else."""
+    return RecordDict({METRICS: MetricRecord({NLL: float(nll), TOKENS: int(tokens)})})
+
+
+def read_evaluate_reply(content: RecordDict) -> tuple[float, int]:
+    """The (NLL sum, tokens) of an evaluation reply: a finite NLL >= 0 and a whole token count
+    >= 0 (tokens > 0 when the NLL is), else HetLoRAError."""
+    if METRICS not in content.metric_records:
+        raise HetLoRAError("evaluation reply without metrics")
+    metrics = content.metric_records[METRICS]
+    nll, tokens = _number(metrics, NLL), _count(metrics, TOKENS)
+    if not math.isfinite(nll) or nll < 0 or tokens < 0 or (nll > 0 and tokens == 0):
+        raise HetLoRAError(f"evaluation reply with NLL {nll!r} over {tokens} tokens")
+    return nll, tokens
+
+
+def rouge_reply(score_sum: float, scored: int) -> RecordDict:
+    """The content of a generation reply: the sum of the per-example ROUGE-L F1 scores and how
+    many examples were scored; no text."""
+    return RecordDict({METRICS: MetricRecord({ROUGE: float(score_sum), SCORED: int(scored)})})
+
+
+def read_rouge_reply(content: RecordDict, asked: int) -> tuple[float, int]:
+    """The (ROUGE-L sum, examples) of a generation reply: exactly the ``asked`` examples scored,
+    a sum in [0, examples] (each F1 lies in [0, 1]), else HetLoRAError."""
+    if METRICS not in content.metric_records:
+        raise HetLoRAError("generation reply without metrics")
+    metrics = content.metric_records[METRICS]
+    score, scored = _number(metrics, ROUGE), _count(metrics, SCORED)
+    if scored != asked:
+        raise HetLoRAError(f"generation reply scores {scored} examples, {asked} were asked")
+    if not math.isfinite(score) or not 0 <= score <= scored:
+        raise HetLoRAError(f"generation reply with ROUGE-L sum {score!r} over {scored} examples")
+    return score, scored

@@ -1,13 +1,20 @@
 """The ServerApp: the shared round loop over Flower's Grid instead of in-process clients.
 
-:func:`flower_run` builds a :class:`~hetlora.runtime.local.RoundLoop` by composition: the same
-workspace (data, held-out set, PEFT-initialised global adapter), method server, round loop,
-metrics row and run directory as ``hetlora run``, with :class:`GridTransport` as the transport.
-Before round 1 it asks every connected SuperNode which client it holds and at which rank
-(:mod:`.client_app`): a node's declared ``rank`` budget (capped at r_max) or ``tier`` wins; a
-node that declares neither gets the rank the in-process runtime would assign to its client (the
-seeded draw over the run's clients). With every client on a node and the same config, a Flower
-run asks the same clients, at the same ranks, with the same batch seeds as ``hetlora run``.
+The server holds no client data and never opens the run's ``data``. :func:`flower_run` builds a
+:class:`~hetlora.runtime.local.RoundLoop` by composition: the same model (PEFT-initialised
+global adapter), method server, round loop, metrics row and run directory as ``hetlora run``,
+with :class:`GridTransport` as the transport and :class:`~.held_out.FederatedHeldOut` as the
+held-out sets (the nodes measure the global adapter on their own examples and reply with sums).
+
+Before round 1 it asks every connected SuperNode what it holds (:mod:`.client_app`): its client
+id, its example counts (train, validation, test) and its rank budget or tier. A node whose
+counts do not follow the run's split rule, or whose client another node already declared, is
+left out with a logged reason. A declared ``rank`` budget (capped at r_max) or ``tier`` wins; a
+node that declares neither gets the rank the in-process runtime would assign (the seeded draw
+over the registered clients). Each client's batches are seeded by its index among the
+registered clients, which the server sends. With every client on a node and the same config, a
+Flower run asks the same clients, at the same ranks, with the same batch seeds, and measures the
+same held-out examples as ``hetlora run``.
 
 The run directory is the one ``hetlora run`` writes; a row's client entries also name the
 ``node``, and ``summary.json`` adds ``runtime = "flower"`` and ``nodes`` (client -> node id).
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +33,11 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from hetlora.config import Config
+from hetlora.data import split_sizes
 from hetlora.errors import HetLoRAError
 from hetlora.methods.base import Server
 from hetlora.runtime.flower import records
+from hetlora.runtime.flower.held_out import FederatedHeldOut
 from hetlora.runtime.flower.project import (
     RunOptions,
     check_supported,
@@ -79,8 +88,8 @@ def wait_for_nodes(grid: Grid, want: int, wait_s: float) -> list[int]:
     return ids
 
 
-def node_rank(cfg: Config, info: records.NodeInfo, assigned: int) -> int:
-    """A node's rank: its declared budget (capped at r_max), its tier's rank, or ``assigned``."""
+def declared_rank(cfg: Config, info: records.NodeInfo) -> int:
+    """A node's declared rank: its budget (capped at r_max) or its tier's rank; 0 for none."""
     tiers = {str(t.get("name", "")): int(t["rank"]) for t in cfg.tiers}
     if info.rank:
         if info.rank < cfg.r_min:
@@ -90,18 +99,33 @@ def node_rank(cfg: Config, info: records.NodeInfo, assigned: int) -> int:
         if info.tier not in tiers:
             raise HetLoRAError(f"unknown tier {info.tier!r}; the run has {sorted(tiers)}")
         return tiers[info.tier]
-    return assigned
+    return 0
+
+
+def check_counts(cfg: Config, info: records.NodeInfo) -> None:
+    """Declared counts must be those the run's split rule gives a client of that many examples
+    (:func:`hetlora.data.split_sizes`), within ``max_examples_per_client``."""
+    n = info.num_examples + info.num_val + info.num_test
+    declared = (info.num_examples, info.num_val, info.num_test)
+    expected = split_sizes(n, cfg.test_fraction, cfg.val_fraction)
+    if info.num_examples < 1 or declared != expected:
+        raise HetLoRAError(
+            f"declared (train, validation, test) = {declared}, but the run splits {n} examples "
+            f"into {expected}"
+        )
+    if cfg.max_examples_per_client and n > cfg.max_examples_per_client:
+        raise HetLoRAError(f"{n} examples above max_examples_per_client")
 
 
 def discover(
-    grid: Grid, cfg: Config, ids: list[int], assigned: Mapping[str, int], timeout_s: float
-) -> tuple[dict[int, str], dict[str, int]]:
-    """Ask every node for its client and rank; returns node -> client and client -> rank."""
+    grid: Grid, cfg: Config, ids: list[int], timeout_s: float
+) -> dict[int, records.NodeInfo]:
+    """Ask every node what it holds; returns node -> its (checked) declaration."""
     query = RecordDict({records.CONFIG: ConfigRecord({"server-round": 0})})
     messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in ids]
     replies = grid.send_and_receive(messages, timeout=timeout_s)
-    nodes: dict[int, str] = {}
-    ranks: dict[str, int] = {}
+    infos: dict[int, records.NodeInfo] = {}
+    held: dict[str, int] = {}
     for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
         node = reply.metadata.src_node_id
         try:
@@ -110,36 +134,42 @@ def discover(
             if records.INFO not in reply.content.config_records:
                 raise HetLoRAError("reply without node info")
             info = records.NodeInfo.from_record(reply.content.config_records[records.INFO])
-            client = info.client_id
-            if client not in assigned:
-                raise HetLoRAError(f"client {client!r} is not a client of this run")
-            if client in ranks:
-                raise HetLoRAError(f"client {client!r} is already held by another node")
-            rank = node_rank(cfg, info, assigned[client])
+            check_counts(cfg, info)
+            declared_rank(cfg, info)
+            if info.client_id in held:
+                raise HetLoRAError(
+                    f"client {info.client_id!r} is already held by node {held[info.client_id]}"
+                )
         except HetLoRAError as exc:
             log.warning("node %s left out of the run: %s", node, exc)
             continue
-        nodes[node] = client
-        ranks[client] = rank
-        how = "budget" if info.rank else f"tier {info.tier}" if info.tier else "assigned"
-        log.info("node %s: client %s, rank %d (%s)", node, client, rank, how)
-    if not nodes:
+        infos[node] = info
+        held[info.client_id] = node
+    if not infos:
         raise HetLoRAError(f"no usable SuperNode among the {len(ids)} connected")
-    return nodes, ranks
+    return infos
 
 
 def flower_run(
     cfg: Config, grid: Grid, options: RunOptions, progress: Progress | None = None
 ) -> RoundLoop:
-    """The run of a ServerApp: the shared :class:`RoundLoop` with :class:`GridTransport`."""
+    """The run of a ServerApp: the shared :class:`RoundLoop` with :class:`GridTransport` and
+    federated evaluation; the server's workspace holds the model and no data."""
     check_supported(cfg)
-    ws = build_workspace(cfg, trains_locally=False, progress=progress)
-    want = options.min_nodes or min(cfg.clients_per_round, len(ws.client_ids))
+    ws = build_workspace(cfg, trains_locally=False, progress=progress, splits=({}, {}, {}))
+    want = options.min_nodes or cfg.clients_per_round
     ids = wait_for_nodes(grid, want, options.node_wait_s)
-    nodes, ranks = discover(
-        grid, cfg, ids, assigned_ranks(cfg, ws.client_ids), options.round_timeout_s
-    )
-    clients = sorted(ranks)
+    infos = discover(grid, cfg, ids, options.round_timeout_s)
+    clients = sorted(info.client_id for info in infos.values())
+    assigned = assigned_ranks(cfg, clients)
+    ranks = {}
+    for node, info in sorted(infos.items()):
+        client = info.client_id
+        ranks[client] = declared_rank(cfg, info) or assigned[client]
+        how = "budget" if info.rank else f"tier {info.tier}" if info.tier else "assigned"
+        log.info("node %s: client %s, rank %d (%s)", node, client, ranks[client], how)
+    nodes = {node: info.client_id for node, info in infos.items()}
+    ws.client_ids = clients
     server = initial_server(cfg, ws, ranks)
     min_clients = options.min_clients or cfg.min_clients
     strategy = HetLoRAStrategy(
@@ -152,9 +182,11 @@ def flower_run(
         max_update_norm=cfg.max_update_norm,
     )
     strategy.summary()
+    held_out = FederatedHeldOut(grid, infos, cfg, options.round_timeout_s)
     extra = {"runtime": "flower", "nodes": {c: n for n, c in sorted(nodes.items())}}
     transport = GridTransport(grid, strategy, options.round_timeout_s)
-    return RoundLoop(ws, server, transport, clients, min_clients, progress, extra)
+    sizes = {info.client_id: info.num_examples for info in infos.values()}
+    return RoundLoop(ws, server, transport, clients, min_clients, progress, extra, held_out, sizes)
 
 
 def log_progress(event: dict[str, Any]) -> None:

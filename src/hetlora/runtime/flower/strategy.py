@@ -14,8 +14,8 @@ cut to its own rank, so the strategy hands the work to the method's
 
 The ServerApp drives these through :class:`~.server_app.GridTransport` and the shared round loop;
 :meth:`configure_train` / :meth:`aggregate_train` are the same steps behind Flower's Strategy
-interface. Evaluation is centralised (the ServerApp measures the global adapter on the held-out
-set), so :meth:`configure_evaluate` sends nothing.
+interface. Evaluation is federated but driven by the round loop (:mod:`.held_out`: the nodes
+reply with NLL sums), so :meth:`configure_evaluate` sends nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class HetLoRAStrategy(Strategy):
         self.server = server
         self.nodes = dict(nodes)
         self.node_of = {client: node for node, client in self.nodes.items()}
+        # a client's index among the run's clients seeds its batches, as in-process
+        self.index = {client: i for i, client in enumerate(sorted(self.node_of))}
         self.settings = settings
         self.sample_clients = sample_clients or (lambda _round: sorted(self.node_of))
         self.min_clients = min_clients
@@ -100,7 +102,7 @@ class HetLoRAStrategy(Strategy):
                 self._unsent[client] = "node not connected"
                 continue
             task = self.server.task(client)
-            content = records.train_content(task, server_round, self.settings)
+            content = records.train_content(task, server_round, self.settings, self.index[client])
             for key, value in (config or {}).items():  # extra entries the caller wants sent
                 content.config_records[records.CONFIG][key] = value
             self._tasks[client] = task
