@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce reproduce-paper reproduce-paper-long paper-continue paper-results flower-demo bench mutate
+.PHONY: demo test lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat paper-continue paper-results flower-demo bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +101,13 @@ paper-continue: $(STAMP)
 reproduce-paper-long:
 	$(MAKE) paper-continue PAPER_CONFIG=configs/paper-long.toml PAPER_OUT=runs/paper-long \
 		PAPER_DOCS=docs/reproduction/paper-long
+
+# The paper-regime study on chat data with natural users (configs/paper-chat.toml: chitchat, one
+# client per participant). Like paper-continue, it keeps the runs committed in
+# docs/reproduction/paper-chat/ and trains only the others; run it again after an interruption.
+reproduce-paper-chat:
+	$(MAKE) paper-continue PAPER_CONFIG=configs/paper-chat.toml PAPER_OUT=runs/paper-chat \
+		PAPER_DOCS=docs/reproduction/paper-chat
 
 # The study's tables and plots from the runs finished so far (it may still be running), and
 # the small files of the finished runs copied into docs/reproduction/paper/ (never checkpoints
