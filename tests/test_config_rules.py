@@ -32,6 +32,8 @@ CASES = {
         {"aggregation": "sparsity_data_size"},
     ),
     "padding": ("keep", {"method": "homlora"}, {"method": "hetlora"}),
+    "r_min": (5, {"method": "full_ft"}, {"method": "recon_svd"}),
+    "r_max": (50, {"method": "full_ft"}, {"method": "homlora"}),
     "lora_scale": (1.0, {"method": "full_ft"}, {"method": "flora"}),
     "target_modules": (["q_proj"], {"method": "full_ft"}, {"method": "homlora"}),
     "on_bad_rows": ("skip", {}, {"data": "x.jsonl"}),
@@ -252,3 +254,31 @@ def test_a_model_path_is_stored_absolute_and_older_relative_checkpoints_match(
     checkpoint.check_matches(
         {"version": 2, "config": older, "model": "m", "data": "d"}, current, "m", "d"
     )
+
+
+def test_rank_bounds_apply_to_lora_methods_only(tmp_path, caplog):
+    """r_min and r_max under full_ft are an error; a comparison's shared r_max is its LoRA
+    entries' only; a run's own config.toml written with them loads, naming them in a warning."""
+    from hetlora.runtime.compare import load_comparison
+
+    for key, value in (("r_min", 5), ("r_max", 50)):
+        with pytest.raises(HetLoRAError, match=f"'{key}' = {value} applies to LoRA methods"):
+            make_config({"method": "full_ft", key: value})
+    study = tmp_path / "study.toml"
+    study.write_text(
+        'r_min = 5\nr_max = 50\n[[compare]]\nname = "full"\nmethod = "full_ft"\n'
+        '[[compare]]\nname = "het"\nmethod = "hetlora"\n'
+    )
+    full, het = load_comparison(study)
+    assert (full.cfg.r_min, full.cfg.r_max) == (Config.r_min, Config.r_max) == (4, 16)
+    assert (het.cfg.r_min, het.cfg.r_max) == (5, 50)
+    study.write_text('[[compare]]\nname = "full"\nmethod = "full_ft"\nr_max = 50\n')
+    with pytest.raises(HetLoRAError, match="entry 'full'.*'r_max' = 50 applies to LoRA"):
+        load_comparison(study)
+    stored = tmp_path / "config.toml"
+    stored.write_text(Config(method="full_ft").to_toml().replace("r_max = 16", "r_max = 50"))
+    with pytest.raises(HetLoRAError, match="'r_max' = 50"):
+        load_config(stored)
+    with caplog.at_level(logging.WARNING, logger="hetlora.config"):
+        assert load_config(stored, stored=True) == Config(method="full_ft")
+    assert "r_max did not apply to this run" in caplog.text

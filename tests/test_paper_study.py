@@ -346,7 +346,8 @@ def test_paper_config_plans_the_documented_runs():
     later = {(e.group, e.seed) for e in entries if e.deferred}
     assert len(later) == 18 and {g for g, _ in later} == groups - {reference}
     for e in entries:
-        assert (e.cfg.r_min, e.cfg.r_max, e.cfg.clients_per_round) == (5, 50, 5)
+        ranks = (4, 16) if e.cfg.method == "full_ft" else (5, 50)  # r_min, r_max: LoRA only
+        assert (e.cfg.r_min, e.cfg.r_max, e.cfg.clients_per_round) == (*ranks, 5)
         assert (e.cfg.local_steps, e.cfg.batch_size, e.cfg.gamma) == (5, 8, 0.99)
 
 

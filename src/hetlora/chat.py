@@ -84,7 +84,7 @@ def load_chat_model(
         raise HetLoRAError(
             f"{run_dir} is not a finished run (needs config.toml and adapter/ or model/)"
         )
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", stored=True)
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     device = resolve_device(cfg.device)

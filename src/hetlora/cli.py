@@ -206,7 +206,7 @@ def run(
                 raise HetLoRAError(f"--resume {out}: not a run directory (config.toml missing)")
             if not (out / "checkpoint.pt").is_file():
                 raise HetLoRAError(f"--resume {out}: no checkpoint.pt, nothing to resume")
-            cfg = load_config(config or out / "config.toml", set_ or [])
+            cfg = load_config(config or out / "config.toml", set_ or [], stored=config is None)
         else:
             cfg = load_config(config, set_ or [])
             check_out_dir(out, overwrite)

@@ -14,7 +14,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,17 +255,9 @@ KEY_RULES: tuple[KeyRule, ...] = (
         lambda c: c.method == "hetlora" and c.aggregation in ("sparsity", "sparsity_data_size"),
     ),
     KeyRule("padding", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
-    KeyRule(
-        "lora_scale",
-        "LoRA methods (not 'full_ft')",
-        ("method",),
-        lambda c: c.method != "full_ft",
-    ),
-    KeyRule(
-        "target_modules",
-        "LoRA methods (not 'full_ft')",
-        ("method",),
-        lambda c: c.method != "full_ft",
+    *(
+        KeyRule(key, "LoRA methods (not 'full_ft')", ("method",), lambda c: c.method != "full_ft")
+        for key in ("r_min", "r_max", "lora_scale", "target_modules")
     ),
     KeyRule("on_bad_rows", f"data files ({_NOT_BUILTIN})", ("data",), _data_file),
     KeyRule("split", f"data folders and hub ids ({_NOT_BUILTIN})", ("data",), _data_file),
@@ -296,6 +288,30 @@ def rules_markdown() -> str:
 
 def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def inapplicable(values: dict[str, Any], among: Iterable[str] | None = None) -> list[str]:
+    """The keys of ``values`` (or of ``among``) set to other than their default where their
+    :data:`KEY_RULES` rule does not hold for the config ``values`` describe; ``[]`` when
+    ``values`` does not describe a config (:func:`make_config` then says why)."""
+    try:
+        probe = Config(
+            **{
+                k: _check_type(k, v)
+                for k, v in translate_old_keys(values, warn=False).items()
+                if k in _FIELDS
+            }
+        )
+    except (HetLoRAError, TypeError):
+        return []
+    keys = set(values if among is None else among)
+    return [
+        rule.key
+        for rule in KEY_RULES
+        if rule.key in keys
+        and getattr(probe, rule.key) != _DEFAULTS[rule.key]
+        and not rule.holds(probe)
+    ]
 
 
 def _check_applies(cfg: Config) -> None:
@@ -405,8 +421,15 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (optional) and ``key=value`` overrides into a validated :class:`Config`."""
+def load_config(
+    path: Path | str | None = None, overrides: list[str] | None = None, stored: bool = False
+) -> Config:
+    """Read a TOML file (optional) and ``key=value`` overrides into a validated :class:`Config`.
+
+    ``stored``: the file is a run's own config.toml; keys that an older version wrote where they
+    do not apply (:func:`inapplicable`, e.g. ``r_min`` of a ``full_ft`` run) did nothing in that
+    run, so they are dropped with a warning rather than refused.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -416,6 +439,9 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
             values.update(tomllib.loads(path.read_text()))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise HetLoRAError(f"config file {path} is not valid TOML: {exc}") from None
+        if stored and (unused := inapplicable(values)):
+            log.warning("%s: %s did not apply to this run; ignored", path, ", ".join(unused))
+            values = {k: v for k, v in values.items() if k not in unused}
     for item in overrides or []:
         key, value = _parse_override(item)
         values[key] = value

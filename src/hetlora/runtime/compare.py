@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetlora.config import Config, _parse_override, load_config, make_config
+from hetlora.config import Config, _parse_override, inapplicable, load_config, make_config
 from hetlora.errors import HetLoRAError
 from hetlora.runtime.local import Progress, Simulation, check_out_dir
 
@@ -127,8 +127,11 @@ def load_comparison(path: Path | str, overrides: list[str] | None = None) -> lis
             mine = seeds
         if mine is not None and "seed" in keys:
             raise HetLoRAError(f"{where}: set either seeds (a list, one run each) or seed")
+        # a shared key applies to the entries it applies to (r_max is not full FT's)
+        unused = inapplicable({**shared, **keys}, [k for k in shared if k not in keys])
+        common = {k: v for k, v in shared.items() if k not in unused}
         for seed in mine if mine is not None else [None]:
-            values = {**shared, **keys} if seed is None else {**shared, **keys, "seed": seed}
+            values = {**common, **keys} if seed is None else {**common, **keys, "seed": seed}
             try:
                 cfg = make_config(values)
             except HetLoRAError as exc:
@@ -150,7 +153,7 @@ def _resume_state(entry: Entry, run_dir: Path) -> str:
         return "new"
     if not (run_dir / "config.toml").is_file():
         raise HetLoRAError(f"--resume: {run_dir} is not a run directory (config.toml missing)")
-    if load_config(run_dir / "config.toml").to_dict() != entry.cfg.to_dict():
+    if load_config(run_dir / "config.toml", stored=True).to_dict() != entry.cfg.to_dict():
         raise HetLoRAError(
             f"--resume: {run_dir} was run with another config than entry {entry.name!r} "
             "(use --overwrite to run the comparison again)"

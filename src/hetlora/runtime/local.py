@@ -638,7 +638,7 @@ def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
         if not (run_dir / name).is_file():
             raise HetLoRAError(f"{run_dir} is not a finished run: {name} is missing")
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", stored=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     reported = [r for r in rows if "eval_ppl" in r][-1]
