@@ -41,6 +41,7 @@ __all__ = [
     "conversation_problem",
     "make_renderer",
     "messages_problem",
+    "refuses_system",
     "render_conversation",
     "require_offsets",
     "template_bos",
@@ -181,6 +182,23 @@ def template_bos(tokenizer) -> list[int]:
         if bos is not None and "bos_token" in str(getattr(tokenizer, "chat_template", None) or "")
         else []
     )
+
+
+def refuses_system(tokenizer) -> bool:
+    """Whether ``tokenizer``'s chat template refuses a ``system`` turn (Gemma's raises
+    "System role not supported") while it renders the same conversation without one."""
+    if not has_chat_template(tokenizer):
+        return False
+    turns = (("user", "Hello."), ("assistant", "Hello!"))
+    try:
+        _apply(tokenizer, turns, generation_prompt=False)
+    except HetLoRAError:
+        return False  # refuses more than the system turn: the rows are checked as they are
+    try:
+        _apply(tokenizer, (("system", "Be brief."), *turns), generation_prompt=False)
+    except HetLoRAError:
+        return True
+    return False
 
 
 def conversation_problem(tokenizer, value: Any) -> str | None:
