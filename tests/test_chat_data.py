@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizer
 
 from hetlora.config import make_config
 from hetlora.data import Example, load_clients
@@ -228,3 +228,60 @@ def test_config_keys_are_checked() -> None:
     ):
         with pytest.raises(HetLoRAError, match=message):
             make_config(values)
+
+
+def test_a_bos_the_template_writes_stays_through_left_truncation(chat_tok) -> None:
+    from hetlora.tiny import TINY_CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(chat_tok.name_or_path)
+    tok.add_special_tokens({"bos_token": "<s>"})  # named, but never added by the tokenizer
+    bos = tok.bos_token_id
+    tok.chat_template = "{{ bos_token }}" + TINY_CHAT_TEMPLATE
+    full = render_conversation(tok, TURNS, 512)
+    assert full.ids[0] == bos and tok("x")["input_ids"][0] != bos
+    short = render_conversation(tok, TURNS, 20)
+    first = full.target.index(True)
+    answer = full.ids[first : first + 8]  # the first answer, 8 tokens, kept whole
+    assert short.ids == (bos, *full.ids[first - 11 : first], *answer)
+    assert short.target == (False,) * 12 + (True,) * 8
+    # A template that only starts with the token named BOS (SmolLM2's <|im_start|> turn
+    # header) does not write a BOS: the context is cut as before.
+    tok.chat_template = "<s>" + TINY_CHAT_TEMPLATE
+    plain = render_conversation(tok, TURNS, 20)
+    assert plain.ids == (*full.ids[first - 12 : first], *answer)
+
+
+class CharTokenizer(PreTrainedTokenizer):
+    """A slow (pure Python) tokenizer of one token per character: no character offsets."""
+
+    def __init__(self, **kwargs) -> None:
+        self.vocab = {"</s>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+        super().__init__(eos_token="</s>", **kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return list(text)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.vocab.get(token, 0)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return {v: k for k, v in self.vocab.items()}.get(index, "</s>")
+
+
+def test_a_slow_tokenizer_is_refused_once_not_row_by_row(chat_tok, tmp_path: Path) -> None:
+    slow = CharTokenizer()
+    slow.chat_template = chat_tok.chat_template
+    assert not slow.is_fast and slow.apply_chat_template(
+        [{"role": r, "content": c} for r, c in TURNS], tokenize=False
+    )
+    path = write_jsonl(tmp_path / "chat.jsonl", [conversation(i, "a") for i in range(4)])
+    for action in ("error", "skip"):
+        with pytest.raises(HetLoRAError, match=r"^conversations need a fast tokenizer"):
+            load_clients(str(path), on_bad_rows=action, tokenizer_loader=lambda: slow)

@@ -119,3 +119,44 @@ def test_keys_of_data_files_do_not_apply_to_chitchat(key, value):
     with pytest.raises(HetLoRAError, match=f"'{key}'.*not data = 'shakespeare' or 'chitchat'"):
         make_config({"data": "chitchat", key: value})
     assert make_config({"data": "chitchat"}).data == "chitchat"
+
+
+NO_SYSTEM_TEMPLATE = (  # as Gemma's: a system turn is an error raised by the template
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+)
+
+
+def test_a_template_without_system_turns_gets_the_system_text_in_the_user_turn(
+    tiny_chat_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from hetlora.data import chitchat
+    from hetlora.data.chat import render_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    tok.chat_template = NO_SYSTEM_TEMPLATE + tok.chat_template
+    ex = participant_clients(CONVERSATIONS)["ann"][2]
+    with pytest.raises(HetLoRAError, match="System role not supported"):
+        render_conversation(tok, ex.messages, 256)
+    (tmp_path / "dataset.json").write_text(json.dumps(CONVERSATIONS))
+    monkeypatch.setattr(chitchat, "_data_file", lambda: tmp_path / "dataset.json")
+    chitchat._load_cached.cache_clear()
+    try:
+        folded = load_clients("chitchat", tokenizer_loader=lambda: tok)["ann"][2]
+        kept = load_clients(
+            "chitchat", tokenizer_loader=lambda: AutoTokenizer.from_pretrained(tiny_chat_model)
+        )["ann"][2]
+    finally:
+        chitchat._load_cached.cache_clear()
+    assert kept == ex  # a template with system turns: unchanged
+    system, user, answer = ex.messages
+    assert folded.messages == (("user", f"{system[1]}\n\n{user[1]}"), answer)
+    assert (folded.prompt, folded.response) == (ex.prompt, ex.response)
+    item = render_conversation(tok, folded.messages, 256)
+    assert tok.decode([i for i, k in zip(item.ids, item.target, strict=True) if k]).startswith(
+        " Tired."
+    )

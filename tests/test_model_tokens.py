@@ -23,7 +23,9 @@ from hetlora.evaluate import (
     linear_cross_entropy,
     response_nll,
     rouge_l,
+    rouge_sums,
     stop_ids,
+    words,
 )
 from hetlora.tiny import make_tiny_model
 
@@ -251,6 +253,40 @@ def test_chat_on_a_raw_run_prompts_raw(tiny_chat_model: Path, tmp_path: Path) ->
     assert chat.renderer.chat_prompt([("user", "Hail!")]) == tok("Hail!")["input_ids"]
 
 
+@pytest.mark.parametrize(("text", "why"), [("{", "unreadable"), ("[1]", "JSON object")])
+def test_a_corrupt_summary_is_one_error_line(tmp_path: Path, text: str, why: str) -> None:
+    from hetlora.chat import load_chat_model
+
+    make_config({}).save(tmp_path / "config.toml")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "summary.json").write_text(text)
+    with pytest.raises(HetLoRAError, match=f"summary.json: .*{why}"):
+        load_chat_model(tmp_path)
+
+
+def test_the_logit_probe_restores_training_mode_when_the_model_fails() -> None:
+    from hetlora.evaluate import logit_transform
+
+    class Broken(torch.nn.Module):
+        config = type("Config", (), {})()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(2, 3)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.head
+
+        def forward(self, **_) -> None:
+            raise RuntimeError("out of memory")
+
+    model = Broken().train()
+    with pytest.raises(RuntimeError):
+        logit_transform(model)
+    assert model.training
+
+
 def test_rouge_l_reads_every_script() -> None:
     from rouge_score import rouge_scorer
 
@@ -262,3 +298,24 @@ def test_rouge_l_reads_every_script() -> None:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # unchanged on English
     expected = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(english, refs, strict=True)]
     assert rouge_l(english, refs) == pytest.approx(sum(expected) / 2, rel=1e-12)
+
+
+def test_combining_marks_stay_in_their_word() -> None:
+    assert words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs and virama kept
+    assert rouge_l(["हिन्दी भाषा"], ["हिन्दू भाषा"]) == pytest.approx(0.5)
+    # Thai has no spaces: a character with its vowel and tone marks is a word
+    assert words("ที่นี่") == ["ที่", "นี่"]
+    assert rouge_l(["ที่นี่"], ["ที่นั่น"]) == pytest.approx(2 * (1 / 2 * 1 / 3) / (1 / 2 + 1 / 3))
+    assert rouge_sums(["हिन्दी", "东京"], ["हिन्दू", "東京"]) == (0.5, 2)
+
+
+def test_english_words_are_rouge_scores_own_tokens() -> None:
+    from nltk.stem import porter
+    from rouge_score import tokenize
+
+    from hetlora.data.shakespeare import load_shakespeare
+
+    texts = [ex.response for v in load_shakespeare().values() for ex in v][::8]
+    stemmer = porter.PorterStemmer()
+    assert len(texts) > 3000
+    assert all(words(t) == tokenize.tokenize(t, stemmer) for t in texts if t.isascii())

@@ -86,7 +86,14 @@ def load_chat_model(
         )
     cfg = load_config(run_dir / "config.toml", stored=True)
     summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary: object = {}
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HetLoRAError(f"{summary_file}: unreadable ({exc})") from None
+    if not isinstance(summary, dict):
+        raise HetLoRAError(f"{summary_file}: expected a JSON object, got {type(summary).__name__}")
     device = resolve_device(cfg.device)
     bf16 = resolve_bf16(cfg.precision, device)
     if max_new_tokens is not None and max_new_tokens < 1:

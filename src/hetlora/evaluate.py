@@ -8,11 +8,12 @@ forward (:func:`logit_transform`).
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import regex
 import torch
 import torch.nn.functional as F
 
@@ -49,11 +50,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], CE_CHUNK):
             h = hidden[start : start + CE_CHUNK].to(dtype)
             t = targets[start : start + CE_CHUNK]
-            logits = (h @ w.t()).to(acc)
-            if scale != 1.0:
-                logits = logits * scale
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+            logits = _transform((h @ w.t()).to(acc), scale, cap)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -132,13 +129,15 @@ def logit_transform(base: torch.nn.Module) -> tuple[float, float | None] | None:
     was_training = base.training
     base.eval()
     low = torch.is_autocast_enabled(device.type)  # as the caller runs (a bf16 base needs it)
-    with torch.no_grad(), no_compile():
-        own = base(input_ids=probe, use_cache=False).logits.float()
-        hidden = base.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
-        fused = type(head) is torch.nn.Linear  # the fused path reads the weights, not the module
-        logits = F.linear(hidden, head.weight, head.bias) if fused else head(hidden)
-        ours = _transform(logits.float(), scale, cap)
-    base.train(was_training)
+    try:
+        with torch.no_grad(), no_compile():
+            own = base(input_ids=probe, use_cache=False).logits.float()
+            hidden = base.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
+            fused = type(head) is torch.nn.Linear  # the fused path reads the weights
+            logits = F.linear(hidden, head.weight, head.bias) if fused else head(hidden)
+            ours = _transform(logits.float(), scale, cap)
+    finally:
+        base.train(was_training)
     tol = 2e-2 if low else 1e-4
     if own.shape != ours.shape or not torch.allclose(own, ours, rtol=tol, atol=tol):
         found = None
@@ -293,21 +292,36 @@ def generate_greedy(
     return outs
 
 
-#: A word of :func:`words`: a CJK, kana or hangul character alone, else a run of other letters
-#: and digits of any script (the underscore separates, as every other non-word character).
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
-_ASCII_WORD = re.compile("[a-z0-9]+")
+#: Scripts written without spaces between words, or read a character at a time (Han, kana,
+#: hangul as before; Thai, Lao, Khmer, Myanmar): each letter of these, with the combining marks
+#: that follow it (a Thai vowel or tone mark), is a word of its own.
+_BY_CHARACTER = (
+    r"\p{scx=Han}\p{scx=Hiragana}\p{scx=Katakana}\p{scx=Hangul}"
+    r"\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
+)
+#: A word of :func:`words`: a letter or digit of :data:`_BY_CHARACTER` with its marks, else a
+#: run of letters, combining marks and digits of any other script (the underscore, punctuation
+#: and spaces separate).
+_WORD = regex.compile(
+    rf"[[\p{{L}}\p{{N}}]&&[{_BY_CHARACTER}]]\p{{M}}*|[[\p{{L}}\p{{M}}\p{{N}}]--[{_BY_CHARACTER}]]+",
+    regex.V1,
+)
+_ASCII_WORD = regex.compile("[a-z0-9]+")
+
+
+@functools.cache
+def _stem() -> Callable[[str], str]:
+    from nltk.stem import porter
+
+    return porter.PorterStemmer().stem
 
 
 def words(text: str) -> list[str]:
     """``text`` lowercased and cut into Unicode words (:data:`_WORD`), ASCII words of more than
-    three characters Porter-stemmed: ``"Ça va, 東京! Running"`` ->
-    ``["ça", "va", "東", "京", "run"]``. On ASCII text these are exactly ``rouge-score``'s
-    default tokens with ``use_stemmer=True``."""
-    from nltk.stem import porter
-
-    stem = porter.PorterStemmer().stem
+    three characters Porter-stemmed: ``"Ça va, 東京! Running हिन्दी"`` ->
+    ``["ça", "va", "東", "京", "run", "हिन्दी"]``. On ASCII text these are exactly
+    ``rouge-score``'s default tokens with ``use_stemmer=True``."""
+    stem = _stem()
     return [
         stem(w) if len(w) > 3 and _ASCII_WORD.fullmatch(w) else w
         for w in _WORD.findall(text.lower())
@@ -321,19 +335,25 @@ class _Words:
         return words(text)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (``rouge-score``'s longest common subsequence) over Unicode words
-    (:func:`words`: lowercased runs of word characters of any script, each CJK character a word
-    of its own), so that text in any language scores."""
+@functools.cache
+def _scorer():
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
+
+
+def _f1(prediction: str, reference: str) -> float:
+    return _scorer().score(reference, prediction)["rougeL"].fmeasure
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (``rouge-score``'s longest common subsequence) over Unicode words
+    (:func:`words`: lowercased runs of letters, combining marks and digits of any script; each
+    Han, kana, hangul, Thai, Lao, Khmer or Myanmar character a word of its own), so that text in
+    any language scores."""
     if not predictions:
         return float("nan")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
-    scores = [
-        scorer.score(ref, pred)["rougeL"].fmeasure
-        for pred, ref in zip(predictions, references, strict=True)
-    ]
+    scores = [_f1(pred, ref) for pred, ref in zip(predictions, references, strict=True)]
     return sum(scores) / len(scores)
 
 
@@ -341,7 +361,7 @@ def rouge_sums(predictions: Sequence[str], references: Sequence[str]) -> tuple[f
     """The sum of the per-example ROUGE-L F1 scores of :func:`rouge_l` and how many were scored:
     what one holder of examples (the in-process run, or a node on its own) contributes to a
     ROUGE-L (:func:`combine_rouge`)."""
-    scores = [rouge_l([pred], [ref]) for pred, ref in zip(predictions, references, strict=True)]
+    scores = [_f1(pred, ref) for pred, ref in zip(predictions, references, strict=True)]
     return sum(scores), len(scores)
 
 

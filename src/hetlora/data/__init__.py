@@ -116,9 +116,11 @@ def load_clients(
         report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
             the built-in data sets, whose rows are all usable).
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
-        tokenizer_loader: returns the model's tokenizer; ``messages`` rows are then also
-            rendered with its chat template and tokenised while checking, so a row the template
-            refuses is a bad row (it is called only for data with ``messages`` rows).
+        tokenizer_loader: returns the model's tokenizer; ``messages`` rows of a data file are
+            then also rendered with its chat template and tokenised while checking, so a row
+            the template refuses is a bad row (it is called only for data with ``messages``
+            rows, and for ``"chitchat"``, whose system turns are folded into the user turn for
+            a template that refuses them, see :func:`hetlora.data.chitchat.fold_system`).
 
     Raises:
         HetLoRAError: bad parameters, unreadable or malformed data, bad rows (``"error"``),
@@ -164,7 +166,7 @@ def load_clients(
     elif source == CHITCHAT:
         from hetlora.data.chitchat import load_chitchat
 
-        clients = load_chitchat()
+        clients = load_chitchat(tokenizer_loader() if tokenizer_loader is not None else None)
         if report is not None:
             report["bad_rows_skipped"] = 0
     else:

@@ -41,7 +41,10 @@ __all__ = [
     "conversation_problem",
     "make_renderer",
     "messages_problem",
+    "refuses_system",
     "render_conversation",
+    "require_offsets",
+    "template_bos",
 ]
 
 #: Roles a ``messages`` turn may have.
@@ -111,7 +114,8 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     template's end-of-turn text). Turns after the last assistant turn carry no loss and are
     dropped. Truncation to ``max_len`` keeps the longest run of whole exchanges from the start;
     when even the first does not fit, it is cut as prompt/response rows are
-    (:func:`~hetlora.data.batching.fit`, the template's BOS kept at position 0), so an example
+    (:func:`~hetlora.data.batching.fit`, the BOS kept at position 0: the tokenizer's own, or the
+    one the template writes, :func:`template_bos`), so an example
     always ends in answer tokens and never trains on a cut-off prompt alone.
 
     Raises:
@@ -119,6 +123,7 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
             not a prefix of the whole (the assistant positions would be ambiguous), or the
             tokenizer gives no character offsets (a slow tokenizer).
     """
+    require_offsets(tokenizer)
     spans: list[tuple[int, int]] = []  # characters of each assistant turn
     done = ""
     for i, (role, _) in enumerate(turns):
@@ -134,11 +139,6 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
             )
         spans.append((len(before), len(after)))
         done = after
-    if not getattr(tokenizer, "is_fast", False):
-        raise HetLoRAError(
-            "conversations need a fast tokenizer (one with character offsets) to locate the "
-            "assistant turns; give the model folder a tokenizer.json"
-        )
     enc = tokenizer(done, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     target = [any(s < end and max(e, s + 1) > begin for begin, end in spans) for s, e in offsets]
@@ -148,7 +148,7 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
         ids, target = ids[:cut], target[:cut]
     else:  # the first exchange alone is too long
         first = target.index(True) if True in target else ends[0]
-        start = start_ids(tokenizer)
+        start = start_ids(tokenizer) or template_bos(tokenizer)
         keep = len(start) if ids[: len(start)] == start and first >= len(start) else 0
         ctx, ans = fit(ids[keep:first], ids[first : ends[0]], max(max_len - keep, 1))
         ids = ids[:keep] + ctx + ans
@@ -157,14 +157,64 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     return Tokenized(ids=tuple(ids), n_prompt=n_prompt, target=tuple(target))
 
 
+def require_offsets(tokenizer) -> None:
+    """Refuse, once for the whole tokenizer, one that gives no character offsets (a slow
+    tokenizer): :func:`render_conversation` locates the assistant turns by them.
+
+    Raises:
+        HetLoRAError: ``tokenizer`` is not a fast tokenizer.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise HetLoRAError(
+            "conversations need a fast tokenizer (one with character offsets) to locate the "
+            "assistant turns; give the model folder a tokenizer.json"
+        )
+
+
+def template_bos(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when the chat template writes the tokenizer's BOS itself (it uses
+    the ``bos_token`` variable, as Gemma's, Llama 3's and Mistral's do), else ``[]``: a template
+    that merely starts with the token that happens to be named BOS (SmolLM2's ``<|im_start|>``
+    turn header) does not write a BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return (
+        [bos]
+        if bos is not None and "bos_token" in str(getattr(tokenizer, "chat_template", None) or "")
+        else []
+    )
+
+
+def refuses_system(tokenizer) -> bool:
+    """Whether ``tokenizer``'s chat template refuses a ``system`` turn (Gemma's raises
+    "System role not supported") while it renders the same conversation without one."""
+    if not has_chat_template(tokenizer):
+        return False
+    turns = (("user", "Hello."), ("assistant", "Hello!"))
+    try:
+        _apply(tokenizer, turns, generation_prompt=False)
+    except HetLoRAError:
+        return False  # refuses more than the system turn: the rows are checked as they are
+    try:
+        _apply(tokenizer, (("system", "Be brief."), *turns), generation_prompt=False)
+    except HetLoRAError:
+        return True
+    return False
+
+
 def conversation_problem(tokenizer, value: Any) -> str | None:
     """Why a ``messages`` value cannot be trained on with ``tokenizer``'s chat template, or
     ``None``: :func:`messages_problem`, then the template rendered and the conversation
     tokenised (a template error, a conversation it refuses such as one that starts with an
     assistant turn). A tokenizer without a template renders nothing here (the run is refused
-    for it as a whole, by :func:`make_renderer`)."""
+    for it as a whole, by :func:`make_renderer`).
+
+    Raises:
+        HetLoRAError: a tokenizer no conversation can be tokenised with
+            (:func:`require_offsets`), rather than every row reported bad.
+    """
     if (why := messages_problem(value)) is not None or not has_chat_template(tokenizer):
         return why
+    require_offsets(tokenizer)
     try:
         render_conversation(tokenizer, example_from_messages(value).messages, 1 << 30)
     except HetLoRAError as exc:

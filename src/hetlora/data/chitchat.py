@@ -17,6 +17,10 @@ the model's chat template (:mod:`hetlora.data.chat`), the sender being the assis
 * ``system``: ``"You are chatting with someone."`` and, if the conversation has them, up to
   ``CONTEXT_TURNS - 1`` turns before that as a transcript (``Them: ...`` / ``You: ...``).
 
+For a model whose chat template refuses a system turn (Gemma's), the system text opens the
+user turn instead, separated by a blank line (:func:`fold_system`): the corpus is ours, so
+its examples are adapted to the template rather than all refused.
+
 Earlier turns go into the transcript rather than into assistant turns because the chat
 renderer puts loss on every assistant turn: the sender's own earlier turns are other
 examples' targets, which would then be trained on twice and leak across the test split.
@@ -45,7 +49,14 @@ from typing import Any
 from hetlora.data import Example
 from hetlora.errors import HetLoRAError
 
-__all__ = ["CONTEXT_TURNS", "SYSTEM", "conversation_turns", "load_chitchat", "participant_clients"]
+__all__ = [
+    "CONTEXT_TURNS",
+    "SYSTEM",
+    "conversation_turns",
+    "fold_system",
+    "load_chitchat",
+    "participant_clients",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +159,24 @@ def _load_cached() -> tuple[tuple[str, tuple[Example, ...]], ...]:
     return tuple((cid, tuple(examples)) for cid, examples in clients.items())
 
 
-def load_chitchat() -> dict[str, list[Example]]:
+def fold_system(example: Example) -> Example:
+    """``example`` with its system turn moved into the user turn after it: ``system`` + a
+    blank line + ``user``, for templates that refuse a system turn."""
+    turns = list(example.messages)
+    if len(turns) < 2 or turns[0][0] != "system" or turns[1][0] != "user":
+        return example
+    folded = (("user", f"{turns[0][1]}\n\n{turns[1][1]}"), *turns[2:])
+    return Example(prompt=example.prompt, response=example.response, messages=folded)
+
+
+def load_chitchat(tokenizer: Any = None) -> dict[str, list[Example]]:
     """One client per participant of the Chit Chat Challenge corpus (see the module docstring),
-    keyed by the participant's id in sorted order."""
+    keyed by the participant's id in sorted order; with the model's ``tokenizer``, the system
+    turn folded into the user turn (:func:`fold_system`) when its chat template refuses one
+    (:func:`~hetlora.data.chat.refuses_system`)."""
+    from hetlora.data.chat import refuses_system
+
+    if tokenizer is not None and refuses_system(tokenizer):
+        logger.info("the chat template refuses a system turn: folded into the user turn")
+        return {cid: [fold_system(ex) for ex in examples] for cid, examples in _load_cached()}
     return {cid: list(examples) for cid, examples in _load_cached()}
