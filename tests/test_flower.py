@@ -352,8 +352,8 @@ FAULTS = {
 }
 REASONS = {
     "never answers": "no reply before the round timed out",
-    "raises": "error from node: RuntimeError: disk full",
-    "error reply": "error from node: out of memory",
+    "raises": "error from node (code 2)",
+    "error reply": "error from node (code 0)",
     "non-finite factors": "non-finite",
     "no arrays": "malformed reply",
 }
@@ -510,6 +510,68 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     assert not any(m in caplog.text for m in markers)
     assert not (tmp_path / "flower" / "samples.jsonl").exists()
     assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
+
+
+SERVER_LOGGERS = tuple(
+    f"hetlora.runtime.{name}"
+    for name in ("flower.server_app", "flower.held_out", "flower.strategy", "local", "rounds")
+)
+
+
+def test_a_nodes_error_stays_on_the_node(
+    tiny_model, tmp_path, quiet_hetlora_logger, caplog, monkeypatch
+):
+    """Three node errors whose messages quote the device's data: a bad row of a file whose path
+    names the device (at the query), a training step and a ROUGE scoring that fail quoting an
+    example. Each is logged on its node in full; the server records only the exception's type and
+    Flower's error code (the node left out, ``rejected``, ``eval_missing`` from round 0 on), so
+    no marker or example text reaches the server's files or log lines."""
+    _, files, markers = device_files(tmp_path, 3)
+    bad_marker = f"CANARYBAD{os.getpid()}"
+    bad = tmp_path / f"device-{bad_marker}" / "data.jsonl"
+    bad.parent.mkdir()
+    rows = [json.loads(x) for x in files[2].read_text().splitlines()]
+    rows[3]["response"] = None
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    clients = [json.loads(f.read_text().splitlines()[0])["client_id"] for f in files]
+    trains = client_app.Workspace.train
+
+    def train(self, task, *args, **kwargs):  # device 0 fails to train, quoting an example
+        example = self.train_data[task.client_id][0].response
+        if markers[0] in example:
+            raise HetLoRAError(f"cannot train on {example!r}")
+        return trains(self, task, *args, **kwargs)
+
+    scores = client_app.rouge_sums
+
+    def rouge_sums(preds, refs):  # device 1 fails to score, quoting a reference
+        if any(markers[1] in ref for ref in refs):
+            raise HetLoRAError(f"cannot score {refs[0]!r}")
+        return scores(preds, refs)
+
+    monkeypatch.setattr(client_app.Workspace, "train", train)
+    monkeypatch.setattr(client_app, "rouge_sums", rouge_sums)
+    cfg = tiny_config(tiny_model, data="", rounds=1, min_clients=1, rouge_examples=12)
+    cfg = replace(cfg, max_new_tokens=4)
+    nodes = [{"data": str(f)} for f in [*files, bad]]
+    with caplog.at_level(logging.INFO, logger="hetlora"):
+        run_over_loopback(cfg, tmp_path / "flower", nodes, min_nodes=4)
+    formatter = logging.Formatter()
+    lines = {r: formatter.format(r) for r in caplog.records}
+    server = "\n".join(line for r, line in lines.items() if r.name.startswith(SERVER_LOGGERS))
+    node = "\n".join(line for r, line in lines.items() if r.name.endswith("client_app"))
+    assert all(m in node for m in [markers[0], markers[1], bad_marker])  # the check can fail
+    assert not any(m in server for m in [*markers, bad_marker, *texts])
+    assert leaks([tmp_path / "flower"], [*markers, bad_marker], texts) == []
+    assert "node 4 left out of the run: error from node (HetLoRAError, code 2)" in server
+    why = "error from node (HetLoRAError, code 2)"
+    flower = rows_of(tmp_path / "flower")
+    assert flower[1]["rejected"] == {clients[0]: why}
+    assert flower[0]["eval_missing"] == {clients[1]: f"rouge: {why}"}
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["eval_missing"]["final"] == {clients[1]: f"rouge: {why}"}
+    assert sorted(summary["nodes"].values()) == [1, 2, 3]
 
 
 def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(

@@ -30,6 +30,10 @@ Messages:
   responses on the node (:func:`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
   the number of examples, never the text.
 
+A handler that fails replies with an error that names only the exception's type
+(:func:`~.records.node_error`); the error itself, which may quote the device's rows, is logged
+on the node.
+
 A node builds only what a client needs: its own splits and the PEFT-wrapped model
 (:func:`~hetlora.runtime.workspace.build_workspace`), no server. They are built once per
 process and kept (Flower's simulation runtime reuses its worker processes; the deployment
@@ -43,6 +47,7 @@ import json
 import logging
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -172,10 +177,27 @@ def _log_to_stderr() -> None:
     root.setLevel(logging.INFO)
 
 
+def on_the_node(handler: Callable[[Message, Context], Message]):
+    """A message handler whose errors stay on the node: an exception is logged here in full
+    and answered with :func:`~.records.node_error` (its type only), since its message may quote
+    the device's rows or paths and Flower would send that text to the server."""
+
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # answered as an error reply; the full error is logged here
+            log.exception("%s failed on node %s", handler.__name__, context.node_id)
+            return Message(records.node_error(exc), reply_to=msg)
+
+    return handle
+
+
 app = ClientApp()
 
 
 @app.query()
+@on_the_node
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's question: which client, how many examples, which rank."""
     _log_to_stderr()
@@ -186,6 +208,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@on_the_node
 def train(msg: Message, context: Context) -> Message:
     """Train the client's adapter from the factors received; reply with the upload."""
     _log_to_stderr()
@@ -207,6 +230,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@on_the_node
 def evaluate(msg: Message, context: Context) -> Message:
     """Measure the global factors received on the named examples of the node's own held-out
     split; reply with the NLL sum and token count, or, for a generation instruction, with the

@@ -130,7 +130,7 @@ def discover(
         node = reply.metadata.src_node_id
         try:
             if reply.has_error():
-                raise HetLoRAError(f"error from node: {reply.error.reason}")
+                raise HetLoRAError(records.error_text(reply.error))
             if records.INFO not in reply.content.config_records:
                 raise HetLoRAError("reply without node info")
             info = records.NodeInfo.from_record(reply.content.config_records[records.INFO])
