@@ -213,6 +213,30 @@ def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model,
         write_app(tmp_path / "app2", tiny_config(tiny_model, method="flora"), RunOptions("x"))
 
 
+def test_a_nodes_file_is_one_named_client_or_names_its_clients(tiny_model, tmp_path):
+    """A file without ``client_id`` is one client, named by the node's ``client-id`` (required);
+    a file with it is read as it is, ``client-id`` picking one of its clients."""
+    cfg = tiny_config(tiny_model, data="", min_examples=5)
+    rows = [{"prompt": f"Line {i}?", "response": f"Answer {i}."} for i in range(23)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = client_app.node_info(cfg, {"data": str(plain), "client-id": "alice"})
+    assert info.client_id == "alice"
+    assert info.num_examples + info.num_val + info.num_test == 23
+    with pytest.raises(HetLoRAError, match="has no client_id column.*client-id") as caught:
+        client_app.node_info(cfg, {"data": str(plain)})
+    assert "\n" not in str(caught.value)
+    named = tmp_path / "named.jsonl"
+    both = [{"client_id": "ab"[i % 2], **r} for i, r in enumerate(rows)]
+    named.write_text("".join(json.dumps(r) + "\n" for r in both))
+    info = client_app.node_info(cfg, {"data": str(named), "client-id": "b"})
+    assert (info.client_id, info.num_examples + info.num_val + info.num_test) == ("b", 11)
+    with pytest.raises(HetLoRAError, match="'partition-id' or 'client-id'"):
+        client_app.node_info(cfg, {"data": str(named)})
+    named.write_text("".join(json.dumps(r) + "\n" for r in both if r["client_id"] == "a"))
+    assert client_app.node_info(cfg, {"data": str(named)}).client_id == "a"
+
+
 def test_flower_app_command_writes_the_app_folder(tiny_model, tmp_path):
     """``hetlora flower app``: the run's Flower App folder, its config and options; a method
     Flower does not run is one error line and exit 2, nothing written."""

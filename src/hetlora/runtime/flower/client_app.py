@@ -9,9 +9,10 @@ A SuperNode says which client it is and what it can afford in its node config
   data, and the server's config names none (``data = ""``): a node without it stops with one
   error line. Without it (Flower's simulation runtime, local demos and tests) the node takes its
   client out of the run's shared ``data``;
-* ``client-id``: the client's name (needed when its file holds several clients; a file of one
-  client names it), or ``partition-id``: the client's index in the sorted client list of the
-  data (Flower's simulation runtime sets it for every virtual SuperNode);
+* ``client-id``: the client's name: needed for a file without a ``client_id`` column (the whole
+  file is that client) and to pick one of several clients of a file with one (a file of one
+  named client needs none), or ``partition-id``: the client's index in the sorted client list
+  of the data (Flower's simulation runtime sets it for every virtual SuperNode);
 * ``rank``: its rank budget (the server caps it at r_max), or ``tier``: the name of one of the
   run's ``tiers``; with neither, the server assigns the rank the in-process runtime would.
 
@@ -56,7 +57,7 @@ from flwr.clientapp import ClientApp
 
 from hetlora import adapters
 from hetlora.config import Config, make_config
-from hetlora.data import PARTITION_DEFAULTS
+from hetlora.data import PARTITION_DEFAULTS, has_client_ids
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, nll_sums, rouge_sums
 from hetlora.hardware import no_compile
@@ -113,19 +114,26 @@ def node_client(client_ids: list[str], node: dict[str, Any]) -> str:
 def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Splits]:
     """This node's one client: its training, validation and test examples.
 
-    From the node's own ``data`` (every client in it a candidate; a file of one client is that
-    client), else from the run's shared ``data``. The splits are those of
+    From the node's own ``data``: a file without a ``client_id`` column is one client, the
+    node's ``client-id`` (required then); one with it is read as it is, and ``client-id`` or
+    ``partition-id`` picks a client (a file of one client needs neither). Without ``data``,
+    from the run's shared ``data``. The splits are those of
     :func:`~hetlora.runtime.workspace.client_splits`, as in-process.
     """
     if node.get("data"):
         path, split = str(node["data"]), str(node.get("split", ""))
-        try:  # rows without a client id: the whole file is one client
-            clients = load_data(
-                replace(cfg, partitioner="iid", num_partitions=1), path, split=split
-            )
-        except HetLoRAError:  # rows with one are read as they are (no partitioner keys allowed)
-            clients = load_data(replace(cfg, **PARTITION_DEFAULTS), path, split=split)
-        if len(clients) == 1 and "partition-id" not in node and not node.get("client-id"):
+        named = node.get("client-id") not in (None, "")
+        if not has_client_ids(path, split):  # the whole file is the one client it names
+            if not named:
+                raise HetLoRAError(
+                    f"{path} has no client_id column: name the node's client in its node "
+                    'config (client-id="...")'
+                )
+            one = replace(cfg, partitioner="iid", num_partitions=1)
+            (rows,) = load_data(one, path, split=split).values()
+            return client_splits({str(node["client-id"]): rows}, cfg)
+        clients = load_data(replace(cfg, **PARTITION_DEFAULTS), path, split=split)
+        if len(clients) == 1 and "partition-id" not in node and not named:
             client = next(iter(clients))
         else:
             client = node_client(sorted(clients), node)
