@@ -598,6 +598,50 @@ def test_a_nodes_error_stays_on_the_node(
     assert sorted(summary["nodes"].values()) == [1, 2, 3]
 
 
+def test_the_nodes_template_decides_the_runs_and_a_node_rendering_otherwise_is_left_out(
+    tiny_chat_model, tmp_path, quiet_hetlora_logger, caplog
+):
+    """Nodes of ``messages`` rows declare that their examples go through the chat template, so
+    the run records ``chat_template_used`` (the server holds no examples); a node of plain
+    prompt/response rows (no template under ``auto``) is left out with a logged reason."""
+    nodes = []
+    for i in range(3):
+        path = tmp_path / f"device-{i}" / "chat.jsonl"
+        path.parent.mkdir()
+        rows = [
+            {
+                "client_id": f"client-{i}",
+                "messages": [
+                    {"role": "user", "content": f"What is {j} and {i}?"},
+                    {"role": "assistant", "content": f"It is {i + j}."},
+                ],
+            }
+            for j in range(12)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        nodes.append({"data": str(path)})
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(
+        "".join(json.dumps({"prompt": f"Q{j}?", "response": f"A{j}."}) + "\n" for j in range(12))
+    )
+    nodes.append({"data": str(plain), "client-id": "plain"})
+    cfg = tiny_config(tiny_chat_model, data="", rounds=1, min_examples=4, max_seq_len=64)
+    with caplog.at_level(logging.WARNING, logger="hetlora"):
+        run_over_loopback(cfg, tmp_path / "flower", nodes, min_nodes=4)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["chat_template_used"] is True
+    assert summary["nodes"] == {"client-0": 1, "client-1": 2, "client-2": 3}
+    assert "node 4 left out of the run: its examples do not go through the chat template" in (
+        caplog.text
+    )
+    info = client_app.node_info(cfg, nodes[0])
+    assert info.templated and records.NodeInfo.from_record(info.record()) == info
+    record = info.record()
+    record["templated"] = 1
+    with pytest.raises(HetLoRAError, match="templated is 1"):
+        records.NodeInfo.from_record(record)
+
+
 def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
     tiny_model, tmp_path, quiet_hetlora_logger
 ):

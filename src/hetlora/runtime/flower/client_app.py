@@ -19,7 +19,8 @@ A SuperNode says which client it is and what it can afford in its node config
 Messages:
 
 * ``query``: the node's :class:`~.records.NodeInfo`: its client id and example counts (train,
-  validation, test), its rank budget or tier; never text or token ids;
+  validation, test), its rank budget or tier, and whether its examples go through the chat
+  template; never text or token ids;
 * ``train``: :meth:`~hetlora.runtime.workspace.Workspace.train` (:func:`hetlora.client.run_task`
   on the factors received, its batches seeded by the client index the server sends: the same
   stream as in-process) and the hyperparameters of the ConfigRecord; replies with the factors
@@ -58,10 +59,12 @@ from flwr.clientapp import ClientApp
 from hetlora import adapters
 from hetlora.config import Config, make_config
 from hetlora.data import PARTITION_DEFAULTS, has_client_ids
+from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, nll_sums, rouge_sums
 from hetlora.hardware import no_compile
 from hetlora.lora import pad
+from hetlora.models import load_tokenizer
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
 from hetlora.runtime.workspace import (
@@ -144,10 +147,12 @@ def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Spli
 
 
 def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
-    """What the node declares: its client and example counts (without loading the model), and
-    its rank budget or tier."""
+    """What the node declares: its client and example counts (without loading the model), its
+    rank budget or tier, and whether its examples go through the chat template (its renderer
+    as :func:`~hetlora.runtime.workspace.build_workspace` makes it, from the tokenizer)."""
     train, val, test = node_splits(cfg, node)
     (client,) = train
+    renderer = make_renderer(load_tokenizer(cfg.model), cfg.chat_template, train[client])
     rank = node.get("rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise HetLoRAError(f"node config rank must be a positive integer, got {rank!r}")
@@ -158,6 +163,7 @@ def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
         num_test=len(test[client]),
         rank=rank,
         tier=str(node.get("tier", "")),
+        templated=renderer.templated,
     )
 
 

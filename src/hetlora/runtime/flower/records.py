@@ -245,6 +245,8 @@ class NodeInfo:
         num_test: its test (held-out) examples.
         rank: its rank budget from the node config (0: none declared).
         tier: its device tier from the node config ("" if none).
+        templated: whether its examples go through the chat template (how its renderer
+            resolved ``chat_template``, :func:`hetlora.data.chat.make_renderer`): a flag.
     """
 
     client_id: str
@@ -253,6 +255,7 @@ class NodeInfo:
     num_test: int = 0
     rank: int = 0
     tier: str = ""
+    templated: bool = False
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({key.replace("_", "-"): value for key, value in asdict(self).items()})
@@ -271,8 +274,12 @@ class NodeInfo:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise HetLoRAError(f"malformed node info: {name} is {value!r}")
             values[name.replace("-", "_")] = value
+        templated = record.get("templated", False)
+        if not isinstance(templated, bool):
+            raise HetLoRAError(f"malformed node info: templated is {templated!r}")
         if not values["client_id"]:
             raise HetLoRAError("malformed node info: no client-id")
+        values["templated"] = templated
         return cls(**values)
 
 
