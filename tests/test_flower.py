@@ -642,6 +642,21 @@ def test_the_nodes_template_decides_the_runs_and_a_node_rendering_otherwise_is_l
         records.NodeInfo.from_record(record)
 
 
+def test_a_small_server_side_file_without_client_ids_is_one_pool(tiny_model, tmp_path, monkeypatch):
+    """Six rows without ``client_id`` (fewer than the partitioner's default 10 partitions) are
+    pooled, and the relative path is kept absolute in the config."""
+    from hetlora.runtime.workspace import server_eval_set
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(6)]
+    Path("eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tiny_model, server_eval_data="eval.jsonl")
+    assert cfg.server_eval_data == str(tmp_path / "eval.jsonl")
+    monkeypatch.chdir(tmp_path.parent)
+    examples = server_eval_set(cfg)
+    assert sorted(ex.prompt for ex in examples) == sorted(r["prompt"] for r in rows)
+
+
 def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
     tiny_model, tmp_path, quiet_hetlora_logger
 ):

@@ -412,6 +412,11 @@ class RoundLoop:
         if base is None:  # a checkpoint that kept the base generations only
             preds = list(payload.get("base_preds") or [])
             refs = [ex.response.strip() for ex in self.model.eval_examples[: len(preds)]]
+            if len(refs) != len(preds):  # generations made where this run has no examples
+                raise HetLoRAError(
+                    f"{out_dir} has a checkpoint without the base model's ROUGE-L that this "
+                    "run cannot recompute (its held-out examples are on the nodes): start afresh"
+                )
             base = {"preds": preds, "rouge_l": combine_rouge([rouge_sums(preds, refs)])}
         return list(payload["metrics"]), base
 
