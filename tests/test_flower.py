@@ -213,6 +213,30 @@ def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model,
         write_app(tmp_path / "app2", tiny_config(tiny_model, method="flora"), RunOptions("x"))
 
 
+def test_a_nodes_file_is_one_named_client_or_names_its_clients(tiny_model, tmp_path):
+    """A file without ``client_id`` is one client, named by the node's ``client-id`` (required);
+    a file with it is read as it is, ``client-id`` picking one of its clients."""
+    cfg = tiny_config(tiny_model, data="", min_examples=5)
+    rows = [{"prompt": f"Line {i}?", "response": f"Answer {i}."} for i in range(23)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = client_app.node_info(cfg, {"data": str(plain), "client-id": "alice"})
+    assert info.client_id == "alice"
+    assert info.num_examples + info.num_val + info.num_test == 23
+    with pytest.raises(HetLoRAError, match="has no client_id column.*client-id") as caught:
+        client_app.node_info(cfg, {"data": str(plain)})
+    assert "\n" not in str(caught.value)
+    named = tmp_path / "named.jsonl"
+    both = [{"client_id": "ab"[i % 2], **r} for i, r in enumerate(rows)]
+    named.write_text("".join(json.dumps(r) + "\n" for r in both))
+    info = client_app.node_info(cfg, {"data": str(named), "client-id": "b"})
+    assert (info.client_id, info.num_examples + info.num_val + info.num_test) == ("b", 11)
+    with pytest.raises(HetLoRAError, match="'partition-id' or 'client-id'"):
+        client_app.node_info(cfg, {"data": str(named)})
+    named.write_text("".join(json.dumps(r) + "\n" for r in both if r["client_id"] == "a"))
+    assert client_app.node_info(cfg, {"data": str(named)}).client_id == "a"
+
+
 def test_flower_app_command_writes_the_app_folder(tiny_model, tmp_path):
     """``hetlora flower app``: the run's Flower App folder, its config and options; a method
     Flower does not run is one error line and exit 2, nothing written."""
@@ -352,8 +376,8 @@ FAULTS = {
 }
 REASONS = {
     "never answers": "no reply before the round timed out",
-    "raises": "error from node: RuntimeError: disk full",
-    "error reply": "error from node: out of memory",
+    "raises": "error from node (code 2)",
+    "error reply": "error from node (code 0)",
     "non-finite factors": "non-finite",
     "no arrays": "malformed reply",
 }
@@ -510,6 +534,127 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     assert not any(m in caplog.text for m in markers)
     assert not (tmp_path / "flower" / "samples.jsonl").exists()
     assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
+
+
+SERVER_LOGGERS = tuple(
+    f"hetlora.runtime.{name}"
+    for name in ("flower.server_app", "flower.held_out", "flower.strategy", "local", "rounds")
+)
+
+
+def test_a_nodes_error_stays_on_the_node(
+    tiny_model, tmp_path, quiet_hetlora_logger, caplog, monkeypatch
+):
+    """Three node errors whose messages quote the device's data: a bad row of a file whose path
+    names the device (at the query), a training step and a ROUGE scoring that fail quoting an
+    example. Each is logged on its node in full; the server records only the exception's type and
+    Flower's error code (the node left out, ``rejected``, ``eval_missing`` from round 0 on), so
+    no marker or example text reaches the server's files or log lines."""
+    _, files, markers = device_files(tmp_path, 3)
+    bad_marker = f"CANARYBAD{os.getpid()}"
+    bad = tmp_path / f"device-{bad_marker}" / "data.jsonl"
+    bad.parent.mkdir()
+    rows = [json.loads(x) for x in files[2].read_text().splitlines()]
+    rows[3]["response"] = None
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    clients = [json.loads(f.read_text().splitlines()[0])["client_id"] for f in files]
+    trains = client_app.Workspace.train
+
+    def train(self, task, *args, **kwargs):  # device 0 fails to train, quoting an example
+        example = self.train_data[task.client_id][0].response
+        if markers[0] in example:
+            raise HetLoRAError(f"cannot train on {example!r}")
+        return trains(self, task, *args, **kwargs)
+
+    scores = client_app.rouge_sums
+
+    def rouge_sums(preds, refs):  # device 1 fails to score, quoting a reference
+        if any(markers[1] in ref for ref in refs):
+            raise HetLoRAError(f"cannot score {refs[0]!r}")
+        return scores(preds, refs)
+
+    monkeypatch.setattr(client_app.Workspace, "train", train)
+    monkeypatch.setattr(client_app, "rouge_sums", rouge_sums)
+    cfg = tiny_config(tiny_model, data="", rounds=1, min_clients=1, rouge_examples=12)
+    cfg = replace(cfg, max_new_tokens=4)
+    nodes = [{"data": str(f)} for f in [*files, bad]]
+    with caplog.at_level(logging.INFO, logger="hetlora"):
+        run_over_loopback(cfg, tmp_path / "flower", nodes, min_nodes=4)
+    formatter = logging.Formatter()
+    lines = {r: formatter.format(r) for r in caplog.records}
+    server = "\n".join(line for r, line in lines.items() if r.name.startswith(SERVER_LOGGERS))
+    node = "\n".join(line for r, line in lines.items() if r.name.endswith("client_app"))
+    assert all(m in node for m in [markers[0], markers[1], bad_marker])  # the check can fail
+    assert not any(m in server for m in [*markers, bad_marker, *texts])
+    assert leaks([tmp_path / "flower"], [*markers, bad_marker], texts) == []
+    assert "node 4 left out of the run: error from node (HetLoRAError, code 2)" in server
+    why = "error from node (HetLoRAError, code 2)"
+    flower = rows_of(tmp_path / "flower")
+    assert flower[1]["rejected"] == {clients[0]: why}
+    assert flower[0]["eval_missing"] == {clients[1]: f"rouge: {why}"}
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["eval_missing"]["final"] == {clients[1]: f"rouge: {why}"}
+    assert sorted(summary["nodes"].values()) == [1, 2, 3]
+
+
+def test_the_nodes_template_decides_the_runs_and_a_node_rendering_otherwise_is_left_out(
+    tiny_chat_model, tmp_path, quiet_hetlora_logger, caplog
+):
+    """Nodes of ``messages`` rows declare that their examples go through the chat template, so
+    the run records ``chat_template_used`` (the server holds no examples); a node of plain
+    prompt/response rows (no template under ``auto``) is left out with a logged reason."""
+    nodes = []
+    for i in range(3):
+        path = tmp_path / f"device-{i}" / "chat.jsonl"
+        path.parent.mkdir()
+        rows = [
+            {
+                "client_id": f"client-{i}",
+                "messages": [
+                    {"role": "user", "content": f"What is {j} and {i}?"},
+                    {"role": "assistant", "content": f"It is {i + j}."},
+                ],
+            }
+            for j in range(12)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        nodes.append({"data": str(path)})
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(
+        "".join(json.dumps({"prompt": f"Q{j}?", "response": f"A{j}."}) + "\n" for j in range(12))
+    )
+    nodes.append({"data": str(plain), "client-id": "plain"})
+    cfg = tiny_config(tiny_chat_model, data="", rounds=1, min_examples=4, max_seq_len=64)
+    with caplog.at_level(logging.WARNING, logger="hetlora"):
+        run_over_loopback(cfg, tmp_path / "flower", nodes, min_nodes=4)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["chat_template_used"] is True
+    assert summary["nodes"] == {"client-0": 1, "client-1": 2, "client-2": 3}
+    assert "node 4 left out of the run: its examples do not go through the chat template" in (
+        caplog.text
+    )
+    info = client_app.node_info(cfg, nodes[0])
+    assert info.templated and records.NodeInfo.from_record(info.record()) == info
+    record = info.record()
+    record["templated"] = 1
+    with pytest.raises(HetLoRAError, match="templated is 1"):
+        records.NodeInfo.from_record(record)
+
+
+def test_a_small_server_side_file_without_client_ids_is_one_pool(tiny_model, tmp_path, monkeypatch):
+    """Six rows without ``client_id`` (fewer than the partitioner's default 10 partitions) are
+    pooled, and the relative path is kept absolute in the config."""
+    from hetlora.runtime.workspace import server_eval_set
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(6)]
+    Path("eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tiny_model, server_eval_data="eval.jsonl")
+    assert cfg.server_eval_data == str(tmp_path / "eval.jsonl")
+    monkeypatch.chdir(tmp_path.parent)
+    examples = server_eval_set(cfg)
+    assert sorted(ex.prompt for ex in examples) == sorted(r["prompt"] for r in rows)
 
 
 def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(

@@ -461,7 +461,7 @@ def stored_model(model: str) -> str:
 
 def make_config(values: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a dict of keys (``model`` as
-    :func:`stored_model` keeps it)."""
+    :func:`stored_model` keeps it, and an existing ``server_eval_data`` file made absolute)."""
     clean: dict[str, Any] = {}
     for key, value in translate_old_keys(values).items():
         if key not in _FIELDS:
@@ -469,6 +469,9 @@ def make_config(values: dict[str, Any]) -> Config:
         clean[key] = _check_type(key, value)
     if "model" in clean:
         clean["model"] = stored_model(clean["model"])
+    if clean.get("server_eval_data", "").strip():  # a local file, named as model is
+        path = Path(clean["server_eval_data"]).expanduser()
+        clean["server_eval_data"] = os.path.abspath(path) if path.exists() else str(path)
     cfg = Config(**clean)
     validate(cfg)
     return cfg

@@ -37,6 +37,7 @@ __all__ = [
     "SHAKESPEARE",
     "Example",
     "cap_examples",
+    "has_client_ids",
     "load_clients",
     "split_clients",
     "split_sizes",
@@ -208,6 +209,27 @@ def load_clients(
         source,
     )
     return kept
+
+
+def has_client_ids(source: str, split: str = "") -> bool:
+    """Whether the rows of ``source`` name their clients (a ``client_id`` column; the built-in
+    data sets do); without one, :func:`load_clients` partitions them.
+
+    Raises:
+        HetLoRAError: unreadable data (as :func:`load_clients`).
+    """
+    if source in BUILTIN:
+        return True
+    from hetlora.data.files import read_file
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ds = load_saved(path, split)
+    elif is_hub_id(source):
+        ds = load_hub(source, split)
+    else:
+        ds = read_file(path)
+    return "client_id" in ds.column_names
 
 
 def _pick_count(n: int, k: int, fraction: float) -> int:

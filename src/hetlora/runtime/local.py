@@ -412,6 +412,11 @@ class RoundLoop:
         if base is None:  # a checkpoint that kept the base generations only
             preds = list(payload.get("base_preds") or [])
             refs = [ex.response.strip() for ex in self.model.eval_examples[: len(preds)]]
+            if len(refs) != len(preds):  # generations made where this run has no examples
+                raise HetLoRAError(
+                    f"{out_dir} has a checkpoint without the base model's ROUGE-L that this "
+                    "run cannot recompute (its held-out examples are on the nodes): start afresh"
+                )
             base = {"preds": preds, "rouge_l": combine_rouge([rouge_sums(preds, refs)])}
         return list(payload["metrics"]), base
 
@@ -485,7 +490,8 @@ class RoundLoop:
 
     def _round_zero(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The base model's row (round 0) and its ROUGE-L (``rouge_l``, and ``server_rouge_l``
-        with a server-side set) with the generations seen here (``preds``, ``server_preds``)."""
+        with a server-side set) with the generations seen here (``preds``, ``server_preds``).
+        The row's ``eval_missing`` covers the ROUGE-L measurement too."""
         self._emit("eval", round=0)
         t0 = time.perf_counter()
         evals = self.model.evaluations(self.server)
@@ -495,6 +501,8 @@ class RoundLoop:
             base["rouge_l"], base["preds"] = self.model.rouge(self.server)
             if self.model.server_examples:
                 base["server_rouge_l"], base["server_preds"] = self.model.server_rouge(self.server)
+            if self.model.held_out is not None:  # with the holders the ROUGE-L left out
+                evals["eval_missing"] = dict(sorted(self.model.held_out.missing.items()))
         row = {
             "round": 0,
             **evals,

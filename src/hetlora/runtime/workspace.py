@@ -25,6 +25,7 @@ from hetlora.data import (
     BUILTIN,
     Example,
     cap_examples,
+    has_client_ids,
     load_clients,
     split_clients,
     split_validation,
@@ -136,13 +137,19 @@ def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
 
 def server_eval_set(cfg: Config) -> list[Example]:
     """The server-side evaluation set (``server_eval_data``, a file the operator owns): every
-    row of it (any client ids pooled, no minimum per client), shuffled and capped at
-    ``eval_examples`` as the held-out set is (:func:`eval_set`)."""
-    clients = load_clients(cfg.server_eval_data, seed=cfg.seed, on_bad_rows=cfg.on_bad_rows)
-    try:
-        return eval_set(clients, cfg.eval_examples, cfg.seed)
-    except HetLoRAError:
-        raise HetLoRAError(f"server_eval_data {cfg.server_eval_data!r} has no examples") from None
+    row of it (any client ids pooled, no minimum per client; rows without them are one pool,
+    not partitioned; ``messages`` rows checked against the model's chat template), shuffled
+    and capped at ``eval_examples`` as the held-out set is (:func:`eval_set`)."""
+    source = cfg.server_eval_data
+    one = {} if has_client_ids(source) else {"partitioner": "iid", "num_partitions": 1}
+    clients = load_clients(
+        source,
+        seed=cfg.seed,
+        on_bad_rows=cfg.on_bad_rows,
+        tokenizer_loader=functools.partial(load_tokenizer, cfg.model),
+        **one,
+    )
+    return eval_set(clients, cfg.eval_examples, cfg.seed)
 
 
 @dataclass

@@ -9,16 +9,18 @@ A SuperNode says which client it is and what it can afford in its node config
   data, and the server's config names none (``data = ""``): a node without it stops with one
   error line. Without it (Flower's simulation runtime, local demos and tests) the node takes its
   client out of the run's shared ``data``;
-* ``client-id``: the client's name (needed when its file holds several clients; a file of one
-  client names it), or ``partition-id``: the client's index in the sorted client list of the
-  data (Flower's simulation runtime sets it for every virtual SuperNode);
+* ``client-id``: the client's name: needed for a file without a ``client_id`` column (the whole
+  file is that client) and to pick one of several clients of a file with one (a file of one
+  named client needs none), or ``partition-id``: the client's index in the sorted client list
+  of the data (Flower's simulation runtime sets it for every virtual SuperNode);
 * ``rank``: its rank budget (the server caps it at r_max), or ``tier``: the name of one of the
   run's ``tiers``; with neither, the server assigns the rank the in-process runtime would.
 
 Messages:
 
 * ``query``: the node's :class:`~.records.NodeInfo`: its client id and example counts (train,
-  validation, test), its rank budget or tier; never text or token ids;
+  validation, test), its rank budget or tier, and whether its examples go through the chat
+  template; never text or token ids;
 * ``train``: :meth:`~hetlora.runtime.workspace.Workspace.train` (:func:`hetlora.client.run_task`
   on the factors received, its batches seeded by the client index the server sends: the same
   stream as in-process) and the hyperparameters of the ConfigRecord; replies with the factors
@@ -29,6 +31,10 @@ Messages:
   for a generation instruction, greedy generations of those examples scored against their
   responses on the node (:func:`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
   the number of examples, never the text.
+
+A handler that fails replies with an error that names only the exception's type
+(:func:`~.records.node_error`); the error itself, which may quote the device's rows, is logged
+on the node.
 
 A node builds only what a client needs: its own splits and the PEFT-wrapped model
 (:func:`~hetlora.runtime.workspace.build_workspace`), no server. They are built once per
@@ -43,6 +49,7 @@ import json
 import logging
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -51,11 +58,13 @@ from flwr.clientapp import ClientApp
 
 from hetlora import adapters
 from hetlora.config import Config, make_config
-from hetlora.data import PARTITION_DEFAULTS
+from hetlora.data import PARTITION_DEFAULTS, has_client_ids
+from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, nll_sums, rouge_sums
 from hetlora.hardware import no_compile
 from hetlora.lora import pad
+from hetlora.models import load_tokenizer
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
 from hetlora.runtime.workspace import (
@@ -108,19 +117,26 @@ def node_client(client_ids: list[str], node: dict[str, Any]) -> str:
 def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Splits]:
     """This node's one client: its training, validation and test examples.
 
-    From the node's own ``data`` (every client in it a candidate; a file of one client is that
-    client), else from the run's shared ``data``. The splits are those of
+    From the node's own ``data``: a file without a ``client_id`` column is one client, the
+    node's ``client-id`` (required then); one with it is read as it is, and ``client-id`` or
+    ``partition-id`` picks a client (a file of one client needs neither). Without ``data``,
+    from the run's shared ``data``. The splits are those of
     :func:`~hetlora.runtime.workspace.client_splits`, as in-process.
     """
     if node.get("data"):
         path, split = str(node["data"]), str(node.get("split", ""))
-        try:  # rows without a client id: the whole file is one client
-            clients = load_data(
-                replace(cfg, partitioner="iid", num_partitions=1), path, split=split
-            )
-        except HetLoRAError:  # rows with one are read as they are (no partitioner keys allowed)
-            clients = load_data(replace(cfg, **PARTITION_DEFAULTS), path, split=split)
-        if len(clients) == 1 and "partition-id" not in node and not node.get("client-id"):
+        named = node.get("client-id") not in (None, "")
+        if not has_client_ids(path, split):  # the whole file is the one client it names
+            if not named:
+                raise HetLoRAError(
+                    f"{path} has no client_id column: name the node's client in its node "
+                    'config (client-id="...")'
+                )
+            one = replace(cfg, partitioner="iid", num_partitions=1)
+            (rows,) = load_data(one, path, split=split).values()
+            return client_splits({str(node["client-id"]): rows}, cfg)
+        clients = load_data(replace(cfg, **PARTITION_DEFAULTS), path, split=split)
+        if len(clients) == 1 and "partition-id" not in node and not named:
             client = next(iter(clients))
         else:
             client = node_client(sorted(clients), node)
@@ -131,10 +147,12 @@ def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Spli
 
 
 def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
-    """What the node declares: its client and example counts (without loading the model), and
-    its rank budget or tier."""
+    """What the node declares: its client and example counts (without loading the model), its
+    rank budget or tier, and whether its examples go through the chat template (its renderer
+    as :func:`~hetlora.runtime.workspace.build_workspace` makes it, from the tokenizer)."""
     train, val, test = node_splits(cfg, node)
     (client,) = train
+    renderer = make_renderer(load_tokenizer(cfg.model), cfg.chat_template, train[client])
     rank = node.get("rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise HetLoRAError(f"node config rank must be a positive integer, got {rank!r}")
@@ -145,6 +163,7 @@ def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
         num_test=len(test[client]),
         rank=rank,
         tier=str(node.get("tier", "")),
+        templated=renderer.templated,
     )
 
 
@@ -172,10 +191,27 @@ def _log_to_stderr() -> None:
     root.setLevel(logging.INFO)
 
 
+def on_the_node(handler: Callable[[Message, Context], Message]):
+    """A message handler whose errors stay on the node: an exception is logged here in full
+    and answered with :func:`~.records.node_error` (its type only), since its message may quote
+    the device's rows or paths and Flower would send that text to the server."""
+
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # answered as an error reply; the full error is logged here
+            log.exception("%s failed on node %s", handler.__name__, context.node_id)
+            return Message(records.node_error(exc), reply_to=msg)
+
+    return handle
+
+
 app = ClientApp()
 
 
 @app.query()
+@on_the_node
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's question: which client, how many examples, which rank."""
     _log_to_stderr()
@@ -186,6 +222,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@on_the_node
 def train(msg: Message, context: Context) -> Message:
     """Train the client's adapter from the factors received; reply with the upload."""
     _log_to_stderr()
@@ -207,6 +244,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@on_the_node
 def evaluate(msg: Message, context: Context) -> Message:
     """Measure the global factors received on the named examples of the node's own held-out
     split; reply with the NLL sum and token count, or, for a generation instruction, with the

@@ -127,7 +127,7 @@ class FederatedHeldOut:
             seen.add(node)
             try:
                 if reply.has_error():
-                    raise HetLoRAError(f"error from node: {reply.error.reason}")
+                    raise HetLoRAError(records.error_text(reply.error))
                 got[node] = read(node, reply.content)
             except HetLoRAError as exc:
                 self._leave_out(node, which, str(exc))

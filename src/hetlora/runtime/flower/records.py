@@ -25,11 +25,13 @@ Nothing here knows about sockets or processes: these are plain functions over re
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from hetlora.client import ClientResult, TrainSettings
 from hetlora.errors import HetLoRAError
@@ -66,6 +68,26 @@ RESULT_METRICS = {
     "step-seconds": "step_seconds",
 }
 COUNTS = ("tokens", "target-tokens", "steps")  # of RESULT_METRICS: whole numbers
+
+
+#: The reason a ClientApp handler that raised replies with: the exception's type only. Its
+#: message may quote the device's rows (a bad row, a file path), so it is logged on the node.
+NODE_ERROR = "{} on the node (see the node's log)"
+_NODE_ERROR = re.compile(r"([A-Za-z_][A-Za-z0-9_]{0,63}) on the node \(see the node's log\)")
+
+
+def node_error(exc: BaseException) -> Error:
+    """The error reply of a handler that raised ``exc``: Flower's code and :data:`NODE_ERROR`."""
+    return Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, NODE_ERROR.format(type(exc).__name__))
+
+
+def error_text(error: Error) -> str:
+    """What the server records of an error reply: its code and, when the reason is exactly a
+    :data:`NODE_ERROR`, the exception type; never the reason's free text (a node may quote its
+    data in it)."""
+    match = _NODE_ERROR.fullmatch(str(error.reason or ""))
+    what = f"{match.group(1)}, " if match else ""
+    return f"error from node ({what}code {int(error.code)})"
 
 
 def factors_record(factors: Factors) -> ArrayRecord:
@@ -223,6 +245,8 @@ class NodeInfo:
         num_test: its test (held-out) examples.
         rank: its rank budget from the node config (0: none declared).
         tier: its device tier from the node config ("" if none).
+        templated: whether its examples go through the chat template (how its renderer
+            resolved ``chat_template``, :func:`hetlora.data.chat.make_renderer`): a flag.
     """
 
     client_id: str
@@ -231,6 +255,7 @@ class NodeInfo:
     num_test: int = 0
     rank: int = 0
     tier: str = ""
+    templated: bool = False
 
     def record(self) -> ConfigRecord:
         return ConfigRecord({key.replace("_", "-"): value for key, value in asdict(self).items()})
@@ -249,8 +274,12 @@ class NodeInfo:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise HetLoRAError(f"malformed node info: {name} is {value!r}")
             values[name.replace("-", "_")] = value
+        templated = record.get("templated", False)
+        if not isinstance(templated, bool):
+            raise HetLoRAError(f"malformed node info: templated is {templated!r}")
         if not values["client_id"]:
             raise HetLoRAError("malformed node info: no client-id")
+        values["templated"] = templated
         return cls(**values)
 
 

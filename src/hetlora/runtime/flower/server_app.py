@@ -9,7 +9,9 @@ held-out sets (the nodes measure the global adapter on their own examples and re
 Before round 1 it asks every connected SuperNode what it holds (:mod:`.client_app`): its client
 id, its example counts (train, validation, test) and its rank budget or tier. A node whose
 counts do not follow the run's split rule, or whose client another node already declared, is
-left out with a logged reason. A declared ``rank`` budget (capped at r_max) or ``tier`` wins; a
+left out with a logged reason, as is a node whose examples go through the chat template when
+most nodes' do not, or the other way round (the run's ``chat_template_used`` is the nodes'
+agreed rendering). A declared ``rank`` budget (capped at r_max) or ``tier`` wins; a
 node that declares neither gets the rank the in-process runtime would assign (the seeded draw
 over the registered clients). Each client's batches are seeded by its index among the
 registered clients, which the server sends. With every client on a node and the same config, a
@@ -34,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from hetlora.config import Config
 from hetlora.data import split_sizes
+from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.methods.base import Server
 from hetlora.runtime.flower import records
@@ -130,7 +133,7 @@ def discover(
         node = reply.metadata.src_node_id
         try:
             if reply.has_error():
-                raise HetLoRAError(f"error from node: {reply.error.reason}")
+                raise HetLoRAError(records.error_text(reply.error))
             if records.INFO not in reply.content.config_records:
                 raise HetLoRAError("reply without node info")
             info = records.NodeInfo.from_record(reply.content.config_records[records.INFO])
@@ -147,7 +150,27 @@ def discover(
         held[info.client_id] = node
     if not infos:
         raise HetLoRAError(f"no usable SuperNode among the {len(ids)} connected")
-    return infos
+    return agree_on_template(infos)
+
+
+def agree_on_template(infos: dict[int, records.NodeInfo]) -> dict[int, records.NodeInfo]:
+    """The nodes whose examples go through the chat template as most nodes' do (``templated``;
+    a tie goes to the first node's); the others are left out with a logged reason, since one
+    global adapter is trained on one rendering."""
+    votes = [info.templated for _, info in sorted(infos.items())]
+    templated = votes.count(True) > votes.count(False) or (
+        votes.count(True) == votes.count(False) and votes[0]
+    )
+    for node, info in sorted(infos.items()):
+        if info.templated != templated:
+            log.warning(
+                "node %s left out of the run: its examples %s the chat template, the other "
+                "nodes' %s",
+                node,
+                "go through" if info.templated else "do not go through",
+                "do" if templated else "do not",
+            )
+    return {node: info for node, info in infos.items() if info.templated == templated}
 
 
 def flower_run(
@@ -170,6 +193,9 @@ def flower_run(
         log.info("node %s: client %s, rank %d (%s)", node, client, ranks[client], how)
     nodes = {node: info.client_id for node, info in infos.items()}
     ws.client_ids = clients
+    # the server holds no examples: its renderer (server_eval_data, summary) follows the nodes'
+    templated = next(iter(infos.values())).templated
+    ws.renderer = make_renderer(ws.tokenizer, cfg.chat_template, templated=templated)
     server = initial_server(cfg, ws, ranks)
     min_clients = options.min_clients or cfg.min_clients
     strategy = HetLoRAStrategy(

@@ -141,7 +141,7 @@ class HetLoRAStrategy(Strategy):
                 continue  # a duplicate
             reply = Reply(client, self._tasks[client], extra={"node": self.node_of[client]})
             if answer.has_error():
-                reply.problem = f"error from node: {answer.error.reason}"
+                reply.problem = records.error_text(answer.error)
             else:
                 try:
                     reply.update, reply.result = records.read_reply(answer.content, reply.task)
