@@ -22,7 +22,6 @@ from hetlora.accounting import model_size
 from hetlora.client import ClientResult, TrainSettings, run_task
 from hetlora.config import Config
 from hetlora.data import (
-    BUILTIN,
     Example,
     cap_examples,
     has_client_ids,
@@ -91,9 +90,7 @@ def load_data(
         on_bad_rows=cfg.on_bad_rows,
         report=report,
         split=cfg.split if split is None else split,
-        tokenizer_loader=None
-        if source in BUILTIN
-        else functools.partial(load_tokenizer, cfg.model),
+        tokenizer_loader=functools.partial(load_tokenizer, cfg.model),
     )
 
 
