@@ -46,7 +46,7 @@ lint: $(STAMP)
 # One test at a time from a shared queue, longest first (tests/conftest.py), so both finish together.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts tools
-	$(PY) -m pytest -q -n 2 --maxschedchunk 1
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs mutants

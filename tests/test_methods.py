@@ -156,7 +156,8 @@ def test_make_server_maps_methods_and_ablations():
     ranks = {"a": 3, "b": 8}
     built = {}
     for method in ("hetlora", "homlora", "recon_svd", "flora", "full_ft"):
-        cfg = make_config({"method": method, "r_min": 2, "r_max": 8})
+        ranks_of = {} if method == "full_ft" else {"r_min": 2, "r_max": 8}
+        cfg = make_config({"method": method, **ranks_of})
         built[method] = make_server(
             cfg, init, ranks, ["a", "b"], base_weights={"w": torch.zeros(2)}
         )

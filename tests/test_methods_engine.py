@@ -30,7 +30,12 @@ BASE = [
 
 def run(model, out, *extra):
     args = ["run", "--out", str(out)]
-    for item in [f"model='{model}'", *BASE, *extra]:
+    full_ft = "method='full_ft'" in extra  # r_min, r_max apply to LoRA methods only
+    for item in [
+        f"model='{model}'",
+        *[b for b in BASE if not (full_ft and b.startswith("r_"))],
+        *extra,
+    ]:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -100,10 +100,14 @@ RESUME_METHODS = {
     "full_ft": ["lr=0.001"],
 }
 HETLORA_ONLY = ("lambda_", "gamma")  # the self-pruning keys: an error under another method
+LORA_ONLY = ("r_min", "r_max")  # an error under full_ft
 
 
 def resume_args(method: str) -> list[str]:
-    shared = [s for s in SETTINGS if method == "hetlora" or not s.startswith(HETLORA_ONLY)]
+    unused = (() if method == "hetlora" else HETLORA_ONLY) + (
+        LORA_ONLY if method == "full_ft" else ()
+    )
+    shared = [s for s in SETTINGS if not s.startswith(unused)]
     short = ["rounds=4", "local_steps=3", "eval_examples=8", "rouge_examples=0"]
     return [*shared, *short, f"method='{method}'", *RESUME_METHODS[method]]
 
