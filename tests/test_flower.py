@@ -472,7 +472,7 @@ def device_files(folder: Path, clients: int, per_client: int = 70) -> tuple[Path
     chosen = [(c, ex) for c, ex in load_clients("shakespeare").items() if len(ex) >= per_client]
     rows, files, markers = [], [], []
     for i, (client, examples) in enumerate(chosen[:clients]):
-        marker = f"CANARY{i}x{os.getpid()}"
+        marker = f"CANARY{i}xQZV"  # fixed: the same tokens, the same run, on every try
         own = [
             {"client_id": client, "prompt": ex.prompt, "response": f"{ex.response} {marker}"}
             for ex in examples[:per_client]
@@ -506,7 +506,11 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     """Each node reads only its own file; the server's ``data`` points nowhere. The run equals
     the in-process run over the same examples (perplexity every round, ROUGE-L of the base and
     the final model from the nodes' sums), and nothing the server writes or logs holds a
-    device's marker or example text."""
+    device's marker or example text.
+
+    The tiny random model's greedy words rarely meet a reference, so its ROUGE-L is often 0
+    (which words it emits depends on the host's float arithmetic); the combination of non-zero
+    sums is pinned by ``test_rouge_sums_combine_into_rouge_l_and_bad_generation_replies_are_refused``."""
     everything, files, markers = device_files(tmp_path, 3)
     cfg = tiny_config(tiny_model, data=str(everything), rouge_examples=6, max_new_tokens=8)
     Simulation(cfg).run(tmp_path / "local")
@@ -523,7 +527,6 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     assert all(r["eval_missing"] == {} for r in rows)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
-    assert local_summary["rouge_l"] > 0  # the trained model's words meet the references
     for key in ("rouge_l_base", "rouge_l"):
         assert summary[key] == pytest.approx(local_summary[key], rel=1e-12)
     generate = [m for m in grid.sent if m.content.config_records[records.CONFIG].get("generate")]
