@@ -488,6 +488,15 @@ def device_files(folder: Path, clients: int, per_client: int = 70) -> tuple[Path
     return everything, files, markers
 
 
+def device_texts(files) -> list[str]:
+    """Every prompt and response of the devices' files: raw text the server must never hold.
+    Prompts under 24 characters are left out (a line such as "Ay." may occur by chance in a
+    binary file or a log line); every response carries its device's marker."""
+    rows = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+    prompts = {r["prompt"] for r in rows if len(r["prompt"]) >= 24}
+    return sorted(prompts) + [r["response"] for r in rows]
+
+
 def leaks(folders, markers, texts) -> list[str]:
     """Files under ``folders`` holding a marker or an example's text."""
     found = []
@@ -532,9 +541,9 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     generate = [m for m in grid.sent if m.content.config_records[records.CONFIG].get("generate")]
     asked = [p for m in generate for p in m.content.config_records[records.CONFIG]["positions"]]
     assert len(generate) >= 2 and len(asked) == 2 * 6  # base and final: the 6 examples, once
-    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    texts = device_texts(files)
     assert leaks([tmp_path / "flower"], markers, texts) == []
-    assert not any(m in caplog.text for m in markers)
+    assert not any(t in caplog.text for t in markers + texts)  # server's and nodes' logs
     assert not (tmp_path / "flower" / "samples.jsonl").exists()
     assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
 
@@ -560,7 +569,7 @@ def test_a_nodes_error_stays_on_the_node(
     rows = [json.loads(x) for x in files[2].read_text().splitlines()]
     rows[3]["response"] = None
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    texts = device_texts(files)
     clients = [json.loads(f.read_text().splitlines()[0])["client_id"] for f in files]
     trains = client_app.Workspace.train
 
@@ -717,16 +726,16 @@ def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
     assert flower[0]["eval_ppl"] == pytest.approx(local[0]["eval_ppl"], rel=1e-5)
 
 
-def test_bad_declarations_leave_the_node_out_and_a_node_without_data_stops(
+def test_bad_declarations_and_a_node_without_data_leave_the_node_out(
     tiny_model, tmp_path, quiet_hetlora_logger, caplog
 ):
     """A node declaring counts the split rule cannot give, and a second node of one client,
     are left out with a logged reason; in a deployment (no run data) a node without its own
-    file stops with one line."""
+    file logs one error line saying so (no traceback) and is left out too."""
     _, files, _ = device_files(tmp_path, 2)
     cfg = tiny_config(tiny_model, data="", clients_per_round=2, rounds=1)
     nodes = [{"data": str(files[0])}, {"data": str(files[1])}, {"data": str(files[1])}]
-    nodes.append({"data": str(files[0]), "liar": True})
+    nodes += [{"data": str(files[0]), "liar": True}, {"client-id": "x"}]
 
     def app(message, context):  # node 4 inflates its training count
         reply = client_app.app(message, context)
@@ -735,11 +744,18 @@ def test_bad_declarations_leave_the_node_out_and_a_node_without_data_stops(
         return reply
 
     with caplog.at_level(logging.WARNING, logger="hetlora"):
-        run_over_loopback(cfg, tmp_path / "flower", nodes, app=app, min_nodes=4)
+        run_over_loopback(cfg, tmp_path / "flower", nodes, app=app, min_nodes=5)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert sorted(summary["nodes"].values()) == [1, 2]
     assert "node 3 left out of the run: client" in caplog.text and "already held" in caplog.text
     assert "node 4 left out of the run: declared (train, validation, test)" in caplog.text
+    (no_data,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert no_data.name.endswith("client_app") and no_data.exc_info is None
+    assert no_data.getMessage().startswith("query on node 5: this node has no data: name its own")
+    assert (
+        "node 5 left out of the run: error from node (HetLoRAError, code 2); the node's log "
+        in caplog.text
+    )
     with pytest.raises(HetLoRAError, match="this node has no data") as info:
         client_app.node_config(cfg, {"client-id": "x"})
     assert "\n" not in str(info.value)
@@ -792,7 +808,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     assert result.summary["runtime"] == "flower"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
         assert (tmp_path / "flower" / name).is_file(), name
-    texts = [json.loads(x)["response"] for f in files for x in f.read_text().splitlines()]
+    texts = device_texts(files)
     server_side = [
         tmp_path / "flower",
         *fed_dir.rglob("superlink.log"),

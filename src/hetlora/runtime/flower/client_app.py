@@ -192,14 +192,20 @@ def _log_to_stderr() -> None:
 
 
 def on_the_node(handler: Callable[[Message, Context], Message]):
-    """A message handler whose errors stay on the node: an exception is logged here in full
-    and answered with :func:`~.records.node_error` (its type only), since its message may quote
-    the device's rows or paths and Flower would send that text to the server."""
+    """A message handler whose errors stay on the node: an exception is logged here and
+    answered with :func:`~.records.node_error` (its type only), since its message may quote
+    the device's rows or paths and Flower would send that text to the server.
+
+    A :class:`HetLoRAError` (bad node config, data or task: the user's to fix) is logged as one
+    error line saying why; any other exception with its traceback (a bug to report)."""
 
     @functools.wraps(handler)
     def handle(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except HetLoRAError as exc:  # the user's to fix: one line, the reason
+            log.error("%s on node %s: %s", handler.__name__, context.node_id, exc)
+            return Message(records.node_error(exc), reply_to=msg)
         except Exception as exc:  # answered as an error reply; the full error is logged here
             log.exception("%s failed on node %s", handler.__name__, context.node_id)
             return Message(records.node_error(exc), reply_to=msg)

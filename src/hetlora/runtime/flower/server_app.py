@@ -133,7 +133,7 @@ def discover(
         node = reply.metadata.src_node_id
         try:
             if reply.has_error():
-                raise HetLoRAError(records.error_text(reply.error))
+                raise HetLoRAError(f"{records.error_text(reply.error)}; the node's log says why")
             if records.INFO not in reply.content.config_records:
                 raise HetLoRAError("reply without node info")
             info = records.NodeInfo.from_record(reply.content.config_records[records.INFO])
