@@ -88,7 +88,7 @@ reproduce-paper: $(STAMP)
 # their config.toml and summary.json are what --resume needs to keep a finished run, so only
 # the runs not yet committed are trained. A run already in PAPER_OUT is left as it is.
 paper-continue: $(STAMP)
-	mkdir -p $(PAPER_OUT)
+	mkdir -p $(PAPER_OUT) $(PAPER_DOCS)
 	cd $(PAPER_DOCS) && for done in $$(find . -name summary.json); do run=$$(dirname $$done); \
 		[ -e $(abspath $(PAPER_OUT))/$$run ] || { mkdir -p $(abspath $(PAPER_OUT))/$$run && \
 		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(abspath $(PAPER_OUT))/$$run/; }; \
