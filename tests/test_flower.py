@@ -42,6 +42,7 @@ from hetlora.runtime.local import Simulation, evaluate_run
 from localfed.deploy import NodeSpec
 from localfed.launch import deploy_locally, simulate_locally
 from localfed.loopback import LoopbackGrid, run_server_app, server_identity
+from localfed.privacy import device_texts, leaks
 
 WORKDIRS: list[Path] = []  # every federation's folder, for the final leftover check
 
@@ -194,6 +195,41 @@ def test_rouge_sums_combine_into_rouge_l_and_bad_generation_replies_are_refused(
     for bad_score, bad_n, asked in ((score, n, n + 1), (n + 0.5, n, n), (float("nan"), n, n)):
         with pytest.raises(HetLoRAError, match="generation reply"):
             records.read_rouge_reply(records.rouge_reply(bad_score, bad_n), asked)
+
+
+def test_the_privacy_check_finds_every_kind_of_example_text(tmp_path):
+    """``localfed.privacy`` (used by the tests below and by ``make flower-demo``): each line of
+    prompts, responses, text rows and message contents is a needle, short lines are not, and
+    a needle anywhere in a file's bytes is found."""
+    rows = [
+        {
+            "prompt": "To be, or not to be, that is the question",
+            "response": "Ay.\nWhether 'tis nobler in the mind to suffer",
+        },
+        {"text": "The slings and arrows of outrageous fortune"},
+        {
+            "messages": [
+                {"role": "user", "content": "Or to take arms against a sea of troubles"},
+                {"role": "assistant", "content": "No."},
+            ]
+        },
+    ]
+    data = tmp_path / "device" / "data.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = device_texts([data])
+    assert texts == [
+        "Or to take arms against a sea of troubles",
+        "The slings and arrows of outrageous fortune",
+        "To be, or not to be, that is the question",
+        "Whether 'tis nobler in the mind to suffer",
+    ]
+    server = tmp_path / "server"
+    (server / "sub").mkdir(parents=True)
+    (server / "clean.log").write_text("round 1 eval ppl 30.1 Ay. No.\n")
+    assert leaks([server], texts) == []
+    (server / "sub" / "w.bin").write_bytes(b"\x00\x01" + texts[2].encode() + b"\xff")
+    assert leaks([server, data], texts) == [str(server / "sub" / "w.bin"), str(data)]
 
 
 def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model, tmp_path):
@@ -488,27 +524,6 @@ def device_files(folder: Path, clients: int, per_client: int = 70) -> tuple[Path
     return everything, files, markers
 
 
-def device_texts(files) -> list[str]:
-    """Every prompt and response of the devices' files: raw text the server must never hold.
-    Prompts under 24 characters are left out (a line such as "Ay." may occur by chance in a
-    binary file or a log line); every response carries its device's marker."""
-    rows = [json.loads(x) for f in files for x in f.read_text().splitlines()]
-    prompts = {r["prompt"] for r in rows if len(r["prompt"]) >= 24}
-    return sorted(prompts) + [r["response"] for r in rows]
-
-
-def leaks(folders, markers, texts) -> list[str]:
-    """Files under ``folders`` holding a marker or an example's text."""
-    found = []
-    for folder in folders:
-        for path in [folder] if folder.is_file() else sorted(folder.rglob("*")):
-            if path.is_file():
-                data = path.read_bytes()
-                if any(m.encode() in data for m in markers + texts):
-                    found.append(str(path))
-    return found
-
-
 def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     tiny_model, tmp_path, quiet_hetlora_logger, caplog
 ):
@@ -542,10 +557,10 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     asked = [p for m in generate for p in m.content.config_records[records.CONFIG]["positions"]]
     assert len(generate) >= 2 and len(asked) == 2 * 6  # base and final: the 6 examples, once
     texts = device_texts(files)
-    assert leaks([tmp_path / "flower"], markers, texts) == []
+    assert leaks([tmp_path / "flower"], markers + texts) == []
     assert not any(t in caplog.text for t in markers + texts)  # server's and nodes' logs
     assert not (tmp_path / "flower" / "samples.jsonl").exists()
-    assert leaks([tmp_path / "local" / "samples.jsonl"], markers, [])  # the check can fail
+    assert leaks([tmp_path / "local" / "samples.jsonl"], markers)  # the check can fail
 
 
 SERVER_LOGGERS = tuple(
@@ -599,7 +614,7 @@ def test_a_nodes_error_stays_on_the_node(
     node = "\n".join(line for r, line in lines.items() if r.name.endswith("client_app"))
     assert all(m in node for m in [markers[0], markers[1], bad_marker])  # the check can fail
     assert not any(m in server for m in [*markers, bad_marker, *texts])
-    assert leaks([tmp_path / "flower"], [*markers, bad_marker], texts) == []
+    assert leaks([tmp_path / "flower"], [*markers, bad_marker] + texts) == []
     assert "node 4 left out of the run: error from node (HetLoRAError, code 2)" in server
     why = "error from node (HetLoRAError, code 2)"
     flower = rows_of(tmp_path / "flower")
@@ -814,7 +829,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         *fed_dir.rglob("superlink.log"),
         *fed_dir.rglob("flwr-run*"),
     ]
-    assert len(server_side) >= 3 and leaks(server_side, markers, texts) == []
+    assert len(server_side) >= 3 and leaks(server_side, markers + texts) == []
 
 
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
