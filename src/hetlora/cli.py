@@ -230,6 +230,12 @@ def run(
             f"{summary['server_final_ppl']:.2f}, ROUGE-L {summary['server_rouge_l_base']:.3f} -> "
             f"{summary['server_rouge_l']:.3f}"
         )
+    if "epsilon" in summary:
+        console.print(
+            f"differential privacy: epsilon {summary['epsilon']:.3g} at delta "
+            f"{summary['delta']:.3g} (clip {summary['dp_clip_norm']:g}, noise multiplier "
+            f"{summary['dp_noise_multiplier']:.4g})"
+        )
     console.print(
         f"mean client rank {summary['mean_rank_initial']:.1f} -> {summary['mean_rank_final']:.1f} "
         f"({summary['clients_pruned']} of {summary['clients']} clients pruned)"

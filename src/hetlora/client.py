@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from peft import PeftModel
 
-from hetlora import adapters
+from hetlora import adapters, dp
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import response_nll
 from hetlora.hardware import autocast, compile_seconds
@@ -54,6 +54,7 @@ class TrainSettings:
     bf16: bool = False
     fixed_rank: int = 0  # > 0: the fixed-shape step with the adapter at this rank (r_max)
     fused_ce: bool = True  # the fused chunked cross-entropy (False: plain head, for the bench)
+    train_a: bool = True  # False: A stays frozen at what was received, only B trains (FFA-LoRA)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ClientResult:
     seconds: float
     step_seconds: float = 0.0  # of ``seconds``, the time inside the training steps themselves
     compile_seconds: float = 0.0  # of ``seconds``, compiling (torch.compile), not in step_seconds
+    update_norm: float = math.nan  # under DP: ||trained - received|| before clipping
 
 
 def _local_steps(
@@ -167,7 +169,10 @@ def train_client(
             return tail_norm(live, settings.gamma)
 
         mask_grads = None
-    params = [p for pair in live.values() for p in pair]
+    if not settings.train_a:  # FFA-LoRA: A is frozen (attach made it trainable again)
+        for _, a in live.values():
+            a.requires_grad_(False)
+    params = [p for pair in live.values() for p in pair if p.requires_grad]
     regulariser = regularise if settings.lambda_ > 0 else None
     try:
         losses, tokens, targets, busy, compiling = _local_steps(
@@ -268,10 +273,14 @@ def run_task(
             settings,
             pruning=settings.pruning and task.pruning,
             lambda_=settings.lambda_ if task.regularise else 0.0,
+            train_a=settings.train_a and task.train_a,
         )
         result = train_client(
             peft_model, task.factors, batches, local, target_modules, device, on_step
         )
+        if task.dp_clip_norm > 0:  # DP: the update is clipped here, before it leaves the device
+            result.update_norm = dp.update_norm(task.factors, result.factors)
+            result.factors = dp.clip_reply(task.factors, result.factors, task.dp_clip_norm)
         update = ClientUpdate(
             task.client_id, num_examples, factors=result.factors, rank=result.rank
         )

@@ -26,9 +26,11 @@ from hetlora.errors import HetLoRAError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hetlora", "homlora", "recon_svd", "flora", "full_ft")
+METHODS = ("hetlora", "homlora", "recon_svd", "flora", "ffa", "full_ft")
 #: Methods whose clients train at ranks assigned per client (uniform draw or ``tiers``).
-RANKED_METHODS = ("hetlora", "recon_svd", "flora")
+RANKED_METHODS = ("hetlora", "recon_svd", "flora", "ffa")
+#: Methods that support client-level differential privacy (``dp_clip_norm > 0``).
+DP_METHODS = ("hetlora", "homlora", "ffa")
 #: HetLoRA's client weights (key ``aggregation``): ``sparsity_data_size`` is the sparsity weight
 #: times the client's number of examples.
 AGGREGATIONS = ("sparsity", "uniform", "data_size", "sparsity_data_size")
@@ -83,8 +85,8 @@ class Config:
             summary.json (``bad_rows_skipped``). Only for data files.
 
     Method:
-        method: ``hetlora``, ``homlora``, ``recon_svd``, ``flora`` or ``full_ft``
-            (see :mod:`hetlora.methods`).
+        method: ``hetlora``, ``homlora``, ``recon_svd``, ``flora``, ``ffa`` (FFA-LoRA: A frozen
+            at its seeded init, B trained) or ``full_ft`` (see :mod:`hetlora.methods`).
         rank: the one rank of every client under ``homlora`` (0 means r_max).
         r_min, r_max: client ranks lie in [r_min, r_max]; the global adapter has rank r_max.
         tiers: list of ``{name, rank, share}`` tables: clients are dealt to tiers by share;
@@ -94,7 +96,8 @@ class Config:
         pruning: apply the self-pruning rule after local training.
         aggregation: client weights: ``sparsity`` (||B_k A_k||_F, HetLoRA), ``uniform``,
             ``data_size`` (number of training examples) or ``sparsity_data_size`` (the two
-            multiplied).
+            multiplied). ``ffa`` takes ``uniform`` or ``data_size`` (left at the default it means
+            ``data_size``).
         per_module_weights: sparsity weights per module instead of per client.
         padding: how ``hetlora`` joins factors of different ranks (``hetlora`` only):
             ``"zero"`` (the paper: zero-pad to r_max, weighted sum replaces the global factors,
@@ -104,6 +107,23 @@ class Config:
             FediLoRA-like): position j is averaged over the clients whose rank exceeds j,
             weights renormalised over them, unreached positions kept.
         lora_scale: s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).
+
+    Differential privacy (client level, DP-FedAvg; ``hetlora``, ``homlora``, ``ffa``; see
+    :mod:`hetlora.dp` and docs/privacy.md):
+        dp_clip_norm: C > 0 turns DP on: every client clips its update (all modules, both
+            factors) to L2 norm C on the device; the server adds Gaussian noise of std
+            ``sigma * C`` to the sum and divides by clients_per_round. 0 (default): off.
+            ``hetlora`` then needs ``pruning = false`` and ``aggregation = "uniform"`` (the
+            self-pruning decision and the sparsity weights depend on the data) and ``padding``
+            ``zero`` or ``keep``; ``homlora`` and ``ffa`` weight clients uniformly.
+        dp_noise_multiplier: sigma, the noise std over C.
+        dp_target_epsilon: > 0: calibrate sigma so that epsilon after ``rounds`` rounds is this
+            (instead of giving ``dp_noise_multiplier``; exactly one of the two is > 0).
+        dp_delta: the delta epsilon is reported at; 0 (default): ``min(1e-5, 1 / (10 N))`` for
+            N clients. Must be below 1/N.
+        dp_noise_seed: > 0 seeds the server's noise (reproducible studies: anyone who knows the
+            seed can remove the noise); 0 (default): a secret seed drawn at the start, kept in
+            the server's checkpoint only.
 
     Federated loop and local training:
         rounds, clients_per_round, local_steps, batch_size, lr, weight_decay, max_grad_norm.
@@ -166,6 +186,12 @@ class Config:
     per_module_weights: bool = False
     padding: str = "zero"
     lora_scale: float = 2.0
+
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_noise_seed: int = 0
 
     rounds: int = 10
     clients_per_round: int = 4
@@ -247,7 +273,12 @@ KEY_RULES: tuple[KeyRule, ...] = (
         ("method", "pruning"),
         lambda c: c.method == "hetlora" and c.pruning,
     ),
-    KeyRule("aggregation", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
+    KeyRule(
+        "aggregation",
+        "method = 'hetlora' or 'ffa'",
+        ("method",),
+        lambda c: c.method in ("hetlora", "ffa"),
+    ),
     KeyRule(
         "per_module_weights",
         "method = 'hetlora' with aggregation = 'sparsity' or 'sparsity_data_size'",
@@ -255,6 +286,16 @@ KEY_RULES: tuple[KeyRule, ...] = (
         lambda c: c.method == "hetlora" and c.aggregation in ("sparsity", "sparsity_data_size"),
     ),
     KeyRule("padding", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
+    KeyRule(
+        "dp_clip_norm",
+        f"methods {', '.join(map(repr, DP_METHODS))}",
+        ("method",),
+        lambda c: c.method in DP_METHODS,
+    ),
+    *(
+        KeyRule(key, "dp_clip_norm > 0", ("dp_clip_norm",), lambda c: c.dp_clip_norm > 0)
+        for key in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_noise_seed")
+    ),
     *(
         KeyRule(key, "LoRA methods (not 'full_ft')", ("method",), lambda c: c.method != "full_ft")
         for key in ("r_min", "r_max", "lora_scale", "target_modules")
@@ -587,6 +628,53 @@ def validate(cfg: Config) -> None:
         )
     for i, tier in enumerate(cfg.tiers):
         _check_tier(cfg, i, tier)
+    if cfg.method == "ffa" and cfg.aggregation not in ("sparsity", "uniform", "data_size"):
+        raise HetLoRAError(
+            f"config key 'aggregation' = {cfg.aggregation!r}: method 'ffa' weights clients "
+            f"'uniform' or by 'data_size' (the default)"
+        )
+    _check_dp(cfg)
+
+
+def _check_dp(cfg: Config) -> None:
+    for key in ("dp_clip_norm", "dp_noise_multiplier", "dp_target_epsilon"):
+        value = getattr(cfg, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise HetLoRAError(f"config key '{key}' must be a finite number >= 0, got {value}")
+    if not 0 <= cfg.dp_delta < 1:
+        raise HetLoRAError(f"config key 'dp_delta' must lie in [0, 1), got {cfg.dp_delta}")
+    if not 0 <= cfg.dp_noise_seed < 2**63:
+        raise HetLoRAError(
+            f"config key 'dp_noise_seed' must lie in [0, 2**63), got {cfg.dp_noise_seed}"
+        )
+    if not cfg.dp_clip_norm > 0:
+        return
+    given = (cfg.dp_noise_multiplier > 0) + (cfg.dp_target_epsilon > 0)
+    if given != 1:
+        raise HetLoRAError(
+            "differential privacy (dp_clip_norm > 0) needs exactly one of dp_noise_multiplier > 0"
+            " or dp_target_epsilon > 0" + (", not both" if given else "")
+        )
+    if cfg.method == "hetlora":
+        leaks = []
+        if cfg.pruning:
+            leaks.append("pruning = false (the self-pruned rank depends on the data)")
+        if cfg.aggregation != "uniform":
+            leaks.append(
+                f"aggregation = 'uniform' ({cfg.aggregation!r} weights depend on the data)"
+            )
+        if cfg.padding not in ("zero", "keep"):
+            leaks.append("padding 'zero' or 'keep' ('rankwise' divides by who replied)")
+        if leaks:
+            raise HetLoRAError(
+                "differential privacy (dp_clip_norm > 0) with method 'hetlora' needs "
+                + "; ".join(leaks)
+            )
+    if cfg.method == "ffa" and cfg.aggregation == "data_size":
+        raise HetLoRAError(
+            "differential privacy (dp_clip_norm > 0) weights clients uniformly: example counts "
+            "depend on the data; remove aggregation = 'data_size' or set 'uniform'"
+        )
 
 
 def _check_tier(cfg: Config, i: int, tier: Any) -> None:

@@ -51,6 +51,8 @@ _ROUND_KEYS = (
     "tokens",
     "wall_s",
     "elapsed_s",
+    "epsilon",
+    "clipped",
 )
 
 

@@ -4,6 +4,7 @@
 * ``homlora``   -- every client at one rank, FedAvg of the factors (FedIT)
 * ``recon_svd`` -- average of the products, truncated SVD back to each rank (FlexLoRA-like)
 * ``flora``     -- stacking, merged into the base every round (FLoRA)
+* ``ffa``       -- A frozen at its seeded init, B trained and zero-padded (FFA-LoRA)
 * ``full_ft``   -- FedAvg of every weight
 
 HetLoRA's ablations are config keys of ``hetlora``: ``pruning = false``, ``aggregation =
@@ -21,7 +22,12 @@ from hetlora.config import METHODS
 from hetlora.lora import Factors
 from hetlora.methods.base import Server
 
-FROZEN_BASE = ("hetlora", "homlora", "recon_svd")  # methods that never change the base weights
+FROZEN_BASE = (
+    "hetlora",
+    "homlora",
+    "recon_svd",
+    "ffa",
+)  # methods that never change the base weights
 
 
 def make_server(
@@ -36,8 +42,10 @@ def make_server(
     ``initial_factors`` are PEFT's init at r_max; ``ranks`` the assigned starting ranks;
     ``base_weights`` the base model's parameters (needed by ``full_ft`` only).
     """
+    from hetlora import dp
     from hetlora.errors import HetLoRAError
 
+    privacy = dp.plan(cfg, len(client_ids))
     if cfg.method == "hetlora":
         from hetlora.methods.hetlora import HetLoRAServer
 
@@ -49,11 +57,17 @@ def make_server(
             padding=cfg.padding,
             pruning=cfg.pruning,
             regularise=cfg.pruning and cfg.lambda_ > 0,
+            dp=privacy,
         )
     if cfg.method == "homlora":
         from hetlora.methods.homlora import HomLoRAServer
 
-        return HomLoRAServer(initial_factors, client_ids, cfg.rank or cfg.r_max)
+        return HomLoRAServer(initial_factors, client_ids, cfg.rank or cfg.r_max, dp=privacy)
+    if cfg.method == "ffa":
+        from hetlora.methods.ffa import FFAServer
+
+        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        return FFAServer(initial_factors, ranks, weighting, dp=privacy)
     if cfg.method == "recon_svd":
         from hetlora.methods.recon_svd import ReconSVDServer
 

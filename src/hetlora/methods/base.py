@@ -49,6 +49,9 @@ class ClientTask:
         pruning: whether the client may apply the self-pruning rule.
         regularise: whether the self-pruning regulariser is added to the loss.
         download_nbytes: bytes actually sent, where they differ from the tensors above.
+        train_a: whether the client trains A (False: A frozen, B only, as in FFA-LoRA).
+        dp_clip_norm: > 0: the client clips its update to this L2 norm before replying
+            (:func:`hetlora.dp.clip_reply`); 0: no clipping.
     """
 
     client_id: str
@@ -59,6 +62,8 @@ class ClientTask:
     pruning: bool = False
     regularise: bool = False
     download_nbytes: int | None = None
+    train_a: bool = True
+    dp_clip_norm: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +120,8 @@ class Server(ABC):
     name: str = ""
     #: True when the global model is a LoRA adapter at r_max (saved as ``adapter/``).
     has_global_adapter: bool = True
+    #: the run's :class:`hetlora.dp.DPPlan` where the method runs under differential privacy
+    dp = None
 
     def __init__(self, ranks: Mapping[str, int]) -> None:
         self.ranks: dict[str, int] = dict(ranks)

@@ -16,6 +16,11 @@ place of sparsity weights, or ``sparsity_data_size`` (sparsity times data size);
 gives sparsity weights per module. The
 ``padding`` option gives alternatives to zero-padding that are not in the paper (``keep``,
 ``rankwise``; see :class:`hetlora.lora.WeightedFactorSum`).
+
+With a :class:`hetlora.dp.DPPlan` (config ``dp_clip_norm > 0``) the round's aggregate is
+:class:`hetlora.dp.NoisyZeroPadSum` instead: uniform zero-padding over the clipped replies plus
+Gaussian noise, divided by the number of sampled clients; pruning is off and the weights are
+uniform (the config refuses anything else).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetlora import dp as dp_
 from hetlora.config import AGGREGATIONS
 from hetlora.errors import HetLoRAError
 from hetlora.lora import (
@@ -184,9 +190,12 @@ class HetLoRAServer(Server):
         aggregation, per_module, padding: see :class:`Aggregator`.
         pruning: let clients apply the self-pruning rule.
         regularise: add the self-pruning regulariser to the local loss.
+        dp: client-level differential privacy (:mod:`hetlora.dp`); None: off.
     """
 
     name = "hetlora"
+    #: whether clients train A (FFA-LoRA freezes it)
+    train_a = True
 
     def __init__(
         self,
@@ -197,7 +206,14 @@ class HetLoRAServer(Server):
         padding: str = "zero",
         pruning: bool = True,
         regularise: bool = True,
+        dp: dp_.DPPlan | None = None,
     ) -> None:
+        if dp is not None and (
+            pruning or aggregation != "uniform" or padding not in ("zero", "keep")
+        ):
+            raise HetLoRAError(
+                "differential privacy needs pruning off, uniform weights and zero or keep padding"
+            )
         super().__init__(ranks)
         self.state = init(initial_factors, ranks)
         self.options = {
@@ -207,43 +223,105 @@ class HetLoRAServer(Server):
         }
         self.pruning = pruning
         self.regularise = regularise
+        self.dp = dp
         self._agg: Aggregator | None = None
+        self._noisy: dp_.NoisyZeroPadSum | None = None
+        self._sampled_rank = 0  # the largest rank among this round's tasks (DP noise positions)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle, also a checkpoint of an older version, whose options had a separate
-        ``data_size_factor`` (now ``aggregation = "sparsity_data_size"``)."""
+        ``data_size_factor`` (now ``aggregation = "sparsity_data_size"``) and no DP."""
         options = state["options"]
         if options.pop("data_size_factor", False) and options["aggregation"] == "sparsity":
             options["aggregation"] = "sparsity_data_size"
+        state.setdefault("dp", None)
+        state.setdefault("_noisy", None)
+        state.setdefault("_sampled_rank", 0)
         self.__dict__.update(state)
 
     def task(self, client_id: str) -> ClientTask:
+        rank = self.state.ranks[client_id]
+        self._sampled_rank = max(self._sampled_rank, rank)
         return ClientTask(
             client_id=client_id,
             kind="lora",
-            rank=self.state.ranks[client_id],
+            rank=rank,
             factors=client_message(self.state, client_id),
             pruning=self.pruning,
             regularise=self.regularise,
+            train_a=self.train_a,
+            dp_clip_norm=self.dp.clip_norm if self.dp else 0.0,
         )
 
+    def check(self, update: ClientUpdate, max_norm: float = 0.0) -> None:
+        """As :meth:`Server.check`; under DP also the clipping bound, at the assigned rank (a
+        reply a round-off above C is scaled back to C here)."""
+        super().check(update, max_norm)
+        if self.dp is not None:
+            assigned = self.state.ranks[update.client_id]
+            who = f"client {update.client_id}"
+            if update.rank != assigned:
+                raise HetLoRAError(
+                    f"{who}: rank {update.rank}, assigned {assigned} (DP: no pruning)"
+                )
+            try:
+                update.factors = dp_.check_reply(
+                    self.state.factors, update.factors, assigned, self.dp.clip_norm
+                )
+            except HetLoRAError as exc:
+                raise HetLoRAError(f"{who}: {exc}") from None
+
     def add(self, update: ClientUpdate) -> None:
+        if self.dp is not None:
+            if self._noisy is None:
+                self._noisy = dp_.NoisyZeroPadSum(
+                    self.state.factors, self.dp, self.options["padding"], noise_a=self.train_a
+                )
+            self._noisy.add(update.factors)
+            self._dp_clients.append(update.client_id)
+            return
         if self._agg is None:
             self._agg = Aggregator(self.state, **self.options)
         self._agg.add(update)
 
+    @property
+    def _dp_clients(self) -> list[str]:
+        clients = self.__dict__.get("_dp_clients_list")
+        if clients is None:
+            clients = self.__dict__["_dp_clients_list"] = []
+        return clients
+
     def finish(self) -> dict[str, float]:
+        if self.dp is not None:
+            return self._finish_dp()
         if self._agg is None:
             raise HetLoRAError("no client updates to aggregate")
         weights = self._agg.weights()
         self.state = self._agg.finish()
         self._agg = None
+        self._sampled_rank = 0
         self.ranks = dict(self.state.ranks)
+        self.round = self.state.round
+        return weights
+
+    def _finish_dp(self) -> dict[str, float]:
+        if self._noisy is None:
+            raise HetLoRAError("no client updates to aggregate")
+        m = self.dp.per_round
+        factors = self._noisy.result(self.state.round + 1, self._sampled_rank, m)
+        weights = {c: 1.0 / m for c in self._dp_clients}
+        self.state = ServerState(
+            factors=factors, ranks=dict(self.state.ranks), round=self.state.round + 1
+        )
+        self.reset_round()
         self.round = self.state.round
         return weights
 
     def reset_round(self) -> None:
         self._agg = None
+        self._noisy = None
+        self._sampled_rank = 0
+        self._dp_clients.clear()
 
     def global_factors(self) -> Factors:
         return self.state.factors

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hetlora.dp import DPPlan
 from hetlora.lora import Factors, truncate
 from hetlora.methods.hetlora import HetLoRAServer
 
@@ -21,15 +22,24 @@ class HomLoRAServer(HetLoRAServer):
         initial_factors: PEFT-initialised factors (at least rank ``rank``; cut to ``rank``).
         client_ids: every client.
         rank: the one rank of all clients.
+        dp: client-level differential privacy (:mod:`hetlora.dp`): uniform weights instead of
+            example counts (the counts are data-dependent); None: off.
     """
 
     name = "homlora"
 
-    def __init__(self, initial_factors: Factors, client_ids: Sequence[str], rank: int) -> None:
+    def __init__(
+        self,
+        initial_factors: Factors,
+        client_ids: Sequence[str],
+        rank: int,
+        dp: DPPlan | None = None,
+    ) -> None:
         super().__init__(
             truncate(initial_factors, rank),
             {c: rank for c in client_ids},
-            aggregation="data_size",
+            aggregation="uniform" if dp is not None else "data_size",
             pruning=False,
             regularise=False,
+            dp=dp,
         )

@@ -513,6 +513,8 @@ class RoundLoop:
             "flops": 0,
             "wall_s": time.perf_counter() - t0,
         }
+        if self.server.dp is not None:
+            row["epsilon"] = 0.0
         return row, base
 
     def _summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -578,6 +580,15 @@ class RoundLoop:
             summary["server_eval_examples"] = len(self.model.server_examples)
             summary["server_base_ppl"] = evals[0]["server_eval_ppl"]
             summary["server_final_ppl"] = evals[-1]["server_eval_ppl"]
+        plan = self.server.dp
+        if plan is not None:
+            summary.update(
+                epsilon=plan.epsilon(self.round),
+                delta=plan.delta,
+                dp_clip_norm=plan.clip_norm,
+                dp_noise_multiplier=plan.noise_multiplier,
+                dp_planned_rounds=plan.rounds,
+            )
         summary.update(self.summary_extra)
         return summary
 

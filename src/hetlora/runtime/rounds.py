@@ -127,6 +127,7 @@ def client_entry(reply: Reply, size: ModelSize) -> dict[str, Any]:
         "tokens": result.tokens,
         "step_s": result.step_seconds,
         "compile_s": result.compile_seconds,
+        **({} if math.isnan(result.update_norm) else {"update_norm": result.update_norm}),
         **reply.extra,
     }
 
@@ -229,10 +230,19 @@ def rank_dynamics(server: Server) -> dict[str, Any]:
 
 
 def round_row(outcome: RoundOutcome, server: Server) -> dict[str, Any]:
-    """The round's row of ``metrics.jsonl`` (evaluation and timing are added by the caller)."""
+    """The round's row of ``metrics.jsonl`` (evaluation and timing are added by the caller).
+    Under differential privacy it has ``epsilon``, spent after this round (every round counts,
+    a skipped one too), and ``clipped``, the share of replies whose update the client clipped
+    (where the clients report their norms: the in-process runtime)."""
     entries = outcome.clients.values()
     ranks = server.ranks
     losses = [c["train_loss"] for c in entries]
+    privacy: dict[str, Any] = {}
+    if server.dp is not None:
+        privacy["epsilon"] = server.dp.epsilon(outcome.round)
+        norms = [c["update_norm"] for c in entries if "update_norm" in c]
+        if norms:
+            privacy["clipped"] = float(np.mean([n > server.dp.clip_norm for n in norms]))
     return {
         "round": outcome.round,
         "train_loss": float(np.mean(losses)) if losses else math.nan,
@@ -250,6 +260,7 @@ def round_row(outcome: RoundOutcome, server: Server) -> dict[str, Any]:
         "clients": outcome.clients,
         "rejected": outcome.rejected,
         "skipped": outcome.skipped,
+        **privacy,
     }
 
 
@@ -267,6 +278,8 @@ def round_line(row: dict[str, Any]) -> str:
     ranks = row.get("client_ranks")
     if ranks and any(ranks.values()):
         parts.append(f"ranks {sorted(ranks.values())}")
+    if "epsilon" in row:
+        parts.append(f"epsilon {row['epsilon']:.3g}")
     if row.get("rejected"):
         parts.append("rejected: " + "; ".join(f"{c} ({r})" for c, r in row["rejected"].items()))
     if row.get("eval_missing"):

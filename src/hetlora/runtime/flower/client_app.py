@@ -246,7 +246,8 @@ def train(msg: Message, context: Context) -> Message:
         result.rank,
         result.train_loss,
     )
-    return Message(records.reply_content(update, result), reply_to=msg)
+    private = task.dp_clip_norm > 0  # DP: the factors were clipped in run_task; no loss sent
+    return Message(records.reply_content(update, result, private), reply_to=msg)
 
 
 @app.evaluate()

@@ -140,6 +140,8 @@ def train_content(
             "rank": task.rank,
             "pruning": task.pruning,
             "regularise": task.regularise,
+            "train-a": task.train_a,
+            "dp-clip-norm": float(task.dp_clip_norm),
             **{key: getattr(settings, field) for key, field in HYPERPARAMETERS.items()},
         }
     )
@@ -167,6 +169,8 @@ def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainS
         factors=factors,
         pruning=bool(config.get("pruning", False)),
         regularise=bool(config.get("regularise", False)),
+        train_a=bool(config.get("train-a", True)),
+        dp_clip_norm=float(config.get("dp-clip-norm", 0.0)),
     )
     settings = TrainSettings(
         **{field: config[key] for key, field in HYPERPARAMETERS.items()}, bf16=bf16
@@ -174,16 +178,25 @@ def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainS
     return task, int(config["server-round"]), settings, int(config["client-index"])
 
 
-def reply_content(update: ClientUpdate, result: ClientResult) -> RecordDict:
-    """The content of a training reply: the uploaded factors and what the client measured."""
+#: Of :data:`RESULT_METRICS`, what depends on the node's data beyond the clipped factors: under
+#: differential privacy a reply carries NaN for these (the accountant bounds the factors only).
+PRIVATE_METRICS = ("train-loss", "tail-after")
+
+
+def reply_content(update: ClientUpdate, result: ClientResult, private: bool = False) -> RecordDict:
+    """The content of a training reply: the uploaded factors and what the client measured
+    (``private``, under differential privacy: without :data:`PRIVATE_METRICS`)."""
     if update.factors is None:
         raise HetLoRAError("the Flower runtime returns LoRA factors only")
+    measured = {key: getattr(result, field) for key, field in RESULT_METRICS.items()}
+    if private:
+        measured.update({key: math.nan for key in PRIVATE_METRICS})
     metrics = MetricRecord(
         {
             "num-examples": int(update.num_examples),
             "rank": int(update.rank),
             "rank-received": int(result.rank_received),
-            **{key: getattr(result, field) for key, field in RESULT_METRICS.items()},
+            **measured,
         }
     )
     return RecordDict({ARRAYS: factors_record(update.factors), METRICS: metrics})

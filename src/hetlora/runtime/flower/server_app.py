@@ -244,6 +244,14 @@ def main(grid: Grid, context: Context) -> None:
             summary["final_ppl"],
             out_dir,
         )
+        if "epsilon" in summary:
+            log.info(
+                "differential privacy: epsilon %.3g at delta %.3g (clip %g, noise multiplier %.4g)",
+                summary["epsilon"],
+                summary["delta"],
+                summary["dp_clip_norm"],
+                summary["dp_noise_multiplier"],
+            )
     except HetLoRAError as exc:
         log.error("%s", exc)
         raise

@@ -1,0 +1,272 @@
+"""Client-level differential privacy for heterogeneous ranks (DP-FedAvg over LoRA factors).
+
+McMahan et al., "Learning Differentially Private Recurrent Language Models" (ICLR 2018): clip
+each client's update, add Gaussian noise to the sum, divide by the fixed number of sampled
+clients, and account for the privacy spent. Here, for clients of different ranks:
+
+* **Clipping, on the device** (:func:`clip_reply`): a client of rank r_k receives
+  ``(B0, A0) = (G_B[:, :r_k], G_A[:r_k])`` and trains ``(B, A)``; its update
+  ``D_k = (B - B0, A - A0)`` over every module and both factors (zero-padded to r_max this is the
+  same vector: the padding adds zeros) is scaled to L2 norm at most C, and the reply is
+  ``(B0, A0) + min(1, C / ||D_k||) D_k``. The server checks it again (:func:`check_reply`).
+* **Noise, on the server** (:class:`NoisyZeroPadSum`): with m the number of clients sampled in
+  the round (fixed by ``clients_per_round``, not the number that replied),
+
+      G_B' = G_B + (sum_k [pad(B0_k + D_k) - G_B] + Z_B) / m       (likewise A)
+
+  which is HetLoRA's zero-padding with uniform weights, ``(1/m) sum_k pad(B_k)``, when all m
+  replies are accepted, plus ``Z / m``; a missing or refused reply counts as no change. The data
+  enter only through the clipped ``D_k``, supported on a client's first r_k rank positions.
+  ``Z`` has standard deviation ``sigma * C`` on the rank positions below the largest rank among
+  the round's sampled clients, and is zero above: no client's data can reach those positions, so
+  noise there buys no privacy (the Gaussian mechanism on the subspace the data can move gives
+  the same guarantee), and they follow the padding rule as without DP (``zero``: 0; ``keep``:
+  the previous value). So the live global rank still falls to the running minimum of the
+  rounds' largest ranks, as in the paper's Fig. 2; below it the noise keeps every position live.
+* **The accountant** (:func:`epsilon`): the run samples ``m`` of ``N`` clients uniformly without
+  replacement each round; the released sum changes by at most ``2C`` when one client's data are
+  replaced by another's (``||D_k - D_k'|| <= 2C``), so each round is
+  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(sigma / 2))`` (noise over the
+  sensitivity) under the replace-one relation, composed over the rounds with ``dp-accounting``'s
+  RDP accountant. (Under add/remove-one the sensitivity would be C and the same sigma would
+  report a smaller epsilon; replace-one is the relation sampling without replacement needs.)
+
+Everything else a client releases must be public: under DP the aggregation weights are uniform,
+ranks are the seeded assignment (self-pruning, a data-dependent rank decision, is off), and
+HetLoRA's sparsity weights (a function of ``||dW_k||``) are not used (:func:`hetlora.config`'s
+rules refuse the combinations that would leak).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hetlora.errors import HetLoRAError
+from hetlora.lora import Factors, truncate
+
+#: The server refuses a reply whose update norm exceeds ``C * (1 + CLIP_SLACK)`` and scales one
+#: between C and that back to exactly C (float32 round-off of the client's own clipping).
+CLIP_SLACK = 1e-4
+
+
+def default_delta(num_clients: int) -> float:
+    """``dp_delta = 0`` means ``min(1e-5, 1 / (10 N))``: below 1/N for every N."""
+    return min(1e-5, 1.0 / (10 * max(num_clients, 1)))
+
+
+def _accountant_epsilon(
+    num_clients: int, per_round: int, noise_multiplier: float, rounds: int, delta: float
+) -> float:
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        num_clients, per_round, dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+    )
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon(
+    num_clients: int, per_round: int, noise_multiplier: float, rounds: int, delta: float
+) -> float:
+    """Epsilon spent after ``rounds`` rounds of ``per_round`` of ``num_clients`` clients sampled
+    without replacement, noise ``noise_multiplier * C`` on a sum of updates clipped to C,
+    replace-one relation (see the module docstring), at ``delta``. 0 after no rounds."""
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return _accountant_epsilon(num_clients, per_round, noise_multiplier, rounds, delta)
+
+
+def calibrate(
+    target_epsilon: float, num_clients: int, per_round: int, rounds: int, delta: float
+) -> float:
+    """The smallest noise multiplier (to 0.1%) whose epsilon after ``rounds`` rounds is at most
+    ``target_epsilon``, as Opacus' ``make_private_with_epsilon`` does for its planned steps."""
+    if not target_epsilon > 0:
+        raise HetLoRAError(f"dp_target_epsilon must be > 0, got {target_epsilon}")
+
+    def eps(sigma: float) -> float:
+        return epsilon(num_clients, per_round, sigma, rounds, delta)
+
+    low, high = 0.01, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise HetLoRAError(
+                f"no noise multiplier reaches epsilon {target_epsilon:g} at delta {delta:g} "
+                f"over {rounds} rounds"
+            )
+    while high / low > 1.001:  # bisection in log space; eps falls as sigma grows
+        mid = math.sqrt(low * high)
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """A run's differential privacy, fixed at its start (kept in the server's checkpoint).
+
+    Attributes:
+        clip_norm: C, the L2 bound of every client's update.
+        noise_multiplier: sigma (given, or calibrated from ``target_epsilon``).
+        delta: the delta epsilon is reported at.
+        num_clients, per_round: N and m of the sampling.
+        rounds: the planned rounds (what a target epsilon was calibrated for).
+        target_epsilon: the target, 0 when sigma was given.
+        noise_seed: seeds the server's noise; a secret drawn at the start unless the config
+            fixes one (then anyone who knows it can subtract the noise: for studies only).
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    delta: float
+    num_clients: int
+    per_round: int
+    rounds: int
+    target_epsilon: float = 0.0
+    noise_seed: int = 0
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon spent after ``rounds`` rounds."""
+        return epsilon(self.num_clients, self.per_round, self.noise_multiplier, rounds, self.delta)
+
+
+def plan(cfg, num_clients: int) -> DPPlan | None:
+    """The run's :class:`DPPlan` from its config (None when ``dp_clip_norm`` is 0)."""
+    if not cfg.dp_clip_norm > 0:
+        return None
+    per_round = min(cfg.clients_per_round, num_clients)
+    delta = cfg.dp_delta or default_delta(num_clients)
+    sigma = cfg.dp_noise_multiplier
+    if cfg.dp_target_epsilon > 0:
+        sigma = calibrate(cfg.dp_target_epsilon, num_clients, per_round, cfg.rounds, delta)
+    return DPPlan(
+        clip_norm=cfg.dp_clip_norm,
+        noise_multiplier=sigma,
+        delta=delta,
+        num_clients=num_clients,
+        per_round=per_round,
+        rounds=cfg.rounds,
+        target_epsilon=cfg.dp_target_epsilon,
+        noise_seed=cfg.dp_noise_seed or secrets.randbits(63),
+    )
+
+
+def update_norm(received: Mapping[str, tuple], reply: Mapping[str, tuple]) -> float:
+    """``||D||``: the L2 norm of ``reply - received`` over every module and both factors."""
+    total = 0.0
+    for name, (b0, a0) in received.items():
+        b, a = reply[name]
+        total += float((b.double() - b0.double()).pow(2).sum())
+        total += float((a.double() - a0.double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+def clip_reply(received: Factors, trained: Factors, clip_norm: float) -> Factors:
+    """``received + min(1, C / ||D||) D`` with ``D = trained - received`` (both at one rank)."""
+    norm = update_norm(received, trained)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    out: Factors = {}
+    for name, (b0, a0) in received.items():
+        b, a = trained[name]
+        if b.shape != b0.shape or a.shape != a0.shape:
+            raise HetLoRAError(
+                f"{name}: a DP reply must keep the received rank {b0.shape[1]} (got {b.shape[1]})"
+            )
+        out[name] = (
+            (b0.float() + (b.float() - b0.float()) * scale).to(b.dtype),
+            (a0.float() + (a.float() - a0.float()) * scale).to(a.dtype),
+        )
+    return out
+
+
+def check_reply(global_factors: Factors, reply: Factors, rank: int, clip_norm: float) -> Factors:
+    """The server's check of a DP reply at the client's ``rank``: refuse an update norm above
+    ``C (1 + CLIP_SLACK)``; scale one just above C (round-off) back to C. Returns the reply."""
+    received = truncate(global_factors, rank)
+    norm = update_norm(received, reply)
+    if norm > clip_norm * (1 + CLIP_SLACK):
+        raise HetLoRAError(f"update norm {norm:.6g} exceeds dp_clip_norm {clip_norm:g}")
+    if norm <= clip_norm:
+        return reply
+    return clip_reply(received, reply, clip_norm)
+
+
+class NoisyZeroPadSum:
+    """One round's DP aggregate (see the module docstring): the sum of the clients' padded
+    updates relative to the global factors, Gaussian noise, a fixed divisor.
+
+    Args:
+        global_factors: G, the factors the round started from (rank r_max).
+        plan: clip norm, noise multiplier and the noise seed.
+        padding: ``zero`` or ``keep``: what positions no sampled client reaches become.
+        noise_a: add noise to A too (False when A is frozen and never changes, as in FFA-LoRA).
+    """
+
+    def __init__(
+        self, global_factors: Factors, plan: DPPlan, padding: str = "zero", noise_a: bool = True
+    ) -> None:
+        if padding not in ("zero", "keep"):
+            raise HetLoRAError(f"DP aggregation supports padding 'zero' or 'keep', not {padding!r}")
+        self.global_factors = global_factors
+        self.plan = plan
+        self.padding = padding
+        self.noise_a = noise_a
+        self._sum = {
+            n: (torch.zeros_like(b, dtype=torch.float64), torch.zeros_like(a, dtype=torch.float64))
+            for n, (b, a) in global_factors.items()
+        }
+        self.count = 0
+
+    def add(self, reply: Factors) -> None:
+        """Fold in one checked reply at its rank: ``pad(reply) - G``."""
+        for name, (b, a) in reply.items():
+            g_b, g_a = self.global_factors[name]
+            r = b.shape[1]
+            s_b, s_a = self._sum[name]
+            s_b[:, :r] += b.double() - g_b[:, :r].double()
+            s_a[:r] += a.double() - g_a[:r].double()
+            s_b[:, r:] -= g_b[:, r:].double()
+            s_a[r:] -= g_a[r:].double()
+        self.count += 1
+
+    def result(self, round_idx: int, sampled_rank: int, divisor: int) -> Factors:
+        """``G + (sum + Z) / divisor`` on positions below ``sampled_rank`` (the largest rank of
+        the round's sampled clients), the padding rule above it. The noise is drawn from a
+        generator seeded by the plan's secret and the round, in module order."""
+        seed = np.random.SeedSequence([self.plan.noise_seed, round_idx, 0xD9]).generate_state(1)
+        gen = torch.Generator().manual_seed(int(seed[0]))
+        std = self.plan.noise_multiplier * self.plan.clip_norm
+        out: Factors = {}
+        for name in sorted(self._sum):
+            g_b, g_a = self.global_factors[name]
+            s_b, s_a = self._sum[name]
+            r = sampled_rank
+            z_b = torch.randn(s_b[:, :r].shape, generator=gen, dtype=torch.float64) * std
+            z_a = torch.randn(s_a[:r].shape, generator=gen, dtype=torch.float64) * std
+            if not self.noise_a:
+                z_a.zero_()
+            b = g_b.double().clone()
+            a = g_a.double().clone()
+            b[:, :r] += (s_b[:, :r] + z_b) / divisor
+            a[:r] += (s_a[:r] + z_a) / divisor
+            if self.padding == "zero":
+                b[:, r:] = 0
+                a[r:] = 0
+            out[name] = (b.to(g_b.dtype), a.to(g_a.dtype))
+        return out
