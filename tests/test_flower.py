@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -360,6 +361,49 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
         assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")
     assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["hetlora", "ffa"])
+def test_dp_over_a_grid_gives_the_in_process_run_without_the_clients_losses(
+    method, tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """Differential privacy on Flower: the nodes clip (the server sends the clip norm and, for
+    FFA, that A is frozen), the server adds the seeded noise: the same adapter and epsilon as
+    in-process, and no reply carries the node's training loss or tail norm."""
+    extra = {"dp_clip_norm": 0.05, "dp_noise_multiplier": 1.0, "dp_noise_seed": 4}
+    if method == "hetlora":
+        extra.update(pruning=False, aggregation="uniform")
+    cfg = tiny_config(tiny_model, method=method, **extra)
+    sim = Simulation(cfg)
+    sim.run(tmp_path / "local")
+    nodes = [{"partition-id": i} for i in range(len(sim.client_ids))]
+    seen: list[Message] = []
+
+    def keep(instruction: Message, reply: Message) -> Message:
+        seen.append(reply)
+        return reply
+
+    grid = run_over_loopback(cfg, tmp_path / "flower", nodes, keep)
+    local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
+    flower = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
+    for key in local:
+        torch.testing.assert_close(flower[key], local[key], rtol=1e-5, atol=1e-6)
+    rows = {"local": rows_of(tmp_path / "local"), "flower": rows_of(tmp_path / "flower")}
+    assert [r["epsilon"] for r in rows["flower"]] == [r["epsilon"] for r in rows["local"]]
+    assert rows["flower"][-1]["epsilon"] > 0
+    for row in rows["flower"][1:]:
+        assert all(math.isnan(c["train_loss"]) for c in row["clients"].values())
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    config = trains[0].content.config_records["config"]
+    assert config["dp-clip-norm"] == 0.05 and config["train-a"] == (method != "ffa")
+    train_replies = [r for r in seen if r.metadata.message_type == "train"]
+    assert len(train_replies) == len(trains)
+    for reply in train_replies:
+        metrics = reply.content.metric_records["metrics"]
+        assert math.isnan(metrics["train-loss"]) and math.isnan(metrics["tail-after"])
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert summary["epsilon"] == local_summary["epsilon"] and summary["delta"] == 1e-5
 
 
 def test_flowers_strategy_interface_gives_the_round_loops_round(

@@ -98,25 +98,33 @@ RESUME_METHODS = {
     "recon_svd": [],
     "flora": [],
     "full_ft": ["lr=0.001"],
+    "ffa": [],
+}
+# Under differential privacy too: the accountant and the server's seeded noise go on exactly.
+DP = ["dp_clip_norm=0.05", "dp_noise_multiplier=1.0", "dp_noise_seed=9"]
+RESUME_CASES = {
+    **{m: (m, extra) for m, extra in RESUME_METHODS.items()},
+    "hetlora-dp": ("hetlora", ["pruning=false", "aggregation='uniform'", *DP]),
+    "ffa-dp": ("ffa", DP),
 }
 HETLORA_ONLY = ("lambda_", "gamma")  # the self-pruning keys: an error under another method
 LORA_ONLY = ("r_min", "r_max")  # an error under full_ft
 
 
-def resume_args(method: str) -> list[str]:
-    unused = (() if method == "hetlora" else HETLORA_ONLY) + (
-        LORA_ONLY if method == "full_ft" else ()
-    )
+def resume_args(case: str) -> list[str]:
+    method, extra = RESUME_CASES[case]
+    pruning = method == "hetlora" and "pruning=false" not in extra
+    unused = (() if pruning else HETLORA_ONLY) + (LORA_ONLY if method == "full_ft" else ())
     shared = [s for s in SETTINGS if not s.startswith(unused)]
     short = ["rounds=4", "local_steps=3", "eval_examples=8", "rouge_examples=0"]
-    return [*shared, *short, f"method='{method}'", *RESUME_METHODS[method]]
+    return [*shared, *short, f"method='{method}'", *extra]
 
 
 class Stop(BaseException):
     """Ends a run as a crash would: not an Exception, so nothing on the way catches it."""
 
 
-@pytest.mark.parametrize("method", list(RESUME_METHODS))
+@pytest.mark.parametrize("method", list(RESUME_CASES))
 def test_stop_then_resume_matches_an_uninterrupted_run(method, tiny_model, tmp_path):
     cfg = make_config({"model": str(tiny_model), **_values(resume_args(method))})
     straight, out = tmp_path / "straight", tmp_path / "stopped"
@@ -131,6 +139,11 @@ def test_stop_then_resume_matches_an_uninterrupted_run(method, tiny_model, tmp_p
     assert not (out / "summary.json").exists() and len(rows(out)) == 3
     local.Simulation(cfg).run(out, resume=True)
     assert_same_runs(straight, out)
+    if method.endswith("-dp"):
+        ra, rb = rows(straight), rows(out)
+        assert [r["epsilon"] for r in rb] == [r["epsilon"] for r in ra]
+        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, out))
+        assert sb["epsilon"] == sa["epsilon"] > 0 and sb["delta"] == sa["delta"]
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):

@@ -51,8 +51,9 @@ from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, truncate
 
 #: The server refuses a reply whose update norm exceeds ``C * (1 + CLIP_SLACK)`` and scales one
-#: between C and that back to exactly C (float32 round-off of the client's own clipping).
-CLIP_SLACK = 1e-4
+#: between C and that back to C in float64: a client clips in float32, and the round-off of
+#: ``B0 + s D`` in float32 can leave the norm of what arrives a little above C.
+CLIP_SLACK = 1e-3
 
 
 def default_delta(num_clients: int) -> float:
@@ -152,6 +153,11 @@ def plan(cfg, num_clients: int) -> DPPlan | None:
         return None
     per_round = min(cfg.clients_per_round, num_clients)
     delta = cfg.dp_delta or default_delta(num_clients)
+    if not delta < 1 / num_clients:
+        raise HetLoRAError(
+            f"dp_delta {delta:g} must be below 1/N = {1 / num_clients:.3g} for N = {num_clients} "
+            f"clients (a larger delta allows releasing one client's data outright)"
+        )
     sigma = cfg.dp_noise_multiplier
     if cfg.dp_target_epsilon > 0:
         sigma = calibrate(cfg.dp_target_epsilon, num_clients, per_round, cfg.rounds, delta)
@@ -197,14 +203,22 @@ def clip_reply(received: Factors, trained: Factors, clip_norm: float) -> Factors
 
 def check_reply(global_factors: Factors, reply: Factors, rank: int, clip_norm: float) -> Factors:
     """The server's check of a DP reply at the client's ``rank``: refuse an update norm above
-    ``C (1 + CLIP_SLACK)``; scale one just above C (round-off) back to C. Returns the reply."""
+    ``C (1 + CLIP_SLACK)``; scale one above C (the float32 round-off of the client's own
+    clipping) back to C in float64, so that the sum the noise covers has sensitivity 2C exactly.
+    Returns the reply (float64 where it was scaled)."""
     received = truncate(global_factors, rank)
     norm = update_norm(received, reply)
     if norm > clip_norm * (1 + CLIP_SLACK):
         raise HetLoRAError(f"update norm {norm:.6g} exceeds dp_clip_norm {clip_norm:g}")
     if norm <= clip_norm:
         return reply
-    return clip_reply(received, reply, clip_norm)
+    scale = clip_norm / norm
+    out: Factors = {}
+    for name, (b0, a0) in received.items():
+        b, a = reply[name]
+        b0, a0 = b0.double(), a0.double()
+        out[name] = (b0 + (b.double() - b0) * scale, a0 + (a.double() - a0) * scale)
+    return out
 
 
 class NoisyZeroPadSum:
