@@ -148,6 +148,31 @@ def test_noise_std_is_sigma_c_over_m_on_reached_positions_and_zero_above():
     assert all(float(x.abs().max()) == 0.0 for x in above)  # "keep": unreached positions kept
 
 
+def test_dead_positions_get_no_noise_so_the_live_rank_is_the_running_minimum():
+    """Zero-padding zeroes the positions above a round's largest rank in B and A; no gradient
+    reaches them again, so noise there would only revive them. Rounds whose largest ranks are
+    6, 8, 4, 8: the live global rank is 6, 6, 4, 4, as without DP."""
+    from hetlora.lora import live_rank
+
+    g = factors(8, 0)
+    server = HetLoRAServer(
+        g, {"a": 8, "b": 6, "c": 4}, aggregation="uniform", pruning=False, dp=plan(per_round=1)
+    )
+    live = []
+    for client in ("b", "a", "c", "a"):
+        task = server.task(client)
+        step = factors(task.rank, len(live) + 1, 1e-3)
+        reply = {n: (b + step[n][0], a + step[n][1]) for n, (b, a) in task.factors.items()}
+        update = ClientUpdate(client, 10, factors=reply, rank=task.rank)
+        server.check(update)
+        server.add(update)
+        server.finish()
+        live.append(live_rank(server.global_factors())[1])
+    assert live == [6, 6, 4, 4]
+    b, a = server.global_factors()["l0.q"]
+    assert float(b[:, 4:].abs().sum()) == 0 and float(a[4:].abs().sum()) == 0
+
+
 def test_noise_is_seeded_by_the_plan_and_the_round():
     g = factors(8, 0)
     a = dp.NoisyZeroPadSum(g, plan(noise_seed=5))

@@ -664,7 +664,10 @@ def _check_dp(cfg: Config) -> None:
                 f"aggregation = 'uniform' ({cfg.aggregation!r} weights depend on the data)"
             )
         if cfg.padding not in ("zero", "keep"):
-            leaks.append("padding 'zero' or 'keep' ('rankwise' divides by who replied)")
+            leaks.append(
+                "padding 'zero' or 'keep' ('rankwise' divides each position by the clients "
+                "reaching it, a different sensitivity per position)"
+            )
         if leaks:
             raise HetLoRAError(
                 "differential privacy (dp_clip_norm > 0) with method 'hetlora' needs "

@@ -17,12 +17,15 @@ clients, and account for the privacy spent. Here, for clients of different ranks
   which is HetLoRA's zero-padding with uniform weights, ``(1/m) sum_k pad(B_k)``, when all m
   replies are accepted, plus ``Z / m``; a missing or refused reply counts as no change. The data
   enter only through the clipped ``D_k``, supported on a client's first r_k rank positions.
-  ``Z`` has standard deviation ``sigma * C`` on the rank positions below the largest rank among
-  the round's sampled clients, and is zero above: no client's data can reach those positions, so
-  noise there buys no privacy (the Gaussian mechanism on the subspace the data can move gives
-  the same guarantee), and they follow the padding rule as without DP (``zero``: 0; ``keep``:
-  the previous value). So the live global rank still falls to the running minimum of the
-  rounds' largest ranks, as in the paper's Fig. 2; below it the noise keeps every position live.
+  ``Z`` has standard deviation ``sigma * C`` on the rank positions a client's data can reach
+  this round: below the largest rank among the round's sampled clients, and where the global
+  factors are not both zero (:func:`reachable`; a position zero in B and A gets no gradient).
+  Elsewhere it is zero: no client's data can move those positions, so noise there buys no
+  privacy (the Gaussian mechanism on the subspace the data can move gives the same guarantee),
+  and they follow the padding rule as without DP (``zero``: 0; ``keep``: the previous value).
+  So zero-padding still kills the positions above a round's largest rank for good, and the
+  live global rank falls to the running minimum of the rounds' largest ranks, as without DP;
+  noise on a dead position would revive it and undo that.
 * **The accountant** (:func:`epsilon`): the run samples ``m`` of ``N`` clients uniformly without
   replacement each round; the released sum changes by at most ``2C`` when one client's data are
   replaced by another's (``||D_k - D_k'|| <= 2C``), so each round is
@@ -221,6 +224,14 @@ def check_reply(global_factors: Factors, reply: Factors, rank: int, clip_norm: f
     return out
 
 
+def reachable(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Rank positions of one module's global factors that local training can move: column j of
+    B or row j of A non-zero (boolean, length r). Where both are zero, ``dL/dB_j = g A_j^T`` and
+    ``dL/dA_j = B_j^T g`` are zero, so no client's update reaches position j (AdamW moves no
+    parameter whose gradients were all zero, and weight decay scales zero to zero)."""
+    return (b != 0).any(dim=0) | (a != 0).any(dim=1)
+
+
 class NoisyZeroPadSum:
     """One round's DP aggregate (see the module docstring): the sum of the clients' padded
     updates relative to the global factors, Gaussian noise, a fixed divisor.
@@ -246,23 +257,31 @@ class NoisyZeroPadSum:
             for n, (b, a) in global_factors.items()
         }
         self.count = 0
+        self._live = {n: reachable(b, a).double() for n, (b, a) in global_factors.items()}
 
     def add(self, reply: Factors) -> None:
-        """Fold in one checked reply at its rank: ``pad(reply) - G``."""
+        """Fold in one checked reply at its rank: ``pad(reply) - G``, its update kept on the
+        reachable positions only (:func:`reachable`: an honest client's update is exactly zero
+        elsewhere; a reply that moves a dead position would be released there without noise,
+        so the server drops that part)."""
         for name, (b, a) in reply.items():
             g_b, g_a = self.global_factors[name]
             r = b.shape[1]
             s_b, s_a = self._sum[name]
-            s_b[:, :r] += b.double() - g_b[:, :r].double()
-            s_a[:r] += a.double() - g_a[:r].double()
+            live = self._live[name][:r]
+            s_b[:, :r] += (b.double() - g_b[:, :r].double()) * live
+            s_a[:r] += (a.double() - g_a[:r].double()) * live[:, None]
             s_b[:, r:] -= g_b[:, r:].double()
             s_a[r:] -= g_a[r:].double()
         self.count += 1
 
     def result(self, round_idx: int, sampled_rank: int, divisor: int) -> Factors:
-        """``G + (sum + Z) / divisor`` on positions below ``sampled_rank`` (the largest rank of
-        the round's sampled clients), the padding rule above it. The noise is drawn from a
-        generator seeded by the plan's secret and the round, in module order."""
+        """``G + (sum + Z) / divisor`` on the positions a client's data can reach this round,
+        the padding rule above ``sampled_rank`` (the largest rank of the round's sampled
+        clients). A position is reachable below ``sampled_rank`` where the global B column or
+        A row is non-zero (:func:`reachable`): where both are zero every gradient is zero, no
+        update moves it, and it gets no noise. The noise is drawn from a generator seeded by the
+        plan's seed and the round, the same numbers whatever the mask, in module order."""
         seed = np.random.SeedSequence([self.plan.noise_seed, round_idx, 0xD9]).generate_state(1)
         gen = torch.Generator().manual_seed(int(seed[0]))
         std = self.plan.noise_multiplier * self.plan.clip_norm
@@ -271,8 +290,11 @@ class NoisyZeroPadSum:
             g_b, g_a = self.global_factors[name]
             s_b, s_a = self._sum[name]
             r = sampled_rank
+            live = self._live[name][:r]
             z_b = torch.randn(s_b[:, :r].shape, generator=gen, dtype=torch.float64) * std
             z_a = torch.randn(s_a[:r].shape, generator=gen, dtype=torch.float64) * std
+            z_b *= live
+            z_a *= live[:, None]
             if not self.noise_a:
                 z_a.zero_()
             b = g_b.double().clone()
