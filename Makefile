@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat paper-continue paper-results flower-demo bench mutate
+.PHONY: demo test lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +108,18 @@ reproduce-paper-long:
 reproduce-paper-chat:
 	$(MAKE) paper-continue PAPER_CONFIG=configs/paper-chat.toml PAPER_OUT=runs/paper-chat \
 		PAPER_DOCS=docs/reproduction/paper-chat
+
+# The privacy-utility study (configs/privacy.toml, docs/privacy.md): HetLoRA, HomLoRA r=4 and
+# FFA-LoRA without DP and at epsilon 8 and 2; keeps the runs committed in docs/privacy/ and
+# trains only the others; `make privacy-results` writes its table and plot.
+reproduce-privacy:
+	$(MAKE) paper-continue PAPER_CONFIG=configs/privacy.toml PAPER_OUT=runs/privacy \
+		PAPER_DOCS=docs/privacy
+
+privacy-results:
+	$(MAKE) paper-results PAPER_CONFIG=configs/privacy.toml PAPER_OUT=runs/privacy \
+		PAPER_DOCS=docs/privacy
+	$(VENV)/bin/python tools/privacy_report.py docs/privacy
 
 # The study's tables and plots from the runs finished so far (it may still be running), and
 # the small files of the finished runs copied into docs/reproduction/paper/ (never checkpoints

@@ -121,9 +121,9 @@ class Config:
             (instead of giving ``dp_noise_multiplier``; exactly one of the two is > 0).
         dp_delta: the delta epsilon is reported at; 0 (default): ``min(1e-5, 1 / (10 N))`` for
             N clients. Must be below 1/N.
-        dp_noise_seed: > 0 seeds the server's noise (reproducible studies: anyone who knows the
-            seed can remove the noise); 0 (default): a secret seed drawn at the start, kept in
-            the server's checkpoint only.
+        dp_noise_seed: > 0 seeds the server's noise, together with ``seed`` (reproducible
+            studies: anyone who knows the seeds can remove the noise); 0 (default): a secret
+            seed drawn at the start, kept in the server's checkpoint only.
 
     Federated loop and local training:
         rounds, clients_per_round, local_steps, batch_size, lr, weight_decay, max_grad_norm.

@@ -133,7 +133,8 @@ class DPPlan:
         rounds: the planned rounds (what a target epsilon was calibrated for).
         target_epsilon: the target, 0 when sigma was given.
         noise_seed: seeds the server's noise; a secret drawn at the start unless the config
-            fixes one (then anyone who knows it can subtract the noise: for studies only).
+            fixes one, joined with the run's seed (then anyone who knows both can subtract the
+            noise: for studies only).
     """
 
     clip_norm: float
@@ -172,8 +173,17 @@ def plan(cfg, num_clients: int) -> DPPlan | None:
         per_round=per_round,
         rounds=cfg.rounds,
         target_epsilon=cfg.dp_target_epsilon,
-        noise_seed=cfg.dp_noise_seed or secrets.randbits(63),
+        noise_seed=_noise_seed(cfg),
     )
+
+
+def _noise_seed(cfg) -> int:
+    """A secret (``dp_noise_seed = 0``), or the fixed seed joined with the run's ``seed``, so
+    that the seeds of a study draw independent noise."""
+    if not cfg.dp_noise_seed:
+        return secrets.randbits(63)
+    state = np.random.SeedSequence([cfg.dp_noise_seed, cfg.seed, 0xD9]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
 
 
 def update_norm(received: Mapping[str, tuple], reply: Mapping[str, tuple]) -> float:

@@ -1,0 +1,71 @@
+"""tools/privacy_report.py: the privacy-utility table and plot from a study's reports."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+TOOL = Path(__file__).parents[1] / "tools" / "privacy_report.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("privacy_report", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _study(root: Path) -> Path:
+    provenance = {"commit": "abcdef0123", "host": {"cpu": "Test CPU"}}
+    groups = [
+        ("HetLoRA, no DP", "HetLoRA, no DP", [50.0, 52.0], {}),
+        (
+            "HetLoRA, eps 8",
+            "HetLoRA, eps 8, C 0.1",
+            [80.0, 84.0],
+            {"epsilon": 7.99, "delta": 1e-5, "dp_noise_multiplier": 1.18, "dp_clip_norm": 0.1},
+        ),
+    ]
+    with (root / "summary.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "entry", "seeds", "test_mean", "test_std", "test_per_seed"])
+        for method, entry, ppl, dp in groups:
+            per_seed = "; ".join(f"s{i}: {p:.2f}" for i, p in enumerate(ppl))
+            writer.writerow([method, entry, 2, sum(ppl) / 2, 1.41, per_seed])
+            slug = entry.lower().replace(", ", "-").replace(" ", "-").replace(".", "-")
+            for seed, p in enumerate(ppl):
+                run = root / slug / f"seed-{seed}"
+                run.mkdir(parents=True)
+                summary = {"final_ppl": p, "base_ppl": 120.0, "provenance": provenance, **dp}
+                (run / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_the_table_and_plot_come_from_the_chosen_runs(tmp_path, capsys):
+    study = _study(tmp_path)
+    assert _tool().main([str(study)]) == 0
+    text = (study / "privacy_utility.md").read_text()
+    assert "commit abcdef0 on Test CPU" in text
+    assert "| HetLoRA | inf | inf | - | - | 2 | 51.00 ± 1.41 | 50.00, 52.00 |" in text
+    assert "| HetLoRA | 8 | 7.99 (1e-05) | 1.180 | 0.1 | 2 | 82.00 ± 1.41 | 80.00, 84.00 |" in text
+    assert (study / "privacy_utility.png").stat().st_size > 1000
+    assert "plot:" in capsys.readouterr().out
+
+
+def test_a_study_without_reports_is_an_error(tmp_path, capsys):
+    assert _tool().main([str(tmp_path)]) == 2
+    assert "summary.csv" in capsys.readouterr().err
+
+
+def test_norms_are_the_clients_update_norms(tmp_path, capsys):
+    run = tmp_path / "a"
+    run.mkdir()
+    rows = [
+        {"round": 0},
+        {"round": 1, "clients": {"x": {"update_norm": 1.0}, "y": {"update_norm": 3.0}}},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _tool().main(["--norms", str(tmp_path)]) == 0
+    assert "| a | 2 | 1.000 | 2.000 | 3.000 |" in capsys.readouterr().out

@@ -1,0 +1,176 @@
+"""The privacy-utility table and plot of a privacy study (configs/privacy.toml).
+
+    python tools/privacy_report.py STUDY_DIR      # e.g. docs/privacy (after `hetlora report`)
+    python tools/privacy_report.py --norms DIR    # update norms of the DP runs under DIR
+
+Reads the study's ``summary.csv`` (one row per method and epsilon: the grid point chosen on
+validation and its test perplexity over the seeds) and the chosen runs' ``summary.json``
+(epsilon spent, delta, noise multiplier, clip norm, base perplexity). Writes
+``privacy_utility.md`` (the table, with the commit and host the runs record) and
+``privacy_utility.png`` (test perplexity against epsilon, mean and each seed, the base model's
+perplexity as a line). Groups are named ``<method>, no DP`` or ``<method>, eps <target>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+NAME = re.compile(r"^(?P<method>.+?), (?:no DP|eps (?P<eps>[0-9.]+))$")
+
+
+def slug(name: str) -> str:
+    """The run folder of a comparison entry (``hetlora.runtime.compare``'s naming)."""
+    from hetlora.runtime.compare import _slug
+
+    return _slug(name)
+
+
+def rows(study: Path) -> list[dict]:
+    """One dict per (method, epsilon) of the study's ``summary.csv`` with its runs' facts."""
+    out = []
+    with (study / "summary.csv").open() as f:
+        for row in csv.DictReader(f):
+            found = NAME.match(row["method"])
+            if not found:
+                continue
+            runs = sorted((study / slug(row["entry"])).glob("seed-*/summary.json"))
+            if not runs:
+                raise SystemExit(f"error: no runs of {row['entry']!r} in {study}")
+            facts = [json.loads(p.read_text()) for p in runs]
+            first = facts[0]
+            per_seed = [float(x.split(": ")[1]) for x in row["test_per_seed"].split("; ")]
+            out.append(
+                {
+                    "method": found["method"],
+                    "target": float(found["eps"]) if found["eps"] else math.inf,
+                    "entry": row["entry"],
+                    "epsilon": first.get("epsilon", math.inf),
+                    "delta": first.get("delta"),
+                    "sigma": first.get("dp_noise_multiplier"),
+                    "clip": first.get("dp_clip_norm"),
+                    "seeds": int(row["seeds"]),
+                    "test_mean": float(row["test_mean"]),
+                    "test_std": float(row["test_std"]) if row["test_std"] else math.nan,
+                    "per_seed": per_seed,
+                    "base_ppl": first["base_ppl"],
+                    "commit": first.get("provenance", {}).get("commit", "?")[:7],
+                    "host": first.get("provenance", {}).get("host", {}).get("cpu", "?"),
+                }
+            )
+    return sorted(out, key=lambda r: (r["method"], -r["target"]))
+
+
+def _num(x, fmt: str) -> str:
+    if x is None:
+        return "-"
+    return "inf" if isinstance(x, float) and math.isinf(x) else format(x, fmt)
+
+
+def table(found: list[dict]) -> str:
+    lines = [
+        "| method | target epsilon | epsilon spent (delta) | sigma | C (chosen on val) "
+        "| seeds | test ppl mean ± std | per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in found:
+        spent = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f} ({r['delta']:g})"
+        lines.append(
+            f"| {r['method']} | {_num(r['target'], 'g')} | {spent} | {_num(r['sigma'], '.3f')} "
+            f"| {_num(r['clip'], 'g')} | {r['seeds']} | {r['test_mean']:.2f} ± "
+            f"{r['test_std']:.2f} | {', '.join(f'{p:.2f}' for p in r['per_seed'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(found: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({r["target"] for r in found if not math.isinf(r["target"])})
+    inf_x = (max(finite) * 2.5) if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, method in enumerate(sorted({r["method"] for r in found})):
+        mine = sorted(
+            (r for r in found if r["method"] == method),
+            key=lambda r: inf_x if math.isinf(r["target"]) else r["target"],
+        )
+        xs = [inf_x if math.isinf(r["target"]) else r["target"] for r in mine]
+        shift = 1 + 0.04 * (i - 1)  # side by side
+        ax.errorbar(
+            [x * shift for x in xs],
+            [r["test_mean"] for r in mine],
+            yerr=[0 if math.isnan(r["test_std"]) else r["test_std"] for r in mine],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+        for x, r in zip(xs, mine, strict=True):
+            ax.scatter([x * shift] * len(r["per_seed"]), r["per_seed"], s=10, alpha=0.4)
+    ax.axhline(found[0]["base_ppl"], color="grey", ls="--", lw=1, label="base model")
+    ax.set_xscale("log")
+    ax.set_xticks([*finite, inf_x], [*(f"{x:g}" for x in finite), "∞ (no DP)"])
+    ax.set_xlabel("epsilon (delta 1e-5)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Privacy-utility: mean ± std over seeds (dots: seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def norms(root: Path) -> str:
+    """The clients' update norms before clipping (``update_norm`` of every client entry) of
+    each run under ``root``: min, median and max over all rounds, as a markdown table."""
+    import numpy as np
+
+    lines = ["| run | replies | min | median | max |", "|---|---|---|---|---|"]
+    for metrics in sorted(root.glob("**/metrics.jsonl")):
+        values = [
+            c["update_norm"]
+            for line in metrics.read_text().splitlines()
+            for c in json.loads(line).get("clients", {}).values()
+            if "update_norm" in c
+        ]
+        if values:
+            lo, mid, hi = np.percentile(values, [0, 50, 100])
+            name = metrics.parent.relative_to(root)
+            lines.append(f"| {name} | {len(values)} | {lo:.3f} | {mid:.3f} | {hi:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--norms":
+        print(norms(Path(argv[1])), end="")
+        return 0
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    study = Path(argv[0])
+    if not (study / "summary.csv").is_file():
+        print(
+            f"error: {study / 'summary.csv'} not found (run hetlora report first)", file=sys.stderr
+        )
+        return 2
+    found = rows(study)
+    if not found:
+        print(f"error: no '<method>, no DP' or '<method>, eps N' rows in {study}", file=sys.stderr)
+        return 2
+    provenance = sorted({(r["commit"], r["host"]) for r in found})
+    made = "; ".join(f"commit {c} on {h}" for c, h in provenance)
+    text = f"Runs made by {made}.\n\n" + table(found)
+    (study / "privacy_utility.md").write_text(text)
+    plot(found, study / "privacy_utility.png")
+    print(text, end="")
+    print(f"plot: {study / 'privacy_utility.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
