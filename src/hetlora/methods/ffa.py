@@ -13,6 +13,9 @@ uniform under DP). With every client's A a prefix of the one global A, the padde
 the exact average of the client products. There is no self-pruning (a client's rank is its
 assignment; HetLoRA's rule reads the tail of B A, which with A fixed is just B's tail) and no
 sparsity weights; the keys that configure them do not apply (``KEY_RULES``).
+
+Replies carry A back unchanged (the one reply format of every LoRA method), and ``bytes_up``
+charges it: sending B alone would halve the upload of A's share, not done here.
 """
 
 from __future__ import annotations
