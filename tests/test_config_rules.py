@@ -32,6 +32,7 @@ CASES = {
         {"aggregation": "sparsity_data_size"},
     ),
     "padding": ("keep", {"method": "homlora"}, {"method": "hetlora"}),
+    "svd_path": ("qr", {"method": "fedex"}, {"method": "recon_svd"}),
     "dp_clip_norm": (
         1.0,
         {"method": "flora"},

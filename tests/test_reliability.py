@@ -87,8 +87,8 @@ def assert_same_runs(a: Path, b: Path) -> None:
     assert sb["final_ppl"] == pytest.approx(sa["final_ppl"], rel=1e-5)
 
 
-# Every method, 4 short rounds, stopped once round 2 is checkpointed, then resumed. FLoRA and full
-# fine-tuning change the base itself, so their resume rebuilds it from the checkpointed server
+# Every method, 4 short rounds, stopped once round 2 is checkpointed, then resumed. FLoRA, FedEx-LoRA
+# and full fine-tuning change the base itself, so their resume rebuilds it from the checkpointed server
 # state (and the checkpoint's model fingerprint must be the pristine base's, not the changed
 # one's). One real SIGKILL of a `hetlora run` process (hetlora) and a resume in a fresh process;
 # every method stopped and resumed in-process, each resume in a fresh Simulation.
@@ -96,6 +96,9 @@ RESUME_METHODS = {
     "hetlora": [],
     "homlora": ["rank=4"],
     "recon_svd": [],
+    "hlora": [],
+    "rblora": [],
+    "fedex": [],
     "flora": [],
     "full_ft": ["lr=0.001"],
     "ffa": [],

@@ -26,9 +26,23 @@ from hetlora.errors import HetLoRAError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hetlora", "homlora", "recon_svd", "flora", "ffa", "full_ft")
+METHODS = (
+    "hetlora",
+    "homlora",
+    "recon_svd",
+    "hlora",
+    "rblora",
+    "fedex",
+    "flora",
+    "ffa",
+    "full_ft",
+)
 #: Methods whose clients train at ranks assigned per client (uniform draw or ``tiers``).
-RANKED_METHODS = ("hetlora", "recon_svd", "flora", "ffa")
+RANKED_METHODS = ("hetlora", "recon_svd", "hlora", "rblora", "fedex", "flora", "ffa")
+#: Methods that re-factor a product by SVD (key ``svd_path``).
+SVD_METHODS = ("recon_svd", "hlora", "rblora")
+#: Methods whose client weights are ``uniform`` or ``data_size`` (key ``aggregation``).
+SHARE_METHODS = ("ffa", "fedex")
 #: Methods that support client-level differential privacy (``dp_clip_norm > 0``).
 DP_METHODS = ("hetlora", "homlora", "ffa")
 #: HetLoRA's client weights (key ``aggregation``): ``sparsity_data_size`` is the sparsity weight
@@ -43,6 +57,9 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 #: :class:`hetlora.lora.WeightedFactorSum`): ``zero`` is the paper's zero-padding; ``keep`` and
 #: ``rankwise`` are published alternatives, not in the paper.
 PADDINGS = ("zero", "keep", "rankwise")
+#: How ``recon_svd``, ``hlora`` and ``rblora`` take the SVD of a joined product (key
+#: ``svd_path``): ``auto`` is ``dense`` for ``recon_svd`` and ``qr`` for the other two.
+SVD_PATHS = ("auto", "dense", "qr")
 
 
 @dataclass
@@ -85,8 +102,9 @@ class Config:
             summary.json (``bad_rows_skipped``). Only for data files.
 
     Method:
-        method: ``hetlora``, ``homlora``, ``recon_svd``, ``flora``, ``ffa`` (FFA-LoRA: A frozen
-            at its seeded init, B trained) or ``full_ft`` (see :mod:`hetlora.methods`).
+        method: ``hetlora``, ``homlora``, ``recon_svd``, ``hlora``, ``rblora``, ``fedex``,
+            ``flora``, ``ffa`` (FFA-LoRA: A frozen at its seeded init, B trained) or ``full_ft``
+            (see :mod:`hetlora.methods` and docs/methods.md).
         rank: the one rank of every client under ``homlora`` (0 means r_max).
         r_min, r_max: client ranks lie in [r_min, r_max]; the global adapter has rank r_max.
         tiers: list of ``{name, rank, share}`` tables: clients are dealt to tiers by share;
@@ -96,8 +114,8 @@ class Config:
         pruning: apply the self-pruning rule after local training.
         aggregation: client weights: ``sparsity`` (||B_k A_k||_F, HetLoRA), ``uniform``,
             ``data_size`` (number of training examples) or ``sparsity_data_size`` (the two
-            multiplied). ``ffa`` takes ``uniform`` or ``data_size`` (left at the default it means
-            ``data_size``).
+            multiplied). ``ffa`` and ``fedex`` take ``uniform`` or ``data_size`` (left at the default
+            it means ``data_size``).
         per_module_weights: sparsity weights per module instead of per client.
         padding: how ``hetlora`` joins factors of different ranks (``hetlora`` only):
             ``"zero"`` (the paper: zero-pad to r_max, weighted sum replaces the global factors,
@@ -106,6 +124,10 @@ class Config:
             reached keep their previous global value; ``"rankwise"`` (not in the paper;
             FediLoRA-like): position j is averaged over the clients whose rank exceeds j,
             weights renormalised over them, unreached positions kept.
+        svd_path: how ``recon_svd``, ``hlora`` and ``rblora`` take the SVD of the joined product:
+            ``"dense"`` (form the d_out x d_in matrix), ``"qr"`` (QR of the stacked factors and
+            a small SVD, never the dense matrix) or ``"auto"`` (``dense`` for ``recon_svd``,
+            ``qr`` for the others). The same factors up to round-off.
         lora_scale: s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).
 
     Differential privacy (client level, DP-FedAvg; ``hetlora``, ``homlora``, ``ffa``; see
@@ -185,6 +207,7 @@ class Config:
     aggregation: str = "sparsity"
     per_module_weights: bool = False
     padding: str = "zero"
+    svd_path: str = "auto"
     lora_scale: float = 2.0
 
     dp_clip_norm: float = 0.0
@@ -275,9 +298,9 @@ KEY_RULES: tuple[KeyRule, ...] = (
     ),
     KeyRule(
         "aggregation",
-        "method = 'hetlora' or 'ffa'",
+        "method = 'hetlora', 'ffa' or 'fedex'",
         ("method",),
-        lambda c: c.method in ("hetlora", "ffa"),
+        lambda c: c.method in ("hetlora", *SHARE_METHODS),
     ),
     KeyRule(
         "per_module_weights",
@@ -286,6 +309,12 @@ KEY_RULES: tuple[KeyRule, ...] = (
         lambda c: c.method == "hetlora" and c.aggregation in ("sparsity", "sparsity_data_size"),
     ),
     KeyRule("padding", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
+    KeyRule(
+        "svd_path",
+        f"methods {', '.join(map(repr, SVD_METHODS))}",
+        ("method",),
+        lambda c: c.method in SVD_METHODS,
+    ),
     KeyRule(
         "dp_clip_norm",
         f"methods {', '.join(map(repr, DP_METHODS))}",
@@ -553,6 +582,7 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.report_to)) != len(cfg.report_to):
         raise HetLoRAError(f"config key 'report_to' names a tracker twice: {cfg.report_to}")
     _choice(cfg, "padding", PADDINGS)
+    _choice(cfg, "svd_path", SVD_PATHS)
     _check_applies(cfg)
     for key in ("r_min", "r_max"):
         if getattr(cfg, key) < 1:
@@ -628,10 +658,10 @@ def validate(cfg: Config) -> None:
         )
     for i, tier in enumerate(cfg.tiers):
         _check_tier(cfg, i, tier)
-    if cfg.method == "ffa" and cfg.aggregation not in ("sparsity", "uniform", "data_size"):
+    if cfg.method in SHARE_METHODS and cfg.aggregation not in ("sparsity", "uniform", "data_size"):
         raise HetLoRAError(
-            f"config key 'aggregation' = {cfg.aggregation!r}: method 'ffa' weights clients "
-            f"'uniform' or by 'data_size' (the default)"
+            f"config key 'aggregation' = {cfg.aggregation!r}: method {cfg.method!r} weights "
+            f"clients 'uniform' or by 'data_size' (the default)"
         )
     _check_dp(cfg)
 

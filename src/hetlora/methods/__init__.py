@@ -3,6 +3,9 @@
 * ``hetlora``   -- the paper's method (truncation, self-pruning, sparsity-weighted zero-padding)
 * ``homlora``   -- every client at one rank, FedAvg of the factors (FedIT)
 * ``recon_svd`` -- average of the products, truncated SVD back to each rank (FlexLoRA-like)
+* ``hlora``     -- the same product re-factored through QR, singular values in A (HLoRA)
+* ``rblora``    -- rank-balanced (rarity-weighted) zero-padding, SVD projection (RB-LoRA)
+* ``fedex``     -- factor averaging plus the exact residual merged into the base (FedEx-LoRA)
 * ``flora``     -- stacking, merged into the base every round (FLoRA)
 * ``ffa``       -- A frozen at its seeded init, B trained and zero-padded (FFA-LoRA)
 * ``full_ft``   -- FedAvg of every weight
@@ -26,6 +29,8 @@ FROZEN_BASE = (
     "hetlora",
     "homlora",
     "recon_svd",
+    "hlora",
+    "rblora",
     "ffa",
 )  # methods that never change the base weights
 
@@ -68,10 +73,24 @@ def make_server(
 
         weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
         return FFAServer(initial_factors, ranks, weighting, dp=privacy)
+    svd_path = cfg.svd_path if cfg.svd_path != "auto" else None
     if cfg.method == "recon_svd":
         from hetlora.methods.recon_svd import ReconSVDServer
 
-        return ReconSVDServer(initial_factors, ranks)
+        return ReconSVDServer(initial_factors, ranks, path=svd_path or "dense")
+    if cfg.method == "hlora":
+        from hetlora.methods.hlora import HLoRAServer
+
+        return HLoRAServer(initial_factors, ranks, path=svd_path or "qr")
+    if cfg.method == "rblora":
+        from hetlora.methods.rblora import RBLoRAServer
+
+        return RBLoRAServer(initial_factors, ranks, path=svd_path or "qr")
+    if cfg.method == "fedex":
+        from hetlora.methods.fedex import FedExServer
+
+        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        return FedExServer(initial_factors, ranks, cfg.lora_scale, weighting)
     if cfg.method == "flora":
         from hetlora.methods.flora import FLoRAServer
 

@@ -256,11 +256,20 @@ class GlobalModel:
             adapters.load_base_weights(self.ws.peft_model, base.weights)
 
     def save(self, server: Server, out_dir: Path) -> None:
-        """The global adapter (``adapter/``), or the merged model (``model/``) for FLoRA/full FT.
+        """The global adapter (``adapter/``), or the merged model (``model/``) for FLoRA, FedEx-LoRA
+        and full FT.
 
-        For FLoRA and full fine-tuning this removes the LoRA layers: call it last.
+        For FLoRA, FedEx-LoRA and full fine-tuning this removes the LoRA layers: call it last.
         """
         ws = self.ws
+        if server.has_global_adapter and server.base_state() is not None:
+            # FedEx-LoRA: the global model is the changed base plus the adapter; a PEFT adapter
+            # alone would load onto the pristine base, so the merged model is what is saved
+            self.show(server)
+            merged = ws.peft_model.merge_and_unload(adapter_names=[adapters.GLOBAL])
+            merged.save_pretrained(str(out_dir / "model"))
+            ws.tokenizer.save_pretrained(str(out_dir / "model"))
+            return
         if server.has_global_adapter:
             self.show(server)
             if server.r_max() < self.cfg.r_max:  # homlora at rank < r_max: save at its rank
