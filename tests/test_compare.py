@@ -61,6 +61,18 @@ name = "Recon+SVD"
 method = "recon_svd"
 
 [[compare]]
+name = "HLoRA"
+method = "hlora"
+
+[[compare]]
+name = "RB-LoRA"
+method = "rblora"
+
+[[compare]]
+name = "FedEx-LoRA"
+method = "fedex"
+
+[[compare]]
 name = "FLoRA"
 method = "flora"
 
@@ -89,6 +101,9 @@ def test_compare_all_methods_then_report(tiny_model, tmp_path):
         "HetLoRA per-module",
         "HomLoRA r=2",
         "Recon+SVD",
+        "HLoRA",
+        "RB-LoRA",
+        "FedEx-LoRA",
         "FLoRA",
         "Full FT",
     ]
@@ -133,6 +148,12 @@ def test_compare_errors(tmp_path):
         app, ["compare", "--config", str(config), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2 and "no [[compare]] entries" in result.stderr
+    config.write_text('rounds = 1\n[[compare]]\nname = "a"\ngroup = "G"\n')
+    result = CliRunner().invoke(
+        app, ["compare", "--config", str(config), "--out", str(tmp_path / "o"), "--only", "X"]
+    )
+    assert result.exit_code == 2 and "--only X matches no entry" in result.stderr
+    assert "its groups: G" in result.stderr
     assert not (tmp_path / "o").exists()
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "neither a run nor a comparison" in result.stderr
@@ -156,6 +177,12 @@ def test_groups_keep_the_best_of_a_grid(tiny_model, tmp_path):
         best = [r["name"] for r in csv.DictReader(fh)]
     winner = min(("H, lr 1e-4", "H, lr 3e-2"), key=rows.get)
     assert best == [f"H ({winner})", "Hom"]
+    only = tmp_path / "only"
+    args = ["compare", "--config", str(config), "--out", str(only), "--only", "Hom"]
+    assert CliRunner().invoke(app, [*args, "--set", f"model='{tiny_model}'"]).exit_code == 0
+    with (only / "results.csv").open() as fh:
+        kept = {r["name"]: float(r["final_ppl"]) for r in csv.DictReader(fh)}
+    assert kept == {"Hom": pytest.approx(rows["Hom"], rel=1e-6)}  # the same run, alone
 
 
 def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(

@@ -248,6 +248,8 @@ def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model,
     assert config_from_run_config(run_config) == cfg
     with pytest.raises(HetLoRAError, match="not supported on Flower"):
         write_app(tmp_path / "app2", tiny_config(tiny_model, method="flora"), RunOptions("x"))
+    with pytest.raises(HetLoRAError, match="not supported on Flower"):  # its base changes too
+        write_app(tmp_path / "app3", tiny_config(tiny_model, method="fedex"), RunOptions("x"))
 
 
 def test_a_nodes_file_is_one_named_client_or_names_its_clients(tiny_model, tmp_path):
@@ -361,6 +363,25 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
         assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")
     assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["hlora", "rblora"])
+def test_the_svd_aggregators_over_a_grid_give_the_in_process_run(
+    method, tiny_model, tmp_path, quiet_hetlora_logger
+):
+    """HLoRA and RB-LoRA use HetLoRA's messages (factors at the client's rank), so they run on
+    Flower unchanged: the same adapter and perplexities as in-process."""
+    cfg = tiny_config(tiny_model, method=method)
+    sim = Simulation(cfg)
+    sim.run(tmp_path / "local")
+    nodes = [{"partition-id": i} for i in range(len(sim.client_ids))]
+    run_over_loopback(cfg, tmp_path / "flower", nodes)
+    local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
+    flower = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
+    for key in local:
+        torch.testing.assert_close(flower[key], local[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(rows_of(tmp_path / "local"), rows_of(tmp_path / "flower"), strict=True):
+        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["hetlora", "ffa"])

@@ -280,6 +280,14 @@ def compare(
             "continue checkpointed ones, run the rest.",
         ),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Run only the entries of this group (or of this name); repeatable. The "
+            "tables cover these runs.",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run several methods on the same clients, sampling and seeds; write tables and plots.
@@ -294,6 +302,15 @@ def compare(
         from hetlora.runtime.local import check_out_dir
 
         entries = load_comparison(config, set_ or [])
+        if only:
+            kept = [e for e in entries if e.group in only or e.name in only]
+            if not kept:
+                groups = sorted({e.group or e.name for e in entries})
+                raise HetLoRAError(
+                    f"--only {', '.join(only)} matches no entry of {config}; its groups: "
+                    + ", ".join(groups)
+                )
+            entries = kept
         if not resume:  # refused before any work (run_comparison checks the rest)
             check_out_dir(out, overwrite)
         with _progress_display() as progress:

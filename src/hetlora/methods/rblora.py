@@ -37,13 +37,8 @@ from hetlora.methods.recon_svd import SVD_PATHS, qr_svd_factors, svd_factors
 
 
 class RBLoRAServer(Server):
-    """Rank-balanced (rarity-weighted) zero-padding, then an SVD projection at r_max.
-
-    Args:
-        initial_factors: PEFT-initialised global factors at r_max.
-        ranks: every client's fixed rank.
-        path: ``dense`` or ``qr``, how the SVD of ``B A`` is taken (same result up to round-off).
-    """
+    """Rarity-weighted positions, then an SVD projection at r_max (``path``: ``dense`` or
+    ``qr``, how the SVD of ``B A`` is taken; the same result up to round-off)."""
 
     name = "rblora"
 
@@ -88,6 +83,3 @@ class RBLoRAServer(Server):
 
     def global_factors(self) -> Factors:
         return self.factors
-
-
-__all__ = ["RBLoRAServer"]
