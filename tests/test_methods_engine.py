@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from hetlora.cli import app
+from hetlora.config import METHODS
 from hetlora.export import read_adapter
 from hetlora.lora import truncate
 
@@ -43,7 +44,7 @@ def run(model, out, *extra):
     return rows, json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["hetlora", "homlora", "recon_svd", "flora", "full_ft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_accounts(method, tiny_model, tmp_path):
     rank = ["rank=4"] if method == "homlora" else []  # `rank` applies to homlora only
     rows, summary = run(tiny_model, tmp_path / "o", f"method='{method}'", *rank)
@@ -53,9 +54,10 @@ def test_every_method_runs_and_accounts(method, tiny_model, tmp_path):
         for c in row["clients"].values():
             assert c["flops"] > 0 and c["trainable_params"] > 0 and c["bytes_up"] > 0
     assert summary["flops"] == pytest.approx(sum(r["flops"] for r in rows))
-    merged = method in ("flora", "full_ft")
+    merged = method in ("flora", "full_ft", "fedex")  # the base changed: the merged model
     assert (tmp_path / "o" / ("model" if merged else "adapter")).is_dir()
-    assert bool(summary["tier_ppl"]) is not merged
+    # ranks of a global adapter are evaluated (FedEx-LoRA has one, on its changed base)
+    assert bool(summary["tier_ppl"]) is (method not in ("flora", "full_ft"))
 
 
 def test_lora_bytes_are_exact(tiny_model, tmp_path):
@@ -72,7 +74,8 @@ def test_lora_bytes_are_exact(tiny_model, tmp_path):
             assert c["trainable_params"] * 4 == c["bytes_up"]
 
 
-def test_full_ft_model_dir_reproduces_reported_perplexity(tiny_model, tmp_path):
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_merged_model_dir_reproduces_reported_perplexity(method, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hetlora.config import load_config
@@ -80,7 +83,7 @@ def test_full_ft_model_dir_reproduces_reported_perplexity(tiny_model, tmp_path):
     from hetlora.runtime.local import Simulation
 
     out = tmp_path / "o"
-    rows, _ = run(tiny_model, out, "method='flora'")
+    rows, _ = run(tiny_model, out, f"method='{method}'")
     sim = Simulation(load_config(out / "config.toml"))
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     _, ppl = perplexity(merged, sim.model.eval_items, 16, sim.model.pad_id)
