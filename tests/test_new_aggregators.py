@@ -247,3 +247,18 @@ def test_make_server_builds_the_new_methods_with_their_options():
 def test_new_methods_refuse_options_that_do_not_apply(values, message):
     with pytest.raises(HetLoRAError, match=message):
         make_config(values)
+
+
+def test_a_recon_svd_checkpoint_from_before_the_svd_options_resumes_on_the_dense_path():
+    server = ReconSVDServer(factors(R_MAX, 0), RANKS)
+    state = dict(server.__dict__)
+    for key in ("path", "split", "_replies"):
+        del state[key]  # what an older checkpoint pickled
+    old = ReconSVDServer.__new__(ReconSVDServer)
+    old.__setstate__(state)
+    assert (old.path, old.split, old._replies) == ("dense", "b", [])
+    ups = replies()
+    run_round(old, ups)
+    run_round(server, ups)
+    for name in SHAPES:
+        torch.testing.assert_close(old.factors[name][0], server.factors[name][0])

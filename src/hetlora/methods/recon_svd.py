@@ -119,6 +119,13 @@ class ReconSVDServer(Server):
         self._total = 0.0
         self._weights: dict[str, float] = {}
 
+    def __setstate__(self, state: dict) -> None:
+        # a checkpoint written before the SVD options existed resumes on the path it ran
+        state.setdefault("path", "dense")
+        state.setdefault("split", "b")
+        state.setdefault("_replies", [])
+        self.__dict__.update(state)
+
     def task(self, client_id: str) -> ClientTask:
         rank = self.ranks[client_id]
         return ClientTask(client_id, "lora", rank=rank, factors=truncate(self.factors, rank))
