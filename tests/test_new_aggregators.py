@@ -3,6 +3,8 @@ its published rule with non-degenerate values: a changed weight, split or paddin
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -251,7 +253,7 @@ def test_new_methods_refuse_options_that_do_not_apply(values, message):
 
 def test_a_recon_svd_checkpoint_from_before_the_svd_options_resumes_on_the_dense_path():
     server = ReconSVDServer(factors(R_MAX, 0), RANKS)
-    state = dict(server.__dict__)
+    state = copy.deepcopy(server.__dict__)
     for key in ("path", "split", "_replies"):
         del state[key]  # what an older checkpoint pickled
     old = ReconSVDServer.__new__(ReconSVDServer)
