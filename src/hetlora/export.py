@@ -95,7 +95,7 @@ def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool 
         raise HetLoRAError(f"--out {out_dir} exists and is not an empty directory")
     if (run_dir / "model" / "config.json").is_file():
         raise HetLoRAError(
-            f"{run_dir} holds a merged model (FLoRA or full fine-tuning), not an adapter: "
+            f"{run_dir} holds a merged model (FLoRA, FedEx-LoRA or full fine-tuning), not an adapter: "
             f"use {run_dir / 'model'} directly"
         )
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
