@@ -1,6 +1,7 @@
 """Talk to the result of a run (``hetlora chat``): its global model, as a device tier runs it.
 
-For HetLoRA, HomLoRA and Recon+SVD the run's global adapter is cut to rank R as a device of
+For the methods with a global adapter, the run's global adapter (or an adapter folder that
+``hetlora export`` wrote) is cut to rank R as a device of
 tier R receives it (:mod:`hetlora.export`) and loaded onto the base model with
 ``PeftModel.from_pretrained``; for FLoRA and full fine-tuning the run's merged ``model/`` is
 loaded. A reply is the greedy continuation of the conversation rendered as the run rendered
@@ -59,33 +60,30 @@ class ChatModel:
         )[0]
 
 
-def load_chat_model(
-    run_dir: Path | str, rank: int | None = None, max_new_tokens: int | None = None
-) -> ChatModel:
-    """Load a finished run's global model at ``rank`` (default: the adapter's full rank).
-
-    Raises:
-        HetLoRAError: not a finished run, ``rank`` outside [1, adapter rank], or ``rank``
-            given for a merged model (FLoRA, full fine-tuning).
-    """
+def _source(path: Path) -> tuple[Any, dict[str, Any], Path, str, bool]:
+    """The config, summary (or export metadata), adapter or model folder, base model and
+    whether the folder is a merged model, of a run directory or of an adapter folder written
+    by ``hetlora export``."""
     import json
 
-    from hetlora.config import load_config
-    from hetlora.export import export_adapter, read_adapter, tier_settings
-    from hetlora.hardware import resolve_bf16, resolve_device, use_cpu_attention
-    from hetlora.models import load_base_model
+    from hetlora.config import drop_inapplicable, load_config, make_config
+    from hetlora.export import exported_base, is_exported, read_export_meta
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise HetLoRAError(f"no such run directory: {run_dir}")
-    merged = run_dir / "model" / "config.json"
-    adapter = run_dir / "adapter" / "adapter_config.json"
-    if not (run_dir / "config.toml").is_file() or not (merged.is_file() or adapter.is_file()):
+    if not path.is_dir():
+        raise HetLoRAError(f"no such run directory or adapter folder: {path}")
+    if is_exported(path):
+        meta = read_export_meta(path)
+        cfg = make_config(drop_inapplicable(meta["config"], str(path / "hetlora.json")))
+        return cfg, meta, path, exported_base(path, meta), False
+    merged = path / "model" / "config.json"
+    adapter = path / "adapter" / "adapter_config.json"
+    if not (path / "config.toml").is_file() or not (merged.is_file() or adapter.is_file()):
         raise HetLoRAError(
-            f"{run_dir} is not a finished run (needs config.toml and adapter/ or model/)"
+            f"{path} is not a finished run (needs config.toml and adapter/ or model/) "
+            "nor an adapter folder from `hetlora export`"
         )
-    cfg = load_config(run_dir / "config.toml", stored=True)
-    summary_file = run_dir / "summary.json"
+    cfg = load_config(path / "config.toml", stored=True)
+    summary_file = path / "summary.json"
     summary: object = {}
     if summary_file.is_file():
         try:
@@ -94,29 +92,49 @@ def load_chat_model(
             raise HetLoRAError(f"{summary_file}: unreadable ({exc})") from None
     if not isinstance(summary, dict):
         raise HetLoRAError(f"{summary_file}: expected a JSON object, got {type(summary).__name__}")
+    folder = path / ("model" if merged.is_file() else "adapter")
+    return cfg, summary, folder, cfg.model, merged.is_file()
+
+
+def load_chat_model(
+    run_dir: Path | str, rank: int | None = None, max_new_tokens: int | None = None
+) -> ChatModel:
+    """Load a finished run's global model, or an exported adapter, at ``rank`` (default: the
+    adapter's full rank).
+
+    Raises:
+        HetLoRAError: neither a finished run nor an exported adapter, ``rank`` outside
+            [1, adapter rank], or ``rank`` given for a merged model (FLoRA, full fine-tuning).
+    """
+    from hetlora.export import export_adapter, read_adapter, tier_settings
+    from hetlora.hardware import resolve_bf16, resolve_device, use_cpu_attention
+    from hetlora.models import load_base_model
+
+    run_dir = Path(run_dir)
+    cfg, summary, folder, base_name, is_merged = _source(run_dir)
     device = resolve_device(cfg.device)
     bf16 = resolve_bf16(cfg.precision, device)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise HetLoRAError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if merged.is_file():
+    if is_merged:
         if rank is not None:
             raise HetLoRAError(
                 f"--rank does not apply: {run_dir} holds a merged model ({cfg.method}), "
                 "not an adapter with ranks"
             )
-        base = load_base_model(str(run_dir / "model"), device)
+        base = load_base_model(str(folder), device)
         use_cpu_attention(base.model, device)
         model = base.model
     else:
         from peft import PeftModel
 
-        factors, adapter_cfg = read_adapter(run_dir / "adapter")
+        factors, adapter_cfg = read_adapter(folder, base=base_name)
         rank, scale, targets = tier_settings(factors, adapter_cfg, rank)
-        base = load_base_model(cfg.model, device)
+        base = load_base_model(base_name, device)
         use_cpu_attention(base.model, device)
         with tempfile.TemporaryDirectory(prefix="hetlora-chat-") as tmp:
-            folder = export_adapter(factors, rank, scale, targets, base.path, Path(tmp))
-            model = PeftModel.from_pretrained(base.model, str(folder)).to(device)
+            cut = export_adapter(factors, rank, scale, targets, base.path, Path(tmp))
+            model = PeftModel.from_pretrained(base.model, str(cut)).to(device)
     model.eval()
     log.info("chat: %s at rank %s on %s", run_dir, rank if rank is not None else "-", device)
     return ChatModel(

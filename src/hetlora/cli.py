@@ -408,23 +408,37 @@ def report(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (from `hetlora run`).")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A finished run directory, or an adapter folder from `hetlora export`."
+        ),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Measure on this data's held-out split instead of the run's."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Reload a run's adapter with PeftModel.from_pretrained and re-measure its perplexity.
+    """Reload an adapter with PeftModel.from_pretrained and re-measure its perplexity.
 
-    Uses the run's config.toml to rebuild the same held-out set; prints the perplexity it
-    measures next to the one metrics.jsonl reports for the last evaluated round.
+    Rebuilds the run's held-out set from its config (config.toml, or the copy an export keeps
+    in hetlora.json); prints the perplexity it measures next to the one the run reported: the
+    last evaluated round for a run, tier_ppl at the adapter's rank for an export.
     """
     _quiet_libraries(verbose)
     with _one_line_errors(), console.status("loading the base model and the adapter, evaluating"):
         from hetlora.runtime.local import evaluate_run
 
-        result = evaluate_run(run_dir)
+        result = evaluate_run(run_dir, data=data)
+    reported = (
+        f"{result['reported_as']} reports {result['reported_ppl']:.4f}"
+        if result["reported_ppl"] is not None
+        else f"(another held-out set than the run's: {data})"
+    )
     console.print(
-        f"round {result['round']}: perplexity {result['eval_ppl']:.4f} measured from adapter/ "
-        f"({result['eval_examples']} held-out examples, bf16={result['bf16']}); "
-        f"metrics.jsonl reports {result['reported_ppl']:.4f}"
+        f"perplexity {result['eval_ppl']:.4f} measured from {run_dir} "
+        f"({result['eval_examples']} held-out examples, bf16={result['bf16']}); {reported}"
     )
 
 
@@ -436,25 +450,44 @@ def export(
     merge: Annotated[
         bool, typer.Option("--merge", help="Write the base model with the adapter merged in.")
     ] = False,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="The base_model_name_or_path the adapter records (default: the hub id of the "
+            "packaged model, else the run's model as its config names it).",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="With --merge: fp32, bf16 or fp16 (default: the base's own)."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Export the global adapter cut to one device tier's rank (PEFT format), or merged.
 
-    A device of rank R runs the first R columns of B and rows of A at the same scale; the
-    adapter loads with PeftModel.from_pretrained, the merged folder with from_pretrained.
+    A device of rank R runs the first R columns of B and rows of A at the same scale. The
+    adapter folder holds PEFT's files, the tokenizer and hetlora.json (the run's config and the
+    tier's perplexity); it loads with AutoPeftModelForCausalLM, `hetlora evaluate` and
+    `hetlora chat`. The merged folder loads with from_pretrained.
     """
     _quiet_libraries(verbose)
     with _one_line_errors():
         from hetlora.export import export_run
 
-        path = export_run(run_dir, rank, out, merge=merge)
+        path = export_run(run_dir, rank, out, merge=merge, base_model=base_model, dtype=dtype)
     kind = "merged model" if merge else "adapter"
     console.print(f"wrote the rank-{rank} {kind} to {path}")
 
 
 @app.command()
 def chat(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (any method).")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A finished run directory (any method), or an adapter folder from `hetlora export`."
+        ),
+    ],
     rank: Annotated[
         int | None,
         typer.Option(

@@ -509,13 +509,21 @@ def load_config(
             values.update(tomllib.loads(path.read_text()))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise HetLoRAError(f"config file {path} is not valid TOML: {exc}") from None
-        if stored and (unused := inapplicable(values)):
-            log.warning("%s: %s did not apply to this run; ignored", path, ", ".join(unused))
-            values = {k: v for k, v in values.items() if k not in unused}
+        if stored:
+            values = drop_inapplicable(values, str(path))
     for item in overrides or []:
         key, value = _parse_override(item)
         values[key] = value
     return make_config(values)
+
+
+def drop_inapplicable(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A run's stored keys without those that did not apply to it (:func:`inapplicable`, e.g.
+    ``r_min`` of a ``full_ft`` run an older version wrote), with a warning naming ``source``."""
+    if unused := inapplicable(values):
+        log.warning("%s: %s did not apply to this run; ignored", source, ", ".join(unused))
+        values = {k: v for k, v in values.items() if k not in unused}
+    return values
 
 
 def stored_model(model: str) -> str:

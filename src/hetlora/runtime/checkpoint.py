@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hetlora.errors import HetLoRAError
+from hetlora.fsutil import umask
 
 FILE = "checkpoint.pt"
 #: Format written; ``load`` also reads format 1 (model fingerprint of the prepared base).
@@ -58,6 +59,7 @@ def save(out_dir: Path, payload: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())  # mkstemp's 0600: readable as others are
             torch.save({"version": VERSION, **payload}, fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -651,42 +651,67 @@ def run(
     return Simulation(cfg, progress).run(out_dir, overwrite=overwrite)
 
 
-def evaluate_run(run_dir: Path | str) -> dict[str, Any]:
-    """Reload a finished run's adapter with ``PeftModel.from_pretrained`` and re-measure it.
+def evaluate_run(run_dir: Path | str, data: str | None = None) -> dict[str, Any]:
+    """Reload a finished run's adapter, or an adapter folder from ``hetlora export``, with
+    ``PeftModel.from_pretrained`` and re-measure it.
 
-    Rebuilds the held-out set from the run's ``config.toml`` (same seed, same split), loads the
-    base model and the saved ``adapter/`` the way a user would, and returns the perplexity it
-    measures next to the one ``metrics.jsonl`` reports for the last round.
+    Rebuilds the held-out set from the run's config (its ``config.toml``, or the copy in the
+    export's ``hetlora.json``; ``data`` replaces its ``data`` key), loads the base model and the
+    adapter the way a user would, and returns the perplexity it measures next to the one the run
+    reported: ``metrics.jsonl``'s last round for a run, ``tier_ppl`` at the adapter's rank for an
+    export (``None`` where ``data`` changed the held-out set).
     """
     from peft import PeftModel
 
-    from hetlora.config import load_config
+    from hetlora.config import drop_inapplicable, load_config, make_config
+    from hetlora.export import exported_base, is_exported, read_export_meta
 
     run_dir = Path(run_dir)
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
-        if not (run_dir / name).is_file():
-            raise HetLoRAError(f"{run_dir} is not a finished run: {name} is missing")
-    cfg = load_config(run_dir / "config.toml", stored=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    reported = [r for r in rows if "eval_ppl" in r][-1]
+    if is_exported(run_dir):
+        meta = read_export_meta(run_dir)
+        values = drop_inapplicable(meta["config"], str(run_dir / "hetlora.json"))
+        cfg = make_config({**values, **({"data": data} if data else {})})
+        adapter_dir, base_name, bf16 = run_dir, exported_base(run_dir, meta), bool(meta["bf16"])
+        reported: dict[str, Any] = {"round": None, "eval_ppl": meta.get("tier_ppl")}
+        what = f"tier_ppl at rank {meta.get('rank')}"
+        original_data = values.get("data")
+    else:
+        for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):
+            if not (run_dir / name).is_file():
+                raise HetLoRAError(
+                    f"{run_dir} is neither a finished run ({name} is missing) nor an adapter "
+                    "folder from `hetlora export`"
+                )
+        original_data = load_config(run_dir / "config.toml", stored=True).data
+        cfg = load_config(
+            run_dir / "config.toml",
+            stored=True,
+            overrides=[f"data={json.dumps(data)}"] if data else None,
+        )
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        reported = [r for r in rows if "eval_ppl" in r][-1]
+        adapter_dir, base_name, bf16 = run_dir / "adapter", cfg.model, bool(summary["bf16"])
+        what = f"metrics.jsonl's round {reported['round']}"
+    changed = data is not None and data != original_data
     device = resolve_device(cfg.device)
-    base = load_base_model(cfg.model, device)
+    base = load_base_model(base_name, device)
     use_cpu_attention(base.model, device)
-    model = PeftModel.from_pretrained(base.model, str(run_dir / "adapter")).to(device)
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir)).to(device)
     train_data, _, test_data = federated_splits(cfg)
     renderer = make_renderer(
         base.tokenizer, cfg.chat_template, [ex for v in train_data.values() for ex in v]
     )
     items = renderer.tokenize_all(eval_set(test_data, cfg.eval_examples, cfg.seed), cfg.max_seq_len)
     loss, ppl = perplexity(
-        model, items, cfg.eval_batch_size, base.tokenizer.pad_token_id, device, bf16=summary["bf16"]
+        model, items, cfg.eval_batch_size, base.tokenizer.pad_token_id, device, bf16=bf16
     )
     return {
         "round": reported["round"],
-        "reported_ppl": reported["eval_ppl"],
+        "reported_ppl": None if changed else reported["eval_ppl"],
+        "reported_as": what,
         "eval_loss": loss,
         "eval_ppl": ppl,
-        "bf16": summary["bf16"],
+        "bf16": bf16,
         "eval_examples": len(items),
     }

@@ -1,0 +1,161 @@
+"""An exported adapter travels: it loads from a copy elsewhere with AutoPeftModelForCausalLM,
+`hetlora evaluate` and `hetlora chat`, giving its run's tier perplexity; files are readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hetlora.cli import app
+
+SETTINGS = [
+    "rounds=2",
+    "clients_per_round=2",
+    "local_steps=2",
+    "batch_size=4",
+    "lr=0.01",
+    "eval_examples=16",
+    "rouge_examples=0",
+    "max_new_tokens=4",
+    "precision='fp32'",
+    "min_examples=120",
+    "r_min=2",
+    "r_max=8",
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path_factory.mktemp("travel") / "run"
+        args = ["run", "--out", str(out), "--set", f"model='{tiny_model}'"]
+        for item in SETTINGS:
+            args += ["--set", item]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def _modes(folder):
+    return {
+        p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in [folder, *folder.rglob("*")]
+    }
+
+
+def test_exported_adapter_loads_from_a_copy_with_its_tier_perplexity(
+    finished, tiny_model, tmp_path
+):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hetlora.runtime.local import evaluate_run
+
+    run_dir, summary = finished
+    rank = min(int(r) for r in summary["tier_ppl"])
+    old = os.umask(0o022)
+    try:
+        res = CliRunner().invoke(
+            app,
+            [
+                "export",
+                str(run_dir),
+                "--rank",
+                str(rank),
+                "--out",
+                str(tmp_path / "x"),
+                "--base-model",
+                str(tiny_model),
+            ],
+        )
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    modes = _modes(tmp_path / "x")
+    assert modes["."] == 0o755 and modes["adapter_model.safetensors"] == 0o644, modes
+    assert set(modes.values()) <= {0o644, 0o755}, modes
+    copy = tmp_path / "device" / "adapter"
+    shutil.copytree(tmp_path / "x", copy)
+    shutil.rmtree(tmp_path / "x")
+    config = json.loads((copy / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model) and config["r"] == rank
+    meta = json.loads((copy / "hetlora.json").read_text())
+    assert meta["rank"] == rank and meta["tier_ppl"] == summary["tier_ppl"][str(rank)]
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(copy))  # names its own base
+    tokenizer = AutoTokenizer.from_pretrained(str(copy))  # saved beside the adapter
+    assert tokenizer("to be or not")["input_ids"]
+    direct = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(copy))
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, direct(ids).logits)
+
+    result = evaluate_run(copy)
+    assert result["eval_ppl"] == pytest.approx(summary["tier_ppl"][str(rank)], rel=1e-5)
+    assert result["reported_ppl"] == summary["tier_ppl"][str(rank)]
+    res = CliRunner().invoke(app, ["evaluate", str(copy)])
+    assert res.exit_code == 0 and f"tier_ppl at rank {rank} reports" in res.output, res.output
+
+    prompt = ["chat", "--prompt", "to be or not", "--max-new-tokens", "6"]
+    from_copy = CliRunner().invoke(app, [*prompt[:1], str(copy), *prompt[1:]])
+    from_run = CliRunner().invoke(app, [prompt[0], str(run_dir), "--rank", str(rank), *prompt[1:]])
+    assert from_copy.exit_code == 0 and from_run.exit_code == 0, from_copy.output
+    assert from_copy.output == from_run.output
+
+
+def test_export_names_a_portable_base_and_merges_in_a_chosen_dtype(finished, tmp_path):
+    from safetensors import safe_open
+
+    from hetlora.export import exported_base
+    from hetlora.models import DEFAULT_HUB_ID, DEFAULT_MODEL, portable_name
+
+    assert portable_name(DEFAULT_MODEL) == DEFAULT_HUB_ID
+    assert portable_name("org/model") == "org/model"
+    # the packaged model's hub id names other (unquantised) weights: load the packaged copy
+    assert exported_base(tmp_path, {"base_model": DEFAULT_MODEL}) == DEFAULT_MODEL
+
+    run_dir, _ = finished
+    ckpt = run_dir / "checkpoint.pt"
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o644  # not mkstemp's 0600
+    res = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(run_dir),
+            "--rank",
+            "2",
+            "--merge",
+            "--dtype",
+            "bf16",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
+        dtypes = {fh.get_tensor(k).dtype for k in fh.keys()}
+    assert dtypes == {torch.bfloat16}
+    res = CliRunner().invoke(
+        app, ["export", str(run_dir), "--rank", "2", "--merge", "--out", str(tmp_path / "m32")]
+    )
+    assert res.exit_code == 0, res.output
+    with safe_open(str(tmp_path / "m32" / "model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}  # the base's own
+    for bad, line in (
+        (["--merge", "--base-model", "x/y"], "--base-model applies to an adapter export"),
+        (["--dtype", "bf16"], "--dtype applies to --merge"),
+        (["--merge", "--dtype", "int8"], "--dtype must be one of fp32, bf16, fp16"),
+    ):
+        res = CliRunner().invoke(
+            app, ["export", str(run_dir), "--rank", "2", "--out", str(tmp_path / "bad"), *bad]
+        )
+        assert res.exit_code == 2 and line in res.stderr, res.output
