@@ -183,7 +183,8 @@ def run(
         typer.Option(
             "--resume",
             help="Continue the run in this directory from its last complete round "
-            "(its config.toml, unless --config/--set are given; they must match).",
+            "(its config.toml, unless --config/--set are given; they must match, except a "
+            "larger rounds, which extends a finished run).",
         ),
     ] = None,
     verbose: Verbose = False,

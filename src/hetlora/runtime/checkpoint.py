@@ -102,6 +102,10 @@ def check_matches(
 ) -> None:
     """Refuse a checkpoint made with another config, base model or client data.
 
+    ``rounds`` alone may differ: a run (finished or not) continues to a larger number of rounds
+    (at least the rounds done), as the same run made straight to that number would, except
+    where ``dp_target_epsilon`` calibrated the noise for the planned rounds.
+
     ``model`` is the fingerprint of the base as loaded; ``prepared_model`` gives that of the
     base as prepared in this process, which a format-1 checkpoint holds. A checkpoint of an
     older version is compared with its old keys translated, and a key it predates taken at its
@@ -111,6 +115,19 @@ def check_matches(
 
     saved = {**Config().to_dict(), **translate_old_keys(payload["config"], warn=False)}
     saved["model"] = stored_model(saved["model"])  # a relative path of an older run
+    if config.get("rounds") != saved.get("rounds"):  # more rounds extend a run, as a straight one
+        done = int(payload["round"])
+        if int(config["rounds"]) < done:
+            raise HetLoRAError(
+                f"the checkpoint has {done} rounds done: rounds must be at least {done} to "
+                f"resume it, got {config['rounds']}"
+            )
+        if saved.get("dp_target_epsilon"):
+            raise HetLoRAError(
+                f"rounds cannot change on resume with dp_target_epsilon set: the noise was "
+                f"calibrated for {saved['rounds']} rounds"
+            )
+        saved["rounds"] = config["rounds"]
     if saved != config:
         changed = sorted(k for k in set(config) | set(saved) if saved.get(k) != config.get(k))
         raise HetLoRAError(

@@ -14,6 +14,7 @@ import functools
 import json
 import shutil
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -433,13 +434,17 @@ class RoundLoop:
         """Run every round, writing the output directory as it goes; returns the summary.
 
         A checkpoint is written after every round; with ``resume`` the run continues from the
-        last complete round in ``out_dir`` (same config, model and data, else refused).
+        last complete round in ``out_dir`` (same config, model and data, else refused; more
+        ``rounds`` extend the run).
         """
         cfg = self.cfg
         metrics: list[dict[str, Any]] = []
         base: dict[str, Any] = {}
         if resume:
             metrics, base = self._restore(out_dir)
+            stored = tomllib.loads((out_dir / "config.toml").read_text())
+            if stored.get("rounds") != cfg.rounds:  # extended: the file says what now ran
+                cfg.save(out_dir / "config.toml")
         else:
             check_out_dir(out_dir, overwrite)
             _prepare_out_dir(out_dir)
