@@ -41,7 +41,13 @@ def rank_of(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
 
 
 def truncate(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> Factors:
-    """Keep the first ``rank`` columns of every B and rows of every A (HetLoRA distribution)."""
+    """Keep the first ``rank`` columns of every B and rows of every A (HetLoRA distribution).
+
+    >>> import torch
+    >>> cut = truncate({"q": (torch.ones(4, 8), torch.ones(8, 6))}, 3)
+    >>> tuple(cut["q"][0].shape), tuple(cut["q"][1].shape)
+    ((4, 3), (3, 6))
+    """
     if rank < 1:
         raise HetLoRAError(f"rank must be >= 1, got {rank}")
     out: Factors = {}
@@ -53,7 +59,13 @@ def truncate(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int
 
 
 def pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad ``B`` (columns) and ``A`` (rows) from their rank up to ``rank``."""
+    """Zero-pad ``B`` (columns) and ``A`` (rows) from their rank up to ``rank``.
+
+    >>> import torch
+    >>> b, a = pad(torch.ones(4, 2), torch.ones(2, 6), 5)
+    >>> tuple(b.shape), float(b[:, 2:].abs().sum()), torch.equal(b @ a, torch.full((4, 6), 2.0))
+    ((4, 5), 0.0, True)
+    """
     r = b.shape[1]
     if r > rank:
         raise HetLoRAError(f"cannot pad rank {r} down to rank {rank}")
@@ -125,6 +137,11 @@ def pruned_rank(rank: int, r_min: int, gamma: float, tail_before: float, tail_af
 
     If local training shrank the tail (``tail_after < tail_before``), the rank drops to
     ``max(r_min, floor(gamma * rank))``; otherwise it stays. It never grows.
+
+    >>> pruned_rank(20, r_min=4, gamma=0.9, tail_before=1.0, tail_after=0.5)
+    18
+    >>> pruned_rank(20, r_min=4, gamma=0.9, tail_before=0.5, tail_after=1.0)
+    20
     """
     if tail_after < tail_before:
         return max(r_min, min(rank, tail_start(rank, gamma)))
