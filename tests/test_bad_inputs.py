@@ -41,4 +41,5 @@ def test_every_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path):
         assert "Traceback" not in r["stderr"], r
         assert r["expect"] in lines[0], r
         assert r["untouched"], r
+        assert r["stdout"] == "", r  # nothing above the error: no stray progress bar
     assert not (tmp_path / "out").exists()

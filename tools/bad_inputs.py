@@ -198,6 +198,16 @@ CASES: list[tuple[str, list[str], str]] = [
         "nope",
     ),
     ("non-empty --out without --overwrite", ["run", "--out", "{full_out}"], "is not empty"),
+    (
+        "compare into a non-empty --out names --resume",
+        ["compare", "--config", "{one_compare}", "--out", "{full_out}"],
+        "use --resume to go on with it, or --overwrite",
+    ),
+    (
+        "CSV with a messages column",
+        ["run", "--out", "{out}", "--set", "data='{messages_csv}'"],
+        "a CSV cannot hold lists",
+    ),
     ("--out is a file", ["run", "--out", "{a_file}"], "not a directory"),
     ("unknown flag", ["run", "--bogus"], "No such option '--bogus'"),
     ("flag without its value", ["run", "--out", "{out}", "--set"], "requires an argument"),
@@ -228,7 +238,7 @@ CASES: list[tuple[str, list[str], str]] = [
         ["export", "{empty_dir}", "--rank", "2", "--out", "{out}"],
         "not a PEFT adapter folder",
     ),
-    ("evaluate a folder that is no run", ["evaluate", "{empty_dir}"], "not a finished run"),
+    ("evaluate a folder that is no run", ["evaluate", "{empty_dir}"], "is neither a finished run"),
     (
         "report of a folder that is no run",
         ["report", "{empty_dir}"],
@@ -356,6 +366,10 @@ def make_fixtures(tmp: Path, env: dict[str, str], runner: Runner = cli) -> dict[
         "bad_key_toml": write("bad.toml", "rouunds = 3\n"),
         "broken_toml": write("broken.toml", "rounds = = 3\n"),
         "plain_toml": write("plain.toml", "rounds = 1\n"),
+        "one_compare": write("one.toml", '[[compare]]\nname = "a"\nmethod = "hetlora"\n'),
+        "messages_csv": write(
+            "chat.csv", 'client_id,messages\na,"[{""role"": ""user"", ""content"": ""hi""}]"\n'
+        ),
         "bad_compare": write("bad-compare.toml", '[[compare]]\nname = "x"\nlearning_rate = 1\n'),
         "no_columns": jsonl("cols.jsonl", [{"question": "a", "answer": "b"}] * 3),
         "empty": write("empty.jsonl", ""),
@@ -412,6 +426,7 @@ def run_cases(tmp: Path, runner_for: Callable[[str], Runner] = lambda what: cli)
                 .replace(str(tmp), "."),
                 "code": done.returncode,
                 "stderr": done.stderr.strip(),
+                "stdout": done.stdout.strip(),
                 "expect": expect.format(**fx),
                 "untouched": before == after,
             }

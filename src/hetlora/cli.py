@@ -81,6 +81,11 @@ class LiveProgress:
         self.rounds = progress.add_task("rounds", total=None, status="setting up")
         self.steps = progress.add_task("client", total=None, status="", visible=False)
 
+    def reset(self) -> None:
+        """A new run in the same display (the next method of a comparison): rounds from 0."""
+        self.progress.reset(self.rounds, total=None, status="setting up")
+        self.progress.update(self.steps, visible=False)
+
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         p = self.progress
@@ -147,7 +152,11 @@ def _fmt_ranks(ranks: list[int]) -> str:
 
 
 def _final_table(metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Table:
-    table = Table(title=f"HetLoRA run: {summary['clients']} clients, {summary['rounds']} rounds")
+    rounds, clients = summary["rounds"], summary["clients"]
+    table = Table(
+        title=f"{summary.get('method', 'hetlora')} run: {clients} client{'s' * (clients != 1)}, "
+        f"{rounds} round{'s' * (rounds != 1)}"
+    )
     for col in ("round", "train loss", "eval ppl", "ranks", "up", "down", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for m in metrics:
@@ -210,7 +219,8 @@ def run(
             cfg = load_config(config or out / "config.toml", set_ or [], stored=config is None)
         else:
             cfg = load_config(config, set_ or [])
-            check_out_dir(out, overwrite)
+            hint = f"--resume {out}" if (out / "checkpoint.pt").is_file() else ""
+            check_out_dir(out, overwrite, resume_hint=hint)
         with _progress_display() as progress:
             live = LiveProgress(progress)
             sim = Simulation(cfg, progress=live)
@@ -244,8 +254,11 @@ def run(
     console.print(f"run directory: {out}  (global adapter: {out / 'adapter'})")
 
 
-def _progress_display() -> Progress:
-    return Progress(
+@contextmanager
+def _progress_display() -> Iterator[Progress]:
+    """The live display of a run or comparison; on a failure its bars are hidden first, so the
+    one-line error is all that stays on the screen."""
+    progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -254,6 +267,16 @@ def _progress_display() -> Progress:
         console=console,
         transient=False,
     )
+    with progress:
+        try:
+            yield progress
+        except BaseException:
+            progress.live.transient = True  # erased, not left above the error
+            for task in list(progress.tasks):
+                progress.remove_task(task.id)
+            progress.live.stop()
+            progress.disable = True  # no closing blank line from Progress.stop either
+            raise
 
 
 @app.command()
@@ -313,7 +336,7 @@ def compare(
                 )
             entries = kept
         if not resume:  # refused before any work (run_comparison checks the rest)
-            check_out_dir(out, overwrite)
+            check_out_dir(out, overwrite, resume_hint="--resume")
         with _progress_display() as progress:
             live = LiveProgress(progress)
             methods = progress.add_task("methods", total=len(entries), status="")
@@ -323,6 +346,7 @@ def compare(
                     if event["index"]:
                         progress.advance(methods)
                     progress.update(methods, status=event["name"])
+                    live.reset()
                     done = " (finished earlier, kept)" if event.get("state") == "done" else ""
                     progress.console.print(f"[bold]== {event['name']}[/]{done}")
                 else:

@@ -292,6 +292,8 @@ def plot_curves(runs: Runs, out_dir: Path, title: str = "") -> list[Path]:
             label_n = f"{name} ({len(seeds)} seeds)" if seeded else name
             _line(ax, xs, mean, low, high, label_n, band=len(seeds) > 1)
         ax.set_xlabel(label)
+        if x == "round":
+            _integer_ticks(ax)
         which = "validation" if y == "val_ppl" else "held-out test"
         ax.set_ylabel(f"{which} perplexity" + (" (mean, min-max band)" if seeded else ""))
         if log:
@@ -301,6 +303,13 @@ def plot_curves(runs: Runs, out_dir: Path, title: str = "") -> list[Path]:
         ax.set_title(title or f"{which} perplexity")
         written.append(_save(fig, out_dir / fname))
     return written
+
+
+def _integer_ticks(ax: Any) -> None:
+    """Whole numbers only on the x axis (rounds are counted, never fractional)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_rank_dynamics(runs: Runs, out_dir: Path) -> Path | None:
@@ -326,6 +335,7 @@ def plot_rank_dynamics(runs: Runs, out_dir: Path) -> Path | None:
     right.set_title("every client's current rank (mean; band: min-max)", fontsize=10)
     for ax in (left, right):
         ax.set_xlabel("round")
+        _integer_ticks(ax)
         ax.set_ylabel("rank")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

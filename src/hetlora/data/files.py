@@ -144,6 +144,11 @@ def _csv_options(path: Path) -> dict[str, Any]:
         header = pd.read_csv(path, nrows=0)
     except Exception as exc:  # an unreadable header is the file's fault
         raise HetLoRAError(f"cannot read {path} as csv: {_one_line(exc)}") from exc
+    if "messages" in {str(c) for c in header.columns}:
+        raise HetLoRAError(
+            f"{path}: a CSV cannot hold lists, so its 'messages' column cannot be a conversation: "
+            "use JSONL or parquet (or prompt/response columns)"
+        )
     features = datasets.Features({str(c): datasets.Value("string") for c in header.columns})
     return {"features": features, "keep_default_na": False, "na_filter": False}
 

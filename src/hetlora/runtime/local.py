@@ -73,13 +73,15 @@ OUTPUT_FILES = (
 )
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite`` (checked before any work)."""
+def check_out_dir(out_dir: Path, overwrite: bool, resume_hint: str = "") -> None:
+    """Refuse a non-empty output directory unless ``overwrite`` (checked before any work);
+    ``resume_hint`` names the option that would continue what is there."""
     if out_dir.exists() and not out_dir.is_dir():
         raise HetLoRAError(f"--out {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        go_on = f"{resume_hint} to go on with it, or " if resume_hint else ""
         raise HetLoRAError(
-            f"output directory {out_dir} is not empty (use --overwrite to replace it)"
+            f"output directory {out_dir} is not empty (use {go_on}--overwrite to replace it)"
         )
 
 
