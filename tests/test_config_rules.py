@@ -292,3 +292,25 @@ def test_rank_bounds_apply_to_lora_methods_only(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hetlora.config"):
         assert load_config(stored, stored=True) == Config(method="full_ft")
     assert "r_max did not apply to this run" in caplog.text
+
+
+def test_the_configuration_page_is_generated_from_the_keys():
+    """docs/configuration.md is what tools/config_reference.py writes from the keys' docs."""
+    import importlib.util
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("ref", root / "tools" / "config_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    assert (root / "docs" / "configuration.md").read_text() == ref.page()
+
+
+def test_every_key_has_a_description_and_defaults_read_back():
+    import tomllib
+
+    from hetlora.config import defaults_toml, key_docs
+
+    docs = key_docs()
+    assert [k for _, k, _, _ in docs] == list(Config().to_dict())
+    assert all(len(doc) > 10 for _, _, _, doc in docs)
+    assert tomllib.loads(defaults_toml()) == Config().to_dict()

