@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate
+.PHONY: demo test docs lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +46,16 @@ lint: $(STAMP)
 # One test at a time from a shared queue, longest first (tests/conftest.py), so both finish together.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts tools
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1 $(PYTEST_ARGS)
 
+# The docs site (mkdocs.yml: MkDocs, the Material theme, the API reference from the docstrings by
+# mkdocstrings) into site/; --strict: a broken link or API reference fails. `make test` builds it too.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs mutants
+	rm -rf $(VENV) runs mutants site
 
 # Mutation testing of lora.py, methods/ and client.py ([tool.mutmut] in pyproject.toml: the
 # fast unit tests, and the tiny-model client tests for client.py); docs/testing.md has the

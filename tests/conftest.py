@@ -22,7 +22,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # longest first. `make test` hands out one test at a time (--maxschedchunk 1), so these start
 # first and the two workers finish together instead of one waiting on the other's last long test.
 SLOW = (
+    "test_readme.py::test_every_readme_command_and_snippet_runs_as_pasted",
     "test_default_model.py::test_short_run_on_default_model",
+    "test_readme.py::test_docs_pages_marked_blocks_run_as_pasted",
     "test_flower.py::test_simulation_runtime_gives_the_in_process_adapter",
     "test_flower.py::test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node",
     "test_bench.py::test_bench_smoke_writes_every_key",

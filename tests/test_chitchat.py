@@ -1,5 +1,5 @@
 """The Chit Chat Challenge data set: turns, per-participant examples, their rendering, and the
-client counts the README and the module docstring state."""
+client counts docs/data.md and the module docstring state."""
 
 from __future__ import annotations
 

@@ -98,9 +98,9 @@ def test_the_cli_refuses_a_key_of_another_method(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_the_readme_table_is_the_rules_table():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert rules_markdown() in readme
+def test_the_configuration_page_has_the_rules_table():
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert rules_markdown() in page
 
 
 def test_names_are_defined_once():

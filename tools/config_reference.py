@@ -29,10 +29,35 @@ Any value other than the default is an error where a key does not apply:
 
 """
 
+FOOTER = """
+## Device tiers
+
+Instead of a uniform draw of each client's rank, a non-empty `tiers` list deals clients to
+named tiers by share:
+
+```toml
+tiers = [
+  { name = "phone", rank = 4, share = 0.6 },
+  { name = "tablet", rank = 8, share = 0.3 },
+  { name = "laptop", rank = 16, share = 0.1 },
+]
+```
+
+## Older keys, and comparison files
+
+Older keys still load, with a warning, so that `--resume` and `hetlora evaluate` work on older
+runs: `rank_distribution` (a non-empty `tiers` list now says `"tiers"`) and
+`data_size_factor = true` (now `aggregation = "sparsity_data_size"`). A run's own `config.toml`
+that holds a key where it does not apply (older versions wrote `r_min` and `r_max` for
+`full_ft`) loads with a warning naming the key, which did nothing in that run. In a comparison
+file a top-level key is shared by the entries it applies to (`r_max = 50` at the top is every
+LoRA entry's, not full FT's); an entry's own key must apply to it.
+"""
+
 
 def page() -> str:
     """The whole page."""
-    return HEADER + reference_markdown() + RULES + rules_markdown()
+    return HEADER + reference_markdown() + RULES + rules_markdown() + FOOTER
 
 
 def main() -> None:

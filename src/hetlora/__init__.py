@@ -5,10 +5,10 @@ On-Device Foundation Models", EMNLP 2024 (arXiv 2401.06432).
 
 The public API (imported on first use, so ``import hetlora`` stays light):
 
-- :func:`run`, :class:`Config`, :func:`make_config`, :func:`load_config`: configure and run
+- `run`, `Config`, `make_config`, `load_config`: configure and run
   (progress to the ``hetlora`` logger);
-- :func:`export_run`, :func:`evaluate_run`, :func:`load_chat_model`: use a finished run;
-- :func:`make_server` and the factor math :func:`truncate`, :func:`pad`, :func:`rank_of`, :func:`pruned_rank`.
+- `export_run`, `evaluate_run`, `load_chat_model`: use a finished run;
+- `make_server` and the factor math `truncate`, `pad`, `rank_of`, `pruned_rank`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ backward when only the activation gradient flows through it (a frozen weight und
 * full fine-tuning: ``tokens * 6 * N_body + targets * 6 * N_head``
 
 ``N_body`` counts the weights of the linear layers inside the decoder blocks; ``N_head`` is the
-output projection, which runs only at labelled positions (:func:`hetlora.evaluate.response_nll`);
+output projection, which runs only at labelled positions (`hetlora.evaluate.response_nll`);
 ``tokens`` are the real (non-padding) tokens and ``targets`` the labelled ones. Attention's
 score computation and norms are left out (small at these sequence lengths).
 """

@@ -1,11 +1,11 @@
 """Put LoRA factors into a PEFT model and take them out again.
 
-The base model is wrapped once (:func:`wrap`) with the global adapter named ``"default"`` at rank
+The base model is wrapped once (`wrap`) with the global adapter named ``"default"`` at rank
 r_max. A client's adapter of rank r_k is added next to it, trained, read out and deleted
-(:func:`attach`, :func:`detach`), so one base model serves every simulated client. Module names
+(`attach`, `detach`), so one base model serves every simulated client. Module names
 are the base model's own (``model.layers.0.self_attn.q_proj``).
 
-The fixed-shape variant (:func:`attach_fixed`, :func:`release_fixed`) keeps one client adapter at
+The fixed-shape variant (`attach_fixed`, `release_fixed`) keeps one client adapter at
 r_max for good and writes each client's rank-r_k factors into its first r_k positions, the rest
 zero: every client then runs modules of the same shapes, which a compiled step needs (issue 12).
 With PEFT's scale ``lora_alpha / r`` set to ``s`` at r_max, ``W0 + s B A`` is the same layer.

@@ -24,7 +24,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def log_progress(event: dict[str, Any]) -> None:
-    """The default progress of :func:`run`: one INFO line per stage and per round on the
+    """The default progress of `run`: one INFO line per stage and per round on the
     ``hetlora`` logger (``logging.basicConfig(level=logging.INFO)`` shows them)."""
     from hetlora.runtime.rounds import round_line
 
@@ -70,19 +70,21 @@ def run(
     (``summary.json``).
 
     Args:
-        config: a :class:`Config`, a dict of keys, a TOML file, or ``None`` (the defaults).
+        config: a `Config`, a dict of keys, a TOML file, or ``None`` (the defaults).
         out: the run directory (refused if not empty, unless ``overwrite`` or ``resume``).
         resume: continue the run in ``out`` from its checkpoint (config from its
             ``config.toml`` when ``config`` is ``None``; a larger ``rounds`` extends it).
-        progress: called with every progress event; default: :func:`log_progress`.
+        progress: called with every progress event; default: `log_progress`.
         **keys: config keys over ``config`` (``rounds=2``, ``data="chats.jsonl"``).
 
-    Example (the default model and data, two short rounds)::
+    Example (the default model and data, two short rounds):
 
-        import logging, hetlora
-        logging.basicConfig(level=logging.INFO)
-        summary = hetlora.run(rounds=2, local_steps=2, eval_examples=16, out="runs/api")
-        print(summary["final_ppl"], summary["tier_ppl"])
+    ```python
+    import logging, hetlora
+    logging.basicConfig(level=logging.INFO)
+    summary = hetlora.run(rounds=2, local_steps=2, eval_examples=16, out="runs/api")
+    print(summary["final_ppl"], summary["tier_ppl"])
+    ```
     """
     from hetlora.runtime.local import Simulation, check_out_dir
 

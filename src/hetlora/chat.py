@@ -2,10 +2,10 @@
 
 For the methods with a global adapter, the run's global adapter (or an adapter folder that
 ``hetlora export`` wrote) is cut to rank R as a device of
-tier R receives it (:mod:`hetlora.export`) and loaded onto the base model with
+tier R receives it (`hetlora.export`) and loaded onto the base model with
 ``PeftModel.from_pretrained``; for FLoRA and full fine-tuning the run's merged ``model/`` is
 loaded. A reply is the greedy continuation of the conversation rendered as the run rendered
-its training data (:class:`hetlora.data.chat.Renderer`): through the chat template when the
+its training data (`hetlora.data.chat.Renderer`): through the chat template when the
 run's examples went through it (``chat_template_used`` in ``summary.json``), else the last user
 turn raw, as a run on raw prompts or text trained.
 """

@@ -1,6 +1,6 @@
 """The ``hetlora`` command line: federated fine-tuning runs with live progress and a summary table.
 
-Only this module prints. Expected failures (:class:`~hetlora.errors.HetLoRAError`) become one
+Only this module prints. Expected failures (`hetlora.errors.HetLoRAError`) become one
 line on stderr and exit code 2.
 """
 
@@ -49,7 +49,7 @@ def _error_line(message: str) -> None:
 
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
-    """An expected failure (:class:`HetLoRAError`) inside: one ``error:`` line, exit code 2."""
+    """An expected failure (`HetLoRAError`) inside: one ``error:`` line, exit code 2."""
     try:
         yield
     except HetLoRAError as exc:
@@ -179,7 +179,10 @@ def _final_table(metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Tabl
 @app.command()
 def run(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML file of config keys (see README).")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="TOML file of config keys (`hetlora defaults` prints them all)."
+        ),
     ] = None,
     out: Out = Path("runs/latest"),
     set_: Annotated[

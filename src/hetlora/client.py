@@ -9,11 +9,11 @@ below its value as received, r_k <- max(r_min, floor(gamma r_k)). It uploads the
 the (possibly lower) rank. The loop is plain and top to bottom, like nanoGPT's ``train.py``.
 
 With ``fixed_rank`` (= r_max) the step's shapes do not depend on r_k: the client trains the
-fixed adapter at r_max (:func:`hetlora.adapters.attach_fixed`) with its factors in the first r_k
+fixed adapter at r_max (`hetlora.adapters.attach_fixed`) with its factors in the first r_k
 positions; positions above r_k start at zero and their gradients are zeroed after every
 backward, so AdamW (zero moments, zero update, decay of zero) keeps them exactly zero. The
-regulariser is :func:`hetlora.lora.masked_tail_norm`, and the upload is cut back to r_k (or the
-pruned rank) as before. This is the path a compiled model (:func:`hetlora.hardware.compile_layers`)
+regulariser is `hetlora.lora.masked_tail_norm`, and the upload is cut back to r_k (or the
+pruned rank) as before. This is the path a compiled model (`hetlora.hardware.compile_layers`)
 runs without recompiling for every rank.
 """
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyperparameters of local training (see :class:`hetlora.config.Config`)."""
+    """Hyperparameters of local training (see `hetlora.config.Config`)."""
 
     local_steps: int
     lr: float

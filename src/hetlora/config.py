@@ -1,7 +1,7 @@
 """Run configuration: one flat, typed record, read from TOML and ``--set key=value``.
 
-Every key is documented once, in :class:`Config`. :func:`load_config` rejects unknown keys,
-wrong types and out-of-range values with one :class:`~hetlora.errors.HetLoRAError` line.
+Every key is documented once, in `Config`. `load_config` rejects unknown keys,
+wrong types and out-of-range values with one `hetlora.errors.HetLoRAError` line.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ COMPILE_MODES = ("auto", "on", "off")
 CHAT_TEMPLATES = ("auto", "on", "off")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 #: How ``hetlora`` joins factors of different ranks (key ``padding``, see
-#: :class:`hetlora.lora.WeightedFactorSum`): ``zero`` is the paper's zero-padding; ``keep`` and
+#: `hetlora.lora.WeightedFactorSum`): ``zero`` is the paper's zero-padding; ``keep`` and
 #: ``rankwise`` are published alternatives, not in the paper.
 PADDINGS = ("zero", "keep", "rankwise")
 #: How ``recon_svd``, ``hlora`` and ``rblora`` take the SVD of a joined product (key
@@ -83,9 +83,9 @@ SECTIONS = {
 @dataclass
 class Config:
     """All settings of a run: every key with its default and its one description (its
-    field's ``doc``; ``hetlora defaults`` prints them as comments, :func:`key_docs` returns
+    field's ``doc``; ``hetlora defaults`` prints them as comments, `key_docs` returns
     them and the configuration reference is generated from them). Where a key applies and
-    which values it takes is checked once, in :func:`validate` and ``KEY_RULES``.
+    which values it takes is checked once, in `validate` and ``KEY_RULES``.
     """
 
     # model and data
@@ -401,9 +401,9 @@ def _data_file(cfg: Config) -> bool:
 _NOT_BUILTIN = f"not data = {' or '.join(map(repr, BUILTIN))}"
 
 
-#: Keys that apply only under some methods or options, written once: :func:`validate` refuses a
-#: key set to a value other than its default where its rule does not hold, and the README's
-#: table "Keys that apply only somewhere" is :func:`rules_markdown`. A key at its default is
+#: Keys that apply only under some methods or options, written once: `validate` refuses a
+#: key set to a value other than its default where its rule does not hold, and docs/configuration.md's
+#: table "Keys that apply only somewhere" is `rules_markdown`. A key at its default is
 #: always accepted (it is what ``hetlora defaults`` prints and what a run's config.toml holds).
 KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule("rank", "method = 'homlora'", ("method",), lambda c: c.method == "homlora"),
@@ -479,7 +479,7 @@ KEY_RULES: tuple[KeyRule, ...] = (
 
 
 def rules_markdown() -> str:
-    """The README's table of :data:`KEY_RULES` (``tests/test_config_rules.py`` keeps it equal)."""
+    """docs/configuration.md's table of `KEY_RULES` (``tests/test_config_rules.py`` keeps it equal)."""
     rows = ["| key | applies to (any other value than the default elsewhere is an error) |"]
     rows.append("|---|---|")
     rows += [f"| `{r.key}` | {r.where} |" for r in KEY_RULES]
@@ -487,7 +487,7 @@ def rules_markdown() -> str:
 
 
 def key_docs() -> list[tuple[str, str, Any, str]]:
-    """``(section, key, default, doc)`` of every config key, in the order of :class:`Config`."""
+    """``(section, key, default, doc)`` of every config key, in the order of `Config`."""
     out, section = [], ""
     for f in dataclasses.fields(Config):
         section = SECTIONS.get(f.name, section)
@@ -497,7 +497,7 @@ def key_docs() -> list[tuple[str, str, Any, str]]:
 
 def defaults_toml() -> str:
     """Every key at its default as TOML, each under its description as comments
-    (``hetlora defaults``); it reads back as :class:`Config` ()."""
+    (``hetlora defaults``); it reads back as `Config` ()."""
     import textwrap
 
     lines, section = [], ""
@@ -512,7 +512,7 @@ def defaults_toml() -> str:
 
 def reference_markdown() -> str:
     """docs/configuration.md's key reference, generated from the keys' ``doc`` and
-    :data:`KEY_RULES` (``tests/test_config_rules.py`` keeps the committed page equal)."""
+    `KEY_RULES` (``tests/test_config_rules.py`` keeps the committed page equal)."""
     rules = {r.key: r.where for r in KEY_RULES}
     out, section = [], ""
     for sec, name, default, doc in key_docs():
@@ -532,8 +532,8 @@ def _shown(value: Any) -> str:
 
 def inapplicable(values: dict[str, Any], among: Iterable[str] | None = None) -> list[str]:
     """The keys of ``values`` (or of ``among``) set to other than their default where their
-    :data:`KEY_RULES` rule does not hold for the config ``values`` describe; ``[]`` when
-    ``values`` does not describe a config (:func:`make_config` then says why)."""
+    `KEY_RULES` rule does not hold for the config ``values`` describe; ``[]`` when
+    ``values`` does not describe a config (`make_config` then says why)."""
     try:
         probe = Config(
             **{
@@ -664,10 +664,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def load_config(
     path: Path | str | None = None, overrides: list[str] | None = None, stored: bool = False
 ) -> Config:
-    """Read a TOML file (optional) and ``key=value`` overrides into a validated :class:`Config`.
+    """Read a TOML file (optional) and ``key=value`` overrides into a validated `Config`.
 
     ``stored``: the file is a run's own config.toml; keys that an older version wrote where they
-    do not apply (:func:`inapplicable`, e.g. ``r_min`` of a ``full_ft`` run) did nothing in that
+    do not apply (`inapplicable`, e.g. ``r_min`` of a ``full_ft`` run) did nothing in that
     run, so they are dropped with a warning rather than refused.
     """
     values: dict[str, Any] = {}
@@ -688,7 +688,7 @@ def load_config(
 
 
 def drop_inapplicable(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A run's stored keys without those that did not apply to it (:func:`inapplicable`, e.g.
+    """A run's stored keys without those that did not apply to it (`inapplicable`, e.g.
     ``r_min`` of a ``full_ft`` run an older version wrote), with a warning naming ``source``."""
     if unused := inapplicable(values):
         log.warning("%s: %s did not apply to this run; ignored", source, ", ".join(unused))
@@ -708,8 +708,8 @@ def stored_model(model: str) -> str:
 
 
 def make_config(values: dict[str, Any]) -> Config:
-    """Build and validate a :class:`Config` from a dict of keys (``model`` as
-    :func:`stored_model` keeps it, and an existing ``server_eval_data`` file made absolute)."""
+    """Build and validate a `Config` from a dict of keys (``model`` as
+    `stored_model` keeps it, and an existing ``server_eval_data`` file made absolute)."""
     clean: dict[str, Any] = {}
     for key, value in translate_old_keys(values).items():
         if key not in _FIELDS:
@@ -738,7 +738,7 @@ def _at_least(cfg: Config, key: str, low: float) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Range and consistency checks; raises :class:`HetLoRAError` on the first problem."""
+    """Range and consistency checks; raises `HetLoRAError` on the first problem."""
     _choice(cfg, "method", METHODS)
     _choice(cfg, "aggregation", AGGREGATIONS)
     _choice(cfg, "precision", PRECISIONS)

@@ -4,12 +4,12 @@ McMahan et al., "Learning Differentially Private Recurrent Language Models" (ICL
 each client's update, add Gaussian noise to the sum, divide by the fixed number of sampled
 clients, and account for the privacy spent. Here, for clients of different ranks:
 
-* **Clipping, on the device** (:func:`clip_reply`): a client of rank r_k receives
+* **Clipping, on the device** (`clip_reply`): a client of rank r_k receives
   ``(B0, A0) = (G_B[:, :r_k], G_A[:r_k])`` and trains ``(B, A)``; its update
   ``D_k = (B - B0, A - A0)`` over every module and both factors (zero-padded to r_max this is the
   same vector: the padding adds zeros) is scaled to L2 norm at most C, and the reply is
-  ``(B0, A0) + min(1, C / ||D_k||) D_k``. The server checks it again (:func:`check_reply`).
-* **Noise, on the server** (:class:`NoisyZeroPadSum`): with m the number of clients sampled in
+  ``(B0, A0) + min(1, C / ||D_k||) D_k``. The server checks it again (`check_reply`).
+* **Noise, on the server** (`NoisyZeroPadSum`): with m the number of clients sampled in
   the round (fixed by ``clients_per_round``, not the number that replied),
 
       G_B' = G_B + (sum_k [pad(B0_k + D_k) - G_B] + Z_B) / m       (likewise A)
@@ -19,14 +19,14 @@ clients, and account for the privacy spent. Here, for clients of different ranks
   enter only through the clipped ``D_k``, supported on a client's first r_k rank positions.
   ``Z`` has standard deviation ``sigma * C`` on the rank positions a client's data can reach
   this round: below the largest rank among the round's sampled clients, and where the global
-  factors are not both zero (:func:`reachable`; a position zero in B and A gets no gradient).
+  factors are not both zero (`reachable`; a position zero in B and A gets no gradient).
   Elsewhere it is zero: no client's data can move those positions, so noise there buys no
   privacy (the Gaussian mechanism on the subspace the data can move gives the same guarantee),
   and they follow the padding rule as without DP (``zero``: 0; ``keep``: the previous value).
   So zero-padding still kills the positions above a round's largest rank for good, and the
   live global rank falls to the running minimum of the rounds' largest ranks, as without DP;
   noise on a dead position would revive it and undo that.
-* **The accountant** (:func:`epsilon`): the run samples ``m`` of ``N`` clients uniformly without
+* **The accountant** (`epsilon`): the run samples ``m`` of ``N`` clients uniformly without
   replacement each round; the released sum changes by at most ``2C`` when one client's data are
   replaced by another's (``||D_k - D_k'|| <= 2C``), so each round is
   ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(sigma / 2))`` (noise over the
@@ -36,7 +36,7 @@ clients, and account for the privacy spent. Here, for clients of different ranks
 
 Everything else a client releases must be public: under DP the aggregation weights are uniform,
 ranks are the seeded assignment (self-pruning, a data-dependent rank decision, is off), and
-HetLoRA's sparsity weights (a function of ``||dW_k||``) are not used (:func:`hetlora.config`'s
+HetLoRA's sparsity weights (a function of ``||dW_k||``) are not used (`hetlora.config`'s
 rules refuse the combinations that would leak).
 """
 
@@ -152,7 +152,7 @@ class DPPlan:
 
 
 def plan(cfg, num_clients: int) -> DPPlan | None:
-    """The run's :class:`DPPlan` from its config (None when ``dp_clip_norm`` is 0)."""
+    """The run's `DPPlan` from its config (None when ``dp_clip_norm`` is 0)."""
     if not cfg.dp_clip_norm > 0:
         return None
     per_round = min(cfg.clients_per_round, num_clients)
@@ -271,7 +271,7 @@ class NoisyZeroPadSum:
 
     def add(self, reply: Factors) -> None:
         """Fold in one checked reply at its rank: ``pad(reply) - G``, its update kept on the
-        reachable positions only (:func:`reachable`: an honest client's update is exactly zero
+        reachable positions only (`reachable`: an honest client's update is exactly zero
         elsewhere; a reply that moves a dead position would be released there without noise,
         so the server drops that part)."""
         for name, (b, a) in reply.items():
@@ -289,7 +289,7 @@ class NoisyZeroPadSum:
         """``G + (sum + Z) / divisor`` on the positions a client's data can reach this round,
         the padding rule above ``sampled_rank`` (the largest rank of the round's sampled
         clients). A position is reachable below ``sampled_rank`` where the global B column or
-        A row is non-zero (:func:`reachable`): where both are zero every gradient is zero, no
+        A row is non-zero (`reachable`): where both are zero every gradient is zero, no
         update moves it, and it gets no noise. The noise is drawn from a generator seeded by the
         plan's seed and the round, the same numbers whatever the mask, in module order."""
         seed = np.random.SeedSequence([self.plan.noise_seed, round_idx, 0xD9]).generate_state(1)

@@ -1,6 +1,6 @@
 """The one error type for expected failures: bad config, bad data, bad client update.
 
-The CLI turns a :class:`HetLoRAError` into one clear line on stderr and exit code 2.
+The CLI turns a `HetLoRAError` into one clear line on stderr and exit code 2.
 Anything else is a bug and keeps its traceback.
 """
 

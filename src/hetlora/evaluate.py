@@ -3,7 +3,7 @@
 The losses are the model's own: its final logit transform (Gemma 2's
 ``final_logit_softcapping``, Granite's ``logits_scaling``, Cohere's ``logit_scale``) applied
 inside the fused cross-entropy, or, for a model whose logits that does not reproduce, its own
-forward (:func:`logit_transform`).
+forward (`logit_transform`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hetlora.data.batching import IGNORE, Tokenized, eval_batches, start_ids
 from hetlora.hardware import autocast, no_compile
 
-CE_CHUNK = 256  # rows of logits alive at once in :class:`LinearCrossEntropy`
+CE_CHUNK = 256  # rows of logits alive at once in `LinearCrossEntropy`
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -83,7 +83,7 @@ def linear_cross_entropy(
     cap: float | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(f(hidden @ weight.T), targets, reduction="sum")`` without the logits,
-    with ``f`` the logit transform of :class:`LinearCrossEntropy` (identity by default).
+    with ``f`` the logit transform of `LinearCrossEntropy` (identity by default).
 
     The projection runs in the autocast dtype when autocast is on (as ``nn.Linear`` would),
     the softmax in fp32.
@@ -107,7 +107,7 @@ _TRANSFORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def logit_transform(base: torch.nn.Module) -> tuple[float, float | None] | None:
     """The final logit transform of ``base`` as ``(scale, cap)`` (see
-    :class:`LinearCrossEntropy`), read from its config: ``final_logit_softcapping`` (Gemma 2
+    `LinearCrossEntropy`), read from its config: ``final_logit_softcapping`` (Gemma 2
     and 3) is ``cap``, ``scale`` is ``logit_scale`` (Cohere) divided by ``logits_scaling``
     (Granite). ``None`` when that does not reproduce the model's own logits.
 
@@ -152,8 +152,8 @@ def response_nll(
 
     The output projection runs only at positions whose next token is labelled, not over the
     whole padded batch (with a 49k vocabulary that is most of a small model's compute), and
-    through :func:`linear_cross_entropy`, which never materialises the logits, with the
-    model's final logit transform (:func:`logit_transform`). The softmax is fp32 whatever the
+    through `linear_cross_entropy`, which never materialises the logits, with the
+    model's final logit transform (`logit_transform`). The softmax is fp32 whatever the
     autocast dtype. ``fused = False`` takes the plain head and ``F.cross_entropy`` instead
     (the benchmark measures both). A model whose logits the transform does not reproduce runs
     its own forward.
@@ -195,7 +195,7 @@ def nll_sums(
 ) -> tuple[float, int]:
     """Summed response-token NLL of ``model`` on ``items`` and the number of tokens summed:
     what one holder of examples (the in-process run, or a node on its own) contributes to a
-    perplexity (:func:`combine_nll`).
+    perplexity (`combine_nll`).
 
     ``bf16`` runs the model under bf16 autocast (as training does where the hardware has it);
     the NLL is always accumulated in fp32/fp64.
@@ -214,7 +214,7 @@ def nll_sums(
 
 
 def combine_nll(sums: Iterable[tuple[float, int]]) -> tuple[float, float]:
-    """Mean token NLL and perplexity ``exp(sum NLL / sum tokens)`` of :func:`nll_sums` parts
+    """Mean token NLL and perplexity ``exp(sum NLL / sum tokens)`` of `nll_sums` parts
     (NaN for no tokens)."""
     total, count = 0.0, 0
     for nll, n in sums:
@@ -247,7 +247,7 @@ def perplexity(
     bf16: bool = False,
 ) -> tuple[float, float]:
     """Mean token NLL and perplexity ``exp(mean NLL)`` of ``model`` on ``items``
-    (:func:`combine_nll` of one :func:`nll_sums`)."""
+    (`combine_nll` of one `nll_sums`)."""
     return combine_nll([nll_sums(model, items, batch_size, pad_id, device, bf16)])
 
 
@@ -261,11 +261,11 @@ def generate_greedy(
     bf16: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, one at a time, cut at the first stop token
-    (:func:`stop_ids`).
+    (`stop_ids`).
 
-    A prompt is token ids (as :meth:`hetlora.data.chat.Renderer.prompt` gives them), or a text,
+    A prompt is token ids (as `hetlora.data.chat.Renderer.prompt` gives them), or a text,
     which is tokenised as the tokenizer starts a text
-    (:func:`~hetlora.data.batching.start_ids`: its BOS where it adds one). ``bf16`` generates
+    (`hetlora.data.batching.start_ids`: its BOS where it adds one). ``bf16`` generates
     under bf16 autocast, as training and evaluation run.
     """
     was_training = model.training
@@ -299,7 +299,7 @@ _BY_CHARACTER = (
     r"\p{scx=Han}\p{scx=Hiragana}\p{scx=Katakana}\p{scx=Hangul}"
     r"\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
 )
-#: A word of :func:`words`: a letter or digit of :data:`_BY_CHARACTER` with its marks, else a
+#: A word of `words`: a letter or digit of `_BY_CHARACTER` with its marks, else a
 #: run of letters, combining marks and digits of any other script (the underscore, punctuation
 #: and spaces separate).
 _WORD = regex.compile(
@@ -317,7 +317,7 @@ def _stem() -> Callable[[str], str]:
 
 
 def words(text: str) -> list[str]:
-    """``text`` lowercased and cut into Unicode words (:data:`_WORD`), ASCII words of more than
+    """``text`` lowercased and cut into Unicode words (`_WORD`), ASCII words of more than
     three characters Porter-stemmed: ``"Ça va, 東京! Running हिन्दी"`` ->
     ``["ça", "va", "東", "京", "run", "हिन्दी"]``. On ASCII text these are exactly
     ``rouge-score``'s default tokens with ``use_stemmer=True``."""
@@ -329,7 +329,7 @@ def words(text: str) -> list[str]:
 
 
 class _Words:
-    """``rouge-score``'s tokenizer interface over :func:`words`."""
+    """``rouge-score``'s tokenizer interface over `words`."""
 
     def tokenize(self, text: str) -> list[str]:
         return words(text)
@@ -348,7 +348,7 @@ def _f1(prediction: str, reference: str) -> float:
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F1 (``rouge-score``'s longest common subsequence) over Unicode words
-    (:func:`words`: lowercased runs of letters, combining marks and digits of any script; each
+    (`words`: lowercased runs of letters, combining marks and digits of any script; each
     Han, kana, hangul, Thai, Lao, Khmer or Myanmar character a word of its own), so that text in
     any language scores."""
     if not predictions:
@@ -358,16 +358,16 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def rouge_sums(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, int]:
-    """The sum of the per-example ROUGE-L F1 scores of :func:`rouge_l` and how many were scored:
+    """The sum of the per-example ROUGE-L F1 scores of `rouge_l` and how many were scored:
     what one holder of examples (the in-process run, or a node on its own) contributes to a
-    ROUGE-L (:func:`combine_rouge`)."""
+    ROUGE-L (`combine_rouge`)."""
     scores = [_f1(pred, ref) for pred, ref in zip(predictions, references, strict=True)]
     return sum(scores), len(scores)
 
 
 def combine_rouge(sums: Iterable[tuple[float, int]]) -> float:
-    """Mean ROUGE-L F1 of :func:`rouge_sums` parts, ``sum F / sum n`` (NaN for no examples):
-    :func:`rouge_l` of the union of their examples, up to float summation order."""
+    """Mean ROUGE-L F1 of `rouge_sums` parts, ``sum F / sum n`` (NaN for no examples):
+    `rouge_l` of the union of their examples, up to float summation order."""
     total, count = 0.0, 0
     for score, n in sums:
         total += score

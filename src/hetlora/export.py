@@ -108,7 +108,7 @@ def is_exported(folder: Path | str) -> bool:
 
 
 def read_export_meta(folder: Path | str) -> dict[str, Any]:
-    """``hetlora.json`` of an exported adapter folder (see :func:`export_run`)."""
+    """``hetlora.json`` of an exported adapter folder (see `export_run`)."""
     path = Path(folder) / EXPORT_META
     try:
         meta = json.loads(path.read_text())
@@ -156,7 +156,7 @@ def export_run(
     """Export a finished run's global adapter at ``rank`` (or the base merged with it).
 
     The adapter folder holds PEFT's files, the tokenizer and ``hetlora.json``; its
-    ``base_model_name_or_path`` is ``base_model`` if given, else :func:`hetlora.models.portable_name`
+    ``base_model_name_or_path`` is ``base_model`` if given, else `hetlora.models.portable_name`
     of the run's model. ``merge`` writes the merged model in ``dtype`` (default: the base's own).
     """
     from hetlora.config import load_config

@@ -2,7 +2,7 @@
 
 ``tempfile.mkstemp`` and ``mkdtemp`` create 0600 files and 0700 folders; a checkpoint or an
 export staged through them would stay unreadable to a serving or sync process running as
-another user. :func:`make_readable` gives them the modes the process's umask gives a plain
+another user. `make_readable` gives them the modes the process's umask gives a plain
 ``open``/``mkdir`` (0644 and 0755 under the usual umask 022).
 """
 

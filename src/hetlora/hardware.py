@@ -60,7 +60,7 @@ def resolve_compile(choice: str, device: torch.device, steps: int) -> bool:
     """Whether local training compiles (``compile`` config key).
 
     ``on``: yes (an error where inductor cannot run); ``off``: no; ``auto``: when the run has at
-    least :data:`AUTO_COMPILE_MIN_STEPS` local steps (all rounds, all sampled clients) and
+    least `AUTO_COMPILE_MIN_STEPS` local steps (all rounds, all sampled clients) and
     inductor can run here.
     """
     if choice == "off":
@@ -146,7 +146,7 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     ``nn.Module``s), so the compile cost is one layer's whatever the depth, provided every
     layer sees inputs of the same kind. Two things would split them: the layers' shapes changing
     from client to client (avoided by the fixed-shape step,
-    :func:`hetlora.adapters.attach_fixed`), and the first layer's input not requiring grad (the
+    `hetlora.adapters.attach_fixed`), and the first layer's input not requiring grad (the
     frozen embeddings' output), which ``enable_input_require_grads`` makes it do (the cost: the
     input gradient of one layer, discarded). Sequence length and batch size are symbolic
     (``dynamic=True``), so every batch runs the same graph instead of one per length.

@@ -5,18 +5,18 @@ An adapted linear layer has frozen ``W0`` (d_out x d_in) and factors ``B`` (d_ou
 every rank. A *factor dict* maps a module name to its ``(B, A)`` pair. Nothing here knows about
 models, runtimes or I/O, so every runtime (in-process, Flower) calls the same functions.
 
-* :func:`truncate` -- distribution: client k receives ``B[:, :r_k]`` and ``A[:r_k, :]``.
-* :func:`pad` -- zero-padding of a rank-r_k pair to rank r_max before aggregation.
-* :func:`tail_norm` -- the self-pruning regulariser
+* `truncate` -- distribution: client k receives ``B[:, :r_k]`` and ``A[:r_k, :]``.
+* `pad` -- zero-padding of a rank-r_k pair to rank r_max before aggregation.
+* `tail_norm` -- the self-pruning regulariser
   ``sum_modules ||B[:, g:r]||_F * ||A[g:r, :]||_F`` with ``g = floor(gamma * r)`` (with gradient).
-* :func:`masked_tail_norm` -- the same regulariser for a rank-r_k client held at a fixed
+* `masked_tail_norm` -- the same regulariser for a rank-r_k client held at a fixed
   rank r_max (positions ``>= r_k`` zero), through a mask rather than slices.
-* :func:`pruned_rank` -- the pruning rule ``r <- max(r_min, floor(gamma * r))``.
-* :func:`product_fro_norm` -- ``||B A||_F`` from the r x r Gram matrices, never forming B A.
-* :class:`WeightedFactorSum` -- sparsity-weighted aggregation
+* `pruned_rank` -- the pruning rule ``r <- max(r_min, floor(gamma * r))``.
+* `product_fro_norm` -- ``||B A||_F`` from the r x r Gram matrices, never forming B A.
+* `WeightedFactorSum` -- sparsity-weighted aggregation
   ``B = sum_k w_k pad(B_k)``, ``A = sum_k w_k pad(A_k)``, ``w_k ∝ ||dW_k||_F``, and the
-  padding alternatives beyond the paper (:data:`PADDINGS`).
-* :func:`live_rank` -- the rank positions where both factors are non-zero (rank dynamics).
+  padding alternatives beyond the paper (`PADDINGS`).
+* `live_rank` -- the rank positions where both factors are non-zero (rank dynamics).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def rank_of(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
 def truncate(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> Factors:
     """Keep the first ``rank`` columns of every B and rows of every A (HetLoRA distribution).
 
-    >>> import torch
-    >>> cut = truncate({"q": (torch.ones(4, 8), torch.ones(8, 6))}, 3)
-    >>> tuple(cut["q"][0].shape), tuple(cut["q"][1].shape)
-    ((4, 3), (3, 6))
+    Examples:
+        >>> import torch
+        >>> cut = truncate({"q": (torch.ones(4, 8), torch.ones(8, 6))}, 3)
+        >>> tuple(cut["q"][0].shape), tuple(cut["q"][1].shape)
+        ((4, 3), (3, 6))
     """
     if rank < 1:
         raise HetLoRAError(f"rank must be >= 1, got {rank}")
@@ -61,10 +62,11 @@ def truncate(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int
 def pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad ``B`` (columns) and ``A`` (rows) from their rank up to ``rank``.
 
-    >>> import torch
-    >>> b, a = pad(torch.ones(4, 2), torch.ones(2, 6), 5)
-    >>> tuple(b.shape), float(b[:, 2:].abs().sum()), torch.equal(b @ a, torch.full((4, 6), 2.0))
-    ((4, 5), 0.0, True)
+    Examples:
+        >>> import torch
+        >>> b, a = pad(torch.ones(4, 2), torch.ones(2, 6), 5)
+        >>> tuple(b.shape), float(b[:, 2:].abs().sum()), torch.equal(b @ a, torch.full((4, 6), 2.0))
+        ((4, 5), 0.0, True)
     """
     r = b.shape[1]
     if r > rank:
@@ -87,7 +89,7 @@ def tail_norm(
 ) -> torch.Tensor:
     """Self-pruning regulariser ``sum_m ||B_m[:, g:r]||_F * ||A_m[g:r, :]||_F``.
 
-    ``g = floor(gamma * r)`` per module (:func:`tail_start`).
+    ``g = floor(gamma * r)`` per module (`tail_start`).
 
     Works on the live (trainable) tensors, so the result carries gradient to the tail columns
     of B and tail rows of A and to nothing else. Returns a 0-dim tensor.
@@ -108,13 +110,13 @@ def masked_tail_norm(
     rank: int,
     gamma: float,
 ) -> torch.Tensor:
-    """:func:`tail_norm` of a rank-``rank`` client held in factors of a larger, fixed rank.
+    """`tail_norm` of a rank-``rank`` client held in factors of a larger, fixed rank.
 
     The fixed-shape local step keeps every client's factors at r_max with positions
     ``>= rank`` at zero; its regulariser is ``sum_m ||B_m[:, g:r_k]||_F * ||A_m[g:r_k, :]||_F``
     with ``g = floor(gamma * r_k)`` (Cho et al. 2024, Sec. 3.2), taken through a 0/1 mask over
     the rank positions so the shapes never depend on ``rank``. Same value and same gradient as
-    :func:`tail_norm` of the truncated factors (the masked entries add exact zeros).
+    `tail_norm` of the truncated factors (the masked entries add exact zeros).
     """
     items = list(pairs.values() if isinstance(pairs, Mapping) else pairs)
     if not items:
@@ -138,10 +140,11 @@ def pruned_rank(rank: int, r_min: int, gamma: float, tail_before: float, tail_af
     If local training shrank the tail (``tail_after < tail_before``), the rank drops to
     ``max(r_min, floor(gamma * rank))``; otherwise it stays. It never grows.
 
-    >>> pruned_rank(20, r_min=4, gamma=0.9, tail_before=1.0, tail_after=0.5)
-    18
-    >>> pruned_rank(20, r_min=4, gamma=0.9, tail_before=0.5, tail_after=1.0)
-    20
+    Examples:
+        >>> pruned_rank(20, r_min=4, gamma=0.9, tail_before=1.0, tail_after=0.5)
+        18
+        >>> pruned_rank(20, r_min=4, gamma=0.9, tail_before=0.5, tail_after=1.0)
+        20
     """
     if tail_after < tail_before:
         return max(r_min, min(rank, tail_start(rank, gamma)))
@@ -162,7 +165,7 @@ def product_fro_norm_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def product_fro_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``||B A||_F`` via :func:`product_fro_norm_sq` (clamped at 0 against round-off)."""
+    """``||B A||_F`` via `product_fro_norm_sq` (clamped at 0 against round-off)."""
     return product_fro_norm_sq(b, a).clamp_min(0).sqrt()
 
 
@@ -190,12 +193,12 @@ class WeightedFactorSum:
     """Running ``sum_k w_k pad(B_k)``, ``sum_k w_k pad(A_k)`` with unnormalised scores.
 
     Client replies are folded in one at a time, so server memory stays at a couple of rank-r_max
-    copies of the adapter however many clients reply; :meth:`result` divides by the total score,
+    copies of the adapter however many clients reply; `result` divides by the total score,
     which equals the weighted average with ``w_k = score_k / sum_j score_j``. A score is one number
     per client, or one per module (``per_module`` weighting). If every score of a module is 0
     (e.g. every client returned B = 0), the module falls back to the uniform average.
 
-    :meth:`result` takes a ``padding`` rule (:data:`PADDINGS`). With ``S = sum_j s_j`` over
+    `result` takes a ``padding`` rule (`PADDINGS`). With ``S = sum_j s_j`` over
     all clients of the round, ``R_p = sum_{k: r_k > p} s_k`` over the clients that reach
     rank position p, and ``P`` the global factors the round started from (``previous``):
 

@@ -3,7 +3,7 @@
 ``commit``: the git commit of the checkout the ``hetlora`` package runs from, and ``dirty``:
 whether tracked files differ from it; both ``null`` where git is absent or the package is not a
 tracked file of a checkout (installed from a wheel). ``host``: CPU model, logical cores, native
-bf16 on the CPU (:func:`hetlora.hardware.cpu_has_bf16`) and the GPU's name (``null`` without
+bf16 on the CPU (`hetlora.hardware.cpu_has_bf16`) and the GPU's name (``null`` without
 one) of the process that writes the summary (the server under Flower). ``versions``: Python,
 hetlora, torch, transformers and peft. ``precision``: the one training resolved to (``bf16`` or
 ``fp32``). ``date``: when the summary was written, UTC, ISO 8601.
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 #: Packages whose versions are recorded.
 PACKAGES = ("hetlora", "torch", "transformers", "peft")
 
-#: Columns of the report's ``provenance.csv``/``.md``: one row per run (:func:`row`).
+#: Columns of the report's ``provenance.csv``/``.md``: one row per run (`row`).
 COLUMNS = [
     ("name", "run"),
     ("commit", "commit"),
@@ -95,7 +95,7 @@ def host(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str | None]:
-    """Python's version and those of :data:`PACKAGES` (``None`` if one is not installed)."""
+    """Python's version and those of `PACKAGES` (``None`` if one is not installed)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -120,7 +120,7 @@ def collect(bf16: bool, device: torch.device | None = None) -> dict[str, Any]:
 
 
 def row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """One line of the report's provenance table (:data:`COLUMNS`); ``-`` for what a run did
+    """One line of the report's provenance table (`COLUMNS`); ``-`` for what a run did
     not record (runs written before provenance was)."""
     prov = summary.get("provenance") or {}
     flat = {

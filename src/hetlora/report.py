@@ -7,12 +7,12 @@ seed) when the comparison has ``seeds``.
 A seeded comparison is reported as a study: ``results.csv``/``.md`` have one row per (entry,
 seed); each ``group`` (one method over a grid of lr, lambda) keeps the grid point with the
 lowest final validation perplexity *averaged over the seeds* (the test perplexity only where a
-run has no validation split; ``selected_on`` says which: :func:`choose`); ``summary.csv``/``.md``
+run has no validation split; ``selected_on`` says which: `choose`); ``summary.csv``/``.md``
 give each method's chosen point with the mean, sample std (ddof 1) and per-seed values of its
 final test and validation perplexity; ``paired.csv``/``.md`` give each method's chosen runs
-minus the reference method's (:data:`REFERENCE`), seed by seed (:func:`paired`);
+minus the reference method's (`REFERENCE`), seed by seed (`paired`);
 ``curves.csv``/``.md`` give the chosen points' test and validation perplexity at every
-evaluated round over the seeds (:func:`curve_rows`). Curves show the mean over seeds with a
+evaluated round over the seeds (`curve_rows`). Curves show the mean over seeds with a
 min-max band.
 """
 
@@ -84,7 +84,7 @@ SUMMARY_COLUMNS = [
 #: (the paper study's "HetLoRA [5, 50]"; the first method where none does).
 REFERENCE = "HetLoRA"
 
-#: Columns of a seeded comparison's ``paired.csv`` (:func:`paired`).
+#: Columns of a seeded comparison's ``paired.csv`` (`paired`).
 PAIRED_COLUMNS = [
     ("method", "method"),
     ("reference", "against"),
@@ -510,7 +510,7 @@ def seeded_report(
     directory: Path, entries: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Runs, list[dict[str, Any]]]:
     """The per-(entry, seed) rows, the per-method summary rows, the chosen entries' metrics by
-    method, and the paired rows (:func:`paired`; empty with one method). See the module
+    method, and the paired rows (`paired`; empty with one method). See the module
     docstring for the selection rule."""
     rows, metrics = [], {}
     for entry in entries:
@@ -630,7 +630,7 @@ def report(directory: Path | str) -> dict[str, Any]:
     ``seeds`` gets the study's tables instead (module docstring). A comparison that has not
     finished is reported on its finished runs; ``missing`` names the others.
     ``provenance.csv``/``.md`` (and ``provenance`` in the result) list each run's commit, host,
-    versions, precision and date (:mod:`hetlora.provenance`).
+    versions, precision and date (`hetlora.provenance`).
     """
     directory = Path(directory)
     manifest = directory / "comparison.json"

@@ -31,7 +31,7 @@ def make_tiny_model(
 ) -> Path:
     """Write a tiny causal LM of family ``arch`` and a byte-level BPE tokenizer into ``folder``.
 
-    ``chat_template``: give the tokenizer :data:`TINY_CHAT_TEMPLATE` (the weights are the same).
+    ``chat_template``: give the tokenizer `TINY_CHAT_TEMPLATE` (the weights are the same).
     ``bos``: the tokenizer starts every text with a ``<bos>`` token (a post-processor, as
     Gemma's and Llama 3's do). ``config``: further model config values (Gemma 2's
     ``final_logit_softcapping``, Granite's ``logits_scaling``).

@@ -12,7 +12,7 @@ Where each tracker writes:
   is W&B's own (``WANDB_MODE=offline`` keeps it on disk, ``wandb sync`` uploads it later).
 
 Each tracker is an optional extra: ``pip install 'hetlora[tensorboard]'`` (or ``mlflow``,
-``wandb``). The round loop calls :meth:`Trackers.log_round`, nothing else.
+``wandb``). The round loop calls `Trackers.log_round`, nothing else.
 
 A resumed run (``--resume``) goes on in the same MLflow and W&B runs: their ids are kept in
 ``RUN_DIR/trackers.json`` when they open, and found there again (TensorBoard appends to the
@@ -112,7 +112,7 @@ class Trackers:
     """The open trackers of one run.
 
     Args:
-        names: the ``report_to`` list (checked with :func:`check_available`).
+        names: the ``report_to`` list (checked with `check_available`).
         config: the run's config as a dict (logged once).
         out_dir: the run directory, where trackers keep their files.
     """
@@ -236,7 +236,7 @@ class Trackers:
             self._wandb.log(values, step=step)
 
     def log_round(self, row: dict[str, Any]) -> None:
-        """Log one ``metrics.jsonl`` row (see :func:`round_scalars`) at step = its round."""
+        """Log one ``metrics.jsonl`` row (see `round_scalars`) at step = its round."""
         self.log(round_scalars(row), int(row["round"]))
 
     def log_summary(self, summary: dict[str, Any], step: int) -> None:

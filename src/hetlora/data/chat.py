@@ -60,7 +60,7 @@ def messages_problem(value: Any) -> str | None:
     """Why one ``messages`` value is not a usable conversation, or ``None`` if it is.
 
     A usable conversation is a non-empty list of ``{"role", "content"}`` objects with roles in
-    :data:`ROLES`, string contents, and at least one assistant turn with non-blank content.
+    `ROLES`, string contents, and at least one assistant turn with non-blank content.
     """
     if value is None:
         return "column 'messages' is null"
@@ -82,7 +82,7 @@ def messages_problem(value: Any) -> str | None:
 
 
 def example_from_messages(value: list[dict[str, Any]]) -> Example:
-    """An :class:`Example` holding a checked conversation (see :func:`messages_problem`).
+    """An `Example` holding a checked conversation (see `messages_problem`).
 
     ``response`` is the last assistant turn (the ROUGE-L reference) and ``prompt`` the last
     non-assistant turn before it (shown next to it in ``samples.jsonl``).
@@ -114,8 +114,8 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     template's end-of-turn text). Turns after the last assistant turn carry no loss and are
     dropped. Truncation to ``max_len`` keeps the longest run of whole exchanges from the start;
     when even the first does not fit, it is cut as prompt/response rows are
-    (:func:`~hetlora.data.batching.fit`, the BOS kept at position 0: the tokenizer's own, or the
-    one the template writes, :func:`template_bos`), so an example
+    (`hetlora.data.batching.fit`, the BOS kept at position 0: the tokenizer's own, or the
+    one the template writes, `template_bos`), so an example
     always ends in answer tokens and never trains on a cut-off prompt alone.
 
     Raises:
@@ -159,7 +159,7 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
 
 def require_offsets(tokenizer) -> None:
     """Refuse, once for the whole tokenizer, one that gives no character offsets (a slow
-    tokenizer): :func:`render_conversation` locates the assistant turns by them.
+    tokenizer): `render_conversation` locates the assistant turns by them.
 
     Raises:
         HetLoRAError: ``tokenizer`` is not a fast tokenizer.
@@ -203,14 +203,14 @@ def refuses_system(tokenizer) -> bool:
 
 def conversation_problem(tokenizer, value: Any) -> str | None:
     """Why a ``messages`` value cannot be trained on with ``tokenizer``'s chat template, or
-    ``None``: :func:`messages_problem`, then the template rendered and the conversation
+    ``None``: `messages_problem`, then the template rendered and the conversation
     tokenised (a template error, a conversation it refuses such as one that starts with an
     assistant turn). A tokenizer without a template renders nothing here (the run is refused
-    for it as a whole, by :func:`make_renderer`).
+    for it as a whole, by `make_renderer`).
 
     Raises:
         HetLoRAError: a tokenizer no conversation can be tokenised with
-            (:func:`require_offsets`), rather than every row reported bad.
+            (`require_offsets`), rather than every row reported bad.
     """
     if (why := messages_problem(value)) is not None or not has_chat_template(tokenizer):
         return why
@@ -234,7 +234,7 @@ class Renderer:
     the ``chat_template`` key (see the module docstring), ``templated`` whether the run's
     training examples went through the chat template (``messages`` rows, or ``mode = "on"``).
 
-    Raw rows start as the tokenizer starts a text (:func:`~hetlora.data.batching.start_ids`:
+    Raw rows start as the tokenizer starts a text (`hetlora.data.batching.start_ids`:
     its BOS where it adds one); rendered conversations as the template writes them.
     """
 
@@ -244,7 +244,7 @@ class Renderer:
 
     @cached_property
     def start(self) -> list[int]:
-        """The ids a raw sequence starts with (:func:`~hetlora.data.batching.start_ids`)."""
+        """The ids a raw sequence starts with (`hetlora.data.batching.start_ids`)."""
         return start_ids(self.tokenizer)
 
     def conversation(self, example: Example) -> tuple[tuple[str, str], ...] | None:
@@ -263,7 +263,7 @@ class Renderer:
         return render_conversation(self.tokenizer, turns, max_len)
 
     def tokenize_all(self, examples: Sequence[Example], max_len: int) -> list[Tokenized]:
-        """:meth:`tokenize` of every example."""
+        """`tokenize` of every example."""
         return [self.tokenize(ex, max_len) for ex in examples]
 
     def _template_ids(self, turns: Sequence[tuple[str, str]]) -> list[int]:
@@ -271,7 +271,7 @@ class Renderer:
 
     def prompt(self, example: Example) -> list[int]:
         """The token ids a generation continues: every turn before the last assistant turn,
-        with the template's assistant header (or the raw prompt after :attr:`start`)."""
+        with the template's assistant header (or the raw prompt after `start`)."""
         turns = self.conversation(example)
         if turns is None:
             return self.start + token_ids(self.tokenizer, example.prompt)
@@ -280,8 +280,8 @@ class Renderer:
 
     def chat_prompt(self, turns: Sequence[tuple[str, str]]) -> list[int]:
         """The token ids a chat reply continues: ``turns`` (ending with a user turn) through
-        the template when the run trained on it (:attr:`templated`), else the last turn raw
-        after :attr:`start`, as such a run trained on prompts."""
+        the template when the run trained on it (`templated`), else the last turn raw
+        after `start`, as such a run trained on prompts."""
         if self.templated:
             return self._template_ids(turns)
         return self.start + token_ids(self.tokenizer, turns[-1][1])
@@ -290,7 +290,7 @@ class Renderer:
 def make_renderer(
     tokenizer, mode: str, examples: Sequence[Example] = (), templated: bool | None = None
 ) -> Renderer:
-    """The :class:`Renderer` for ``chat_template = mode`` and a run's training ``examples``
+    """The `Renderer` for ``chat_template = mode`` and a run's training ``examples``
     (``templated``, when given, says instead whether they went through the template).
 
     Raises:

@@ -10,7 +10,7 @@ Only the file is read; the package's Python code is not imported. Format::
 
 A *turn* is a run of consecutive non-blank messages by one sender, joined with a newline.
 Every turn that answers a turn of the other person is an example of its sender, rendered with
-the model's chat template (:mod:`hetlora.data.chat`), the sender being the assistant:
+the model's chat template (`hetlora.data.chat`), the sender being the assistant:
 
 * ``user``: the other person's turn just before;
 * ``assistant``: the sender's turn (the only turn with loss);
@@ -18,7 +18,7 @@ the model's chat template (:mod:`hetlora.data.chat`), the sender being the assis
   ``CONTEXT_TURNS - 1`` turns before that as a transcript (``Them: ...`` / ``You: ...``).
 
 For a model whose chat template refuses a system turn (Gemma's), the system text opens the
-user turn instead, separated by a blank line (:func:`fold_system`): the corpus is ours, so
+user turn instead, separated by a blank line (`fold_system`): the corpus is ours, so
 its examples are adapted to the template rather than all refused.
 
 Earlier turns go into the transcript rather than into assistant turns because the chat
@@ -172,8 +172,8 @@ def fold_system(example: Example) -> Example:
 def load_chitchat(tokenizer: Any = None) -> dict[str, list[Example]]:
     """One client per participant of the Chit Chat Challenge corpus (see the module docstring),
     keyed by the participant's id in sorted order; with the model's ``tokenizer``, the system
-    turn folded into the user turn (:func:`fold_system`) when its chat template refuses one
-    (:func:`~hetlora.data.chat.refuses_system`)."""
+    turn folded into the user turn (`fold_system`) when its chat template refuses one
+    (`hetlora.data.chat.refuses_system`)."""
     from hetlora.data.chat import refuses_system
 
     if tokenizer is not None and refuses_system(tokenizer):

@@ -1,11 +1,11 @@
 """User data: a local ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, or the rows of a
-``datasets`` folder or hub id (:mod:`hetlora.data.sources`).
+``datasets`` folder or hub id (`hetlora.data.sources`).
 
 A file is read with Hugging Face ``datasets`` (packaged builders on a local file, with a
 throw-away cache folder: no hub access, nothing left in the user's cache). Accepted columns:
 
 * ``client_id``, ``prompt``, ``response``, or ``client_id``, ``text``: natural clients;
-* ``client_id``, ``messages``: natural clients of conversations (:mod:`hetlora.data.chat`);
+* ``client_id``, ``messages``: natural clients of conversations (`hetlora.data.chat`);
 * ``prompt``, ``response``, ``messages`` or ``text`` alone: the rows are split into clients by
   an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
 
@@ -214,7 +214,7 @@ def _drop_bad_rows(
 
     ``label`` is the Dirichlet ``partition_by`` column, whose cells must not be null. With
     ``tokenizer_loader``, ``messages`` rows are rendered and tokenised too
-    (:func:`~hetlora.data.chat.conversation_problem`); it is called only for such rows, after
+    (`hetlora.data.chat.conversation_problem`); it is called only for such rows, after
     the columns are known to be usable.
     """
     columns = _text_columns(ds, path)
@@ -267,7 +267,7 @@ def _partition(
     seed: int,
 ) -> dict[str, list[Example]]:
     """Split the rows into ``num_partitions`` clients with an flwr-datasets partitioner
-    (``partitioner`` already checked by :func:`hetlora.data.load_clients`)."""
+    (``partitioner`` already checked by `hetlora.data.load_clients`)."""
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
@@ -342,7 +342,7 @@ def dataset_clients(
     tokenizer_loader: Callable[[], Any] | None = None,
 ) -> dict[str, list[Example]]:
     """The clients of a ``datasets.Dataset`` (unfiltered, keys in sorted order); ``path``
-    names its source in messages. The arguments are :func:`hetlora.data.load_clients`'s, which
+    names its source in messages. The arguments are `hetlora.data.load_clients`'s, which
     checks them; the partitioner ones are used only when there is no ``client_id`` column, and
     must be at their defaults when there is.
     Every row is checked before any is used (with ``tokenizer_loader``, rendered and tokenised).

@@ -6,7 +6,7 @@
   ``datasets.load_dataset(id, split=split or "train")`` where a network exists; offline it is
   one error line.
 
-The rows then have the columns of a data file (:mod:`hetlora.data.files`).
+The rows then have the columns of a data file (`hetlora.data.files`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Federated methods, one file each, all on the same engine (:mod:`hetlora.methods.base`).
+"""Federated methods, one file each, all on the same engine (`hetlora.methods.base`).
 
 * ``hetlora``   -- the paper's method (truncation, self-pruning, sparsity-weighted zero-padding)
 * ``homlora``   -- every client at one rank, FedAvg of the factors (FedIT)

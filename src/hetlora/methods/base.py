@@ -1,9 +1,9 @@
 """What every federated method shares: the task a client receives, its reply, the server API.
 
-A method is a :class:`Server` over plain tensors: it says what each sampled client gets
-(:meth:`Server.task`), folds replies in one at a time (:meth:`Server.add`), and closes the round
-(:meth:`Server.finish`). Runtimes (in-process, Flower) move tensors and run
-:func:`hetlora.client.run_task`; they never hold a second copy of a method's math.
+A method is a `Server` over plain tensors: it says what each sampled client gets
+(`Server.task`), folds replies in one at a time (`Server.add`), and closes the round
+(`Server.finish`). Runtimes (in-process, Flower) move tensors and run
+`hetlora.client.run_task`; they never hold a second copy of a method's math.
 
 Two kinds of client work exist:
 
@@ -11,7 +11,7 @@ Two kinds of client work exist:
 * ``"full"``: train every weight of the base model (full fine-tuning).
 
 Some methods also change the base model itself each round (FLoRA merges the stacked adapters,
-full fine-tuning replaces the weights): :meth:`Server.base_state` hands the runtime everything
+full fine-tuning replaces the weights): `Server.base_state` hands the runtime everything
 changed in the pristine base so far.
 """
 
@@ -51,7 +51,7 @@ class ClientTask:
         download_nbytes: bytes actually sent, where they differ from the tensors above.
         train_a: whether the client trains A (False: A frozen, B only, as in FFA-LoRA).
         dp_clip_norm: > 0: the client clips its update to this L2 norm before replying
-            (:func:`hetlora.dp.clip_reply`); 0: no clipping.
+            (`hetlora.dp.clip_reply`); 0: no clipping.
     """
 
     client_id: str
@@ -120,7 +120,7 @@ class Server(ABC):
     name: str = ""
     #: True when the global model is a LoRA adapter at r_max (saved as ``adapter/``).
     has_global_adapter: bool = True
-    #: the run's :class:`hetlora.dp.DPPlan` where the method runs under differential privacy
+    #: the run's `hetlora.dp.DPPlan` where the method runs under differential privacy
     dp = None
 
     def __init__(self, ranks: Mapping[str, int]) -> None:
@@ -133,7 +133,7 @@ class Server(ABC):
 
     @abstractmethod
     def add(self, update: ClientUpdate) -> None:
-        """Fold in one reply that passed :meth:`check`."""
+        """Fold in one reply that passed `check`."""
 
     @abstractmethod
     def finish(self) -> dict[str, float]:
@@ -144,8 +144,8 @@ class Server(ABC):
         """Drop whatever was folded in this round (a skipped round leaves the state unchanged)."""
 
     def check(self, update: ClientUpdate, max_norm: float = 0.0) -> None:
-        """Refuse a malformed reply with :class:`HetLoRAError`: the one validator of replies,
-        for every runtime (see :mod:`.validate`). :meth:`add` takes checked replies only.
+        """Refuse a malformed reply with `HetLoRAError`: the one validator of replies,
+        for every runtime (see `.validate`). `add` takes checked replies only.
 
         Every reply must come from a client of the run and count at least one example. LoRA
         methods check module names, shapes at the rank assigned this round, rank, finite values

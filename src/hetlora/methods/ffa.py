@@ -34,7 +34,7 @@ class FFAServer(HetLoRAServer):
         initial_factors: PEFT-initialised factors at r_max (B = 0, A random): A is kept.
         ranks: each client's assigned rank.
         aggregation: ``data_size`` (FedAvg weights) or ``uniform``.
-        dp: client-level differential privacy (:mod:`hetlora.dp`; uniform weights, noise on B).
+        dp: client-level differential privacy (`hetlora.dp`; uniform weights, noise on B).
     """
 
     name = "ffa"

@@ -1,12 +1,12 @@
 """HetLoRA's server side (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
 Foundation Models", EMNLP 2024, arXiv 2401.06432, Sec. 3).
 
-A pair of pure steps over an explicit :class:`ServerState`, as in FedJAX's ``fed_avg.py``:
+A pair of pure steps over an explicit `ServerState`, as in FedJAX's ``fed_avg.py``:
 
-* :func:`init` -- global factors at r_max (PEFT's init: A random, B = 0) and each client's rank,
-  assigned once (:func:`assign_ranks`).
-* :func:`client_message` -- distribution by truncation: client k gets B[:, :r_k], A[:r_k, :].
-* :class:`Aggregator` -- zero-padding and sparsity-weighted aggregation, folded one reply at a
+* `init` -- global factors at r_max (PEFT's init: A random, B = 0) and each client's rank,
+  assigned once (`assign_ranks`).
+* `client_message` -- distribution by truncation: client k gets B[:, :r_k], A[:r_k, :].
+* `Aggregator` -- zero-padding and sparsity-weighted aggregation, folded one reply at a
   time: w_k = ||dW_k||_F / sum_j ||dW_j||_F with ||dW_k||_F^2 = sum_modules ||B_k A_k||_F^2, then
   B = sum_k w_k pad(B_k), A = sum_k w_k pad(A_k). The result replaces the global factors, and
   each client's pruned rank persists in the state (it never grows back).
@@ -15,10 +15,10 @@ The ``aggregation`` option gives the paper's ablations: ``uniform`` or ``data_si
 place of sparsity weights, or ``sparsity_data_size`` (sparsity times data size); ``per_module``
 gives sparsity weights per module. The
 ``padding`` option gives alternatives to zero-padding that are not in the paper (``keep``,
-``rankwise``; see :class:`hetlora.lora.WeightedFactorSum`).
+``rankwise``; see `hetlora.lora.WeightedFactorSum`).
 
-With a :class:`hetlora.dp.DPPlan` (config ``dp_clip_norm > 0``) the round's aggregate is
-:class:`hetlora.dp.NoisyZeroPadSum` instead: uniform zero-padding over the clipped replies plus
+With a `hetlora.dp.DPPlan` (config ``dp_clip_norm > 0``) the round's aggregate is
+`hetlora.dp.NoisyZeroPadSum` instead: uniform zero-padding over the clipped replies plus
 Gaussian noise, divided by the number of sampled clients; pruning is off and the weights are
 uniform (the config refuses anything else).
 """
@@ -116,7 +116,7 @@ class Aggregator:
         per_module: sparsity weights per module (||B_k A_k||_F of that module) instead of per
             client (||dW_k||_F over all modules, the paper's choice).
         padding: ``zero`` (the paper), or ``keep`` / ``rankwise`` (not in the paper): how
-            factors of different ranks are joined, see :class:`hetlora.lora.WeightedFactorSum`.
+            factors of different ranks are joined, see `hetlora.lora.WeightedFactorSum`.
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class Aggregator:
         return factor * update_norm(update.factors)
 
     def add(self, update: ClientUpdate) -> None:
-        """Fold in one reply checked by :meth:`~hetlora.methods.base.Server.check` (names,
+        """Fold in one reply checked by `hetlora.methods.base.Server.check` (names,
         shapes at a rank within the one assigned, finite values)."""
         score = self.score(update)
         self._sum.add(update.factors, score)
@@ -181,16 +181,16 @@ class Aggregator:
 
 
 class HetLoRAServer(Server):
-    """HetLoRA as a :class:`~hetlora.methods.base.Server`: truncation out, zero-padding and
+    """HetLoRA as a `hetlora.methods.base.Server`: truncation out, zero-padding and
     sparsity-weighted aggregation in, pruned ranks kept.
 
     Args:
         initial_factors: PEFT-initialised global factors at r_max.
         ranks: every client's starting rank.
-        aggregation, per_module, padding: see :class:`Aggregator`.
+        aggregation, per_module, padding: see `Aggregator`.
         pruning: let clients apply the self-pruning rule.
         regularise: add the self-pruning regulariser to the local loss.
-        dp: client-level differential privacy (:mod:`hetlora.dp`); None: off.
+        dp: client-level differential privacy (`hetlora.dp`); None: off.
     """
 
     name = "hetlora"
@@ -254,7 +254,7 @@ class HetLoRAServer(Server):
         )
 
     def check(self, update: ClientUpdate, max_norm: float = 0.0) -> None:
-        """As :meth:`Server.check`; under DP also the clipping bound, at the assigned rank (a
+        """As `Server.check`; under DP also the clipping bound, at the assigned rank (a
         reply a round-off above C is scaled back to C here)."""
         super().check(update, max_norm)
         if self.dp is not None:

@@ -14,7 +14,7 @@ and client k receives ``B[:, :r_k]``, ``A[:r_k, :]``, the best rank-r_k approxim
 
 How it relates to ``recon_svd`` (FlexLoRA-like): the same global adapter product, the best
 rank-r_max approximation of the same ``dW`` with the same weights; it differs in two places
-only, so it is :class:`~hetlora.methods.recon_svd.ReconSVDServer` with two options:
+only, so it is `hetlora.methods.recon_svd.ReconSVDServer` with two options:
 
 * the factor split: HLoRA puts the singular values in A (``B = U``, orthonormal columns); ours
   for FlexLoRA puts them in B (``A = V^T``). The products, and so the model every client starts
@@ -35,7 +35,7 @@ from hetlora.methods.recon_svd import ReconSVDServer
 
 
 class HLoRAServer(ReconSVDServer):
-    """HLoRA's server: :class:`ReconSVDServer` with the singular values in A, on the QR path by
+    """HLoRA's server: `ReconSVDServer` with the singular values in A, on the QR path by
     default."""
 
     name = "hlora"

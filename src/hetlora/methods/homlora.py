@@ -22,7 +22,7 @@ class HomLoRAServer(HetLoRAServer):
         initial_factors: PEFT-initialised factors (at least rank ``rank``; cut to ``rank``).
         client_ids: every client.
         rank: the one rank of all clients.
-        dp: client-level differential privacy (:mod:`hetlora.dp`): uniform weights instead of
+        dp: client-level differential privacy (`hetlora.dp`): uniform weights instead of
             example counts (the counts are data-dependent); None: off.
     """
 

@@ -23,7 +23,7 @@ Its redistribution divides B by ``alpha / r`` because its clients' LoRA scale de
 rank; ours is one ``lora_scale`` for every rank, so the product needs no rescaling.
 
 The rarity-weighted join is HetLoRA's ``padding = "rankwise"`` with ``data_size`` weights
-(:class:`hetlora.lora.WeightedFactorSum`); the projection is FlexLoRA's SVD split.
+(`hetlora.lora.WeightedFactorSum`); the projection is FlexLoRA's SVD split.
 """
 
 from __future__ import annotations

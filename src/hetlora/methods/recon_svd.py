@@ -92,7 +92,7 @@ class ReconSVDServer(Server):
         initial_factors: PEFT-initialised global factors at r_max (round 1 sends their slices).
         ranks: every client's fixed rank (no self-pruning).
         path: ``dense`` (form ``sum_k p_k B_k A_k`` and take its SVD) or ``qr`` (QR of the
-            stacked factors and a small SVD, :func:`qr_svd_factors`): the same factors up to
+            stacked factors and a small SVD, `qr_svd_factors`): the same factors up to
             round-off, at a different cost.
         split: where the singular values go: ``b`` (FlexLoRA, ``B = U S``) or ``a`` (HLoRA,
             ``A = S V^T``).

@@ -31,7 +31,7 @@ def check_lora_update(
     assigned_rank: int,
     max_norm: float = 0.0,
 ) -> None:
-    """Raise :class:`HetLoRAError` naming what is wrong with a LoRA reply."""
+    """Raise `HetLoRAError` naming what is wrong with a LoRA reply."""
     who = f"client {update.client_id}"
     factors = update.factors
     if factors is None:
@@ -65,7 +65,7 @@ def check_lora_update(
 def check_full_update(
     update: ClientUpdate, reference: Mapping[str, torch.Tensor], max_norm: float = 0.0
 ) -> None:
-    """Raise :class:`HetLoRAError` naming what is wrong with a full-weights reply."""
+    """Raise `HetLoRAError` naming what is wrong with a full-weights reply."""
     who = f"client {update.client_id}"
     weights = update.weights
     if weights is None:

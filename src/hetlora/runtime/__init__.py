@@ -1,3 +1,3 @@
-"""Runtimes that drive a method's server: one round loop (:mod:`.local`, a round in
-:mod:`.rounds`) over two transports, in-process and Flower (:mod:`.flower`), on the set-up every
-process of a run shares (:mod:`.workspace`)."""
+"""Runtimes that drive a method's server: one round loop (`.local`, a round in
+`.rounds`) over two transports, in-process and Flower (`.flower`), on the set-up every
+process of a run shares (`.workspace`)."""

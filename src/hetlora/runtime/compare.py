@@ -12,18 +12,18 @@ A comparison file is a run config (any key, shared by every method) plus a list 
     method = "homlora"
     rank = 4
 
-Each entry runs with :class:`~hetlora.runtime.local.Simulation` into ``OUT/<slug>/``; then
-``results.csv``, ``results.md`` and the plots are written by :func:`hetlora.report.report`.
+Each entry runs with `hetlora.runtime.local.Simulation` into ``OUT/<slug>/``; then
+``results.csv``, ``results.md`` and the plots are written by `hetlora.report.report`.
 
 Seeds: a top-level ``seeds = [0, 1, 2]`` runs every entry once per seed, into
 ``OUT/<slug>/seed-<s>/`` (each its own resumable run; the seed drives ranks, sampling, splits,
 init and batches). An entry may narrow it with its own ``seeds`` list (a costly method run on
 fewer seeds); ``seed`` itself may then not be set. The report then picks each group's grid
-point and gives its test numbers over the seeds (:mod:`hetlora.report`).
+point and gives its test numbers over the seeds (`hetlora.report`).
 
 Tuning in two stages: with ``tune_seeds = [0]`` (a subset of ``seeds``), every grid point of a
 group of two or more entries runs on the tune seeds only; the point with the lowest validation
-perplexity averaged over them (:func:`hetlora.report.choose`, the rule the report uses) then
+perplexity averaged over them (`hetlora.report.choose`, the rule the report uses) then
 runs on the remaining seeds, and the other points never do. Groups run one after the other, in
 the file's order, so a study stopped half-way has whole methods, not a slice of every method.
 
@@ -250,7 +250,7 @@ def _write_manifest(out_dir: Path, entries: list[Entry]) -> None:
 
 def _tuned_winner(out_dir: Path, tuned: list[Entry]) -> str:
     """The grid point of a group that goes on to the remaining seeds: the report's rule
-    (:func:`hetlora.report.choose`) applied to the finished tune-seed runs."""
+    (`hetlora.report.choose`) applied to the finished tune-seed runs."""
     from hetlora.report import choose, load_run
 
     grid: dict[str, list[dict[str, Any]]] = {}

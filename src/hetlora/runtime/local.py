@@ -1,9 +1,9 @@
 """The run: one round loop over a transport, evaluation, checkpoints, and the run directory.
 
-:class:`RoundLoop` runs every round (:mod:`.rounds`) over a transport:
-:class:`~.rounds.InProcessClients` in :class:`Simulation`, the in-process run (one base model,
+`RoundLoop` runs every round (`.rounds`) over a transport:
+`.rounds.InProcessClients` in `Simulation`, the in-process run (one base model,
 wrapped once with PEFT, every client's adapter put in, trained and taken out in turn), or
-Flower's Grid in :mod:`hetlora.runtime.flower.server_app`, which builds its :class:`RoundLoop`
+Flower's Grid in `hetlora.runtime.flower.server_app`, which builds its `RoundLoop`
 by composition. Writes ``config.toml``, ``metrics.jsonl``, ``adapter/``, ``samples.jsonl``,
 ``summary.json`` and ``checkpoint.pt`` into the output directory.
 """
@@ -99,9 +99,9 @@ class HeldOut(Protocol):
     """Held-out examples measured elsewhere (a Flower run's nodes, each on its own split).
 
     ``counts``: examples in the capped sample per split (``"test"``, ``"val"``).
-    ``sums(server, rank, split)``: the :func:`~hetlora.evaluate.nll_sums` of every holder of
+    ``sums(server, rank, split)``: the `hetlora.evaluate.nll_sums` of every holder of
     the split's sample, for the server's global adapter cut to ``rank`` (None: whole).
-    ``rouge_sums(server)``: the :func:`~hetlora.evaluate.rouge_sums` of every holder of the ROUGE
+    ``rouge_sums(server)``: the `hetlora.evaluate.rouge_sums` of every holder of the ROUGE
     sample (the first ``rouge_examples`` of the test sample), for the global adapter.
     ``missing``: client -> why it was left out of a measurement since the dict was last cleared.
     """
@@ -119,8 +119,8 @@ class GlobalModel:
 
     It shows the server's global adapter (or merged base) in the workspace's model and measures
     it on the union of the clients' held-out examples, or asks ``held_out`` for the sums and
-    combines them (:func:`~hetlora.evaluate.combine_nll`: the same perplexity; ROUGE-L likewise,
-    :func:`~hetlora.evaluate.combine_rouge`). Without a validation split ``val_count`` is 0;
+    combines them (`hetlora.evaluate.combine_nll`: the same perplexity; ROUGE-L likewise,
+    `hetlora.evaluate.combine_rouge`). Without a validation split ``val_count`` is 0;
     with ``held_out`` no generation is seen here (the holders score their own).
     """
 
@@ -298,9 +298,9 @@ class RoundLoop:
     """Every round of a run over one transport: the round loop both runtimes use.
 
     Args:
-        ws: the run's data and model (:func:`~hetlora.runtime.workspace.build_workspace`).
+        ws: the run's data and model (`hetlora.runtime.workspace.build_workspace`).
         server: the method's server over ``client_ids``.
-        transport: moves tasks and replies (:class:`~.rounds.InProcessClients`, Flower's Grid).
+        transport: moves tasks and replies (`.rounds.InProcessClients`, Flower's Grid).
         client_ids: the clients taking part (sampled from, in this order).
         min_clients: a round with fewer accepted replies is skipped.
         progress: receives the run's progress events.
@@ -310,7 +310,7 @@ class RoundLoop:
         sizes: client -> training examples (default: the workspace's; a Flower server has
             only the counts its nodes declared).
 
-    Call :meth:`run` for the whole run, or :meth:`run_round` / :meth:`evaluate` step by step.
+    Call `run` for the whole run, or `run_round` / `evaluate` step by step.
     """
 
     def __init__(
@@ -349,11 +349,11 @@ class RoundLoop:
         return sample_clients(cfg.seed, self.client_ids, cfg.clients_per_round, round_idx)
 
     def evaluate(self, rank: int | None = None, split: str = "test") -> tuple[float, float]:
-        """Mean NLL and perplexity of the global model; see :meth:`GlobalModel.evaluate`."""
+        """Mean NLL and perplexity of the global model; see `GlobalModel.evaluate`."""
         return self.model.evaluate(self.server, rank, split)
 
     def run_round(self) -> dict[str, Any]:
-        """One federated round (:func:`~.rounds.play_round`); returns its metrics row."""
+        """One federated round (`.rounds.play_round`); returns its metrics row."""
         cfg = self.cfg
         t0 = time.perf_counter()
         round_idx = self.round + 1
@@ -632,14 +632,14 @@ def initial_server(cfg: Config, ws: Workspace, ranks: dict[str, int]) -> Server:
 
 
 def assigned_ranks(cfg: Config, client_ids: Sequence[str]) -> dict[str, int]:
-    """Every client's seeded starting rank (:func:`hetlora.methods.hetlora.assign_ranks`)."""
+    """Every client's seeded starting rank (`hetlora.methods.hetlora.assign_ranks`)."""
     tiers = cfg.tiers or None
     return hetlora.assign_ranks(list(client_ids), cfg.r_min, cfg.r_max, cfg.seed, tiers)
 
 
 class Simulation(RoundLoop):
-    """The in-process run: a :class:`RoundLoop` whose transport trains every sampled client in
-    this process (:class:`~.rounds.InProcessClients` over :meth:`Workspace.train`)."""
+    """The in-process run: a `RoundLoop` whose transport trains every sampled client in
+    this process (`.rounds.InProcessClients` over `Workspace.train`)."""
 
     def __init__(self, cfg: Config, progress: Progress | None = None) -> None:
         check_available(cfg.report_to)
@@ -652,7 +652,7 @@ class Simulation(RoundLoop):
 def run(
     cfg: Config, out_dir: Path | str, overwrite: bool = False, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """Prepare and run a simulation; see :class:`Simulation`."""
+    """Prepare and run a simulation; see `Simulation`."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     return Simulation(cfg, progress).run(out_dir, overwrite=overwrite)

@@ -6,8 +6,8 @@ A round is drawn in three boxes::
                           (in-process: Workspace.train;        (server.check, server.add,
                            Flower: the Grid's messages)          server.finish or reset_round)
 
-:func:`play_round` runs them and builds the round's row of ``metrics.jsonl`` with
-:func:`round_row`, the one row builder of both runtimes; :func:`round_line` is the one way a row
+`play_round` runs them and builds the round's row of ``metrics.jsonl`` with
+`round_row`, the one row builder of both runtimes; `round_line` is the one way a row
 is printed. A reply the server refuses, or one that never came, is *rejected* (the row's
 ``rejected``: client -> reason); with fewer than ``min_clients`` accepted replies the round is
 ``skipped`` and the server's state is unchanged.
@@ -64,7 +64,7 @@ class Transport(Protocol):
 class InProcessClients:
     """The in-process transport: each sampled client trains in turn on the shared model.
 
-    ``train(task, round_idx, on_step)`` is :meth:`hetlora.runtime.workspace.Workspace.train`;
+    ``train(task, round_idx, on_step)`` is `hetlora.runtime.workspace.Workspace.train`;
     ``emit`` receives the client and step progress events.
     """
 
@@ -134,7 +134,7 @@ def client_entry(reply: Reply, size: ModelSize) -> dict[str, Any]:
 
 @dataclass
 class RoundOutcome:
-    """What :func:`play_round` saw: the tasks sent, every client's entry, rejections, weights."""
+    """What `play_round` saw: the tasks sent, every client's entry, rejections, weights."""
 
     round: int
     sampled: list[str]
@@ -214,7 +214,7 @@ def counts(values: Iterable[int]) -> dict[str, int]:
 def rank_dynamics(server: Server) -> dict[str, Any]:
     """Ranks after the round, for the metrics row.
 
-    ``global_rank``: the live rank of the global adapter (:func:`hetlora.lora.live_rank`:
+    ``global_rank``: the live rank of the global adapter (`hetlora.lora.live_rank`:
     positions where both global factors are non-zero), the largest over modules, and
     ``global_rank_min`` the smallest; absent for methods without a global adapter (FLoRA,
     full fine-tuning). ``ranks``: every client's current rank (sampled or not; absent where the

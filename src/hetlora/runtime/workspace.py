@@ -1,9 +1,9 @@
 """What every process of a run builds first: the clients' data and the PEFT-wrapped base model.
 
-:class:`Workspace` is the set-up both sides share. A client (in-process, or a Flower ClientApp)
-needs nothing more: :meth:`Workspace.train` runs :func:`hetlora.client.run_task` on one task with
+`Workspace` is the set-up both sides share. A client (in-process, or a Flower ClientApp)
+needs nothing more: `Workspace.train` runs `hetlora.client.run_task` on one task with
 the client's own seeded batches. The server side adds the held-out sets and the method's server
-(:mod:`hetlora.runtime.local`).
+(`hetlora.runtime.local`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def federated_splits(
     """The run's clients, split per client into training, validation and test examples.
 
     ``max_clients`` picks the clients and ``max_examples_per_client`` caps each one's examples
-    (both seeded), then :func:`~hetlora.data.split_clients` takes the test split and
-    :func:`~hetlora.data.split_validation` the validation split out of the rest, so the test
+    (both seeded), then `hetlora.data.split_clients` takes the test split and
+    `hetlora.data.split_validation` the validation split out of the rest, so the test
     split does not depend on ``val_fraction``. ``report``, if given, receives
-    ``bad_rows_skipped`` (see :func:`hetlora.data.load_clients`).
+    ``bad_rows_skipped`` (see `hetlora.data.load_clients`).
     """
     if not cfg.data.strip():
         raise HetLoRAError(
@@ -78,7 +78,7 @@ def load_data(
     cfg: Config, source: str, report: dict[str, int] | None = None, split: str | None = None
 ) -> Splits:
     """Every client of ``source`` (the run's ``data``, or a node's own file), read with the
-    run's data keys (:func:`hetlora.data.load_clients`); ``split`` defaults to the run's."""
+    run's data keys (`hetlora.data.load_clients`); ``split`` defaults to the run's."""
     return load_clients(
         source,
         min_examples=cfg.min_examples,
@@ -96,7 +96,7 @@ def load_data(
 
 def client_splits(clients: Splits, cfg: Config) -> tuple[Splits, Splits, Splits]:
     """Training, validation and test examples of ``clients``: the ``max_examples_per_client``
-    cap, then :func:`~hetlora.data.split_clients` and :func:`~hetlora.data.split_validation`.
+    cap, then `hetlora.data.split_clients` and `hetlora.data.split_validation`.
 
     Each client's splits depend only on the seed and its own id and examples, so a node holding
     one client's data alone splits it as a process holding every client does.
@@ -125,7 +125,7 @@ def held_out_order(counts: Mapping[str, int], cap: int, seed: int) -> list[tuple
 
 def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
     """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``
-    (:func:`held_out_order`)."""
+    (`held_out_order`)."""
     order = held_out_order({c: len(v) for c, v in test_data.items()}, cap, seed)
     if not order:
         raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
@@ -136,7 +136,7 @@ def server_eval_set(cfg: Config) -> list[Example]:
     """The server-side evaluation set (``server_eval_data``, a file the operator owns): every
     row of it (any client ids pooled, no minimum per client; rows without them are one pool,
     not partitioned; ``messages`` rows checked against the model's chat template), shuffled
-    and capped at ``eval_examples`` as the held-out set is (:func:`eval_set`)."""
+    and capped at ``eval_examples`` as the held-out set is (`eval_set`)."""
     source = cfg.server_eval_data
     one = {} if has_client_ids(source) else {"partitioner": "iid", "num_partitions": 1}
     clients = load_clients(
@@ -151,10 +151,10 @@ def server_eval_set(cfg: Config) -> list[Example]:
 
 @dataclass
 class Workspace:
-    """A run's data and model in one process; made by :func:`build_workspace`.
+    """A run's data and model in one process; made by `build_workspace`.
 
     Attributes:
-        train_data, val_data, test_data: client -> examples (:func:`federated_splits`).
+        train_data, val_data, test_data: client -> examples (`federated_splits`).
         client_ids: every client of the data, sorted (a client's index seeds its batches).
         peft_model: the base model wrapped once with PEFT at r_max (global adapter).
         settings: local-training hyperparameters (what a client does is decided by its task).
@@ -211,7 +211,7 @@ class Workspace:
         settings: TrainSettings | None = None,
         index: int | None = None,
     ) -> tuple[ClientUpdate, ClientResult]:
-        """What one client does in a round: :func:`~hetlora.client.run_task` on its own data
+        """What one client does in a round: `hetlora.client.run_task` on its own data
         (with ``settings`` and the batch seed's ``index`` in place of the run's: a Flower
         ClientApp's come with the task)."""
         client = task.client_id
@@ -235,7 +235,7 @@ def build_workspace(
 ) -> Workspace:
     """Load the data and the base model, wrap it with PEFT (seeded), settle precision and compile.
 
-    ``splits`` (train, validation, test) replaces the run's data (:func:`federated_splits`):
+    ``splits`` (train, validation, test) replaces the run's data (`federated_splits`):
     a Flower node passes its own client's, a Flower server none at all. ``trains_locally =
     False`` (a Flower ServerApp, which trains nothing) keeps ``compile = "auto"`` off.
     """

@@ -1,8 +1,8 @@
-"""``hetlora flower ...``: the Flower runtime's command (a typer sub-app of :mod:`hetlora.cli`).
+"""``hetlora flower ...``: the Flower runtime's command (a typer sub-app of `hetlora.cli`).
 
 ``hetlora flower app APP_DIR --out RUN_DIR [--config X.toml] [--set k=v ...]`` writes the Flower
 App folder of a run; ``flwr run APP_DIR <connection> --stream`` then runs it on any SuperLink
-(README, "Deploying on real devices").
+(docs/flower.md, "Deploying on real devices").
 
 Starting and stopping a SuperLink and SuperNodes on this machine, for demos and tests, is not
 part of the library: ``scripts/flower_local.py`` (package ``scripts/localfed``).

@@ -18,26 +18,26 @@ A SuperNode says which client it is and what it can afford in its node config
 
 Messages:
 
-* ``query``: the node's :class:`~.records.NodeInfo`: its client id and example counts (train,
+* ``query``: the node's `.records.NodeInfo`: its client id and example counts (train,
   validation, test), its rank budget or tier, and whether its examples go through the chat
   template; never text or token ids;
-* ``train``: :meth:`~hetlora.runtime.workspace.Workspace.train` (:func:`hetlora.client.run_task`
+* ``train``: `hetlora.runtime.workspace.Workspace.train` (`hetlora.client.run_task`
   on the factors received, its batches seeded by the client index the server sends: the same
   stream as in-process) and the hyperparameters of the ConfigRecord; replies with the factors
   at the (possibly pruned) rank and the counters of the local training;
 * ``evaluate``: the global factors received, written into the node's model, measured on the
   positions of its own test or validation split the server names
-  (:func:`hetlora.evaluate.nll_sums`); replies with the NLL sum and the token count only; or,
+  (`hetlora.evaluate.nll_sums`); replies with the NLL sum and the token count only; or,
   for a generation instruction, greedy generations of those examples scored against their
-  responses on the node (:func:`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
+  responses on the node (`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
   the number of examples, never the text.
 
 A handler that fails replies with an error that names only the exception's type
-(:func:`~.records.node_error`); the error itself, which may quote the device's rows, is logged
+(`.records.node_error`); the error itself, which may quote the device's rows, is logged
 on the node.
 
 A node builds only what a client needs: its own splits and the PEFT-wrapped model
-(:func:`~hetlora.runtime.workspace.build_workspace`), no server. They are built once per
+(`hetlora.runtime.workspace.build_workspace`), no server. They are built once per
 process and kept (Flower's simulation runtime reuses its worker processes; the deployment
 runtime starts one per message).
 """
@@ -121,7 +121,7 @@ def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Spli
     node's ``client-id`` (required then); one with it is read as it is, and ``client-id`` or
     ``partition-id`` picks a client (a file of one client needs neither). Without ``data``,
     from the run's shared ``data``. The splits are those of
-    :func:`~hetlora.runtime.workspace.client_splits`, as in-process.
+    `hetlora.runtime.workspace.client_splits`, as in-process.
     """
     if node.get("data"):
         path, split = str(node["data"]), str(node.get("split", ""))
@@ -149,7 +149,7 @@ def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Spli
 def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
     """What the node declares: its client and example counts (without loading the model), its
     rank budget or tier, and whether its examples go through the chat template (its renderer
-    as :func:`~hetlora.runtime.workspace.build_workspace` makes it, from the tokenizer)."""
+    as `hetlora.runtime.workspace.build_workspace` makes it, from the tokenizer)."""
     train, val, test = node_splits(cfg, node)
     (client,) = train
     renderer = make_renderer(load_tokenizer(cfg.model), cfg.chat_template, train[client])
@@ -193,10 +193,10 @@ def _log_to_stderr() -> None:
 
 def on_the_node(handler: Callable[[Message, Context], Message]):
     """A message handler whose errors stay on the node: an exception is logged here and
-    answered with :func:`~.records.node_error` (its type only), since its message may quote
+    answered with `.records.node_error` (its type only), since its message may quote
     the device's rows or paths and Flower would send that text to the server.
 
-    A :class:`HetLoRAError` (bad node config, data or task: the user's to fix) is logged as one
+    A `HetLoRAError` (bad node config, data or task: the user's to fix) is logged as one
     error line saying why; any other exception with its traceback (a bug to report)."""
 
     @functools.wraps(handler)

@@ -1,19 +1,19 @@
 """Federated evaluation: the nodes measure the global adapter on their own held-out examples.
 
-The held-out sample is the in-process run's (:func:`~hetlora.runtime.workspace.held_out_order`:
+The held-out sample is the in-process run's (`hetlora.runtime.workspace.held_out_order`:
 the clients' test, or validation, splits pooled, shuffled and capped at ``eval_examples``),
 computed from the counts the nodes declared: each node is told which positions of its own split
 are in it. A node replies with the summed NLL and token count of those examples
-(:func:`hetlora.evaluate.nll_sums`); the sums combine into the perplexity the in-process run
-reports (:func:`hetlora.evaluate.combine_nll`), up to float summation order. Every node with an
+(`hetlora.evaluate.nll_sums`); the sums combine into the perplexity the in-process run
+reports (`hetlora.evaluate.combine_nll`), up to float summation order. Every node with an
 example in the sample is asked each time; a node that fails or does not answer is left out of
 that measurement with a logged warning and recorded (the metrics row's ``eval_missing``).
 
 ROUGE-L is federated the same way: the ROUGE sample is the head of the test sample (the
 in-process run's first ``rouge_examples``); each node generates greedily for its share, scores
 the generations against its own responses and replies with the sum of the F1 scores and their
-count (:func:`hetlora.evaluate.rouge_sums`), which combine into the in-process ROUGE-L
-(:func:`hetlora.evaluate.combine_rouge`). No generation leaves a node.
+count (`hetlora.evaluate.rouge_sums`), which combine into the in-process ROUGE-L
+(`hetlora.evaluate.combine_rouge`). No generation leaves a node.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class FederatedHeldOut:
-    """The held-out sets of a Flower run, on its nodes (a :class:`~hetlora.runtime.local.HeldOut`).
+    """The held-out sets of a Flower run, on its nodes (a `hetlora.runtime.local.HeldOut`).
 
     Args:
         grid: the run's Grid.
-        infos: node id -> its declaration (:class:`~.records.NodeInfo`: test and validation
+        infos: node id -> its declaration (`.records.NodeInfo`: test and validation
             counts).
         cfg: the run's config (``eval_examples``, ``rouge_examples``, ``seed``,
             ``val_fraction``).
@@ -100,7 +100,7 @@ class FederatedHeldOut:
         """Send every node with examples in sample ``which`` the global factors (cut to
         ``rank``); returns what ``read`` (the one check of a reply) makes of each reply, by
         node id. A node that errs, sends a reply ``read`` refuses, or does not answer is left
-        out, logged and recorded in :attr:`missing`."""
+        out, logged and recorded in `missing`."""
         factors = server.global_factors()
         if factors is None:
             raise HetLoRAError("federated evaluation needs a global adapter")

@@ -2,9 +2,9 @@
 
 ``flwr run APP_DIR`` needs a folder with a ``pyproject.toml`` naming the ServerApp and
 ClientApp. Both live in this package, so the folder holds that one file (the Flower App Bundle is
-a few hundred bytes); :func:`write_app` writes it with the run configuration:
+a few hundred bytes); `write_app` writes it with the run configuration:
 
-* ``hetlora-config``: the resolved :class:`~hetlora.config.Config` as TOML (every key), read by
+* ``hetlora-config``: the resolved `hetlora.config.Config` as TOML (every key), read by
   the ServerApp and by every ClientApp, so all of them agree on model, data, seed and ranks;
 * ``out-dir``: the run directory on the machine that runs the ServerApp (the SuperLink's);
 * ``overwrite``: replace the run files of a non-empty ``out-dir``;
@@ -59,7 +59,7 @@ class RunOptions:
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
-    """The hetlora :class:`Config` carried in a Flower run configuration."""
+    """The hetlora `Config` carried in a Flower run configuration."""
     text = run_config.get("hetlora-config")
     if not isinstance(text, str):
         raise HetLoRAError(
@@ -72,7 +72,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> Config:
 
 
 def options_from_run_config(run_config: dict[str, Any]) -> RunOptions:
-    """The :class:`RunOptions` of a Flower run configuration (checked)."""
+    """The `RunOptions` of a Flower run configuration (checked)."""
     try:
         options = RunOptions(
             out_dir=str(run_config["out-dir"]),

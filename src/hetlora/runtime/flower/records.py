@@ -2,22 +2,22 @@
 
 A training instruction (``MessageType.TRAIN``) carries
 
-* ``"arrays"`` (:class:`~flwr.app.ArrayRecord`): the global factors cut to the node's rank,
+* ``"arrays"`` (`flwr.app.ArrayRecord`): the global factors cut to the node's rank,
   ``<module>.B`` (d_out x r) and ``<module>.A`` (r x d_in) in float32;
-* ``"config"`` (:class:`~flwr.app.ConfigRecord`): the client id, the round, the rank, the task
+* ``"config"`` (`flwr.app.ConfigRecord`): the client id, the round, the rank, the task
   flags (``pruning``, ``regularise``: the method server's decision, sent once) and the
-  local-training hyperparameters (:data:`HYPERPARAMETERS`).
+  local-training hyperparameters (`HYPERPARAMETERS`).
 
 A reply carries ``"arrays"`` (the trained factors at the possibly pruned rank) and
-``"metrics"`` (:class:`~flwr.app.MetricRecord`): the number of examples, ranks, loss and the
-counters of :class:`~hetlora.client.ClientResult`. :func:`read_reply` only decodes a reply
-(a record that cannot be read raises :class:`~hetlora.errors.HetLoRAError`); whether its content
+``"metrics"`` (`flwr.app.MetricRecord`): the number of examples, ranks, loss and the
+counters of `hetlora.client.ClientResult`. `read_reply` only decodes a reply
+(a record that cannot be read raises `hetlora.errors.HetLoRAError`); whether its content
 is acceptable is decided by the method server's one validator,
-:meth:`hetlora.methods.base.Server.check`, as in-process. A node query
-(``MessageType.QUERY``) is answered with :class:`NodeInfo` (counts and ranks); an evaluation
-(``MessageType.EVALUATE``: :func:`evaluate_content`) with the NLL sums of the node's own
-held-out examples (:func:`evaluate_reply`), or, for a generation instruction, with the sum of
-their ROUGE-L scores (:func:`rouge_reply`): numbers, never text.
+`hetlora.methods.base.Server.check`, as in-process. A node query
+(``MessageType.QUERY``) is answered with `NodeInfo` (counts and ranks); an evaluation
+(``MessageType.EVALUATE``: `evaluate_content`) with the NLL sums of the node's own
+held-out examples (`evaluate_reply`), or, for a generation instruction, with the sum of
+their ROUGE-L scores (`rouge_reply`): numbers, never text.
 
 Nothing here knows about sockets or processes: these are plain functions over records.
 """
@@ -43,7 +43,7 @@ CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"
 
-#: ConfigRecord key -> :class:`~hetlora.client.TrainSettings` field: the local-training
+#: ConfigRecord key -> `hetlora.client.TrainSettings` field: the local-training
 #: hyperparameters the server sends (the node sets its own precision).
 HYPERPARAMETERS = {
     "local-steps": "local_steps",
@@ -56,7 +56,7 @@ HYPERPARAMETERS = {
     "lora-scale": "lora_scale",
 }
 
-#: MetricRecord keys of a reply -> :class:`~hetlora.client.ClientResult` fields.
+#: MetricRecord keys of a reply -> `hetlora.client.ClientResult` fields.
 RESULT_METRICS = {
     "train-loss": "train_loss",
     "tail-before": "tail_before",
@@ -77,13 +77,13 @@ _NODE_ERROR = re.compile(r"([A-Za-z_][A-Za-z0-9_]{0,63}) on the node \(see the n
 
 
 def node_error(exc: BaseException) -> Error:
-    """The error reply of a handler that raised ``exc``: Flower's code and :data:`NODE_ERROR`."""
+    """The error reply of a handler that raised ``exc``: Flower's code and `NODE_ERROR`."""
     return Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, NODE_ERROR.format(type(exc).__name__))
 
 
 def error_text(error: Error) -> str:
     """What the server records of an error reply: its code and, when the reason is exactly a
-    :data:`NODE_ERROR`, the exception type; never the reason's free text (a node may quote its
+    `NODE_ERROR`, the exception type; never the reason's free text (a node may quote its
     data in it)."""
     match = _NODE_ERROR.fullmatch(str(error.reason or ""))
     what = f"{match.group(1)}, " if match else ""
@@ -100,9 +100,9 @@ def factors_record(factors: Factors) -> ArrayRecord:
 
 
 def read_factors(record: ArrayRecord) -> Factors:
-    """The factor dict of an ArrayRecord written by :func:`factors_record`.
+    """The factor dict of an ArrayRecord written by `factors_record`.
 
-    Raises :class:`HetLoRAError` when a key is not ``<module>.B``/``<module>.A``, a module
+    Raises `HetLoRAError` when a key is not ``<module>.B``/``<module>.A``, a module
     lacks one of the two, or an array is not a 2-d float array.
     """
     halves: dict[str, dict[str, torch.Tensor]] = {}
@@ -178,14 +178,14 @@ def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainS
     return task, int(config["server-round"]), settings, int(config["client-index"])
 
 
-#: Of :data:`RESULT_METRICS`, what depends on the node's data beyond the clipped factors: under
+#: Of `RESULT_METRICS`, what depends on the node's data beyond the clipped factors: under
 #: differential privacy a reply carries NaN for these (the accountant bounds the factors only).
 PRIVATE_METRICS = ("train-loss", "tail-after")
 
 
 def reply_content(update: ClientUpdate, result: ClientResult, private: bool = False) -> RecordDict:
     """The content of a training reply: the uploaded factors and what the client measured
-    (``private``, under differential privacy: without :data:`PRIVATE_METRICS`)."""
+    (``private``, under differential privacy: without `PRIVATE_METRICS`)."""
     if update.factors is None:
         raise HetLoRAError("the Flower runtime returns LoRA factors only")
     measured = {key: getattr(result, field) for key, field in RESULT_METRICS.items()}
@@ -222,9 +222,9 @@ def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, Cli
     """Decode one training reply to the instruction ``sent``: the factors, the declared rank and
     number of examples, and the client's counters.
 
-    Raises :class:`HetLoRAError` when the record cannot be read (no factors or metrics, a key
+    Raises `HetLoRAError` when the record cannot be read (no factors or metrics, a key
     that is not ``<module>.B``/``<module>.A``, a metric that is not a number). Names, shapes,
-    rank, values and size are checked by :meth:`hetlora.methods.base.Server.check`.
+    rank, values and size are checked by `hetlora.methods.base.Server.check`.
     """
     if ARRAYS not in content.array_records or METRICS not in content.metric_records:
         raise HetLoRAError("reply without factors or metrics")
@@ -259,7 +259,7 @@ class NodeInfo:
         rank: its rank budget from the node config (0: none declared).
         tier: its device tier from the node config ("" if none).
         templated: whether its examples go through the chat template (how its renderer
-            resolved ``chat_template``, :func:`hetlora.data.chat.make_renderer`): a flag.
+            resolved ``chat_template``, `hetlora.data.chat.make_renderer`): a flag.
     """
 
     client_id: str
@@ -296,9 +296,9 @@ class NodeInfo:
         return cls(**values)
 
 
-#: The NLL sums of an evaluation reply (:func:`hetlora.evaluate.nll_sums`).
+#: The NLL sums of an evaluation reply (`hetlora.evaluate.nll_sums`).
 NLL, TOKENS = "nll-sum", "tokens"
-#: The ROUGE-L sums of a generation reply (:func:`hetlora.evaluate.rouge_sums`).
+#: The ROUGE-L sums of a generation reply (`hetlora.evaluate.rouge_sums`).
 ROUGE, SCORED = "rouge-l-sum", "examples"
 
 

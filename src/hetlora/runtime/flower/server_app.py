@@ -1,12 +1,12 @@
 """The ServerApp: the shared round loop over Flower's Grid instead of in-process clients.
 
-The server holds no client data and never opens the run's ``data``. :func:`flower_run` builds a
-:class:`~hetlora.runtime.local.RoundLoop` by composition: the same model (PEFT-initialised
+The server holds no client data and never opens the run's ``data``. `flower_run` builds a
+`hetlora.runtime.local.RoundLoop` by composition: the same model (PEFT-initialised
 global adapter), method server, round loop, metrics row and run directory as ``hetlora run``,
-with :class:`GridTransport` as the transport and :class:`~.held_out.FederatedHeldOut` as the
+with `GridTransport` as the transport and `.held_out.FederatedHeldOut` as the
 held-out sets (the nodes measure the global adapter on their own examples and reply with sums).
 
-Before round 1 it asks every connected SuperNode what it holds (:mod:`.client_app`): its client
+Before round 1 it asks every connected SuperNode what it holds (`.client_app`): its client
 id, its example counts (train, validation, test) and its rank budget or tier. A node whose
 counts do not follow the run's split rule, or whose client another node already declared, is
 left out with a logged reason, as is a node whose examples go through the chat template when
@@ -107,7 +107,7 @@ def declared_rank(cfg: Config, info: records.NodeInfo) -> int:
 
 def check_counts(cfg: Config, info: records.NodeInfo) -> None:
     """Declared counts must be those the run's split rule gives a client of that many examples
-    (:func:`hetlora.data.split_sizes`), within ``max_examples_per_client``."""
+    (`hetlora.data.split_sizes`), within ``max_examples_per_client``."""
     n = info.num_examples + info.num_val + info.num_test
     declared = (info.num_examples, info.num_val, info.num_test)
     expected = split_sizes(n, cfg.test_fraction, cfg.val_fraction)
@@ -176,7 +176,7 @@ def agree_on_template(infos: dict[int, records.NodeInfo]) -> dict[int, records.N
 def flower_run(
     cfg: Config, grid: Grid, options: RunOptions, progress: Progress | None = None
 ) -> RoundLoop:
-    """The run of a ServerApp: the shared :class:`RoundLoop` with :class:`GridTransport` and
+    """The run of a ServerApp: the shared `RoundLoop` with `GridTransport` and
     federated evaluation; the server's workspace holds the model and no data."""
     check_supported(cfg)
     ws = build_workspace(cfg, trains_locally=False, progress=progress, splits=({}, {}, {}))

@@ -1,21 +1,21 @@
-"""HetLoRA as a Flower :class:`~flwr.serverapp.strategy.Strategy` (Message API).
+"""HetLoRA as a Flower `flwr.serverapp.strategy.Strategy` (Message API).
 
 Flower's stock strategies average arrays of one shape. Here every node trains the global adapter
 cut to its own rank, so the strategy hands the work to the method's
-:class:`~hetlora.methods.base.Server` (the same object the in-process runtime drives):
+`hetlora.methods.base.Server` (the same object the in-process runtime drives):
 
-* :meth:`HetLoRAStrategy.instructions` -- for each sampled client, ``server.task(client)``
+* `HetLoRAStrategy.instructions` -- for each sampled client, ``server.task(client)``
   (the global factors truncated to its current rank) becomes an ArrayRecord, and the rank, task
-  flags and hyperparameters a ConfigRecord (:mod:`.records`);
-* :meth:`HetLoRAStrategy.replies` -- each answer decoded into a :class:`~hetlora.runtime.rounds.
+  flags and hyperparameters a ConfigRecord (`.records`);
+* `HetLoRAStrategy.replies` -- each answer decoded into a `hetlora.runtime.rounds.
   Reply` (errors, undecodable replies and nodes that never answered become rejections);
-* the round is then closed by :func:`hetlora.runtime.rounds.fold`, the in-process runtime's own
+* the round is then closed by `hetlora.runtime.rounds.fold`, the in-process runtime's own
   step: ``server.check`` (the one validator), ``server.add``, ``server.finish``.
 
-The ServerApp drives these through :class:`~.server_app.GridTransport` and the shared round loop;
-:meth:`configure_train` / :meth:`aggregate_train` are the same steps behind Flower's Strategy
-interface. Evaluation is federated but driven by the round loop (:mod:`.held_out`: the nodes
-reply with NLL sums), so :meth:`configure_evaluate` sends nothing.
+The ServerApp drives these through `.server_app.GridTransport` and the shared round loop;
+`configure_train` / `aggregate_train` are the same steps behind Flower's Strategy
+interface. Evaluation is federated but driven by the round loop (`.held_out`: the nodes
+reply with NLL sums), so `configure_evaluate` sends nothing.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ class HetLoRAStrategy(Strategy):
     """Heterogeneous-rank federated LoRA over Flower messages.
 
     Args:
-        server: the method's server (:func:`hetlora.methods.make_server`): ranks, global factors,
+        server: the method's server (`hetlora.methods.make_server`): ranks, global factors,
             truncation, validation and aggregation all live there.
         nodes: node id -> client id, for every node that declared its client.
         settings: local-training hyperparameters sent in every ConfigRecord.
-        size: the base model's size (:func:`hetlora.accounting.model_size`), for the FLOPs of
+        size: the base model's size (`hetlora.accounting.model_size`), for the FLOPs of
             each client's entry in the round's row.
         sample_clients: round -> the clients to ask (default: every client with a node). The
             ServerApp passes the in-process runtime's seeded sampler, so both ask the same clients.
@@ -118,7 +118,7 @@ class HetLoRAStrategy(Strategy):
         return list(self._messages.values())
 
     def replies(self, server_round: int, answers: Iterable[Message]) -> list[Reply]:
-        """Every sampled client's :class:`~hetlora.runtime.rounds.Reply`, sorted by client."""
+        """Every sampled client's `hetlora.runtime.rounds.Reply`, sorted by client."""
         # Flower sets an instruction's message id when it is pushed; a reply names it. Errors
         # about a node (e.g. "Node Unavailable") come from the SuperLink, not from the node.
         asked = {
@@ -157,7 +157,7 @@ class HetLoRAStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's entry point: :meth:`instructions` for this round's seeded sample."""
+        """Flower's entry point: `instructions` for this round's seeded sample."""
         return self.instructions(
             server_round, self.sample_clients(server_round), grid.get_node_ids(), config
         )
@@ -165,7 +165,7 @@ class HetLoRAStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's entry point: :meth:`replies`, then :func:`~hetlora.runtime.rounds.fold`."""
+        """Flower's entry point: `replies`, then `hetlora.runtime.rounds.fold`."""
         outcome = RoundOutcome(server_round, sorted(self._tasks) + sorted(self._unsent))
         fold(
             self.server,
