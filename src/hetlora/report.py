@@ -466,18 +466,24 @@ def best_of_groups(
     entries: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> list[tuple[str, dict[str, Any]]]:
     """The best entry of each ``group`` (a hyperparameter grid of one method), as (entry name,
-    row labelled "group (entry name)"); untagged entries stand alone. Best is the lowest final
-    validation perplexity where every run has a validation split, else the lowest final test
-    perplexity."""
-    key_ppl = "val_ppl" if all(not math.isnan(r["val_ppl"]) for r in rows) else "final_ppl"
-    best: dict[str, dict[str, Any]] = {}
+    row labelled "group (entry name)"); untagged entries stand alone. Best is `choose`'s rule,
+    the one rule of every grid: the lowest final validation perplexity where every run of the
+    group has a validation split, else the lowest final test perplexity."""
+    grids: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    by_name: dict[str, dict[str, Any]] = {}
     for entry, row in zip(entries, rows, strict=True):
         key = entry.get("group") or entry["name"]
-        if key not in best or row[key_ppl] < best[key][key_ppl]:
-            best[key] = row
+        point = {
+            "seed": row.get("seed", 0),
+            "val_ppl": row["val_ppl"],
+            "test_ppl": row["final_ppl"],
+        }
+        grids.setdefault(key, {})[row["name"]] = [point]
+        by_name[row["name"]] = row
+    best = [(key, by_name[choose(grid)[0]]) for key, grid in grids.items()]
     return [
         (row["name"], {**row, "name": key if key == row["name"] else f"{key} ({row['name']})"})
-        for key, row in best.items()
+        for key, row in best
     ]
 
 
