@@ -151,3 +151,15 @@ def test_report_lists_each_runs_provenance(run_dir: Path):
     assert cells[:5] == ["hetlora", commit, str(prov["dirty"]).lower(), prov["date"], "fp32"]
     assert cells[-3:] == [torch.__version__, transformers.__version__, peft.__version__]
     assert (run_dir / "provenance.csv").is_file()
+
+
+def test_the_commit_is_the_one_the_process_started_with(monkeypatch: pytest.MonkeyPatch):
+    """A commit made while a long study runs is not the code it runs: collect keeps the state
+    code_state took first."""
+    provenance.code_state.cache_clear()
+    monkeypatch.setattr(provenance, "git_state", lambda: ("a" * 40, False))
+    assert provenance.code_state() == ("a" * 40, False)
+    monkeypatch.setattr(provenance, "git_state", lambda: ("b" * 40, True))
+    prov = provenance.collect(bf16=False)
+    assert (prov["commit"], prov["dirty"]) == ("a" * 40, False)
+    provenance.code_state.cache_clear()

@@ -1,8 +1,10 @@
 """Where and with what a run was made, recorded in its ``summary.json`` as ``provenance``.
 
 ``commit``: the git commit of the checkout the ``hetlora`` package runs from, and ``dirty``:
-whether tracked files differ from it; both ``null`` where git is absent or the package is not a
-tracked file of a checkout (installed from a wheel). ``host``: CPU model, logical cores, native
+whether tracked files differ from it, both taken when the process starts its first run
+(`code_state`: Python reads the code once, so a commit made while a long study runs is not the
+code that study runs); both ``null`` where git is absent or the package is not a tracked file
+of a checkout (installed from a wheel). ``host``: CPU model, logical cores, native
 bf16 on the CPU (`hetlora.hardware.cpu_has_bf16`) and the GPU's name (``null`` without
 one) of the process that writes the summary (the server under Flower). ``versions``: Python,
 hetlora, torch, transformers and peft. ``precision``: the one training resolved to (``bf16`` or
@@ -12,6 +14,7 @@ hetlora, torch, transformers and peft. ``precision``: the one training resolved 
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import logging
 import os
@@ -24,7 +27,7 @@ import torch
 
 from hetlora.hardware import cpu_has_bf16
 
-__all__ = ["COLUMNS", "collect", "git_state", "host", "row", "versions"]
+__all__ = ["COLUMNS", "code_state", "collect", "git_state", "host", "row", "versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,13 @@ def git_state(package_dir: Path | None = None) -> tuple[str | None, bool | None]
     return commit, bool(status)
 
 
+@functools.cache
+def code_state() -> tuple[str | None, bool | None]:
+    """`git_state` of this package as the process first asked for it (a run calls it before
+    its first round), kept for the life of the process: the code Python has loaded."""
+    return git_state()
+
+
 def _cpu_model() -> str | None:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -108,7 +118,7 @@ def versions() -> dict[str, str | None]:
 def collect(bf16: bool, device: torch.device | None = None) -> dict[str, Any]:
     """The ``provenance`` entry of ``summary.json`` (module docstring); ``bf16``: whether
     training ran under bf16 autocast."""
-    commit, dirty = git_state()
+    commit, dirty = code_state()
     return {
         "commit": commit,
         "dirty": dirty,

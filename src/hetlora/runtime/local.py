@@ -440,6 +440,7 @@ class RoundLoop:
         ``rounds`` extend the run).
         """
         cfg = self.cfg
+        provenance.code_state()  # the commit of the code this process runs, before any round
         metrics: list[dict[str, Any]] = []
         base: dict[str, Any] = {}
         if resume:
