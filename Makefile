@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hetlora-installed
 OUT ?= runs/demo
+# The docs site build (make docs, and make test into a scratch folder); NO_MKDOCS_2_WARNING
+# silences the theme's banner.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 .PHONY: demo test docs lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate
 
@@ -46,13 +49,13 @@ lint: $(STAMP)
 # One test at a time from a shared queue, longest first (tests/conftest.py), so both finish together.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts tools
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
+	$(MKDOCS) --quiet --site-dir $(VENV)/site-check
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1 $(PYTEST_ARGS)
 
 # The docs site (mkdocs.yml: MkDocs, the Material theme, the API reference from the docstrings by
 # mkdocstrings) into site/; --strict: a broken link or API reference fails. `make test` builds it too.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	$(MKDOCS)
 
 clean:
 	rm -rf $(VENV) runs mutants site

@@ -150,11 +150,10 @@ def clone(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def run_block(block: Block, work: Path, log: list[str]) -> None:
-    env = dict(os.environ)
     if block.lang == "python":
         start = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-c", block.code], cwd=work, env=env, capture_output=True, text=True
+            [sys.executable, "-c", block.code], cwd=work, capture_output=True, text=True
         )
         took = time.monotonic() - start
         log.append(
@@ -171,7 +170,7 @@ def run_block(block: Block, work: Path, log: list[str]) -> None:
         argv = [tiny if a == "model=/models/my-llama" else a for a in argv]
         argv = small(argv)
         start = time.monotonic()
-        done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
+        done = subprocess.run(argv, cwd=work, capture_output=True, text=True)
         took = time.monotonic() - start
         log.append(f"{block.source}: {shlex.join(argv)} ({took:.0f}s) -> {done.returncode}")
         assert done.returncode == 0, f"{block.source}: {shlex.join(argv)}\n{done.stderr[-4000:]}"
