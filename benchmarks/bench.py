@@ -55,7 +55,7 @@ from hetlora.hardware import (
     use_cpu_attention,
 )
 from hetlora.methods import make_server
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 from hetlora.models import default_target_modules, load_base_model
 
 TARGETS = {  # key: (comparison, bound), issue 12's targets
@@ -239,7 +239,7 @@ def engine_tok_s(
         on_step=lambda step, loss: stamps.append((time.perf_counter(), compile_seconds())),
     )
     if info is not None:
-        info["compile_s"] = result.compile_seconds
+        info["compile_s"] = result.stats.compile_seconds
         info["compiled_graphs"] = compiled_graphs() - graphs
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
     # from the end of the warm-up step (where compiling happens); a recompile later is not
@@ -360,7 +360,7 @@ def aggregate_s(model: str, smoke: bool) -> dict:
             k: (0.01 * torch.randn(o, r, generator=g), torch.randn(r, i, generator=g))
             for k, (o, i) in shapes.items()
         }
-        update = ClientUpdate(c, 50, factors=factors, rank=r)
+        update = Reply(c, 50, factors=factors, rank=r)
         start = time.perf_counter()
         server.check(update)
         server.add(update)

@@ -148,20 +148,22 @@ def test_client_step_equals_the_reference_loop_and_reports_what_it_did(model):
     torch.testing.assert_close([loss for _, loss, _ in steps], want_losses, **EXACT)
     assert want_losses[2] == 0.0  # the batch without labelled tokens: loss 0, not nan
     assert result.train_loss == pytest.approx(sum(want_losses) / 5, rel=1e-6)
-    assert result.steps == 5
-    assert result.tokens == want_tokens == 3 * (9 + 7 + 5) + 2 * (8 + 8 + 6)
-    assert result.target_tokens == want_targets == 9 + 1 + 0 + 9 + 9
+    assert result.stats.steps == 5
+    assert result.stats.tokens == want_tokens == 3 * (9 + 7 + 5) + 2 * (8 + 8 + 6)
+    assert result.stats.target_tokens == want_targets == 9 + 1 + 0 + 9 + 9
     # the tail as received and as trained, and the pruning rule on them: 6 -> floor(0.5 * 6)
-    assert result.tail_before == pytest.approx(float(tail_norm(received, 0.5)), rel=1e-6)
-    assert result.tail_after == pytest.approx(float(tail_norm(truncate(want, 6), 0.5)), rel=1e-5)
-    assert result.tail_after < result.tail_before
-    assert result.rank_received == 6 and result.rank == 3
+    assert result.stats.tail_before == pytest.approx(float(tail_norm(received, 0.5)), rel=1e-6)
+    assert result.stats.tail_after == pytest.approx(
+        float(tail_norm(truncate(want, 6), 0.5)), rel=1e-5
+    )
+    assert result.stats.tail_after < result.stats.tail_before
+    assert result.stats.rank_received == 6 and result.rank == 3
     _assert_factors(result.factors, truncate(want, 3))
     assert all(b.dtype == a.dtype == torch.float32 for b, a in result.factors.values())
     # the steps' own time: inside the wall time up to the last step; all inside the call's
-    assert 0.0 < result.step_seconds <= steps[-1][2] - start
-    assert result.step_seconds <= result.seconds <= wall
-    assert result.compile_seconds == 0.0
+    assert 0.0 < result.stats.step_seconds <= steps[-1][2] - start
+    assert result.stats.step_seconds <= result.stats.seconds <= wall
+    assert result.stats.compile_seconds == 0.0
     # the client adapter is gone, the global one active, unchanged and frozen
     assert set(model.peft_config) == {adapters.GLOBAL}
     assert model.active_adapter == adapters.GLOBAL
@@ -183,7 +185,7 @@ def test_client_step_follows_each_setting(model, change):
     batches = _batches(settings.local_steps, seed=1)
     want, losses, _, _ = _reference_client(model, received, batches, settings)
     result = train_client(model, received, iter(batches), settings, TARGETS, CPU)
-    assert result.rank == 5 and result.steps == settings.local_steps
+    assert result.rank == 5 and result.stats.steps == settings.local_steps
     assert result.train_loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     _assert_factors(result.factors, want)
 
@@ -193,26 +195,28 @@ def test_pruning_rule_keeps_r_min_and_never_prunes_a_tail_that_grew(model):
     # r_min above floor(gamma r): the rank stops at r_min
     settings = replace(SETTINGS, local_steps=3, r_min=4)
     result = train_client(model, _received(model, 6), iter(batches), settings, TARGETS, CPU)
-    assert result.tail_after < result.tail_before and result.rank == 4
+    assert result.stats.tail_after < result.stats.tail_before and result.rank == 4
     assert {rank_of({n: f}) for n, f in result.factors.items()} == {4}
     # B received as zero: the tail can only grow, so the rank is kept
     zero_b = {n: (torch.zeros_like(b), a) for n, (b, a) in _received(model, 6).items()}
     result = train_client(model, zero_b, iter(batches), settings, TARGETS, CPU)
-    assert result.tail_before == 0.0 and result.tail_after > 0.0 and result.rank == 6
+    assert result.stats.tail_before == 0.0 and result.stats.tail_after > 0.0 and result.rank == 6
     # pruning off: the tail shrinks but the rank stays
     settings = replace(SETTINGS, local_steps=3, pruning=False)
     result = train_client(model, _received(model, 6), iter(batches), settings, TARGETS, CPU)
-    assert result.tail_after < result.tail_before and result.rank == 6
-    assert result.tail_before == pytest.approx(float(tail_norm(_received(model, 6), 0.5)))
+    assert result.stats.tail_after < result.stats.tail_before and result.rank == 6
+    assert result.stats.tail_before == pytest.approx(float(tail_norm(_received(model, 6), 0.5)))
 
 
 def test_no_steps_returns_the_received_factors(model):
     received = _received(model, 4)
     settings = replace(SETTINGS, local_steps=0)
     result = train_client(model, received, iter(()), settings, TARGETS, CPU)
-    assert result.steps == 0 and result.tokens == 0 and result.target_tokens == 0
+    assert result.stats.steps == 0 and result.stats.tokens == 0 and result.stats.target_tokens == 0
     assert math.isnan(result.train_loss)
-    assert result.tail_after == result.tail_before and result.rank == 4  # nothing shrank
+    assert (
+        result.stats.tail_after == result.stats.tail_before and result.rank == 4
+    )  # nothing shrank
     _assert_factors(result.factors, received, rtol=0.0, atol=0.0)
 
 
@@ -232,16 +236,18 @@ def test_fixed_shape_step_equals_the_reference_and_keeps_positions_above_r_k_zer
     tol = dict(rtol=1e-4, atol=1e-5)  # sums over more (zero) terms: fp32 round-off only
     torch.testing.assert_close(losses, want_losses, **tol)
     assert above == [0.0] * 5
-    assert result.rank_received == 5 and result.rank == tail_start(5, 0.5) == 2
+    assert result.stats.rank_received == 5 and result.rank == tail_start(5, 0.5) == 2
     _assert_factors(result.factors, truncate(want, 2), **tol)
-    assert result.tail_after == pytest.approx(float(tail_norm(truncate(want, 5), 0.5)), rel=1e-4)
+    assert result.stats.tail_after == pytest.approx(
+        float(tail_norm(truncate(want, 5), 0.5)), rel=1e-4
+    )
     # the fixed adapter stays, frozen, with the global one active again
     assert adapters.FIXED in model.peft_config and adapters.CLIENT not in model.peft_config
     assert model.active_adapter == adapters.GLOBAL
     assert not any(p.requires_grad for p in model.parameters())
     # a client at exactly the fixed rank fits; one above it does not
     at_max = train_client(model, _received(model, 8), iter(batches), settings, TARGETS, CPU)
-    assert at_max.rank_received == 8
+    assert at_max.stats.rank_received == 8
     with pytest.raises(HetLoRAError, match="a client of rank 9 does not fit the fixed rank 8"):
         big = {
             n: (torch.ones(b.shape[0], 9), torch.ones(9, a.shape[1])) for n, (b, a) in want.items()
@@ -273,7 +279,7 @@ def test_full_fine_tuning_equals_the_reference_loop(model):
     losses = []
     task = ClientTask("c7", "full", weights=weights)
     start = time.perf_counter()
-    update, result = run_task(
+    update = result = run_task(
         model, task, iter(batches), settings, TARGETS, CPU, 11, lambda s, loss: losses.append(loss)
     )
     wall = time.perf_counter() - start
@@ -286,15 +292,16 @@ def test_full_fine_tuning_equals_the_reference_loop(model):
         assert got.data_ptr() != params[n].data_ptr()  # a copy, not the live weight
     assert update.client_id == "c7" and update.num_examples == 11 and update.factors is None
     assert update.train_loss == result.train_loss == pytest.approx(sum(want_losses) / 3, rel=1e-6)
-    assert (result.rank, result.rank_received, result.factors) == (0, 0, {})
-    assert (result.tail_before, result.tail_after) == (0.0, 0.0)
-    assert (result.steps, result.tokens, result.target_tokens) == (3, want_tokens, want_targets)
-    assert 0.0 < result.step_seconds <= result.seconds <= wall and result.compile_seconds == 0.0
+    assert (result.rank, result.stats.rank_received, result.factors) == (0, 0, None)
+    assert (result.stats.tail_before, result.stats.tail_after) == (0.0, 0.0)
+    stats = result.stats
+    assert (stats.steps, stats.tokens, stats.target_tokens) == (3, want_tokens, want_targets)
+    assert 0.0 < stats.step_seconds <= stats.seconds <= wall and stats.compile_seconds == 0.0
     assert not any(p.requires_grad for p in params.values())  # the base is frozen again
     # the LoRA adapter stayed on and untouched (B = 0), and no step: nan loss
     assert all(torch.count_nonzero(b) == 0 for b, _ in adapters.read_factors(model).values())
-    _, none = train_full(model, weights, iter(()), replace(settings, local_steps=0), CPU)
-    assert none.steps == 0 and math.isnan(none.train_loss)
+    none = train_full(model, weights, iter(()), replace(settings, local_steps=0), CPU)
+    assert none.stats.steps == 0 and math.isnan(none.train_loss)
 
 
 def replace_steps(settings: TrainSettings, steps: int) -> TrainSettings:
@@ -309,8 +316,8 @@ def test_run_task_passes_the_task_options_and_builds_the_reply(model):
     plain = replace(settings, lambda_=0.0)
     want, losses, _, _ = _reference_client(model, received, batches, plain)
     task = ClientTask("c3", "lora", rank=6, factors=received, pruning=False, regularise=False)
-    update, result = run_task(model, task, iter(batches), settings, TARGETS, CPU, 17)
-    assert result.rank == update.rank == 6 and result.tail_after > 0
+    update = result = run_task(model, task, iter(batches), settings, TARGETS, CPU, 17)
+    assert result.rank == update.rank == 6 and result.stats.tail_after > 0
     _assert_factors(update.factors, want)
     assert update.factors is result.factors
     assert update.client_id == "c3" and update.num_examples == 17 and update.weights is None
@@ -318,18 +325,18 @@ def test_run_task_passes_the_task_options_and_builds_the_reply(model):
     # a task that does both: the settings' lambda and the pruning rule apply
     want, _, _, _ = _reference_client(model, received, batches, settings)
     task = ClientTask("c4", "lora", rank=6, factors=received, pruning=True, regularise=True)
-    update, result = run_task(model, task, iter(batches), settings, TARGETS, CPU, 5)
+    update = result = run_task(model, task, iter(batches), settings, TARGETS, CPU, 5)
     assert update.rank == result.rank == 3
     _assert_factors(update.factors, truncate(want, 3))
     # the task regularises but may not prune: the tail shrinks, the rank stays
     task = ClientTask("c6", "lora", rank=6, factors=received, pruning=False, regularise=True)
-    update, result = run_task(model, task, iter(batches), settings, TARGETS, CPU, 5)
-    assert result.tail_after < result.tail_before and update.rank == result.rank == 6
+    update = result = run_task(model, task, iter(batches), settings, TARGETS, CPU, 5)
+    assert result.stats.tail_after < result.stats.tail_before and update.rank == result.rank == 6
     _assert_factors(update.factors, want)
     # the server may allow pruning, the settings not: no pruning
     off = replace(settings, pruning=False)
     task = ClientTask("c5", "lora", rank=6, factors=received, pruning=True, regularise=True)
-    update, _ = run_task(model, task, iter(batches), off, TARGETS, CPU, 5)
+    update = run_task(model, task, iter(batches), off, TARGETS, CPU, 5)
     assert update.rank == 6
 
 
@@ -367,19 +374,19 @@ def test_step_and_compile_seconds_are_counted_apart(model):
             lambda *_: marks.append(time.perf_counter()),
         )
         compiled = compile_seconds() - before
-        assert result.compile_seconds == pytest.approx(compiled, rel=1e-9, abs=1e-9)
+        assert result.stats.compile_seconds == pytest.approx(compiled, rel=1e-9, abs=1e-9)
         assert compiled > 0.0
         # four steps of at least ``pause`` each, and no more than the wall time up to the last
         # step minus the compiling
-        assert 4 * pause <= result.step_seconds
-        assert result.step_seconds + result.compile_seconds <= marks[-1] - start
-        assert result.step_seconds + result.compile_seconds <= result.seconds
+        assert 4 * pause <= result.stats.step_seconds
+        assert result.stats.step_seconds + result.stats.compile_seconds <= marks[-1] - start
+        assert result.stats.step_seconds + result.stats.compile_seconds <= result.stats.seconds
         # full fine-tuning on the compiled layers (a new graph: the base weights train)
         before = compile_seconds()
         weights = {n: p.detach().clone() for n, p in adapters.base_parameters(model).items()}
-        _, full = train_full(
+        full = train_full(
             model, weights, iter(_batches(2)), replace(settings, local_steps=2), CPU
-        )
+        ).stats
         assert full.compile_seconds == pytest.approx(compile_seconds() - before, rel=1e-9, abs=1e-9)
         assert full.compile_seconds > 0.0 and 2 * pause <= full.step_seconds
         assert full.step_seconds + full.compile_seconds <= full.seconds

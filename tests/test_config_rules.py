@@ -14,7 +14,7 @@ from hetlora import config as config_module
 from hetlora import methods
 from hetlora.config import KEY_RULES, METHODS, Config, load_config, make_config, rules_markdown
 from hetlora.errors import HetLoRAError
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 from hetlora.methods.hetlora import HetLoRAServer
 from hetlora.runtime import checkpoint
 
@@ -176,9 +176,7 @@ def test_an_older_pickled_hetlora_server_aggregates_as_before():
     start = {"m": (torch.randn(5, 4, generator=g), torch.randn(4, 3, generator=g))}
     ranks = {"a": 4, "b": 2}
     updates = [
-        ClientUpdate(
-            c, n, factors={"m": (torch.randn(5, r, generator=g), torch.randn(r, 3))}, rank=r
-        )
+        Reply(c, n, factors={"m": (torch.randn(5, r, generator=g), torch.randn(r, 3))}, rank=r)
         for (c, r), n in zip(ranks.items(), (30, 5), strict=True)
     ]
     today = HetLoRAServer(start, ranks, aggregation="sparsity_data_size")

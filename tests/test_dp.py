@@ -23,7 +23,7 @@ from hetlora.config import make_config
 from hetlora.errors import HetLoRAError
 from hetlora.lora import truncate
 from hetlora.methods import make_server
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 from hetlora.methods.ffa import FFAServer
 from hetlora.methods.hetlora import HetLoRAServer
 from hetlora.methods.homlora import HomLoRAServer
@@ -102,16 +102,16 @@ def test_the_server_refuses_a_reply_above_c():
         for n, (b, a) in received.items()
     }
     with pytest.raises(HetLoRAError, match="client a: update norm .* exceeds dp_clip_norm 0.5"):
-        server.check(ClientUpdate("a", 10, factors=over, rank=4))
+        server.check(Reply("a", 10, factors=over, rank=4))
     # a reply at another rank than assigned (a pruned one) is refused under DP too
     with pytest.raises(HetLoRAError, match="rank 3, assigned 4"):
-        server.check(ClientUpdate("a", 10, factors=truncate(received, 3), rank=3))
+        server.check(Reply("a", 10, factors=truncate(received, 3), rank=3))
     # a round-off above C is scaled back to C, not refused
     just = {
         n: (b + step[n][0] * 0.5002 / norm, a + step[n][1] * 0.5002 / norm)
         for n, (b, a) in received.items()
     }
-    update = ClientUpdate("a", 10, factors=just, rank=4)
+    update = Reply("a", 10, factors=just, rank=4)
     server.check(update)
     assert dp.update_norm(received, update.factors) == pytest.approx(0.5, rel=1e-9)
 
@@ -163,7 +163,7 @@ def test_dead_positions_get_no_noise_so_the_live_rank_is_the_running_minimum():
         task = server.task(client)
         step = factors(task.rank, len(live) + 1, 1e-3)
         reply = {n: (b + step[n][0], a + step[n][1]) for n, (b, a) in task.factors.items()}
-        update = ClientUpdate(client, 10, factors=reply, rank=task.rank)
+        update = Reply(client, 10, factors=reply, rank=task.rank)
         server.check(update)
         server.add(update)
         server.finish()
@@ -196,7 +196,7 @@ def test_zero_padding_under_dp_is_the_uniform_average_plus_noise_over_m():
     for c in "abc":
         server.task(c)
     for c, f in replies.items():
-        update = ClientUpdate(c, 10, factors=f, rank=f["l0.q"][0].shape[1])
+        update = Reply(c, 10, factors=f, rank=f["l0.q"][0].shape[1])
         server.check(update)
         server.add(update)
     weights = server.finish()  # c never replied
@@ -334,7 +334,7 @@ def test_ffa_keeps_a_frozen_and_averages_products_exactly():
         f = truncate(g, r)
         fb = factors(r, 7 + r)
         replies[c] = ({n: (fb[n][0], f[n][1]) for n in f}, n_ex)
-        server.add(ClientUpdate(c, n_ex, factors=replies[c][0], rank=r))
+        server.add(Reply(c, n_ex, factors=replies[c][0], rank=r))
     weights = server.finish()
     assert weights == pytest.approx({"a": 0.75, "b": 0.25})
     for n in SHAPES:
@@ -356,7 +356,7 @@ def test_homlora_under_dp_weights_uniformly():
     )
     for c, n_ex in (("a", 30), ("b", 10)):
         server.task(c)
-        server.add(ClientUpdate(c, n_ex, factors=factors(4, 3), rank=4))
+        server.add(Reply(c, n_ex, factors=factors(4, 3), rank=4))
     assert server.finish() == pytest.approx({"a": 0.5, "b": 0.5})
 
 

@@ -84,9 +84,9 @@ def test_client_training_prunes_and_leaves_the_global_adapter_alone(peft_model):
     result = train_client(
         model, received, client_batches(tok), settings, ["q_proj", "v_proj"], torch.device("cpu")
     )
-    assert result.tail_after < result.tail_before
-    assert result.rank_received == 6 and result.rank == 3 and rank_of(result.factors) == 3
-    assert result.steps == 5 and result.tokens > 0 and np.isfinite(result.train_loss)
+    assert result.stats.tail_after < result.stats.tail_before
+    assert result.stats.rank_received == 6 and result.rank == 3 and rank_of(result.factors) == 3
+    assert result.stats.steps == 5 and result.stats.tokens > 0 and np.isfinite(result.train_loss)
     assert set(model.peft_config) == {adapters.GLOBAL}
     after = adapters.read_factors(model)
     for name in global_before:

@@ -99,11 +99,11 @@ def _round(peft_model, tokenizer, examples, fixed: bool):
 def _assert_same(today, other):
     decisions = []
     for (want, want_losses, _), (got, got_losses, _) in zip(today, other, strict=True):
-        assert got.rank == want.rank and got.rank_received == want.rank_received
-        decisions.append(want.rank < want.rank_received)
+        assert got.rank == want.rank and got.stats.rank_received == want.stats.rank_received
+        decisions.append(want.rank < want.stats.rank_received)
         np.testing.assert_allclose(got_losses, want_losses, **TOL)
-        assert got.tail_before == pytest.approx(want.tail_before, rel=1e-6)
-        assert got.tail_after == pytest.approx(want.tail_after, rel=1e-4, abs=1e-6)
+        assert got.stats.tail_before == pytest.approx(want.stats.tail_before, rel=1e-6)
+        assert got.stats.tail_after == pytest.approx(want.stats.tail_after, rel=1e-4, abs=1e-6)
         assert set(got.factors) == set(want.factors)
         for name, (b, a) in want.factors.items():
             assert got.factors[name][0].shape == b.shape and got.factors[name][1].shape == a.shape

@@ -25,11 +25,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from safetensors.torch import load_file
 
-from hetlora.client import ClientResult, TrainSettings
+from hetlora.client import TrainSettings
 from hetlora.config import make_config
 from hetlora.errors import HetLoRAError
 from hetlora.lora import truncate
-from hetlora.methods.base import ClientTask, ClientUpdate
+from hetlora.methods.base import ClientTask, Reply, TrainStats
 from hetlora.methods.hetlora import HetLoRAServer
 from hetlora.runtime.flower import client_app, records, server_app
 from hetlora.runtime.flower.client_app import node_client
@@ -103,9 +103,8 @@ def _factors(rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _reply(factors, rank: int, metrics: dict | None = None) -> RecordDict:
-    update = ClientUpdate("c", 10, factors=factors, rank=rank)
-    result = ClientResult(factors, 6, rank, 1.5, 2.0, 1.0, 100, 60, 3, 0.5)
-    content = records.reply_content(update, result)
+    stats = TrainStats(6, 1.5, 2.0, 1.0, 100, 60, 3, 0.5)
+    content = records.reply_content(Reply("c", 10, factors=factors, rank=rank, stats=stats))
     for key, value in (metrics or {}).items():
         content.metric_records[records.METRICS][key] = value
     return content
@@ -127,8 +126,8 @@ def test_task_and_reply_round_trip():
     for name, (b, a) in task.factors.items():
         assert torch.equal(got.factors[name][0], b) and torch.equal(got.factors[name][1], a)
     pruned = truncate(_factors(6), 5)
-    update, result = records.read_reply(_reply(pruned, 5), task)
-    assert update.rank == 5 and update.num_examples == 10 and result.rank_received == 6
+    update = records.read_reply(_reply(pruned, 5), task)
+    assert update.rank == 5 and update.num_examples == 10 and update.stats.rank_received == 6
     assert torch.equal(update.factors["layers.0.q_proj"][0], pruned["layers.0.q_proj"][0])
 
 
@@ -161,10 +160,10 @@ def test_malformed_replies_are_refused_by_the_servers_validator(case):
         del factors["layers.0.v_proj"]
     elif case == "no examples":
         metrics = {"num-examples": 0}
-    update, _ = records.read_reply(_reply(factors, rank, metrics), task)
+    update = records.read_reply(_reply(factors, rank, metrics), task)
     with pytest.raises(HetLoRAError, match="client c"):
         server.check(update)
-    good, _ = records.read_reply(_reply(truncate(_factors(6), 5), 5), task)
+    good = records.read_reply(_reply(truncate(_factors(6), 5), 5), task)
     server.check(good)
 
 

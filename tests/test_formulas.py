@@ -16,7 +16,7 @@ from hetlora import adapters
 from hetlora.client import TrainSettings, train_client
 from hetlora.lora import tail_norm, truncate
 from hetlora.methods import hetlora
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -43,11 +43,10 @@ def _scores(factors_by_client, sizes, **options):
         n: (torch.randn(b.shape[0], 4, generator=g), torch.randn(4, a.shape[1], generator=g))
         for n, (b, a) in next(iter(factors_by_client.values())).items()
     }
-    state = hetlora.init(start, ranks)
-    agg = hetlora.Aggregator(state, **options)
+    server = hetlora.HetLoRAServer(start, ranks, **options)
     for c, f in factors_by_client.items():
-        agg.add(ClientUpdate(c, sizes[c], factors=f, rank=4))
-    return agg, agg.finish()
+        server.add(Reply(c, sizes[c], factors=f, rank=4))
+    return server.finish(), server.state
 
 
 def _client_factors(seed):
@@ -83,7 +82,7 @@ def test_per_client_sparsity_weights_use_the_norm_of_the_whole_update():
     agg, new = _scores(clients, {"a": 10, "b": 10, "c": 10})
     s = {c: math.sqrt(sum(_dense_norm(*p) ** 2 for p in f.values())) for c, f in clients.items()}
     w = {c: s[c] / sum(s.values()) for c in s}
-    assert agg.weights() == pytest.approx(w, rel=1e-6)
+    assert agg == pytest.approx(w, rel=1e-6)
     for name in ("q", "v"):
         exp_b = sum(w[c] * clients[c][name][0] for c in clients)
         torch.testing.assert_close(new.factors[name][0], exp_b, rtol=1e-5, atol=1e-6)
@@ -109,7 +108,7 @@ def test_data_size_factor_multiplies_the_sparsity_weights(per_module):
         torch.testing.assert_close(new.factors[name][1], exp_a, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(new.factors[name][1], plain.factors[name][1], atol=1e-3)
     if not per_module:
-        assert agg.weights()["a"] > plain_agg.weights()["a"]
+        assert agg["a"] > plain_agg["a"]
 
 
 # --- the client objective: loss + lambda * regulariser ----------------------------------------

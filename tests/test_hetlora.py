@@ -22,14 +22,24 @@ def global_factors(r_max: int = 8, seed: int = 0) -> dict:
 
 def update(state, client, rank, seed, n=10):
     f = truncate(global_factors(state.r_max, seed), rank)
-    return hetlora.ClientUpdate(client_id=client, factors=f, rank=rank, num_examples=n)
+    return hetlora.Reply(client_id=client, factors=f, rank=rank, num_examples=n)
+
+
+def init(factors, ranks):
+    """The round-0 state of a server over ``ranks``."""
+    return hetlora.HetLoRAServer(factors, ranks).state
+
+
+def server_at(state, **options):
+    """A server resumed at ``state`` (``options``: its aggregation, per_module, padding)."""
+    server = hetlora.HetLoRAServer(state.factors, state.ranks, **options)
+    server.state = state
+    return server
 
 
 def aggregate(state, updates, **options):
-    """One round through the live path, :class:`HetLoRAServer`'s add and finish, from ``state``
-    (``options``: the server's aggregation, per_module, padding)."""
-    server = hetlora.HetLoRAServer(state.factors, state.ranks, **options)
-    server.state = state
+    """One round through the server's add and finish, from ``state``."""
+    server = server_at(state, **options)
     for u in updates:
         server.add(u)
     server.finish()
@@ -56,17 +66,17 @@ def test_assign_ranks_tiers_follow_shares():
     assert Counter(ranks.values()) == {4: 7, 16: 3}
 
 
-def test_client_message_truncates_to_current_rank():
-    state = hetlora.init(global_factors(8), {"a": 3, "b": 8})
-    msg = hetlora.client_message(state, "a")
+def test_task_truncates_to_current_rank():
+    state = init(global_factors(8), {"a": 3, "b": 8})
+    msg = server_at(state).task("a").factors
     torch.testing.assert_close(msg["layers.0.q"][0], state.factors["layers.0.q"][0][:, :3])
     torch.testing.assert_close(msg["layers.0.q"][1], state.factors["layers.0.q"][1][:3])
     with pytest.raises(HetLoRAError):
-        hetlora.init(global_factors(8), {"a": 9})
+        init(global_factors(8), {"a": 9})
 
 
 def test_sparsity_weighted_aggregation_and_rank_persistence():
-    state = hetlora.init(global_factors(8), {"a": 3, "b": 8, "c": 5})
+    state = init(global_factors(8), {"a": 3, "b": 8, "c": 5})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 8, seed=2)  # a pruned 3 -> 2
     new = aggregate(state, [ua, ub])
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
@@ -78,7 +88,7 @@ def test_sparsity_weighted_aggregation_and_rank_persistence():
         torch.testing.assert_close(new.factors[name][1], exp_a)
     assert new.ranks == {"a": 2, "b": 8, "c": 5}  # pruned rank kept, unsampled client untouched
     assert new.round == 1
-    assert hetlora.client_message(new, "a")["layers.0.q"][0].shape[1] == 2
+    assert server_at(new).task("a").factors["layers.0.q"][0].shape[1] == 2
     # a pruned client can't grow back: an update above its current rank is refused
     server = hetlora.HetLoRAServer(global_factors(8), new.ranks)  # the validator of replies
     with pytest.raises(HetLoRAError, match=r"rank 3 outside \[1, 2\]"):
@@ -86,7 +96,7 @@ def test_sparsity_weighted_aggregation_and_rank_persistence():
 
 
 def test_uniform_and_data_size_weights():
-    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    state = init(global_factors(4), {"a": 4, "b": 4})
     ua, ub = update(state, "a", 4, 1, n=30), update(state, "b", 4, 2, n=10)
     uni = aggregate(state, [ua, ub], aggregation="uniform")
     size = aggregate(state, [ua, ub], aggregation="data_size")
@@ -100,7 +110,7 @@ def test_uniform_and_data_size_weights():
 
 
 def test_per_module_weights_differ_from_per_client():
-    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    state = init(global_factors(4), {"a": 4, "b": 4})
     ua, ub = update(state, "a", 4, 1), update(state, "b", 4, 2)
     # scale one module of client b so per-module and per-client weights disagree
     b_q = ub.factors["layers.0.q"]
@@ -113,11 +123,11 @@ def test_per_module_weights_differ_from_per_client():
 
 
 def test_aggregator_weights_sum_to_one_and_rejects_bad_updates():
-    state = hetlora.init(global_factors(4), {"a": 4, "b": 2})
-    agg = hetlora.Aggregator(state)
+    state = init(global_factors(4), {"a": 4, "b": 2})
+    agg = server_at(state)
     agg.add(update(state, "a", 4, 1))
     agg.add(update(state, "b", 2, 2))
-    assert sum(agg.weights().values()) == pytest.approx(1.0)
+    assert sum(agg.finish().values()) == pytest.approx(1.0)
     server = hetlora.HetLoRAServer(global_factors(4), {"a": 4, "b": 2})
     with pytest.raises(HetLoRAError, match="unknown client"):
         server.check(update(state, "zzz", 2, 3))
@@ -126,11 +136,11 @@ def test_aggregator_weights_sum_to_one_and_rejects_bad_updates():
     with pytest.raises(HetLoRAError, match="modules"):
         server.check(bad)
     with pytest.raises(HetLoRAError):
-        hetlora.Aggregator(state).finish()
+        server_at(state).finish()
 
 
 def test_one_client_at_full_rank_returns_its_factors():
-    state = hetlora.init(global_factors(4), {"a": 4})
+    state = init(global_factors(4), {"a": 4})
     ua = update(state, "a", 4, 7)
     new = aggregate(state, [ua])
     for name in state.factors:
@@ -141,14 +151,14 @@ def test_one_client_at_full_rank_returns_its_factors():
 def test_zero_padding_kills_positions_above_the_rounds_largest_rank():
     # The paper's aggregation: with every reply at rank <= 3, positions 3..7 of both factors
     # become zero, and B = A = 0 there is a fixed point: those positions stay dead.
-    state = hetlora.init(global_factors(8), {"a": 3, "b": 2})
+    state = init(global_factors(8), {"a": 3, "b": 2})
     new = aggregate(state, [update(state, "a", 3, seed=1), update(state, "b", 2, seed=2)])
     for b, a in new.factors.values():
         assert torch.count_nonzero(b[:, 3:]) == 0 and torch.count_nonzero(a[3:]) == 0
 
 
 def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
-    state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
+    state = init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
     new = aggregate(state, [ua, ub], padding="rankwise")
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
@@ -163,7 +173,7 @@ def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
         torch.testing.assert_close(b[:, 5:], old_b[:, 5:])  # nobody reached 5..7: kept
         torch.testing.assert_close(a[5:], old_a[5:])
     # with every client at r_max, rank-wise equals the paper's average
-    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    state = init(global_factors(4), {"a": 4, "b": 4})
     ups = [update(state, "a", 4, 1), update(state, "b", 4, 2)]
     plain = aggregate(state, ups)
     ranked = aggregate(state, ups, padding="rankwise")
@@ -173,7 +183,7 @@ def test_rankwise_average_renormalises_per_position_and_keeps_unreached_ones():
 
 
 def test_rankwise_with_zero_scores_falls_back_to_uniform_per_position():
-    state = hetlora.init(global_factors(6), {"a": 2, "b": 4})
+    state = init(global_factors(6), {"a": 2, "b": 4})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 4, seed=2)
     for u in (ua, ub):  # B = 0 everywhere: every sparsity score is 0
         u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
@@ -187,7 +197,7 @@ def test_rankwise_with_zero_scores_falls_back_to_uniform_per_position():
 
 def test_rankwise_zero_scores_with_live_b_average_b_uniformly():
     # A = 0 gives B A = 0 (score 0) with B non-zero: B's positions are averaged uniformly
-    state = hetlora.init(global_factors(6), {"a": 2, "b": 4, "c": 4})
+    state = init(global_factors(6), {"a": 2, "b": 4, "c": 4})
     ups = [update(state, c, r, seed=s) for c, r, s in (("a", 2, 1), ("b", 4, 2), ("c", 4, 3))]
     for u in ups:
         u.factors = {n: (b, torch.zeros_like(a)) for n, (b, a) in u.factors.items()}
@@ -202,7 +212,7 @@ def test_rankwise_zero_scores_with_live_b_average_b_uniformly():
 
 def test_rankwise_with_scores_below_one_and_a_wrong_previous_shape():
     # sparsity scores ||dW_k|| < 1 still count as reaching a position
-    state = hetlora.init(global_factors(6), {"a": 2, "b": 4})
+    state = init(global_factors(6), {"a": 2, "b": 4})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 4, seed=2)
     for u in (ua, ub):
         u.factors = {n: (b * 1e-2, a * 1e-2) for n, (b, a) in u.factors.items()}
@@ -210,7 +220,7 @@ def test_rankwise_with_scores_below_one_and_a_wrong_previous_shape():
     new = aggregate(state, [ua, ub], padding="rankwise")
     for name in state.factors:
         torch.testing.assert_close(new.factors[name][1][2:4], ub.factors[name][1][2:4])
-    agg = hetlora.Aggregator(state, padding="rankwise")
+    agg = server_at(state, padding="rankwise")
     agg.add(ua)
     bad = dict(state.factors)
     name = next(iter(bad))
@@ -237,27 +247,27 @@ def test_assign_ranks_reach_both_ends_and_tiers_deal_remainders():
 
 
 def test_aggregator_weights_small_and_zero_scores():
-    state = hetlora.init(global_factors(4), {"a": 4, "b": 4})
+    state = init(global_factors(4), {"a": 4, "b": 4})
     ua, ub = update(state, "a", 4, seed=1), update(state, "b", 4, seed=2)
     for u in (ua, ub):
         u.factors = {n: (b * 1e-2, a * 1e-2) for n, (b, a) in u.factors.items()}
-    agg = hetlora.Aggregator(state)
+    agg = server_at(state)
     agg.add(ua)
     agg.add(ub)
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
     assert na + nb < 1
-    assert agg.weights() == pytest.approx({"a": na / (na + nb), "b": nb / (na + nb)})
-    zero = hetlora.Aggregator(state)
+    assert agg.finish() == pytest.approx({"a": na / (na + nb), "b": nb / (na + nb)})
+    zero = server_at(state)
     for u in (ua, ub):
         u.factors = {n: (torch.zeros_like(b), a) for n, (b, a) in u.factors.items()}
         zero.add(u)
-    assert zero.weights() == {"a": 0.5, "b": 0.5}
+    assert zero.finish() == {"a": 0.5, "b": 0.5}
 
 
 def test_zero_padding_formula_divides_every_position_by_the_total_score():
     # The paper: B[:, p] = sum_{k: r_k > p} s_k B_k[:, p] / sum_k s_k, over all the round's
     # clients, so position p shrinks by the weight of the clients below it.
-    state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
+    state = init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
     new = aggregate(state, [ua, ub], padding="zero")
     na, nb = update_norm(ua.factors), update_norm(ub.factors)
@@ -276,7 +286,7 @@ def test_zero_padding_formula_divides_every_position_by_the_total_score():
 def test_keep_padding_is_zero_padding_where_reached_and_the_previous_value_elsewhere():
     # FSLoRA's HetLoRA baseline (not in the paper): positions no client of the round reached
     # keep the previous global value; the others are exactly the paper's zero-padded average.
-    state = hetlora.init(global_factors(8), {"a": 2, "b": 5, "c": 8})
+    state = init(global_factors(8), {"a": 2, "b": 5, "c": 8})
     ua, ub = update(state, "a", 2, seed=1), update(state, "b", 5, seed=2)
     kept = aggregate(state, [ua, ub], padding="keep")
     zero = aggregate(state, [ua, ub], padding="zero")
@@ -314,7 +324,7 @@ def test_live_rank_counts_positions_where_both_factors_are_non_zero():
 def test_padding_is_an_error_for_unknown_rules_and_other_methods():
     from hetlora.config import make_config
 
-    state = hetlora.init(global_factors(4), {"a": 4})
+    state = init(global_factors(4), {"a": 4})
     with pytest.raises(HetLoRAError, match="padding"):
         aggregate(state, [update(state, "a", 4, 1)], padding="mirror")
     with pytest.raises(HetLoRAError, match="padding"):

@@ -9,7 +9,7 @@ from hetlora.config import make_config
 from hetlora.errors import HetLoRAError
 from hetlora.lora import truncate
 from hetlora.methods import make_server
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 from hetlora.methods.flora import FLoRAServer, stack
 from hetlora.methods.full_ft import FullFTServer
 from hetlora.methods.hetlora import HetLoRAServer
@@ -28,7 +28,7 @@ def factors(rank: int, seed: int) -> dict:
 
 
 def reply(client, f, n=10, rank=None):
-    return ClientUpdate(client, n, factors=f, rank=rank or next(iter(f.values()))[0].shape[1])
+    return Reply(client, n, factors=f, rank=rank or next(iter(f.values()))[0].shape[1])
 
 
 def test_homlora_one_client_returns_that_client():
@@ -141,14 +141,14 @@ def test_full_ft_is_example_weighted_fedavg():
     w0 = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
     server = FullFTServer(w0, ["a", "b"])
     assert server.task("a").kind == "full" and server.task("a").nbytes == 4 * 12
-    server.add(ClientUpdate("a", 10, weights={"w": torch.ones(3, 3), "b": torch.ones(3)}))
-    server.add(ClientUpdate("b", 30, weights={"w": 5 * torch.ones(3, 3), "b": torch.zeros(3)}))
+    server.add(Reply("a", 10, weights={"w": torch.ones(3, 3), "b": torch.ones(3)}))
+    server.add(Reply("b", 30, weights={"w": 5 * torch.ones(3, 3), "b": torch.zeros(3)}))
     server.finish()
     new = server.base_state().weights
     torch.testing.assert_close(new["w"], 4 * torch.ones(3, 3))
     torch.testing.assert_close(new["b"], 0.25 * torch.ones(3))
     with pytest.raises(HetLoRAError, match="has shape"):
-        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "b": torch.ones(3)}))
+        server.check(Reply("a", 1, weights={"w": torch.ones(2, 2), "b": torch.ones(3)}))
 
 
 def test_make_server_maps_methods_and_ablations():
@@ -182,20 +182,20 @@ def test_full_ft_rounds_weights_and_fresh_state_each_round():
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
     with pytest.raises(HetLoRAError, match="carries no weights"):
-        server.check(ClientUpdate("a", 1, weights=None))
+        server.check(Reply("a", 1, weights=None))
     with pytest.raises(HetLoRAError, match="wrong set of weights"):
-        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2), "x": torch.ones(1)}))
+        server.check(Reply("a", 1, weights={"w": torch.ones(2, 2), "x": torch.ones(1)}))
     with pytest.raises(HetLoRAError, match="has shape"):
-        server.check(ClientUpdate("a", 1, weights={"w": torch.ones(2, 3)}))
-    server.add(ClientUpdate("a", 1, weights={"w": torch.ones(2, 2)}))  # fewer examples than 1
-    server.add(ClientUpdate("b", 3, weights={"w": 5 * torch.ones(2, 2)}))
+        server.check(Reply("a", 1, weights={"w": torch.ones(2, 3)}))
+    server.add(Reply("a", 1, weights={"w": torch.ones(2, 2)}))  # fewer examples than 1
+    server.add(Reply("b", 3, weights={"w": 5 * torch.ones(2, 2)}))
     assert server.finish() == pytest.approx({"a": 0.25, "b": 0.75}) and server.round == 1
     torch.testing.assert_close(server.base_state().weights["w"], 4 * torch.ones(2, 2))
     # round 2 starts from nothing folded in: one reply is the new model
-    server.add(ClientUpdate("a", 2, weights={"w": 7 * torch.ones(2, 2)}))
+    server.add(Reply("a", 2, weights={"w": 7 * torch.ones(2, 2)}))
     assert server.finish() == {"a": 1.0} and server.round == 2
     torch.testing.assert_close(server.base_state().weights["w"], 7 * torch.ones(2, 2))
-    server.add(ClientUpdate("a", 2, weights={"w": torch.ones(2, 2)}))
+    server.add(Reply("a", 2, weights={"w": torch.ones(2, 2)}))
     server.reset_round()
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
@@ -215,7 +215,7 @@ def test_flora_rounds_accumulate_merges_and_seed_the_fresh_adapters():
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
     with pytest.raises(HetLoRAError, match="no LoRA factors"):
-        server.check(ClientUpdate("a", 1, factors=None))
+        server.check(Reply("a", 1, factors=None))
     total = {n: torch.zeros(o, i) for n, (o, i) in SHAPES.items()}
     for round_ in range(2):
         fa, fb = factors(2, 10 + round_), factors(3, 20 + round_)
@@ -241,7 +241,7 @@ def test_recon_svd_rounds_and_errors():
     with pytest.raises(HetLoRAError, match="no client updates"):
         server.finish()
     with pytest.raises(HetLoRAError, match="no LoRA factors"):
-        server.check(ClientUpdate("a", 1, factors=None, rank=2))
+        server.check(Reply("a", 1, factors=None, rank=2))
     with pytest.raises(HetLoRAError, match=r"rank 3 outside \[1, 2\]"):
         server.check(reply("a", factors(3, 1)))
     fa, fb = factors(2, 1), factors(3, 2)

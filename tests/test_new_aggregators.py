@@ -12,7 +12,7 @@ import torch
 from hetlora.config import make_config
 from hetlora.errors import HetLoRAError
 from hetlora.methods import make_server
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 from hetlora.methods.fedex import FedExServer
 from hetlora.methods.hlora import HLoRAServer
 from hetlora.methods.rblora import RBLoRAServer
@@ -32,9 +32,9 @@ def factors(rank: int, seed: int) -> dict:
     }
 
 
-def replies() -> dict[str, ClientUpdate]:
+def replies() -> dict[str, Reply]:
     return {
-        c: ClientUpdate(c, SIZES[c], factors=factors(r, 10 + i), rank=r)
+        c: Reply(c, SIZES[c], factors=factors(r, 10 + i), rank=r)
         for i, (c, r) in enumerate(RANKS.items())
     }
 
@@ -197,7 +197,7 @@ def test_fedex_residuals_accumulate_and_uniform_weights():
     assert run_round(server, first) == pytest.approx({c: 1 / 3 for c in RANKS})
     after_one = {n: d.clone() for n, d in server.base_state().deltas.items()}
     second = {
-        c: ClientUpdate(c, SIZES[c], factors=factors(r, 40 + i), rank=r)
+        c: Reply(c, SIZES[c], factors=factors(r, 40 + i), rank=r)
         for i, (c, r) in enumerate(RANKS.items())
     }
     run_round(server, second)

@@ -7,7 +7,7 @@ import math
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_hetlora import aggregate
+from test_hetlora import aggregate, init
 from test_lora import applied_weights
 
 from hetlora.lora import (
@@ -17,9 +17,8 @@ from hetlora.lora import (
     truncate,
     update_norm,
 )
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 from hetlora.methods.flora import stack
-from hetlora.methods.hetlora import init
 from hetlora.methods.recon_svd import ReconSVDServer
 
 dims = st.integers(1, 9)
@@ -72,7 +71,7 @@ def test_hetlora_aggregation_is_the_sparsity_weighted_padded_mean(ranks, seed):
     glob = {"m": (rand((5, r_max), seed).float(), rand((r_max, 4), seed + 1).float())}
     state = init(glob, {f"c{i}": r for i, r in enumerate(ranks)})
     updates = [
-        ClientUpdate(
+        Reply(
             f"c{i}",
             1,
             factors={
@@ -139,7 +138,7 @@ def test_recon_svd_gives_each_rank_its_best_approximation(ranks, seed):
     target = torch.zeros(7, 5, dtype=torch.float64)
     for i, r in enumerate(ranks):
         b, a = rand((7, r), seed + i), rand((r, 5), seed + 30 + i)
-        server.add(ClientUpdate(f"c{i}", 2 + i, factors={"m": (b.float(), a.float())}, rank=r))
+        server.add(Reply(f"c{i}", 2 + i, factors={"m": (b.float(), a.float())}, rank=r))
         target += (2 + i) * (b.float().double() @ a.float().double())
     target /= sum(2 + i for i in range(len(ranks)))
     server.finish()

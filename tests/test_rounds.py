@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from hetlora.accounting import ModelSize
-from hetlora.client import ClientResult
 from hetlora.lora import truncate
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply, TrainStats
 from hetlora.methods.hetlora import HetLoRAServer
-from hetlora.runtime.rounds import Reply, RoundOutcome, fold, round_line, round_row
+from hetlora.runtime.rounds import Exchange, RoundOutcome, fold, round_line, round_row
 
 SIZE = ModelSize(body=1000, head=100, total=1200)
 
@@ -26,20 +25,19 @@ def _factors(rank: int, seed: int = 0) -> dict:
     }
 
 
-def _reply(server: HetLoRAServer, client: str, rank: int, loss: float, seed: int) -> Reply:
+def _reply(server: HetLoRAServer, client: str, rank: int, loss: float, seed: int) -> Exchange:
     task = server.task(client)
     factors = truncate(_factors(8, seed), rank)
-    update = ClientUpdate(client, 10, factors=factors, rank=rank, train_loss=loss)
-    result = ClientResult(factors, task.rank, rank, loss, 1.0, 0.5, 40, 20, 2, 0.1)
-    return Reply(client, task, update, result)
+    stats = TrainStats(task.rank, loss, 1.0, 0.5, 40, 20, 2, 0.1)
+    return Exchange(client, task, Reply(client, 10, factors=factors, rank=rank, stats=stats))
 
 
 def test_fold_rejects_with_the_servers_validator_and_builds_one_row():
     server = HetLoRAServer(_factors(8), {"a": 4, "b": 6, "c": 3, "d": 2})
     good_a, good_b = _reply(server, "a", 3, 2.0, 1), _reply(server, "b", 6, 4.0, 2)
     bad = _reply(server, "c", 3, 9.0, 3)
-    bad.update.factors["l0.q"][0][0, 0] = float("nan")
-    missing = Reply("d", server.task("d"), problem="no reply before the round timed out")
+    bad.reply.factors["l0.q"][0][0, 0] = float("nan")
+    missing = Exchange("d", server.task("d"), problem="no reply before the round timed out")
     outcome = fold(
         server, [good_a, good_b, bad, missing], 2, 0.0, RoundOutcome(1, list("abcd")), SIZE
     )
@@ -65,7 +63,7 @@ def test_fold_rejects_with_the_servers_validator_and_builds_one_row():
 def test_a_round_below_min_clients_is_skipped_and_changes_nothing():
     server = HetLoRAServer(_factors(8), {"a": 4, "b": 6})
     before = {n: (b.clone(), a.clone()) for n, (b, a) in server.global_factors().items()}
-    replies = [_reply(server, "a", 3, 2.0, 1), Reply("b", None, problem="node not connected")]
+    replies = [_reply(server, "a", 3, 2.0, 1), Exchange("b", None, problem="node not connected")]
     outcome = fold(server, replies, 2, 0.0, RoundOutcome(1, ["a", "b"]), SIZE)
     assert outcome.skipped and outcome.weights == {} and server.ranks == {"a": 4, "b": 6}
     for n, (b, a) in server.global_factors().items():

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-#: Keys that measure time, not the method: they differ between any two runs.
-TIMING = {"wall_s", "elapsed_s", "step_s", "compile_s", "seconds", "round_compile_s"}
+#: Keys that measure time, not the method: they differ between any two runs. ``provenance``
+#: (commit, dirty tree, host, versions, date) says where and when a run ran, not what it computed.
+TIMING = {"wall_s", "elapsed_s", "step_s", "compile_s", "seconds", "round_compile_s", "provenance"}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

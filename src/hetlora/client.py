@@ -33,7 +33,7 @@ from hetlora.errors import HetLoRAError
 from hetlora.evaluate import response_nll
 from hetlora.hardware import autocast, compile_seconds
 from hetlora.lora import Factors, masked_tail_norm, pruned_rank, rank_of, tail_norm, truncate
-from hetlora.methods.base import ClientTask, ClientUpdate
+from hetlora.methods.base import ClientTask, Reply, TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,6 @@ class TrainSettings:
     fixed_rank: int = 0  # > 0: the fixed-shape step with the adapter at this rank (r_max)
     fused_ce: bool = True  # the fused chunked cross-entropy (False: plain head, for the bench)
     train_a: bool = True  # False: A stays frozen at what was received, only B trains (FFA-LoRA)
-
-
-@dataclass
-class ClientResult:
-    """What a client uploads (``factors`` at ``rank``) and what it measured on the way."""
-
-    factors: Factors
-    rank_received: int
-    rank: int
-    train_loss: float
-    tail_before: float
-    tail_after: float
-    tokens: int
-    target_tokens: int
-    steps: int
-    seconds: float
-    step_seconds: float = 0.0  # of ``seconds``, the time inside the training steps themselves
-    compile_seconds: float = 0.0  # of ``seconds``, compiling (torch.compile), not in step_seconds
-    update_norm: float = math.nan  # under DP: ||trained - received|| before clipping
 
 
 def _local_steps(
@@ -132,8 +113,9 @@ def train_client(
     target_modules: list[str],
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
-) -> ClientResult:
-    """Train the client adapter holding ``factors`` (rank r_k) and return the pruned upload.
+) -> Reply:
+    """Train the client adapter holding ``factors`` (rank r_k) and return the pruned upload
+    (`run_task` adds the client's id and example count).
 
     ``batches`` yields padded batches from the client's own data; ``on_step(step, loss)`` is
     called after every optimizer step (for progress displays). The regulariser is added when
@@ -188,10 +170,8 @@ def train_client(
     new_rank = rank
     if settings.pruning:
         new_rank = pruned_rank(rank, settings.r_min, settings.gamma, tail_before, tail_after)
-    return ClientResult(
-        factors=truncate(trained, new_rank),
+    stats = TrainStats(
         rank_received=rank,
-        rank=new_rank,
         train_loss=sum(losses) / len(losses) if losses else math.nan,
         tail_before=tail_before,
         tail_after=tail_after,
@@ -202,6 +182,7 @@ def train_client(
         step_seconds=busy,
         compile_seconds=compiling,
     )
+    return Reply(factors=truncate(trained, new_rank), rank=new_rank, stats=stats)
 
 
 def train_full(
@@ -211,8 +192,9 @@ def train_full(
     settings: TrainSettings,
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[dict[str, torch.Tensor], ClientResult]:
-    """Full fine-tuning of one client: load ``weights``, train every base weight, return them.
+) -> Reply:
+    """Full fine-tuning of one client: load ``weights``, train every base weight, reply with
+    them.
 
     The LoRA adapters are switched off meanwhile; the model's weights are the client's own
     until the runtime loads the next global weights.
@@ -233,13 +215,8 @@ def train_full(
     finally:
         for p in params.values():
             p.requires_grad_(False)
-    result = ClientResult(
-        factors={},
-        rank_received=0,
-        rank=0,
+    stats = TrainStats(
         train_loss=sum(losses) / len(losses) if losses else math.nan,
-        tail_before=0.0,
-        tail_after=0.0,
         tokens=tokens,
         target_tokens=targets,
         steps=len(losses),
@@ -247,7 +224,7 @@ def train_full(
         step_seconds=busy,
         compile_seconds=compiling,
     )
-    return trained, result
+    return Reply(weights=trained, stats=stats)
 
 
 def run_task(
@@ -259,13 +236,12 @@ def run_task(
     device: torch.device,
     num_examples: int,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[ClientUpdate, ClientResult]:
+) -> Reply:
     """Do what the server asked of one client and build its reply (any method, any runtime)."""
     if task.kind == "full":
         if task.weights is None:
             raise HetLoRAError(f"task for {task.client_id} has no weights")
-        weights, result = train_full(peft_model, task.weights, batches, settings, device, on_step)
-        update = ClientUpdate(task.client_id, num_examples, weights=weights)
+        reply = train_full(peft_model, task.weights, batches, settings, device, on_step)
     else:
         if task.factors is None:
             raise HetLoRAError(f"task for {task.client_id} has no factors")
@@ -275,14 +251,11 @@ def run_task(
             lambda_=settings.lambda_ if task.regularise else 0.0,
             train_a=settings.train_a and task.train_a,
         )
-        result = train_client(
+        reply = train_client(
             peft_model, task.factors, batches, local, target_modules, device, on_step
         )
         if task.dp_clip_norm > 0:  # DP: the update is clipped here, before it leaves the device
-            result.update_norm = dp.update_norm(task.factors, result.factors)
-            result.factors = dp.clip_reply(task.factors, result.factors, task.dp_clip_norm)
-        update = ClientUpdate(
-            task.client_id, num_examples, factors=result.factors, rank=result.rank
-        )
-    update.train_loss = result.train_loss
-    return update, result
+            reply.stats.update_norm = dp.update_norm(task.factors, reply.factors)
+            reply.factors = dp.clip_reply(task.factors, reply.factors, task.dp_clip_norm)
+    reply.client_id, reply.num_examples = task.client_id, num_examples
+    return reply

@@ -23,43 +23,26 @@ import tomli_w
 
 from hetlora.data import BAD_ROW_ACTIONS, BUILTIN, PARTITION_DEFAULTS, PARTITIONERS
 from hetlora.errors import HetLoRAError
+from hetlora.lora import PADDINGS
+from hetlora.methods import METHODS, SERVERS
+from hetlora.methods.recon_svd import SVD_PATHS
 
 log = logging.getLogger(__name__)
 
-METHODS = (
-    "hetlora",
-    "homlora",
-    "recon_svd",
-    "hlora",
-    "rblora",
-    "fedex",
-    "flora",
-    "ffa",
-    "full_ft",
-)
-#: Methods whose clients train at ranks assigned per client (uniform draw or ``tiers``).
-RANKED_METHODS = ("hetlora", "recon_svd", "hlora", "rblora", "fedex", "flora", "ffa")
-#: Methods that re-factor a product by SVD (key ``svd_path``).
-SVD_METHODS = ("recon_svd", "hlora", "rblora")
-#: Methods whose client weights are ``uniform`` or ``data_size`` (key ``aggregation``).
-SHARE_METHODS = ("ffa", "fedex")
-#: Methods that support client-level differential privacy (``dp_clip_norm > 0``).
-DP_METHODS = ("hetlora", "homlora", "ffa")
-#: HetLoRA's client weights (key ``aggregation``): ``sparsity_data_size`` is the sparsity weight
-#: times the client's number of examples.
-AGGREGATIONS = ("sparsity", "uniform", "data_size", "sparsity_data_size")
+
+def _methods_with(option: str) -> str:
+    """The methods whose server class declares ``option`` (`Server.options`), in words."""
+    names = [repr(name) for name, cls in SERVERS.items() if option in cls.options]
+    return f"method = {names[0]}" if len(names) == 1 else f"methods {', '.join(names)}"
+
+
+AGGREGATIONS = tuple(dict.fromkeys(a for cls in SERVERS.values() for a in cls.aggregations))
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
 CHAT_TEMPLATES = ("auto", "on", "off")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
-#: How ``hetlora`` joins factors of different ranks (key ``padding``, see
-#: `hetlora.lora.WeightedFactorSum`): ``zero`` is the paper's zero-padding; ``keep`` and
-#: ``rankwise`` are published alternatives, not in the paper.
-PADDINGS = ("zero", "keep", "rankwise")
-#: How ``recon_svd``, ``hlora`` and ``rblora`` take the SVD of a joined product (key
-#: ``svd_path``): ``auto`` is ``dense`` for ``recon_svd`` and ``qr`` for the other two.
-SVD_PATHS = ("auto", "dense", "qr")
+SVD_PATHS = ("auto", *SVD_PATHS)  # auto: the method's own (`Server.svd_default`)
 
 
 def key(
@@ -406,57 +389,45 @@ _NOT_BUILTIN = f"not data = {' or '.join(map(repr, BUILTIN))}"
 #: table "Keys that apply only somewhere" is `rules_markdown`. A key at its default is
 #: always accepted (it is what ``hetlora defaults`` prints and what a run's config.toml holds).
 KEY_RULES: tuple[KeyRule, ...] = (
-    KeyRule("rank", "method = 'homlora'", ("method",), lambda c: c.method == "homlora"),
-    KeyRule(
-        "tiers",
-        f"methods with per-client ranks ({', '.join(RANKED_METHODS)})",
-        ("method",),
-        lambda c: c.method in RANKED_METHODS,
+    *(
+        KeyRule(
+            key,
+            _methods_with(key),
+            ("method",),
+            lambda c, key=key: key in SERVERS[c.method].options,
+        )
+        for key in ("rank", "tiers", "pruning", "aggregation", "padding", "svd_path")
     ),
-    KeyRule("pruning", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
-    KeyRule(
-        "lambda_",
-        "method = 'hetlora' with pruning = true",
-        ("method", "pruning"),
-        lambda c: c.method == "hetlora" and c.pruning,
-    ),
-    KeyRule(
-        "gamma",
-        "method = 'hetlora' with pruning = true",
-        ("method", "pruning"),
-        lambda c: c.method == "hetlora" and c.pruning,
-    ),
-    KeyRule(
-        "aggregation",
-        "method = 'hetlora', 'ffa' or 'fedex'",
-        ("method",),
-        lambda c: c.method in ("hetlora", *SHARE_METHODS),
+    *(
+        KeyRule(
+            key,
+            "method = 'hetlora' with pruning = true",
+            ("method", "pruning"),
+            lambda c, key=key: key in SERVERS[c.method].options and c.pruning,
+        )
+        for key in ("lambda_", "gamma")
     ),
     KeyRule(
         "per_module_weights",
         "method = 'hetlora' with aggregation = 'sparsity' or 'sparsity_data_size'",
         ("method", "aggregation"),
-        lambda c: c.method == "hetlora" and c.aggregation in ("sparsity", "sparsity_data_size"),
-    ),
-    KeyRule("padding", "method = 'hetlora'", ("method",), lambda c: c.method == "hetlora"),
-    KeyRule(
-        "svd_path",
-        f"methods {', '.join(map(repr, SVD_METHODS))}",
-        ("method",),
-        lambda c: c.method in SVD_METHODS,
+        lambda c: (
+            "per_module_weights" in SERVERS[c.method].options
+            and c.aggregation in ("sparsity", "sparsity_data_size")
+        ),
     ),
     KeyRule(
         "dp_clip_norm",
-        f"methods {', '.join(map(repr, DP_METHODS))}",
+        _methods_with("dp_clip_norm"),
         ("method",),
-        lambda c: c.method in DP_METHODS,
+        lambda c: "dp_clip_norm" in SERVERS[c.method].options,
     ),
     *(
         KeyRule(key, "dp_clip_norm > 0", ("dp_clip_norm",), lambda c: c.dp_clip_norm > 0)
         for key in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_noise_seed")
     ),
     *(
-        KeyRule(key, "LoRA methods (not 'full_ft')", ("method",), lambda c: c.method != "full_ft")
+        KeyRule(key, "LoRA methods (not 'full_ft')", ("method",), lambda c: SERVERS[c.method].lora)
         for key in ("r_min", "r_max", "lora_scale", "target_modules")
     ),
     KeyRule("on_bad_rows", f"data files ({_NOT_BUILTIN})", ("data",), _data_file),
@@ -744,11 +715,6 @@ def validate(cfg: Config) -> None:
     _choice(cfg, "precision", PRECISIONS)
     _choice(cfg, "device", DEVICES)
     _choice(cfg, "compile", COMPILE_MODES)
-    if cfg.compile == "on" and cfg.method == "full_ft":
-        raise HetLoRAError(
-            "config key 'compile' = 'on' applies to LoRA methods (a fixed-shape adapter step); "
-            "full_ft trains the base weights: use 'auto' or 'off'"
-        )
     _choice(cfg, "partitioner", PARTITIONERS)
     _choice(cfg, "on_bad_rows", BAD_ROW_ACTIONS)
     _choice(cfg, "chat_template", CHAT_TEMPLATES)
@@ -836,12 +802,14 @@ def validate(cfg: Config) -> None:
         )
     for i, tier in enumerate(cfg.tiers):
         _check_tier(cfg, i, tier)
-    if cfg.method in SHARE_METHODS and cfg.aggregation not in ("sparsity", "uniform", "data_size"):
+    cls = SERVERS[cfg.method]
+    if "aggregation" in cls.options and cfg.aggregation not in ("sparsity", *cls.aggregations):
         raise HetLoRAError(
             f"config key 'aggregation' = {cfg.aggregation!r}: method {cfg.method!r} weights "
             f"clients 'uniform' or by 'data_size' (the default)"
         )
     _check_dp(cfg)
+    cls.check_config(cfg)
 
 
 def _check_dp(cfg: Config) -> None:
@@ -862,29 +830,6 @@ def _check_dp(cfg: Config) -> None:
         raise HetLoRAError(
             "differential privacy (dp_clip_norm > 0) needs exactly one of dp_noise_multiplier > 0"
             " or dp_target_epsilon > 0" + (", not both" if given else "")
-        )
-    if cfg.method == "hetlora":
-        leaks = []
-        if cfg.pruning:
-            leaks.append("pruning = false (the self-pruned rank depends on the data)")
-        if cfg.aggregation != "uniform":
-            leaks.append(
-                f"aggregation = 'uniform' ({cfg.aggregation!r} weights depend on the data)"
-            )
-        if cfg.padding not in ("zero", "keep"):
-            leaks.append(
-                "padding 'zero' or 'keep' ('rankwise' divides each position by the clients "
-                "reaching it, a different sensitivity per position)"
-            )
-        if leaks:
-            raise HetLoRAError(
-                "differential privacy (dp_clip_norm > 0) with method 'hetlora' needs "
-                + "; ".join(leaks)
-            )
-    if cfg.method == "ffa" and cfg.aggregation == "data_size":
-        raise HetLoRAError(
-            "differential privacy (dp_clip_norm > 0) weights clients uniformly: example counts "
-            "depend on the data; remove aggregation = 'data_size' or set 'uniform'"
         )
 
 

@@ -26,8 +26,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hetlora.config import PADDINGS
 from hetlora.errors import HetLoRAError
+
+#: How factors of different ranks are joined (`WeightedFactorSum.result`; config key
+#: ``padding``): ``zero`` is the paper's zero-padding; ``keep`` and ``rankwise`` are published
+#: alternatives, not in the paper.
+PADDINGS = ("zero", "keep", "rankwise")
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -13,6 +13,10 @@
 HetLoRA's ablations are config keys of ``hetlora``: ``pruning = false``, ``aggregation =
 "uniform"`` or ``"data_size"`` (zero-padding without sparsity weights) or
 ``"sparsity_data_size"``, ``per_module_weights``.
+
+Each server class declares what the method is (`Server.lora`, `Server.frozen_base`,
+`Server.has_global_adapter`, `Server.options`, `Server.aggregations`) and how a config builds it
+(`Server.from_config`); `SERVERS` is the one list of methods.
 """
 
 from __future__ import annotations
@@ -21,18 +25,42 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hetlora.config import METHODS
+from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors
 from hetlora.methods.base import Server
+from hetlora.methods.fedex import FedExServer
+from hetlora.methods.ffa import FFAServer
+from hetlora.methods.flora import FLoRAServer
+from hetlora.methods.full_ft import FullFTServer
+from hetlora.methods.hetlora import HetLoRAServer
+from hetlora.methods.hlora import HLoRAServer
+from hetlora.methods.homlora import HomLoRAServer
+from hetlora.methods.rblora import RBLoRAServer
+from hetlora.methods.recon_svd import ReconSVDServer
 
-FROZEN_BASE = (
-    "hetlora",
-    "homlora",
-    "recon_svd",
-    "hlora",
-    "rblora",
-    "ffa",
-)  # methods that never change the base weights
+#: Every method by its config name (``method``), in the order the docs list them.
+SERVERS: dict[str, type[Server]] = {
+    cls.name: cls
+    for cls in (
+        HetLoRAServer,
+        HomLoRAServer,
+        ReconSVDServer,
+        HLoRAServer,
+        RBLoRAServer,
+        FedExServer,
+        FLoRAServer,
+        FFAServer,
+        FullFTServer,
+    )
+}
+METHODS = tuple(SERVERS)
+
+
+def server_class(method: str) -> type[Server]:
+    """The server class of a method name; `HetLoRAError` for an unknown name."""
+    if method not in SERVERS:
+        raise HetLoRAError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    return SERVERS[method]
 
 
 def make_server(
@@ -47,62 +75,9 @@ def make_server(
     ``initial_factors`` are PEFT's init at r_max; ``ranks`` the assigned starting ranks;
     ``base_weights`` the base model's parameters (needed by ``full_ft`` only).
     """
-    from hetlora import dp
-    from hetlora.errors import HetLoRAError
-
-    privacy = dp.plan(cfg, len(client_ids))
-    if cfg.method == "hetlora":
-        from hetlora.methods.hetlora import HetLoRAServer
-
-        return HetLoRAServer(
-            initial_factors,
-            ranks,
-            aggregation=cfg.aggregation,
-            per_module=cfg.per_module_weights,
-            padding=cfg.padding,
-            pruning=cfg.pruning,
-            regularise=cfg.pruning and cfg.lambda_ > 0,
-            dp=privacy,
-        )
-    if cfg.method == "homlora":
-        from hetlora.methods.homlora import HomLoRAServer
-
-        return HomLoRAServer(initial_factors, client_ids, cfg.rank or cfg.r_max, dp=privacy)
-    if cfg.method == "ffa":
-        from hetlora.methods.ffa import FFAServer
-
-        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
-        return FFAServer(initial_factors, ranks, weighting, dp=privacy)
-    svd_path = cfg.svd_path if cfg.svd_path != "auto" else None
-    if cfg.method == "recon_svd":
-        from hetlora.methods.recon_svd import ReconSVDServer
-
-        return ReconSVDServer(initial_factors, ranks, path=svd_path or "dense")
-    if cfg.method == "hlora":
-        from hetlora.methods.hlora import HLoRAServer
-
-        return HLoRAServer(initial_factors, ranks, path=svd_path or "qr")
-    if cfg.method == "rblora":
-        from hetlora.methods.rblora import RBLoRAServer
-
-        return RBLoRAServer(initial_factors, ranks, path=svd_path or "qr")
-    if cfg.method == "fedex":
-        from hetlora.methods.fedex import FedExServer
-
-        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
-        return FedExServer(initial_factors, ranks, cfg.lora_scale, weighting)
-    if cfg.method == "flora":
-        from hetlora.methods.flora import FLoRAServer
-
-        shapes = {n: (b.shape[0], a.shape[1]) for n, (b, a) in initial_factors.items()}
-        return FLoRAServer(shapes, ranks, cfg.lora_scale, cfg.seed)
-    if cfg.method == "full_ft":
-        from hetlora.methods.full_ft import FullFTServer
-
-        if base_weights is None:
-            raise HetLoRAError("full_ft needs the base model's weights")
-        return FullFTServer(base_weights, client_ids)
-    raise HetLoRAError(f"unknown method {cfg.method!r}; one of {', '.join(METHODS)}")
+    return server_class(cfg.method).from_config(
+        cfg, initial_factors, ranks, client_ids, base_weights
+    )
 
 
-__all__ = ["METHODS", "Server", "make_server"]
+__all__ = ["METHODS", "SERVERS", "Server", "make_server", "server_class"]

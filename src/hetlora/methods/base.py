@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,16 +74,48 @@ class ClientTask:
 
 
 @dataclass
-class ClientUpdate:
-    """One client's reply: factors at its (possibly pruned) rank, or full weights."""
+class TrainStats:
+    """What a client measured while training (logged in the round's row, never aggregated).
 
-    client_id: str
-    num_examples: int
+    Attributes:
+        rank_received: the rank it was sent.
+        train_loss: the mean loss over its local steps.
+        tail_before, tail_after: the pruning tail norm as received and after training.
+        tokens, target_tokens: tokens it trained on, and of them the tokens under the loss.
+        steps: optimizer steps taken.
+        seconds: its wall time; of it ``step_seconds`` inside the training steps and
+            ``compile_seconds`` compiling (not in ``step_seconds``).
+        update_norm: under DP, ``||trained - received||`` before clipping.
+    """
+
+    rank_received: int = 0
+    train_loss: float = math.nan
+    tail_before: float = 0.0
+    tail_after: float = 0.0
+    tokens: int = 0
+    target_tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    step_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    update_norm: float = math.nan
+
+
+@dataclass
+class Reply:
+    """One client's reply: factors at its (possibly pruned) rank, or full weights, and what it
+    measured. `hetlora.client` fills ``client_id`` and ``num_examples`` last."""
+
+    client_id: str = ""
+    num_examples: int = 0
     factors: Factors | None = None
     rank: int = 0
     weights: dict[str, torch.Tensor] | None = None
-    train_loss: float = math.nan
-    metrics: dict[str, float] = field(default_factory=dict)
+    stats: TrainStats = field(default_factory=TrainStats)
+
+    @property
+    def train_loss(self) -> float:
+        return self.stats.train_loss
 
     @property
     def nbytes(self) -> int:
@@ -118,10 +150,38 @@ class Server(ABC):
     """
 
     name: str = ""
-    #: True when the global model is a LoRA adapter at r_max (saved as ``adapter/``).
+    # What the method is, declared once; the config's rules and the runtimes read these.
+    #: clients train LoRA factors (False: full fine-tuning)
+    lora: bool = True
+    #: the base weights never change (the runtime casts them once; Flower runs these methods)
+    frozen_base: bool = True
+    #: the global model is a LoRA adapter at r_max (saved as ``adapter/``)
     has_global_adapter: bool = True
+    #: the method's own config keys (`hetlora.config.KEY_RULES` refuses them elsewhere);
+    #: ``tiers`` means clients hold ranks assigned per client
+    options: tuple[str, ...] = ()
+    #: values of the ``aggregation`` key the method takes (``options`` has ``aggregation``)
+    aggregations: tuple[str, ...] = ()
     #: the run's `hetlora.dp.DPPlan` where the method runs under differential privacy
     dp = None
+
+    @classmethod
+    @abstractmethod
+    def from_config(
+        cls,
+        cfg,
+        initial_factors: Factors,
+        ranks: Mapping[str, int],
+        client_ids: Sequence[str],
+        base_weights: dict[str, torch.Tensor] | None,
+    ) -> Server:
+        """The method's server for a run of ``cfg`` (see `hetlora.methods.make_server`)."""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse (`HetLoRAError`) what this method cannot run; `hetlora.config.validate`
+        calls it after the checks every method shares (the default: nothing more)."""
+        return None
 
     def __init__(self, ranks: Mapping[str, int]) -> None:
         self.ranks: dict[str, int] = dict(ranks)
@@ -132,7 +192,7 @@ class Server(ABC):
         """The work for one sampled client this round."""
 
     @abstractmethod
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: Reply) -> None:
         """Fold in one reply that passed `check`."""
 
     @abstractmethod
@@ -143,7 +203,7 @@ class Server(ABC):
     def reset_round(self) -> None:
         """Drop whatever was folded in this round (a skipped round leaves the state unchanged)."""
 
-    def check(self, update: ClientUpdate, max_norm: float = 0.0) -> None:
+    def check(self, update: Reply, max_norm: float = 0.0) -> None:
         """Refuse a malformed reply with `HetLoRAError`: the one validator of replies,
         for every runtime (see `.validate`). `add` takes checked replies only.
 

@@ -36,7 +36,7 @@ import torch
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, WeightedFactorSum, rank_of, truncate
-from hetlora.methods.base import BaseUpdate, ClientTask, ClientUpdate, Server
+from hetlora.methods.base import BaseUpdate, ClientTask, Reply, Server
 
 
 class FedExServer(Server):
@@ -50,6 +50,14 @@ class FedExServer(Server):
     """
 
     name = "fedex"
+    frozen_base = False
+    options = ("tiers", "aggregation")
+    aggregations = ("uniform", "data_size")
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        return cls(initial_factors, ranks, cfg.lora_scale, weighting)
 
     def __init__(
         self,
@@ -80,7 +88,7 @@ class FedExServer(Server):
             download_nbytes=own + self.last_residual_nbytes,
         )
 
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: Reply) -> None:
         w = float(update.num_examples) if self.weighting == "data_size" else 1.0
         self._acc.add(update.factors, w)
         for name, (b, a) in update.factors.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from hetlora import dp as dp_
+from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors
 from hetlora.methods.hetlora import HetLoRAServer, ServerState
 
@@ -38,7 +39,22 @@ class FFAServer(HetLoRAServer):
     """
 
     name = "ffa"
+    options = ("tiers", "aggregation", "dp_clip_norm")
+    aggregations = ("uniform", "data_size")
     train_a = False
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        return cls(initial_factors, ranks, weighting, dp=dp_.plan(cfg, len(client_ids)))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.dp_clip_norm > 0 and cfg.aggregation == "data_size":
+            raise HetLoRAError(
+                "differential privacy (dp_clip_norm > 0) weights clients uniformly: example "
+                "counts depend on the data; remove aggregation = 'data_size' or set 'uniform'"
+            )
 
     def __init__(
         self,

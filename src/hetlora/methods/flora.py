@@ -19,7 +19,7 @@ import torch
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors
-from hetlora.methods.base import BaseUpdate, ClientTask, ClientUpdate, Server, tensors_nbytes
+from hetlora.methods.base import BaseUpdate, ClientTask, Reply, Server, tensors_nbytes
 
 
 def fresh_factors(
@@ -57,7 +57,14 @@ class FLoRAServer(Server):
     """
 
     name = "flora"
+    frozen_base = False
     has_global_adapter = False
+    options = ("tiers",)
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        shapes = {n: (b.shape[0], a.shape[1]) for n, (b, a) in initial_factors.items()}
+        return cls(shapes, ranks, cfg.lora_scale, cfg.seed)
 
     def __init__(
         self,
@@ -88,7 +95,7 @@ class FLoRAServer(Server):
             download_nbytes=self.last_stack_nbytes,
         )
 
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: Reply) -> None:
         self._replies.append((update.client_id, float(update.num_examples), update.factors))
 
     def finish(self) -> dict[str, float]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from hetlora.errors import HetLoRAError
-from hetlora.methods.base import BaseUpdate, ClientTask, ClientUpdate, Server
+from hetlora.methods.base import BaseUpdate, ClientTask, Reply, Server
 
 
 class FullFTServer(Server):
@@ -23,7 +23,23 @@ class FullFTServer(Server):
     """
 
     name = "full_ft"
+    lora = False
+    frozen_base = False
     has_global_adapter = False
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        if base_weights is None:
+            raise HetLoRAError("full_ft needs the base model's weights")
+        return cls(base_weights, client_ids)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.compile == "on":
+            raise HetLoRAError(
+                "config key 'compile' = 'on' applies to LoRA methods (a fixed-shape adapter "
+                "step); full_ft trains the base weights: use 'auto' or 'off'"
+            )
 
     def __init__(self, weights: dict[str, torch.Tensor], client_ids: Sequence[str]) -> None:
         super().__init__({c: 0 for c in client_ids})
@@ -35,7 +51,7 @@ class FullFTServer(Server):
     def task(self, client_id: str) -> ClientTask:
         return ClientTask(client_id, "full", weights=self.weights)
 
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: Reply) -> None:
         p = float(update.num_examples)
         for name, w in update.weights.items():
             acc = self._sum.get(name)

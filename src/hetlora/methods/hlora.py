@@ -39,6 +39,7 @@ class HLoRAServer(ReconSVDServer):
     default."""
 
     name = "hlora"
+    svd_default = "qr"
 
     def __init__(
         self, initial_factors: Factors, ranks: Mapping[str, int], path: str = "qr"

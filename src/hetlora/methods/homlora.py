@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hetlora import dp as dp_
 from hetlora.dp import DPPlan
 from hetlora.lora import Factors, truncate
 from hetlora.methods.hetlora import HetLoRAServer
@@ -27,6 +28,17 @@ class HomLoRAServer(HetLoRAServer):
     """
 
     name = "homlora"
+    options = ("rank", "dp_clip_norm")
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        return cls(
+            initial_factors, client_ids, cfg.rank or cfg.r_max, dp=dp_.plan(cfg, len(client_ids))
+        )
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        pass
 
     def __init__(
         self,

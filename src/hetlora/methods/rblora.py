@@ -32,7 +32,7 @@ from collections.abc import Mapping
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, WeightedFactorSum, rank_of, truncate
-from hetlora.methods.base import ClientTask, ClientUpdate, Server
+from hetlora.methods.base import ClientTask, Reply, Server
 from hetlora.methods.recon_svd import SVD_PATHS, qr_svd_factors, svd_factors
 
 
@@ -41,6 +41,13 @@ class RBLoRAServer(Server):
     ``qr``, how the SVD of ``B A`` is taken; the same result up to round-off)."""
 
     name = "rblora"
+    options = ("tiers", "svd_path")
+    svd_default = "qr"
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        path = cfg.svd_path if cfg.svd_path != "auto" else cls.svd_default
+        return cls(initial_factors, ranks, path=path)
 
     def __init__(
         self, initial_factors: Factors, ranks: Mapping[str, int], path: str = "qr"
@@ -57,7 +64,7 @@ class RBLoRAServer(Server):
         rank = self.ranks[client_id]
         return ClientTask(client_id, "lora", rank=rank, factors=truncate(self.factors, rank))
 
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: Reply) -> None:
         n = float(update.num_examples)
         self._acc.add(update.factors, n)
         self._weights[update.client_id] = n

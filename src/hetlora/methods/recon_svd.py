@@ -20,7 +20,7 @@ import torch
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, rank_of, truncate
-from hetlora.methods.base import ClientTask, ClientUpdate, Server
+from hetlora.methods.base import ClientTask, Reply, Server
 
 SVD_PATHS = ("dense", "qr")
 SVD_SPLITS = ("b", "a")
@@ -99,6 +99,14 @@ class ReconSVDServer(Server):
     """
 
     name = "recon_svd"
+    options = ("tiers", "svd_path")
+    #: the SVD path that ``svd_path = "auto"`` means
+    svd_default = "dense"
+
+    @classmethod
+    def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
+        path = cfg.svd_path if cfg.svd_path != "auto" else cls.svd_default
+        return cls(initial_factors, ranks, path=path)
 
     def __init__(
         self,
@@ -130,7 +138,7 @@ class ReconSVDServer(Server):
         rank = self.ranks[client_id]
         return ClientTask(client_id, "lora", rank=rank, factors=truncate(self.factors, rank))
 
-    def add(self, update: ClientUpdate) -> None:
+    def add(self, update: Reply) -> None:
         p = float(update.num_examples)
         if self.path == "qr":
             self._replies.append((p, update.factors))

@@ -14,7 +14,7 @@ import torch
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import product_fro_norm_sq
-from hetlora.methods.base import ClientUpdate
+from hetlora.methods.base import Reply
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -26,7 +26,7 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def check_lora_update(
-    update: ClientUpdate,
+    update: Reply,
     shapes: Mapping[str, tuple[int, int]],
     assigned_rank: int,
     max_norm: float = 0.0,
@@ -63,7 +63,7 @@ def check_lora_update(
 
 
 def check_full_update(
-    update: ClientUpdate, reference: Mapping[str, torch.Tensor], max_norm: float = 0.0
+    update: Reply, reference: Mapping[str, torch.Tensor], max_norm: float = 0.0
 ) -> None:
     """Raise `HetLoRAError` naming what is wrong with a full-weights reply."""
     who = f"client {update.client_id}"

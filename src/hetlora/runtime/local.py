@@ -37,7 +37,7 @@ from hetlora.hardware import (
     use_cpu_attention,
 )
 from hetlora.lora import pad, rank_of, truncate
-from hetlora.methods import hetlora, make_server
+from hetlora.methods import hetlora, make_server, server_class
 from hetlora.methods.base import Server
 from hetlora.models import load_base_model
 from hetlora.runtime import checkpoint
@@ -381,7 +381,7 @@ class RoundLoop:
         cfg = self.cfg
         if not self.server.has_global_adapter:
             return []
-        if cfg.tiers or cfg.method == "homlora":  # the ranks in use
+        if cfg.tiers or "tiers" not in type(self.server).options:  # the ranks in use
             ranks = set(self.initial_ranks.values()) | set(self.server.ranks.values())
         else:  # uniform draws: every rank is "in use"; evaluate the ends and the middle
             ranks = {cfg.r_min, (cfg.r_min + cfg.r_max) // 2}
@@ -626,7 +626,7 @@ def initial_server(cfg: Config, ws: Workspace, ranks: dict[str, int]) -> Server:
     initial = adapters.read_factors(ws.peft_model)
     base_weights = (
         {n: p.detach() for n, p in adapters.base_parameters(ws.peft_model).items()}
-        if cfg.method == "full_ft"
+        if not server_class(cfg.method).lora
         else None
     )
     return make_server(cfg, initial, ranks, sorted(ranks), base_weights)

@@ -25,30 +25,28 @@ from typing import Any, Protocol
 import numpy as np
 
 from hetlora.accounting import ModelSize, train_flops
-from hetlora.client import ClientResult
 from hetlora.errors import HetLoRAError
 from hetlora.lora import live_rank
-from hetlora.methods.base import ClientTask, ClientUpdate, Server
+from hetlora.methods.base import ClientTask, Reply, Server
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Reply:
+class Exchange:
     """One sampled client's part of a round.
 
     Attributes:
         client: the client.
         task: what was sent (None when nothing could be sent, e.g. its node is not connected).
-        update, result: the client's reply and what it measured (None when there is none).
+        reply: the client's reply (None when there is none).
         problem: why there is no usable reply (set by the transport; empty otherwise).
         extra: fields the transport adds to the client's entry in the row (Flower: ``node``).
     """
 
     client: str
     task: ClientTask | None = None
-    update: ClientUpdate | None = None
-    result: ClientResult | None = None
+    reply: Reply | None = None
     problem: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -56,7 +54,9 @@ class Reply:
 class Transport(Protocol):
     """Moves a round's tasks to the sampled clients and their replies back, one at a time."""
 
-    def exchange(self, round_idx: int, server: Server, sampled: Sequence[str]) -> Iterator[Reply]:
+    def exchange(
+        self, round_idx: int, server: Server, sampled: Sequence[str]
+    ) -> Iterator[Exchange]:
         """Send ``server.task(client)`` to every sampled client; yield their replies."""
         ...
 
@@ -70,7 +70,7 @@ class InProcessClients:
 
     def __init__(
         self,
-        train: Callable[..., tuple[ClientUpdate, ClientResult]],
+        train: Callable[..., Reply],
         local_steps: int,
         emit: Callable[..., None],
     ) -> None:
@@ -78,24 +78,26 @@ class InProcessClients:
         self.local_steps = local_steps
         self.emit = emit
 
-    def exchange(self, round_idx: int, server: Server, sampled: Sequence[str]) -> Iterator[Reply]:
+    def exchange(
+        self, round_idx: int, server: Server, sampled: Sequence[str]
+    ) -> Iterator[Exchange]:
         for i, client in enumerate(sampled):
             task = server.task(client)
             self.emit(
                 "client_start", round=round_idx, client=client, index=i, of=len(sampled),
                 rank=task.rank,
             )  # fmt: skip
-            update, result = self.train(
+            reply = self.train(
                 task,
                 round_idx,
                 lambda step, loss, c=client: self.emit(
                     "step", round=round_idx, client=c, step=step, of=self.local_steps, loss=loss
                 ),
             )
-            yield Reply(client, task, update, result)
+            yield Exchange(client, task, reply)
             self.emit(
-                "client_end", round=round_idx, client=client, loss=result.train_loss,
-                rank=update.rank, rank_received=task.rank,
+                "client_end", round=round_idx, client=client, loss=reply.train_loss,
+                rank=reply.rank, rank_received=task.rank,
             )  # fmt: skip
 
 
@@ -109,26 +111,24 @@ def sample_clients(
     return [client_ids[i] for i in picked]
 
 
-def client_entry(reply: Reply, size: ModelSize) -> dict[str, Any]:
-    """One client's entry in the row's ``clients`` (a reply with an update and a result)."""
-    task, update, result = reply.task, reply.update, reply.result
-    assert task is not None and update is not None and result is not None
-    params = update.trainable_params
+def client_entry(ex: Exchange, size: ModelSize) -> dict[str, Any]:
+    """One client's entry in the row's ``clients`` (an exchange with a task and a reply)."""
+    task, reply = ex.task, ex.reply
+    assert task is not None and reply is not None
+    stats, params = reply.stats, reply.trainable_params
     return {
         "rank_received": task.rank,
-        "rank": update.rank,
-        "train_loss": result.train_loss,
+        "rank": reply.rank,
+        "train_loss": stats.train_loss,
         "bytes_down": task.nbytes,
-        "bytes_up": update.nbytes,
+        "bytes_up": reply.nbytes,
         "trainable_params": params,
-        "flops": train_flops(
-            size, result.tokens, result.target_tokens, params, task.kind == "full"
-        ),
-        "tokens": result.tokens,
-        "step_s": result.step_seconds,
-        "compile_s": result.compile_seconds,
-        **({} if math.isnan(result.update_norm) else {"update_norm": result.update_norm}),
-        **reply.extra,
+        "flops": train_flops(size, stats.tokens, stats.target_tokens, params, task.kind == "full"),
+        "tokens": stats.tokens,
+        "step_s": stats.step_seconds,
+        "compile_s": stats.compile_seconds,
+        **({} if math.isnan(stats.update_norm) else {"update_norm": stats.update_norm}),
+        **ex.extra,
     }
 
 
@@ -147,7 +147,7 @@ class RoundOutcome:
 
 def fold(
     server: Server,
-    replies: Iterable[Reply],
+    exchanges: Iterable[Exchange],
     min_clients: int,
     max_update_norm: float,
     outcome: RoundOutcome,
@@ -156,27 +156,27 @@ def fold(
     """Check every reply with the server's validator and fold the valid ones in, in order; then
     close the round (``server.finish``), or skip it with fewer than ``min_clients`` accepted.
 
-    Each reply's entry is recorded as soon as it arrives and the update is then dropped (the
+    Each reply's entry is recorded as soon as it arrives and the reply is then dropped (the
     in-process transport trains one client at a time).
     """
     accepted = 0
-    for reply in replies:
-        client = reply.client
-        if reply.task is not None:
-            outcome.tasks[client] = reply.task
-        if reply.update is None:
-            outcome.rejected[client] = reply.problem or "no reply"
-            log.warning("round %d: %s rejected: %s", outcome.round, client, reply.problem)
+    for ex in exchanges:
+        client = ex.client
+        if ex.task is not None:
+            outcome.tasks[client] = ex.task
+        if ex.reply is None:
+            outcome.rejected[client] = ex.problem or "no reply"
+            log.warning("round %d: %s rejected: %s", outcome.round, client, ex.problem)
             continue
-        outcome.clients[client] = client_entry(reply, size)
+        outcome.clients[client] = client_entry(ex, size)
         try:
-            server.check(reply.update, max_update_norm)
-            server.add(reply.update)
+            server.check(ex.reply, max_update_norm)
+            server.add(ex.reply)
             accepted += 1
         except HetLoRAError as exc:
             log.warning("round %d: reply of %s rejected: %s", outcome.round, client, exc)
             outcome.rejected[client] = str(exc)
-        reply.update = None  # only the entry is kept
+        ex.reply = None  # only the entry is kept
     if accepted < min_clients:
         log.warning(
             "round %d skipped: %d valid replies, fewer than min_clients = %d",

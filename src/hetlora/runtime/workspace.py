@@ -19,7 +19,7 @@ from peft import PeftModel
 
 from hetlora import adapters
 from hetlora.accounting import model_size
-from hetlora.client import ClientResult, TrainSettings, run_task
+from hetlora.client import TrainSettings, run_task
 from hetlora.config import Config
 from hetlora.data import (
     Example,
@@ -41,8 +41,8 @@ from hetlora.hardware import (
     store_frozen_linears,
     use_cpu_attention,
 )
-from hetlora.methods import FROZEN_BASE
-from hetlora.methods.base import ClientTask, ClientUpdate
+from hetlora.methods import SERVERS
+from hetlora.methods.base import ClientTask, Reply
 from hetlora.models import default_target_modules, load_base_model, load_tokenizer
 from hetlora.runtime import checkpoint
 
@@ -210,7 +210,7 @@ class Workspace:
         on_step: Callable[[int, float], None] | None = None,
         settings: TrainSettings | None = None,
         index: int | None = None,
-    ) -> tuple[ClientUpdate, ClientResult]:
+    ) -> Reply:
         """What one client does in a round: `hetlora.client.run_task` on its own data
         (with ``settings`` and the batch seed's ``index`` in place of the run's: a Flower
         ClientApp's come with the task)."""
@@ -255,12 +255,12 @@ def build_workspace(
         base.tokenizer, cfg.chat_template, [ex for c in client_ids for ex in train_data[c]]
     )
     target_modules = cfg.target_modules or default_target_modules(base.model)
-    if bf16 and cfg.method in FROZEN_BASE:  # cast once, not in every step
+    if bf16 and SERVERS[cfg.method].frozen_base:  # cast once, not in every step
         store_frozen_linears(base.model, torch.bfloat16)
     use_cpu_attention(base.model, device)
     compile_start = compile_seconds()
     steps = cfg.rounds * min(cfg.clients_per_round, len(client_ids)) * cfg.local_steps
-    compiled = cfg.method != "full_ft" and resolve_compile(
+    compiled = SERVERS[cfg.method].lora and resolve_compile(
         cfg.compile, device, steps if trains_locally else 0
     )
     if compiled:

@@ -237,17 +237,17 @@ def train(msg: Message, context: Context) -> Message:
     task, round_idx, settings, index = records.read_train(msg.content, ws.bf16)
     if task.client_id != client:
         raise HetLoRAError(f"task for client {task.client_id!r} sent to the node of {client!r}")
-    update, result = ws.train(task, round_idx, settings=settings, index=index)
+    reply = ws.train(task, round_idx, settings=settings, index=index)
     log.info(
         "round %d: client %s rank %d -> %d, loss %.3f",
         round_idx,
         client,
-        result.rank_received,
-        result.rank,
-        result.train_loss,
+        task.rank,
+        reply.rank,
+        reply.train_loss,
     )
     private = task.dp_clip_norm > 0  # DP: the factors were clipped in run_task; no loss sent
-    return Message(records.reply_content(update, result, private), reply_to=msg)
+    return Message(records.reply_content(reply, private), reply_to=msg)
 
 
 @app.evaluate()

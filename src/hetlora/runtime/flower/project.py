@@ -95,12 +95,13 @@ def options_from_run_config(run_config: dict[str, Any]) -> RunOptions:
 
 def check_supported(cfg: Config) -> None:
     """The Flower runtime runs the LoRA methods whose base model stays frozen."""
-    from hetlora.methods import FROZEN_BASE
+    from hetlora.methods import SERVERS
 
-    if cfg.method not in FROZEN_BASE:
+    if not SERVERS[cfg.method].frozen_base:
+        frozen = [name for name, cls in SERVERS.items() if cls.frozen_base]
         raise HetLoRAError(
             f"method {cfg.method!r} changes the base model every round and is not supported on "
-            f"Flower; use {', '.join(FROZEN_BASE[:-1])} or {FROZEN_BASE[-1]} "
+            f"Flower; use {', '.join(frozen[:-1])} or {frozen[-1]} "
             "(or `hetlora run` in-process)"
         )
     if cfg.compile == "on":

@@ -10,7 +10,7 @@ A training instruction (``MessageType.TRAIN``) carries
 
 A reply carries ``"arrays"`` (the trained factors at the possibly pruned rank) and
 ``"metrics"`` (`flwr.app.MetricRecord`): the number of examples, ranks, loss and the
-counters of `hetlora.client.ClientResult`. `read_reply` only decodes a reply
+counters of `hetlora.methods.base.TrainStats`. `read_reply` only decodes a reply
 (a record that cannot be read raises `hetlora.errors.HetLoRAError`); whether its content
 is acceptable is decided by the method server's one validator,
 `hetlora.methods.base.Server.check`, as in-process. A node query
@@ -33,10 +33,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from hetlora.client import ClientResult, TrainSettings
+from hetlora.client import TrainSettings
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors
-from hetlora.methods.base import ClientTask, ClientUpdate
+from hetlora.methods.base import ClientTask, Reply, TrainStats
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -56,7 +56,7 @@ HYPERPARAMETERS = {
     "lora-scale": "lora_scale",
 }
 
-#: MetricRecord keys of a reply -> `hetlora.client.ClientResult` fields.
+#: MetricRecord keys of a reply -> `hetlora.methods.base.TrainStats` fields.
 RESULT_METRICS = {
     "train-loss": "train_loss",
     "tail-before": "tail_before",
@@ -183,23 +183,23 @@ def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainS
 PRIVATE_METRICS = ("train-loss", "tail-after")
 
 
-def reply_content(update: ClientUpdate, result: ClientResult, private: bool = False) -> RecordDict:
+def reply_content(reply: Reply, private: bool = False) -> RecordDict:
     """The content of a training reply: the uploaded factors and what the client measured
     (``private``, under differential privacy: without `PRIVATE_METRICS`)."""
-    if update.factors is None:
+    if reply.factors is None:
         raise HetLoRAError("the Flower runtime returns LoRA factors only")
-    measured = {key: getattr(result, field) for key, field in RESULT_METRICS.items()}
+    measured = {key: getattr(reply.stats, field) for key, field in RESULT_METRICS.items()}
     if private:
         measured.update({key: math.nan for key in PRIVATE_METRICS})
     metrics = MetricRecord(
         {
-            "num-examples": int(update.num_examples),
-            "rank": int(update.rank),
-            "rank-received": int(result.rank_received),
+            "num-examples": int(reply.num_examples),
+            "rank": int(reply.rank),
+            "rank-received": int(reply.stats.rank_received),
             **measured,
         }
     )
-    return RecordDict({ARRAYS: factors_record(update.factors), METRICS: metrics})
+    return RecordDict({ARRAYS: factors_record(reply.factors), METRICS: metrics})
 
 
 def _number(metrics: MetricRecord, key: str) -> float:
@@ -218,7 +218,7 @@ def _count(metrics: MetricRecord, key: str) -> int:
     return int(value)
 
 
-def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, ClientResult]:
+def read_reply(content: RecordDict, sent: ClientTask) -> Reply:
     """Decode one training reply to the instruction ``sent``: the factors, the declared rank and
     number of examples, and the client's counters.
 
@@ -234,16 +234,13 @@ def read_reply(content: RecordDict, sent: ClientTask) -> tuple[ClientUpdate, Cli
         field: (_count if key in COUNTS else _number)(metrics, key)
         for key, field in RESULT_METRICS.items()
     }
-    rank = _count(metrics, "rank")
-    result = ClientResult(factors=factors, rank_received=sent.rank, rank=rank, **values)
-    update = ClientUpdate(
+    return Reply(
         sent.client_id,
         _count(metrics, "num-examples"),
         factors=factors,
-        rank=result.rank,
-        train_loss=result.train_loss,
+        rank=_count(metrics, "rank"),
+        stats=TrainStats(rank_received=sent.rank, **values),
     )
-    return update, result
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from hetlora.runtime.local import (
     check_out_dir,
     initial_server,
 )
-from hetlora.runtime.rounds import Reply, round_line, sample_clients
+from hetlora.runtime.rounds import Exchange, round_line, sample_clients
 from hetlora.runtime.workspace import build_workspace
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,13 @@ class GridTransport:
         self.strategy = strategy
         self.timeout_s = timeout_s
 
-    def exchange(self, round_idx: int, server: Server, sampled: Sequence[str]) -> Iterator[Reply]:
+    def exchange(
+        self, round_idx: int, server: Server, sampled: Sequence[str]
+    ) -> Iterator[Exchange]:
         self.strategy.server = server  # the loop's server (a resumed run restores another)
         messages = self.strategy.instructions(round_idx, sampled, self.grid.get_node_ids())
         answers = self.grid.send_and_receive(messages, timeout=self.timeout_s)
-        yield from self.strategy.replies(round_idx, answers)
+        yield from self.strategy.exchanges(round_idx, answers)
 
 
 def wait_for_nodes(grid: Grid, want: int, wait_s: float) -> list[int]:

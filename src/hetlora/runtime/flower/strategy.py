@@ -7,8 +7,8 @@ cut to its own rank, so the strategy hands the work to the method's
 * `HetLoRAStrategy.instructions` -- for each sampled client, ``server.task(client)``
   (the global factors truncated to its current rank) becomes an ArrayRecord, and the rank, task
   flags and hyperparameters a ConfigRecord (`.records`);
-* `HetLoRAStrategy.replies` -- each answer decoded into a `hetlora.runtime.rounds.
-  Reply` (errors, undecodable replies and nodes that never answered become rejections);
+* `HetLoRAStrategy.exchanges` -- each answer decoded into a `hetlora.runtime.rounds.
+  Exchange` (errors, undecodable replies and nodes that never answered become rejections);
 * the round is then closed by `hetlora.runtime.rounds.fold`, the in-process runtime's own
   step: ``server.check`` (the one validator), ``server.add``, ``server.finish``.
 
@@ -32,7 +32,7 @@ from hetlora.client import TrainSettings
 from hetlora.errors import HetLoRAError
 from hetlora.methods.base import ClientTask, Server
 from hetlora.runtime.flower import records
-from hetlora.runtime.rounds import Reply, RoundOutcome, fold
+from hetlora.runtime.rounds import Exchange, RoundOutcome, fold
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,15 @@ class HetLoRAStrategy(Strategy):
         )
         return list(self._messages.values())
 
-    def replies(self, server_round: int, answers: Iterable[Message]) -> list[Reply]:
-        """Every sampled client's `hetlora.runtime.rounds.Reply`, sorted by client."""
+    def exchanges(self, server_round: int, answers: Iterable[Message]) -> list[Exchange]:
+        """Every sampled client's `hetlora.runtime.rounds.Exchange`, sorted by client."""
         # Flower sets an instruction's message id when it is pushed; a reply names it. Errors
         # about a node (e.g. "Node Unavailable") come from the SuperLink, not from the node.
         asked = {
             m.metadata.message_id: c for c, m in self._messages.items() if m.metadata.message_id
         }
         sent = {self.node_of[c]: c for c in self._tasks}
-        out = {c: Reply(c, problem=why) for c, why in self._unsent.items()}
+        out = {c: Exchange(c, problem=why) for c, why in self._unsent.items()}
         for answer in answers:
             node = answer.metadata.src_node_id
             client = asked.get(answer.metadata.reply_to_message_id) or sent.get(node)
@@ -139,17 +139,17 @@ class HetLoRAStrategy(Strategy):
                 continue
             if client in out:
                 continue  # a duplicate
-            reply = Reply(client, self._tasks[client], extra={"node": self.node_of[client]})
+            ex = Exchange(client, self._tasks[client], extra={"node": self.node_of[client]})
             if answer.has_error():
-                reply.problem = records.error_text(answer.error)
+                ex.problem = records.error_text(answer.error)
             else:
                 try:
-                    reply.update, reply.result = records.read_reply(answer.content, reply.task)
+                    ex.reply = records.read_reply(answer.content, ex.task)
                 except HetLoRAError as exc:
-                    reply.problem = f"malformed reply: {exc}"
-            out[client] = reply
+                    ex.problem = f"malformed reply: {exc}"
+            out[client] = ex
         for client in set(self._tasks) - set(out):
-            out[client] = Reply(
+            out[client] = Exchange(
                 client, self._tasks[client], problem="no reply before the round timed out"
             )
         return [out[c] for c in sorted(out)]
@@ -169,7 +169,7 @@ class HetLoRAStrategy(Strategy):
         outcome = RoundOutcome(server_round, sorted(self._tasks) + sorted(self._unsent))
         fold(
             self.server,
-            self.replies(server_round, replies),
+            self.exchanges(server_round, replies),
             self.min_clients,
             self.max_update_norm,
             outcome,
