@@ -267,7 +267,7 @@ def run_config(model: str, smoke: bool, **extra):
 
 def round_overhead(model: str, smoke: bool, compile_mode: str) -> dict:
     """One round on the engine's path; compiling (if any) is reported apart, not as overhead."""
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
 
     cfg = run_config(
         model,
@@ -281,7 +281,7 @@ def round_overhead(model: str, smoke: bool, compile_mode: str) -> dict:
         min_examples=60 if smoke else 40,
         compile=compile_mode,
     )
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     start = time.perf_counter()
     row = sim.run_round()
     wall = time.perf_counter() - start - row["compile_s"]
@@ -297,7 +297,7 @@ def round_overhead(model: str, smoke: bool, compile_mode: str) -> dict:
 
 def rss_child(model: str, clients: int, smoke: bool) -> None:
     """One simulation of ``clients`` clients, one round; prints its peak RSS in MiB."""
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
 
     cfg = run_config(
         model,
@@ -309,7 +309,7 @@ def rss_child(model: str, clients: int, smoke: bool) -> None:
         min_examples=5,
         max_clients=clients,
     )
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     if len(sim.client_ids) != clients:
         raise SystemExit(f"wanted {clients} clients, the data has {len(sim.client_ids)}")
     sim.run_round()
@@ -375,7 +375,7 @@ def aggregate_s(model: str, smoke: bool) -> dict:
 def ppl_gap(model: str, smoke: bool, compile_mode: str) -> dict:
     """The same short run in fp32 (eager, an adapter of each client's rank) and on the fast path
     (bf16 where the hardware has it, the fixed-shape step compiled with ``compile_mode``)."""
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -390,7 +390,7 @@ def ppl_gap(model: str, smoke: bool, compile_mode: str) -> dict:
                 local_steps=1 if smoke else 3,
                 min_examples=60 if smoke else 100,
             )
-            summary = Simulation(cfg).run(Path(tmp) / precision)
+            summary = LocalRun(cfg).run(Path(tmp) / precision)
             out[precision] = summary["final_ppl"]
     return {
         "ppl_fp32": out["fp32"],

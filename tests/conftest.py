@@ -56,7 +56,7 @@ def _private_caches(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny randomly initialised Llama with a 512-token BPE tokenizer."""
-    from hetlora.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -64,6 +64,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama of ``tiny_model`` with a chat template on its tokenizer."""
-    from hetlora.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-chat-llama"), chat_template=True)

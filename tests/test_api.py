@@ -11,7 +11,7 @@ import pytest
 import hetlora
 
 
-@pytest.mark.parametrize("module", ["hetlora.api", "hetlora.lora"])
+@pytest.mark.parametrize("module", ["hetlora.api", "hetlora.lora", "hetlora.methods.hetlora"])
 def test_docstring_examples_run(module):
     import importlib
 

@@ -47,7 +47,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_tok(tmp_path_factory):
-    from hetlora.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     return AutoTokenizer.from_pretrained(
         make_tiny_model(tmp_path_factory.mktemp("tok"), chat_template=True)
@@ -231,7 +231,7 @@ def test_config_keys_are_checked() -> None:
 
 
 def test_a_bos_the_template_writes_stays_through_left_truncation(chat_tok) -> None:
-    from hetlora.tiny import TINY_CHAT_TEMPLATE
+    from tiny import TINY_CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(chat_tok.name_or_path)
     tok.add_special_tokens({"bos_token": "<s>"})  # named, but never added by the tokenizer

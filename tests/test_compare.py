@@ -188,8 +188,8 @@ def test_groups_keep_the_best_of_a_grid(tiny_model, tmp_path):
 def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(
     tiny_model, tmp_path, monkeypatch
 ):
-    from hetlora.runtime import compare as compare_mod
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
+    from hetlora.study import compare as compare_mod
 
     base = (
         f"model = '{tiny_model}'\nrounds = 2\nclients_per_round = 2\nlocal_steps = 2\n"
@@ -203,7 +203,7 @@ def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(
     compare_mod.run_comparison(compare_mod.load_comparison(config), straight)
 
     # The same comparison, stopped in B's second round (B's round 1 is checkpointed).
-    real_round = Simulation.run_round
+    real_round = LocalRun.run_round
 
     def interrupted(self):
         if self.cfg.method == "homlora" and self.round == 1:
@@ -211,12 +211,12 @@ def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(
         return real_round(self)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(Simulation, "run_round", interrupted)
+    monkeypatch.setattr(LocalRun, "run_round", interrupted)
     try:
         compare_mod.run_comparison(compare_mod.load_comparison(config), out)
     except KeyboardInterrupt:
         pass
-    monkeypatch.setattr(Simulation, "run_round", real_round)
+    monkeypatch.setattr(LocalRun, "run_round", real_round)
     assert (out / "a" / "summary.json").is_file() and not (out / "b" / "summary.json").exists()
     a_metrics = (out / "a" / "metrics.jsonl").read_text()
     a_entry, b_entry = compare_mod.load_comparison(config)
@@ -253,7 +253,7 @@ def test_adapter_rank_counts_positions_where_both_factors_live(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from hetlora.report import adapter_rank
+    from hetlora.study.report import adapter_rank
 
     (tmp_path / "adapter").mkdir()
     a, b = torch.randn(8, 5), torch.randn(6, 8)
@@ -278,7 +278,7 @@ def test_adapter_rank_counts_positions_where_both_factors_live(tmp_path):
 def test_adapter_rank_of_a_run_kept_without_its_adapter_is_its_last_live_rank(tmp_path):
     """The study's committed runs keep summary.json but not adapter/: the table's global rank
     then comes from the last round's live rank, and stays NaN for a method without one."""
-    from hetlora.report import adapter_rank
+    from hetlora.study.report import adapter_rank
 
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "summary.json").write_text(json.dumps({"global_rank_final": 37}))

@@ -194,7 +194,7 @@ def test_an_older_pickled_hetlora_server_aggregates_as_before():
 
 
 def test_every_shipped_config_loads():
-    from hetlora.runtime.compare import load_comparison
+    from hetlora.study.compare import load_comparison
 
     root = Path(__file__).parents[1]
     for path in sorted((root / "configs").glob("*.toml")):
@@ -267,7 +267,7 @@ def test_a_model_path_is_stored_absolute_and_older_relative_checkpoints_match(
 def test_rank_bounds_apply_to_lora_methods_only(tmp_path, caplog):
     """r_min and r_max under full_ft are an error; a comparison's shared r_max is its LoRA
     entries' only; a run's own config.toml written with them loads, naming them in a warning."""
-    from hetlora.runtime.compare import load_comparison
+    from hetlora.study.compare import load_comparison
 
     for key, value in (("r_min", 5), ("r_max", 50)):
         with pytest.raises(HetLoRAError, match=f"'{key}' = {value} applies to LoRA methods"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hetlora.config import make_config
 from hetlora.evaluate import linear_cross_entropy
-from hetlora.runtime.local import Simulation, evaluate_run
+from hetlora.runtime.local import LocalRun, evaluate_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,7 +47,7 @@ def _config(model, device: str, precision: str):
 
 
 def test_bf16_run_on_cuda_reloads_to_its_reported_perplexity(tiny_model, tmp_path):
-    sim = Simulation(_config(tiny_model, "cuda", "auto"))
+    sim = LocalRun(_config(tiny_model, "cuda", "auto"))
     assert sim.ws.device.type == "cuda" and sim.ws.bf16
     assert sim.ws.peft_model.get_base_model().config._attn_implementation != "eager"
     summary = sim.run(tmp_path / "run")
@@ -61,7 +61,7 @@ def test_fp32_rounds_on_cuda_equal_those_on_cpu(tiny_model, tmp_path, monkeypatc
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     results = {}
     for device in ("cpu", "cuda"):
-        sim = Simulation(_config(tiny_model, device, "fp32"))
+        sim = LocalRun(_config(tiny_model, device, "fp32"))
         metrics = [sim.run_round() for _ in range(2)]
         results[device] = (sim.server.global_factors(), metrics, sim.evaluate())
     cpu_factors, cpu_rounds, cpu_eval = results["cpu"]

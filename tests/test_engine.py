@@ -20,7 +20,7 @@ from hetlora.data.batching import batch_stream, tokenize_all
 from hetlora.evaluate import perplexity
 from hetlora.lora import rank_of, tail_start, truncate
 from hetlora.models import load_base_model
-from hetlora.runtime.local import Simulation
+from hetlora.runtime.local import LocalRun
 
 FAST = [
     "rounds=3",
@@ -148,7 +148,7 @@ def test_saved_adapter_reproduces_the_reported_perplexity(tiny_model, tmp_path):
     assert CliRunner().invoke(app, ["run", "--out", str(out), *sets(tiny_model)]).exit_code == 0
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     cfg = make_config({"model": str(tiny_model), **_parse(FAST)})
-    sim = Simulation(cfg)  # rebuilds the same held-out set from the same seed
+    sim = LocalRun(cfg)  # rebuilds the same held-out set from the same seed
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
     _, ppl = perplexity(loaded, sim.model.eval_items, cfg.eval_batch_size, sim.model.pad_id)

@@ -20,7 +20,7 @@ from hetlora.config import make_config
 from hetlora.evaluate import linear_cross_entropy
 from hetlora.hardware import store_frozen_linears, use_cpu_attention
 from hetlora.models import load_base_model
-from hetlora.runtime.local import Simulation, evaluate_run
+from hetlora.runtime.local import LocalRun, evaluate_run
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_bf16_run_trains_with_a_bf16_base_and_reloads(tiny_model, tmp_path):
             "max_new_tokens": 4,
         }
     )
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     assert sim.ws.bf16
     base = sim.ws.peft_model.get_base_model()
     q = base.model.layers[0].self_attn.q_proj

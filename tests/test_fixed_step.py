@@ -205,7 +205,7 @@ def test_a_run_with_compile_on_matches_compile_off(tiny_model, tmp_path, monkeyp
     }
     rows, summaries = {}, {}
     for mode in ("off", "on"):
-        sim = local.Simulation(make_config({**base, "compile": mode}))
+        sim = local.LocalRun(make_config({**base, "compile": mode}))
         assert sim.ws.compiled is (mode == "on")
         assert sim.ws.settings.fixed_rank == (8 if mode == "on" else 0)
         summaries[mode] = sim.run(tmp_path / mode)

@@ -39,7 +39,7 @@ from hetlora.runtime.flower.project import (
     config_from_run_config,
     write_app,
 )
-from hetlora.runtime.local import Simulation, evaluate_run
+from hetlora.runtime.local import LocalRun, evaluate_run
 from localfed.deploy import NodeSpec
 from localfed.launch import deploy_locally, simulate_locally
 from localfed.loopback import LoopbackGrid, run_server_app, server_identity
@@ -331,7 +331,7 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     """Two rounds (pruning on: ranks change between them): same rows, same adapter; the nodes'
     federated evaluation gives the in-process perplexities (test, validation, every tier)."""
     cfg = tiny_config(tiny_model, val_fraction=0.1)
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
     nodes = [{"partition-id": i} for i in range(len(sim.client_ids))]  # ranks assigned
@@ -371,7 +371,7 @@ def test_the_svd_aggregators_over_a_grid_give_the_in_process_run(
     """HLoRA and RB-LoRA use HetLoRA's messages (factors at the client's rank), so they run on
     Flower unchanged: the same adapter and perplexities as in-process."""
     cfg = tiny_config(tiny_model, method=method)
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     sim.run(tmp_path / "local")
     nodes = [{"partition-id": i} for i in range(len(sim.client_ids))]
     run_over_loopback(cfg, tmp_path / "flower", nodes)
@@ -394,7 +394,7 @@ def test_dp_over_a_grid_gives_the_in_process_run_without_the_clients_losses(
     if method == "hetlora":
         extra.update(pruning=False, aggregation="uniform")
     cfg = tiny_config(tiny_model, method=method, **extra)
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     sim.run(tmp_path / "local")
     nodes = [{"partition-id": i} for i in range(len(sim.client_ids))]
     seen: list[Message] = []
@@ -548,7 +548,7 @@ def test_nodes_declare_their_client_and_rank(tiny_model, tmp_path, quiet_hetlora
         {"name": "laptop", "rank": 6, "share": 0.5},
     ]
     cfg = tiny_config(tiny_model, rounds=1, r_min=2, r_max=8, tiers=tiers, pruning=False)
-    ids = sorted(Simulation(cfg).client_ids)
+    ids = sorted(LocalRun(cfg).client_ids)
     nodes = [
         {"client-id": ids[0], "rank": 50},
         {"client-id": ids[1], "tier": "phone"},
@@ -601,7 +601,7 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     sums is pinned by ``test_rouge_sums_combine_into_rouge_l_and_bad_generation_replies_are_refused``."""
     everything, files, markers = device_files(tmp_path, 3)
     cfg = tiny_config(tiny_model, data=str(everything), rouge_examples=6, max_new_tokens=8)
-    Simulation(cfg).run(tmp_path / "local")
+    LocalRun(cfg).run(tmp_path / "local")
     server_cfg = tiny_config(tiny_model, data=str(tmp_path / "nowhere" / "none.jsonl"))
     server_cfg = replace(server_cfg, rouge_examples=6, max_new_tokens=8)
     nodes = [{"data": str(f)} for f in files]
@@ -768,7 +768,7 @@ def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
     rows = [{"prompt": ex.prompt, "response": ex.response} for ex in public[:12]]
     server_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = replace(cfg, server_eval_data=str(server_file))
-    Simulation(cfg).run(tmp_path / "local")
+    LocalRun(cfg).run(tmp_path / "local")
     victim, test_evals = 2, []
 
     def silent_in_round_1(instruction, reply):  # the victim's second test evaluation
@@ -852,7 +852,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     to join and is refused."""
     everything, files, markers = device_files(tmp_path, 2)
     cfg = tiny_config(tiny_model, data=str(everything), rounds=1, clients_per_round=2)
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     ranks = dict(sim.server.ranks)
     sim.run(tmp_path / "local")
     # every client on its own SuperNode with its own file, declaring the rank the engine gave it
@@ -899,7 +899,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
     """`flwr run` on Flower's simulation runtime (Ray, CPU, 127.0.0.1), 2 virtual SuperNodes."""
     cfg = tiny_config(tiny_model, rounds=1, max_clients=2, clients_per_round=2)
-    Simulation(cfg).run(tmp_path / "local")
+    LocalRun(cfg).run(tmp_path / "local")
     result = simulate_locally(
         cfg, tmp_path / "sim", 2, workdir=workdir(tmp_path, "fed"), env=process_env()
     )

@@ -80,11 +80,11 @@ def test_merged_model_dir_reproduces_reported_perplexity(method, tiny_model, tmp
 
     from hetlora.config import load_config
     from hetlora.evaluate import perplexity
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
 
     out = tmp_path / "o"
     rows, _ = run(tiny_model, out, f"method='{method}'")
-    sim = Simulation(load_config(out / "config.toml"))
+    sim = LocalRun(load_config(out / "config.toml"))
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     _, ppl = perplexity(merged, sim.model.eval_items, 16, sim.model.pad_id)
     assert ppl == pytest.approx(rows[-1]["eval_ppl"], rel=1e-4)
@@ -133,7 +133,7 @@ def test_exported_tier_adapters_give_the_reported_tier_perplexities(tiny_model, 
 
     from hetlora.config import make_config
     from hetlora.evaluate import perplexity
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
 
     out = tmp_path / "run"
     _, summary = run(tiny_model, out, "lambda_=1.0", "gamma=0.8")
@@ -141,7 +141,7 @@ def test_exported_tier_adapters_give_the_reported_tier_perplexities(tiny_model, 
     assert len(tiers) >= 3 and len(set(tiers.values())) >= 2  # the cuts differ in ppl
     values = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (i.split("=", 1) for i in BASE)}
     cfg = make_config({"model": str(tiny_model), **values, "lambda_": 1.0, "gamma": 0.8})
-    sim = Simulation(cfg)  # the same held-out set, rebuilt from the same seed
+    sim = LocalRun(cfg)  # the same held-out set, rebuilt from the same seed
     for rank, reported in tiers.items():
         folder = tmp_path / f"tier-{rank}"
         res = CliRunner().invoke(app, ["export", str(out), "--rank", rank, "--out", str(folder)])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from hetlora.config import make_config
@@ -27,7 +28,6 @@ from hetlora.evaluate import (
     stop_ids,
     words,
 )
-from hetlora.tiny import make_tiny_model
 
 LONG = "Now is the winter of our discontent made glorious summer by this sun of York; " * 4
 PAIR = Example(prompt=LONG, response="And all the clouds that lour'd upon our house.")
@@ -99,7 +99,7 @@ def test_a_run_on_a_local_bos_model_trains_and_generates_from_bos_with_its_own_l
     import transformers.generation.utils as generation
 
     from hetlora import client
-    from hetlora.runtime.local import Simulation
+    from hetlora.runtime.local import LocalRun
 
     folder = request.getfixturevalue(which)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -156,7 +156,7 @@ def test_a_run_on_a_local_bos_model_trains_and_generates_from_bos_with_its_own_l
             "target_modules": ["q_proj", "v_proj"],
         }
     )
-    summary = Simulation(cfg).run(tmp_path / "run")
+    summary = LocalRun(cfg).run(tmp_path / "run")
     assert len(losses) == 2 * 2 and starts and prompts  # 2 clients x 2 local steps
     assert set(starts) == {tok.bos_token_id} and set(prompts) == {tok.bos_token_id}
     for ours, own in losses:

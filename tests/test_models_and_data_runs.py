@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import make_tiny_model
 from typer.testing import CliRunner
 
 from hetlora.cli import app
 from hetlora.errors import HetLoRAError
 from hetlora.models import resolve_model
-from hetlora.tiny import make_tiny_model
 
 TINY_RUN = [
     "rounds=1",

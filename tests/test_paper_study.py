@@ -9,7 +9,7 @@ import math
 import pytest
 
 from hetlora.config import make_config
-from hetlora.runtime.local import Simulation
+from hetlora.runtime.local import LocalRun
 
 FAST = {
     "rounds": 3,
@@ -34,9 +34,9 @@ def rows_of(out):
 
 
 def test_validation_split_is_evaluated_next_to_the_test_set(tiny_model, tmp_path):
-    plain = Simulation(make_config({"model": str(tiny_model), **FAST}))
+    plain = LocalRun(make_config({"model": str(tiny_model), **FAST}))
     cfg = make_config({"model": str(tiny_model), **FAST, "val_fraction": 0.2, "eval_every": 2})
-    sim = Simulation(cfg)
+    sim = LocalRun(cfg)
     # the test set is the one a run without validation has; training gives up the validation
     assert sim.model.eval_examples == plain.model.eval_examples
     assert len(sim.model.val_items) == 16 and not set(sim.model.val_items) & set(
@@ -68,7 +68,7 @@ def test_live_global_rank_follows_the_padding_rule(tiny_model, tmp_path, padding
     cfg = make_config(
         {"model": str(tiny_model), **FAST, "padding": padding, "pruning": False, "rounds": 4}
     )
-    Simulation(cfg).run(tmp_path / padding)
+    LocalRun(cfg).run(tmp_path / padding)
     rows = rows_of(tmp_path / padding)
     assert rows[0]["global_rank"] == 0  # PEFT's init: B = 0, so no position adds to B A
     expected, tops = None, []
@@ -125,7 +125,7 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
     from typer.testing import CliRunner
 
     from hetlora.cli import app
-    from hetlora.runtime import compare as compare_mod
+    from hetlora.study import compare as compare_mod
 
     config = tmp_path / "study.toml"
     config.write_text(f"model = '{tiny_model}'\n" + SEEDED)
@@ -140,7 +140,7 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
     assert [e.cfg.seed for e in entries] == [0, 1, 0, 1, 1]
 
     # Interrupted in the second seed of the second grid point: resuming keeps the rest.
-    real_round = Simulation.run_round
+    real_round = LocalRun.run_round
 
     def interrupted(self):
         if self.cfg.lr == 3e-2 and self.cfg.seed == 1 and self.round == 1:
@@ -148,10 +148,10 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
         return real_round(self)
 
     out = tmp_path / "study"
-    monkeypatch.setattr(Simulation, "run_round", interrupted)
+    monkeypatch.setattr(LocalRun, "run_round", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compare_mod.run_comparison(entries, out)
-    monkeypatch.setattr(Simulation, "run_round", real_round)
+    monkeypatch.setattr(LocalRun, "run_round", real_round)
     kept = (out / "h-lr-3e-2" / "seed-0" / "metrics.jsonl").read_text()
     assert compare_mod._resume_state(entries[3], out / entries[3].slug) == "partial"
     args = ["compare", "--config", str(config), "--out", str(out), "--resume"]
@@ -216,14 +216,14 @@ def test_seeded_comparison_tunes_on_validation_and_resumes_per_seed(
 
 
 def _slug_of(row):
-    from hetlora.runtime.compare import _slug
+    from hetlora.study.compare import _slug
 
     return f"{_slug(row['name'])}/seed-{row['seed']}"
 
 
 def test_seeds_errors(tmp_path):
     from hetlora.errors import HetLoRAError
-    from hetlora.runtime.compare import load_comparison
+    from hetlora.study.compare import load_comparison
 
     config = tmp_path / "c.toml"
     for text, match in (
@@ -244,8 +244,8 @@ def test_two_stage_tuning_runs_only_the_winner_on_the_other_seeds(tiny_model, tm
     a stopped study is reported on its finished runs."""
     import csv
 
-    from hetlora.report import report
-    from hetlora.runtime import compare as compare_mod
+    from hetlora.study import compare as compare_mod
+    from hetlora.study.report import report
 
     config = tmp_path / "study.toml"
     config.write_text(
@@ -307,7 +307,7 @@ def test_two_stage_tuning_runs_only_the_winner_on_the_other_seeds(tiny_model, tm
 
 def test_tune_seeds_errors(tmp_path):
     from hetlora.errors import HetLoRAError
-    from hetlora.runtime.compare import load_comparison
+    from hetlora.study.compare import load_comparison
 
     config = tmp_path / "c.toml"
     for text in (
@@ -327,7 +327,7 @@ def test_paper_config_plans_the_documented_runs():
     of one) on all three seeds."""
     from pathlib import Path
 
-    from hetlora.runtime.compare import load_comparison
+    from hetlora.study.compare import load_comparison
 
     entries = load_comparison(Path(__file__).parents[1] / "configs" / "paper.toml")
     reference = "HetLoRA [5, 50] at lambda 0.01"
@@ -357,7 +357,7 @@ def test_paper_long_config_repeats_the_study_at_twice_the_budget():
     repeat the study's runs)."""
     from pathlib import Path
 
-    from hetlora.runtime.compare import load_comparison
+    from hetlora.study.compare import load_comparison
 
     configs = Path(__file__).parents[1] / "configs"
     study = {(e.name, e.seed): e.cfg for e in load_comparison(configs / "paper.toml")}
@@ -378,7 +378,7 @@ def test_paper_long_config_repeats_the_study_at_twice_the_budget():
 
 
 def test_paired_differences_are_taken_seed_by_seed():
-    from hetlora.report import paired, reference_method
+    from hetlora.study.report import paired, reference_method
 
     study = ["HomLoRA r=5", "HomLoRA r=50", "HetLoRA [5, 50]", "HetLoRA no pruning"]
     assert reference_method(study) == "HetLoRA [5, 50]"
@@ -405,7 +405,7 @@ def test_paired_differences_are_taken_seed_by_seed():
 
 
 def test_rank_table_summarises_global_and_client_ranks_per_round():
-    from hetlora.report import rank_rows
+    from hetlora.study.report import rank_rows
 
     seed0 = [
         {"round": 0, "global_rank": 8},
@@ -433,7 +433,7 @@ def test_rank_table_summarises_global_and_client_ranks_per_round():
 def test_curve_table_gives_each_evaluated_round_over_seeds():
     """curves.csv: test and validation perplexity per evaluated round, over the seeds; rounds
     without an evaluation, or evaluated in only some seeds, are left out."""
-    from hetlora.report import curve_rows
+    from hetlora.study.report import curve_rows
 
     seed0 = [
         {"round": 0, "eval_ppl": 100.0, "val_ppl": 110.0},

@@ -91,7 +91,7 @@ def assert_same_runs(a: Path, b: Path) -> None:
 # and full fine-tuning change the base itself, so their resume rebuilds it from the checkpointed server
 # state (and the checkpoint's model fingerprint must be the pristine base's, not the changed
 # one's). One real SIGKILL of a `hetlora run` process (hetlora) and a resume in a fresh process;
-# every method stopped and resumed in-process, each resume in a fresh Simulation.
+# every method stopped and resumed in-process, each resume in a fresh LocalRun.
 RESUME_METHODS = {
     "hetlora": [],
     "homlora": ["rank=4"],
@@ -131,16 +131,16 @@ class Stop(BaseException):
 def test_stop_then_resume_matches_an_uninterrupted_run(method, tiny_model, tmp_path):
     cfg = make_config({"model": str(tiny_model), **_values(resume_args(method))})
     straight, out = tmp_path / "straight", tmp_path / "stopped"
-    local.Simulation(cfg).run(straight)
+    local.LocalRun(cfg).run(straight)
 
     def stop_after_round_2(event: dict) -> None:
         if event["event"] == "round_start" and event["round"] == 3:
             raise Stop  # round 2 is recorded and checkpointed
 
     with pytest.raises(Stop):
-        local.Simulation(cfg, progress=stop_after_round_2).run(out)
+        local.LocalRun(cfg, progress=stop_after_round_2).run(out)
     assert not (out / "summary.json").exists() and len(rows(out)) == 3
-    local.Simulation(cfg).run(out, resume=True)
+    local.LocalRun(cfg).run(out, resume=True)
     assert_same_runs(straight, out)
     if method.endswith("-dp"):
         ra, rb = rows(straight), rows(out)
@@ -152,7 +152,7 @@ def test_stop_then_resume_matches_an_uninterrupted_run(method, tiny_model, tmp_p
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):
     args = resume_args("hetlora")
     straight = tmp_path / "straight"
-    local.Simulation(make_config({"model": str(tiny_model), **_values(args)})).run(straight)
+    local.LocalRun(make_config({"model": str(tiny_model), **_values(args)})).run(straight)
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "hetlora.cli", "run", "--out", str(out)]
@@ -202,7 +202,7 @@ def test_resume_refuses_mismatches_and_corruption(tiny_model, tmp_path):
 
     other_cfg = resume("--set", "lr=0.5")
     assert other_cfg.exit_code == 2 and "another config (differs in: lr" in other_cfg.stderr
-    from hetlora.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     other_model = make_tiny_model(tmp_path / "other", seed=7)
     moved = resume("--config", str(out / "config.toml"), "--set", f"model='{other_model}'")
@@ -216,7 +216,7 @@ def test_resume_refuses_mismatches_and_corruption(tiny_model, tmp_path):
 
 
 def test_resume_refuses_other_model_weights(tiny_model, tmp_path):
-    from hetlora.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "m", seed=1)
     out = tmp_path / "run"
@@ -253,7 +253,7 @@ def test_bad_reply_is_left_out_and_the_round_goes_on(reason, tiny_model, tmp_pat
     cfg = make_config(
         {"model": str(tiny_model), **_values(SETTINGS), "rounds": 1, "max_update_norm": 1e3}
     )
-    sim = local.Simulation(cfg)
+    sim = local.LocalRun(cfg)
     before = {n: (b.clone(), a.clone()) for n, (b, a) in sim.server.global_factors().items()}
     row = sim.run_round()
     assert list(row["rejected"]) == victims and reason in row["rejected"][victims[0]]
@@ -276,7 +276,7 @@ def test_round_below_min_clients_is_skipped_and_state_unchanged(tiny_model, monk
     cfg = make_config(
         {"model": str(tiny_model), **_values(SETTINGS), "rounds": 2, "min_clients": 2}
     )
-    sim = local.Simulation(cfg)
+    sim = local.LocalRun(cfg)
     before = {n: (b.clone(), a.clone()) for n, (b, a) in sim.server.global_factors().items()}
     ranks = dict(sim.server.ranks)
     row = sim.run_round()
@@ -310,9 +310,9 @@ def test_resume_where_auto_precision_resolves_otherwise(
     out = tmp_path / "run"
     monkeypatch.setattr(workspace, "resolve_bf16", lambda choice, device: before)
     with pytest.raises(Stop):
-        local.Simulation(cfg, progress=_stop_after_round_2).run(out)
+        local.LocalRun(cfg, progress=_stop_after_round_2).run(out)
     monkeypatch.setattr(workspace, "resolve_bf16", lambda choice, device: after)
-    summary = local.Simulation(cfg).run(out, resume=True)
+    summary = local.LocalRun(cfg).run(out, resume=True)
     assert summary["bf16"] is after
     assert [r["round"] for r in rows(out)] == [0, 1, 2, 3, 4]
 

@@ -77,10 +77,10 @@ def test_a_round_below_min_clients_is_skipped_and_changes_nothing():
 
 def test_no_flower_class_inherits_the_in_process_run():
     """Composition: the ServerApp builds the shared RoundLoop; nothing subclasses it."""
-    from hetlora.runtime import local
+    from hetlora.runtime import loop
     from hetlora.runtime.flower import client_app, server_app, strategy
 
     for module in (server_app, client_app, strategy):
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__:
-                assert not issubclass(cls, local.RoundLoop), cls
+                assert not issubclass(cls, loop.RoundLoop), cls

@@ -57,7 +57,7 @@ def test_overwrite_starts_new_tracker_runs(tmp_path: Path, monkeypatch) -> None:
     folder is gone, so it is laid out again."""
     from mlflow.tracking import MlflowClient
 
-    from hetlora.runtime.local import _prepare_out_dir
+    from hetlora.runtime.loop import _prepare_out_dir
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

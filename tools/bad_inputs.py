@@ -330,7 +330,7 @@ def _digest(folder: Path) -> str:
 
 def make_fixtures(tmp: Path, env: dict[str, str], runner: Runner = cli) -> dict[str, str]:
     """The files the cases refer to, and one finished tiny run (made by ``runner``)."""
-    from hetlora.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     def write(name: str, text: str) -> str:
         (tmp / name).write_text(text)

@@ -24,8 +24,8 @@ NAME = re.compile(r"^(?P<method>.+?), (?:no DP|eps (?P<eps>[0-9.]+))$")
 
 
 def slug(name: str) -> str:
-    """The run folder of a comparison entry (``hetlora.runtime.compare``'s naming)."""
-    from hetlora.runtime.compare import _slug
+    """The run folder of a comparison entry (``hetlora.study.compare``'s naming)."""
+    from hetlora.study.compare import _slug
 
     return _slug(name)
 

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny import make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from hetlora.tiny import make_tiny_model
 
 SMOLLM2_135M = dict(
     hidden_size=576,

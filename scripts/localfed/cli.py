@@ -146,7 +146,7 @@ def deploy(
 
     def command() -> None:
         from hetlora.config import load_config
-        from hetlora.runtime.local import check_out_dir
+        from hetlora.runtime.loop import check_out_dir
         from localfed.launch import deploy_locally
 
         cfg = load_config(config, set_ or [])
@@ -191,7 +191,7 @@ def simulate(
 
     def command() -> None:
         from hetlora.config import load_config
-        from hetlora.runtime.local import check_out_dir
+        from hetlora.runtime.loop import check_out_dir
         from localfed.launch import simulate_locally
 
         cfg = load_config(config, set_ or [])

@@ -21,7 +21,7 @@ from typing import Any
 from hetlora.config import Config
 from hetlora.errors import HetLoRAError
 from hetlora.runtime.flower.project import RunOptions, write_app
-from hetlora.runtime.local import check_out_dir
+from hetlora.runtime.loop import check_out_dir
 from localfed.deploy import LocalDeployment, LocalSimulation, NodeSpec, RunResult
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,9 @@ The public API (imported on first use, so ``import hetlora`` stays light):
 - `run`, `Config`, `make_config`, `load_config`: configure and run
   (progress to the ``hetlora`` logger);
 - `export_run`, `evaluate_run`, `load_chat_model`: use a finished run;
-- `make_server` and the factor math `truncate`, `pad`, `rank_of`, `pruned_rank`.
+- the methods: `make_server`, `SERVERS` (every method's server class by name), `HetLoRAServer`,
+  and what a server exchanges with a client, `ClientTask` and `Reply`;
+- the factor math `truncate`, `pad`, `rank_of`, `pruned_rank`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ _LAZY = {
     "evaluate_run": "hetlora.runtime.local",
     "load_chat_model": "hetlora.chat",
     "make_server": "hetlora.methods",
+    "SERVERS": "hetlora.methods",
+    "HetLoRAServer": "hetlora.methods.hetlora",
+    "ClientTask": "hetlora.methods.base",
+    "Reply": "hetlora.methods.base",
     "truncate": "hetlora.lora",
     "pad": "hetlora.lora",
     "pruned_rank": "hetlora.lora",

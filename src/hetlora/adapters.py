@@ -7,7 +7,7 @@ are the base model's own (``model.layers.0.self_attn.q_proj``).
 
 The fixed-shape variant (`attach_fixed`, `release_fixed`) keeps one client adapter at
 r_max for good and writes each client's rank-r_k factors into its first r_k positions, the rest
-zero: every client then runs modules of the same shapes, which a compiled step needs (issue 12).
+zero: every client then runs modules of the same shapes, which a compiled step needs.
 With PEFT's scale ``lora_alpha / r`` set to ``s`` at r_max, ``W0 + s B A`` is the same layer.
 """
 

@@ -86,7 +86,8 @@ def run(
     print(summary["final_ppl"], summary["tier_ppl"])
     ```
     """
-    from hetlora.runtime.local import Simulation, check_out_dir
+    from hetlora.runtime.local import LocalRun
+    from hetlora.runtime.loop import check_out_dir
 
     out = Path(out)
     if resume:
@@ -103,4 +104,4 @@ def run(
     else:
         cfg = _config(config, keys)
         check_out_dir(out, overwrite)
-    return Simulation(cfg, progress).run(out, overwrite=overwrite, resume=resume)
+    return LocalRun(cfg, progress).run(out, overwrite=overwrite, resume=resume)

@@ -210,8 +210,9 @@ def run(
     _quiet_libraries(verbose)
     with _one_line_errors():
         from hetlora.config import load_config
-        from hetlora.report import load_run
-        from hetlora.runtime.local import Simulation, check_out_dir
+        from hetlora.runtime.local import LocalRun
+        from hetlora.runtime.loop import check_out_dir
+        from hetlora.study.report import load_run
 
         if resume is not None:
             out = resume
@@ -226,7 +227,7 @@ def run(
             check_out_dir(out, overwrite, resume_hint=hint)
         with _progress_display() as progress:
             live = LiveProgress(progress)
-            sim = Simulation(cfg, progress=live)
+            sim = LocalRun(cfg, progress=live)
             summary = sim.run(out, overwrite=overwrite, resume=resume is not None)
         metrics = load_run(out)[1]
     console.print(_final_table(metrics, summary))
@@ -325,8 +326,8 @@ def compare(
     """
     _quiet_libraries(verbose)
     with _one_line_errors():
-        from hetlora.runtime.compare import load_comparison, run_comparison
-        from hetlora.runtime.local import check_out_dir
+        from hetlora.runtime.loop import check_out_dir
+        from hetlora.study.compare import load_comparison, run_comparison
 
         entries = load_comparison(config, set_ or [])
         if only:
@@ -363,7 +364,7 @@ def compare(
 
 
 def _print_results(result: dict[str, Any], out: Path) -> None:
-    from hetlora.report import COLUMNS, _fmt
+    from hetlora.study.report import COLUMNS, _fmt
 
     if result.get("summary"):  # a seeded comparison: one line per method, over its seeds
         table = Table(title=f"summary over seeds ({out / 'summary.md'})")
@@ -428,7 +429,7 @@ def report(
     listed).
     """
     with _one_line_errors():
-        from hetlora.report import report as redraw
+        from hetlora.study.report import report as redraw
 
         result = redraw(directory)
     _print_results(result, directory)

@@ -126,6 +126,24 @@ class HetLoRAServer(Server):
         pruning: let clients apply the self-pruning rule.
         regularise: add the self-pruning regulariser to the local loss.
         dp: client-level differential privacy (`hetlora.dp`); None: off.
+
+    Examples:
+        One round: two clients of ranks 2 and 4 under a rank-4 global adapter; client ``a``
+        prunes to rank 1, and its rank stays pruned.
+
+        >>> import torch
+        >>> from hetlora import HetLoRAServer, Reply, truncate
+        >>> g = torch.Generator().manual_seed(0)
+        >>> start = {"q": (torch.zeros(6, 4), torch.randn(4, 5, generator=g))}
+        >>> server = HetLoRAServer(start, {"a": 2, "b": 4})
+        >>> server.task("a").factors["q"][0].shape  # truncated to the client's rank
+        torch.Size([6, 2])
+        >>> trained = {"q": (torch.randn(6, 4, generator=g), start["q"][1])}
+        >>> server.add(Reply("a", 10, factors=truncate(trained, 1), rank=1))
+        >>> server.add(Reply("b", 30, factors=trained, rank=4))
+        >>> weights = server.finish()  # sparsity weights: ||B_k A_k||_F, normalised
+        >>> round(sum(weights.values()), 6), server.ranks, server.round
+        (1.0, {'a': 1, 'b': 4}, 1)
     """
 
     name = "hetlora"

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class FederatedHeldOut:
-    """The held-out sets of a Flower run, on its nodes (a `hetlora.runtime.local.HeldOut`).
+    """The held-out sets of a Flower run, on its nodes (a `hetlora.runtime.loop.HeldOut`).
 
     Args:
         grid: the run's Grid.

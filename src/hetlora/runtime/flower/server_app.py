@@ -1,7 +1,7 @@
 """The ServerApp: the shared round loop over Flower's Grid instead of in-process clients.
 
 The server holds no client data and never opens the run's ``data``. `flower_run` builds a
-`hetlora.runtime.local.RoundLoop` by composition: the same model (PEFT-initialised
+`hetlora.runtime.loop.RoundLoop` by composition: the same model (PEFT-initialised
 global adapter), method server, round loop, metrics row and run directory as ``hetlora run``,
 with `GridTransport` as the transport and `.held_out.FederatedHeldOut` as the
 held-out sets (the nodes measure the global adapter on their own examples and reply with sums).
@@ -48,15 +48,9 @@ from hetlora.runtime.flower.project import (
     options_from_run_config,
 )
 from hetlora.runtime.flower.strategy import HetLoRAStrategy
-from hetlora.runtime.local import (
-    Progress,
-    RoundLoop,
-    assigned_ranks,
-    check_out_dir,
-    initial_server,
-)
+from hetlora.runtime.loop import RoundLoop, assigned_ranks, check_out_dir, initial_server
 from hetlora.runtime.rounds import Exchange, round_line, sample_clients
-from hetlora.runtime.workspace import build_workspace
+from hetlora.runtime.workspace import Progress, build_workspace
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ A comparison file is a run config (any key, shared by every method) plus a list 
     method = "homlora"
     rank = 4
 
-Each entry runs with `hetlora.runtime.local.Simulation` into ``OUT/<slug>/``; then
-``results.csv``, ``results.md`` and the plots are written by `hetlora.report.report`.
+Each entry runs with `hetlora.runtime.local.LocalRun` into ``OUT/<slug>/``; then
+``results.csv``, ``results.md`` and the plots are written by `hetlora.study.report.report`.
 
 Seeds: a top-level ``seeds = [0, 1, 2]`` runs every entry once per seed, into
 ``OUT/<slug>/seed-<s>/`` (each its own resumable run; the seed drives ranks, sampling, splits,
 init and batches). An entry may narrow it with its own ``seeds`` list (a costly method run on
 fewer seeds); ``seed`` itself may then not be set. The report then picks each group's grid
-point and gives its test numbers over the seeds (`hetlora.report`).
+point and gives its test numbers over the seeds (`hetlora.study.report`).
 
 Tuning in two stages: with ``tune_seeds = [0]`` (a subset of ``seeds``), every grid point of a
 group of two or more entries runs on the tune seeds only; the point with the lowest validation
-perplexity averaged over them (`hetlora.report.choose`, the rule the report uses) then
+perplexity averaged over them (`hetlora.study.report.choose`, the rule the report uses) then
 runs on the remaining seeds, and the other points never do. Groups run one after the other, in
 the file's order, so a study stopped half-way has whole methods, not a slice of every method.
 
@@ -45,7 +45,9 @@ from typing import Any
 
 from hetlora.config import Config, _parse_override, inapplicable, load_config, make_config
 from hetlora.errors import HetLoRAError
-from hetlora.runtime.local import Progress, Simulation, check_out_dir
+from hetlora.runtime.local import LocalRun
+from hetlora.runtime.loop import check_out_dir
+from hetlora.runtime.workspace import Progress
 
 
 @dataclass
@@ -175,7 +177,7 @@ def run_comparison(
     ``resume`` keeps the finished entries of an earlier run into ``out_dir`` and continues the
     others (see the module's docstring); it cannot be combined with ``overwrite``.
     """
-    from hetlora.report import report
+    from hetlora.study.report import report
 
     out_dir = Path(out_dir)
     if resume and overwrite:
@@ -211,7 +213,7 @@ def run_comparison(
         done += 1
         if state == "done":
             return
-        Simulation(entry.cfg, progress).run(
+        LocalRun(entry.cfg, progress).run(
             out_dir / entry.slug,
             overwrite=overwrite or state == "restart",
             resume=state == "partial",
@@ -250,8 +252,8 @@ def _write_manifest(out_dir: Path, entries: list[Entry]) -> None:
 
 def _tuned_winner(out_dir: Path, tuned: list[Entry]) -> str:
     """The grid point of a group that goes on to the remaining seeds: the report's rule
-    (`hetlora.report.choose`) applied to the finished tune-seed runs."""
-    from hetlora.report import choose, load_run
+    (`hetlora.study.report.choose`) applied to the finished tune-seed runs."""
+    from hetlora.study.report import choose, load_run
 
     grid: dict[str, list[dict[str, Any]]] = {}
     for e in tuned:
