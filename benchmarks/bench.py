@@ -285,7 +285,7 @@ def round_overhead(model: str, smoke: bool, compile_mode: str) -> dict:
     start = time.perf_counter()
     row = sim.run_round()
     wall = time.perf_counter() - start - row["compile_s"]
-    assert "eval_ppl" not in row
+    assert "test_ppl" not in row
     train = sum(c["step_s"] for c in row["clients"].values())
     return {
         "round_s": wall,

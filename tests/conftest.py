@@ -46,11 +46,14 @@ def _private_caches(
 ) -> None:
     """Keep Hugging Face's and hetlora's caches out of the user's home, and stay offline."""
     root = tmp_path_factory.getbasetemp()
+    # the pytest-xdist workers of one session share hetlora's cache (the default model,
+    # converted once under a lock), each keeps its own Hugging Face cache
+    shared = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(root / "hf" / "datasets"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HETLORA_CACHE", str(root / "hetlora-cache"))
+    monkeypatch.setenv("HETLORA_CACHE", str(shared / "hetlora-cache"))
 
 
 @pytest.fixture(scope="session")

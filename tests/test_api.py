@@ -43,7 +43,7 @@ def test_run_from_python_logs_progress_and_writes_the_run(tiny_model, tmp_path, 
         )
     assert json.loads((out / "summary.json").read_text())["final_ppl"] == summary["final_ppl"]
     lines = [r.getMessage() for r in caplog.records if r.name == "hetlora"]
-    assert any(line.startswith("round   2") and "eval ppl" in line for line in lines), lines
+    assert any(line.startswith("round   2") and "test ppl" in line for line in lines), lines
     final = f"-> {summary['final_ppl']:.2f} (final)"
     assert any(final in line for line in lines), lines
     with pytest.raises(hetlora.HetLoRAError, match="not empty"):

@@ -90,7 +90,7 @@ def test_evaluate_uses_the_same_rendering(tracked_run: Path) -> None:
     from hetlora.runtime.local import evaluate_run
 
     result = evaluate_run(tracked_run)
-    assert result["eval_ppl"] == pytest.approx(result["reported_ppl"], rel=1e-5)
+    assert result["test_ppl"] == pytest.approx(result["reported_ppl"], rel=1e-5)
 
 
 def test_tensorboard_event_files_hold_the_round_metrics(tracked_run: Path) -> None:
@@ -99,8 +99,8 @@ def test_tensorboard_event_files_hold_the_round_metrics(tracked_run: Path) -> No
     acc = EventAccumulator(str(tracked_run / "tensorboard"))
     acc.Reload()
     rows = metrics(tracked_run)
-    ppl = [(e.step, e.value) for e in acc.Scalars("eval_ppl")]
-    assert ppl == [(r["round"], pytest.approx(r["eval_ppl"], rel=1e-6)) for r in rows]
+    ppl = [(e.step, e.value) for e in acc.Scalars("test_ppl")]
+    assert ppl == [(r["round"], pytest.approx(r["test_ppl"], rel=1e-6)) for r in rows]
     loss = [(e.step, e.value) for e in acc.Scalars("train_loss")]
     assert loss == [(r["round"], pytest.approx(r["train_loss"], rel=1e-6)) for r in rows[1:]]
     assert [e.value for e in acc.Scalars("bytes_up")] == [r["bytes_up"] for r in rows]
@@ -120,9 +120,9 @@ def test_mlflow_file_store_holds_the_round_metrics(tracked_run: Path) -> None:
     assert run.data.params["r_max"] == "16" and run.data.params["report_to"].startswith("[")
     rows = metrics(tracked_run)
     history = sorted(
-        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_ppl")
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_ppl")
     )
-    assert history == [(r["round"], pytest.approx(r["eval_ppl"])) for r in rows]
+    assert history == [(r["round"], pytest.approx(r["test_ppl"])) for r in rows]
     down = sorted(
         (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "bytes_down")
     )
@@ -172,8 +172,8 @@ def test_wandb_offline_run_holds_the_round_metrics(tracked_run: Path) -> None:
         elif kind == "run":
             config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
     rows = metrics(tracked_run)
-    logged = [(h["_step"], h["eval_ppl"]) for h in history if "eval_ppl" in h]
-    assert logged == [(r["round"], pytest.approx(r["eval_ppl"])) for r in rows]
+    logged = [(h["_step"], h["test_ppl"]) for h in history if "test_ppl" in h]
+    assert logged == [(r["round"], pytest.approx(r["test_ppl"])) for r in rows]
     assert [h["bytes_up"] for h in history if "bytes_up" in h] == [r["bytes_up"] for r in rows]
     assert config["r_max"] == 16 and config["data"].endswith("chat.jsonl")
 

@@ -235,7 +235,7 @@ def test_resume_keeps_finished_methods_and_continues_the_interrupted_one(
     ppl = {}
     for folder in (straight / "b", out / "b"):
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        ppl[folder.parent.name] = [r["eval_ppl"] for r in rows if "eval_ppl" in r]
+        ppl[folder.parent.name] = [r["test_ppl"] for r in rows if "test_ppl" in r]
     assert ppl["out"] == pytest.approx(ppl["straight"], rel=1e-6)
     with (out / "results.csv").open() as fh:
         assert [r["name"] for r in csv.DictReader(fh)] == ["A", "B", "C"]

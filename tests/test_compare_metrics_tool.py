@@ -24,7 +24,7 @@ def _run_dir(path: Path, rows: list[dict], summary: dict) -> Path:
 
 
 ROWS = [
-    {"round": 0, "eval_ppl": 97.97, "wall_s": 75.4},
+    {"round": 0, "test_ppl": 97.97, "wall_s": 75.4},
     {"round": 1, "train_loss": 4.2, "client_ranks": {"a": 4, "b": 16}, "wall_s": 300.0},
 ]
 
@@ -49,3 +49,19 @@ def test_a_changed_value_or_key_is_reported(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "max abs diff 1," in out
     assert "'.client_ranks.a', 4, 3" in out and "['.extra']" in out
+
+
+def test_a_file_with_the_old_names_matches_one_with_the_new(tmp_path, capsys):
+    """Rows written as ``eval_loss``/``eval_ppl`` read as ``test_loss``/``test_ppl``, here and
+    in the report."""
+    from hetlora.study.report import load_run
+
+    new = [{"round": 0, "test_loss": 4.5, "test_ppl": 90.0, "server_eval_ppl": 80.0}]
+    old = [{"round": 0, "eval_loss": 4.5, "eval_ppl": 90.0, "server_eval_ppl": 80.0}]
+    a = _run_dir(tmp_path / "a", new, {"final_ppl": 90.0})
+    b = _run_dir(tmp_path / "b", old, {"final_ppl": 90.0})
+    assert _tool().main([str(a), str(b)]) == 0
+    assert (
+        "metrics.jsonl: 1 rows, 4 values, max abs diff 0, 0 differences" in capsys.readouterr().out
+    )
+    assert load_run(b)[1] == new

@@ -53,7 +53,7 @@ def test_bf16_run_on_cuda_reloads_to_its_reported_perplexity(tiny_model, tmp_pat
     summary = sim.run(tmp_path / "run")
     assert summary["rounds"] == 2 and summary["bf16"]
     check = evaluate_run(tmp_path / "run")
-    assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-3)
+    assert check["test_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-3)
 
 
 def test_fp32_rounds_on_cuda_equal_those_on_cpu(tiny_model, tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def test_short_run_on_default_model(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     # the base instruct model is far from Shakespeare's dialogue; one small round already helps
-    assert rows[-1]["eval_ppl"] < rows[0]["eval_ppl"]
+    assert rows[-1]["test_ppl"] < rows[0]["test_ppl"]
     summary = json.loads((out / "summary.json").read_text())
     assert "SmolLM2-135M-Instruct" in summary["model"]
     assert summary["target_modules"] == ["q_proj", "v_proj"]
@@ -53,3 +53,34 @@ def test_short_run_on_default_model(tmp_path):
     )
     assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_processes_starting_at_once_convert_the_packaged_model_once(tmp_path, monkeypatch):
+    """The conversion runs under a file lock: callers that find no converted folder wait for
+    the one converting, then use its folder."""
+    import threading
+    import time
+
+    from hetlora import models
+
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def slow_convert(target):
+        calls.append(target)
+        time.sleep(0.3)
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", slow_convert)
+    found = []
+    threads = [
+        threading.Thread(target=lambda: found.append(models.default_model_folder()))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert found == [calls[0]] * 3 and (calls[0] / "config.json").is_file()

@@ -124,8 +124,8 @@ def test_cli_run_end_to_end(tiny_model, tmp_path):
     for r in rows[1:]:
         assert {
             "train_loss",
-            "eval_loss",
-            "eval_ppl",
+            "test_loss",
+            "test_ppl",
             "client_ranks",
             "bytes_up",
             "bytes_down",
@@ -134,9 +134,9 @@ def test_cli_run_end_to_end(tiny_model, tmp_path):
         assert len(r["client_ranks"]) == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0
         for c, rank in r["client_ranks"].items():
             assert rank <= r["ranks_received"][c]
-    assert rows[-1]["eval_ppl"] < rows[0]["eval_ppl"]
+    assert rows[-1]["test_ppl"] < rows[0]["test_ppl"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_ppl"] == pytest.approx(rows[-1]["eval_ppl"])
+    assert summary["final_ppl"] == pytest.approx(rows[-1]["test_ppl"])
     assert "perplexity" in result.output and "round" in result.output
 
 
@@ -152,10 +152,10 @@ def test_saved_adapter_reproduces_the_reported_perplexity(tiny_model, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     loaded = PeftModel.from_pretrained(base, str(out / "adapter"))
     _, ppl = perplexity(loaded, sim.model.eval_items, cfg.eval_batch_size, sim.model.pad_id)
-    assert ppl == pytest.approx(last["eval_ppl"], rel=1e-5)
+    assert ppl == pytest.approx(last["test_ppl"], rel=1e-5)
     result = CliRunner().invoke(app, ["evaluate", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"{last['eval_ppl']:.4f} measured" in result.output.replace("\n", "")
+    assert f"{last['test_ppl']:.4f} measured" in result.output.replace("\n", "")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == cfg.r_max and config["lora_alpha"] == pytest.approx(
         cfg.lora_scale * cfg.r_max

@@ -100,7 +100,7 @@ def test_exported_adapter_loads_from_a_copy_with_its_tier_perplexity(
         torch.testing.assert_close(auto(ids).logits, direct(ids).logits)
 
     result = evaluate_run(copy)
-    assert result["eval_ppl"] == pytest.approx(summary["tier_ppl"][str(rank)], rel=1e-5)
+    assert result["test_ppl"] == pytest.approx(summary["tier_ppl"][str(rank)], rel=1e-5)
     assert result["reported_ppl"] == summary["tier_ppl"][str(rank)]
     res = CliRunner().invoke(app, ["evaluate", str(copy)])
     assert res.exit_code == 0 and f"tier_ppl at rank {rank} reports" in res.output, res.output

@@ -101,7 +101,7 @@ def test_bf16_run_trains_with_a_bf16_base_and_reloads(tiny_model, tmp_path):
     summary = sim.run(tmp_path / "run")
     assert summary["bf16"] and summary["rounds"] == 2
     check = evaluate_run(tmp_path / "run")  # a fresh fp32 base under autocast: the same numbers
-    assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-3)
+    assert check["test_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-3)
 
 
 def test_cpu_attention_gives_the_results_of_sdpa(tiny_model):

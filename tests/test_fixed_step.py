@@ -216,7 +216,7 @@ def test_a_run_with_compile_on_matches_compile_off(tiny_model, tmp_path, monkeyp
     )
     assert len(set(off["ranks_received"].values())) > 1  # several ranks in the round
     assert on["train_loss"] == pytest.approx(off["train_loss"], rel=1e-4)
-    assert on["eval_ppl"] == pytest.approx(off["eval_ppl"], rel=1e-4)
+    assert on["test_ppl"] == pytest.approx(off["test_ppl"], rel=1e-4)
     assert off["compile_s"] == 0 and on["compile_s"] > 0
     assert summaries["on"]["compiled"] and summaries["on"]["compiled_graphs"] >= 1
     assert summaries["on"]["compile_s"] > 0 and not summaries["off"]["compiled"]

@@ -344,7 +344,7 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     rows = {"local": rows_of(tmp_path / "local"), "flower": rows_of(tmp_path / "flower")}
     assert [r["round"] for r in rows["flower"]] == [0, 1, 2]
     for a, b in zip(rows["local"], rows["flower"], strict=True):
-        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+        assert b["test_ppl"] == pytest.approx(a["test_ppl"], rel=1e-5)
         assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5)
         assert b.get("client_ranks") == a.get("client_ranks")
         assert b.get("train_loss", 0) == pytest.approx(a.get("train_loss", 0), rel=1e-5)
@@ -361,7 +361,7 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     for key in ("eval_examples", "val_examples", "final_val_ppl"):
         assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")
-    assert check["eval_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
+    assert check["test_ppl"] == pytest.approx(check["reported_ppl"], rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["hlora", "rblora"])
@@ -380,7 +380,7 @@ def test_the_svd_aggregators_over_a_grid_give_the_in_process_run(
     for key in local:
         torch.testing.assert_close(flower[key], local[key], rtol=1e-5, atol=1e-6)
     for a, b in zip(rows_of(tmp_path / "local"), rows_of(tmp_path / "flower"), strict=True):
-        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+        assert b["test_ppl"] == pytest.approx(a["test_ppl"], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["hetlora", "ffa"])
@@ -516,7 +516,7 @@ def test_a_failing_node_is_rejected_and_the_round_goes_on(
     assert not rows[1]["skipped"] and not rows[2]["rejected"]
     assert set(rows[2]["weights"]) == set(summary["nodes"])
     assert summary["rejected"]["1"] == rows[1]["rejected"] and summary["rounds_skipped"] == 0
-    assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
+    assert rows[2]["test_ppl"] < rows[0]["test_ppl"]
 
 
 def test_too_few_replies_skip_the_round_and_keep_the_global_adapter(
@@ -533,7 +533,7 @@ def test_too_few_replies_skip_the_round_and_keep_the_global_adapter(
     run_over_loopback(cfg, tmp_path / "flower", nodes, node_1_trains_but_never_answers)
     rows = rows_of(tmp_path / "flower")
     assert rows[1]["skipped"] and len(rows[1]["rejected"]) == 1
-    assert rows[1]["eval_ppl"] == pytest.approx(rows[0]["eval_ppl"], rel=1e-6)
+    assert rows[1]["test_ppl"] == pytest.approx(rows[0]["test_ppl"], rel=1e-6)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["rounds_skipped"] == 1
     adapter = load_file(tmp_path / "flower" / "adapter" / "adapter_model.safetensors")
@@ -610,8 +610,8 @@ def test_a_server_without_data_runs_and_no_device_text_reaches_it(
     rows, local = rows_of(tmp_path / "flower"), rows_of(tmp_path / "local")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for a, b in zip(local, rows, strict=True):
-        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
-    assert rows[2]["eval_ppl"] < rows[0]["eval_ppl"]
+        assert b["test_ppl"] == pytest.approx(a["test_ppl"], rel=1e-5)
+    assert rows[2]["test_ppl"] < rows[0]["test_ppl"]
     assert all(r["eval_missing"] == {} for r in rows)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
@@ -801,8 +801,8 @@ def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
     assert flower[0]["eval_missing"] == {}
     assert flower[1]["eval_missing"] == {client: "test: no reply"}
     assert summary["eval_missing"] == {"1": {client: "test: no reply"}}
-    assert flower[1]["eval_ppl"] != pytest.approx(local[1]["eval_ppl"], rel=1e-5)
-    assert flower[0]["eval_ppl"] == pytest.approx(local[0]["eval_ppl"], rel=1e-5)
+    assert flower[1]["test_ppl"] != pytest.approx(local[1]["test_ppl"], rel=1e-5)
+    assert flower[0]["test_ppl"] == pytest.approx(local[0]["test_ppl"], rel=1e-5)
 
 
 def test_bad_declarations_and_a_node_without_data_leave_the_node_out(
@@ -882,7 +882,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         torch.testing.assert_close(flower[key], local[key], rtol=1e-5, atol=1e-6)
     assert any(v.abs().max() > 0 for k, v in flower.items() if "lora_B" in k)  # it trained
     for a, b in zip(rows_of(tmp_path / "local"), result.rows, strict=True):
-        assert b["eval_ppl"] == pytest.approx(a["eval_ppl"], rel=1e-5)
+        assert b["test_ppl"] == pytest.approx(a["test_ppl"], rel=1e-5)
         assert b.get("client_ranks") == a.get("client_ranks")
     assert result.summary["runtime"] == "flower"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json"):

@@ -87,7 +87,7 @@ def test_merged_model_dir_reproduces_reported_perplexity(method, tiny_model, tmp
     sim = LocalRun(load_config(out / "config.toml"))
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     _, ppl = perplexity(merged, sim.model.eval_items, 16, sim.model.pad_id)
-    assert ppl == pytest.approx(rows[-1]["eval_ppl"], rel=1e-4)
+    assert ppl == pytest.approx(rows[-1]["test_ppl"], rel=1e-4)
 
 
 def test_export_rank_and_merge(tiny_model, tmp_path):

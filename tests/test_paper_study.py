@@ -46,16 +46,16 @@ def test_validation_split_is_evaluated_next_to_the_test_set(tiny_model, tmp_path
         assert len(sim.ws.train_data[c]) == 30 - 6 - 6 < len(plain.ws.train_data[c]) == 24
     summary = sim.run(tmp_path / "run")
     rows = rows_of(tmp_path / "run")
-    evaluated = [r for r in rows if "eval_ppl" in r]
+    evaluated = [r for r in rows if "test_ppl" in r]
     assert [r["round"] for r in evaluated] == [0, 2, 3]
     for r in evaluated:
-        assert r["val_ppl"] > 1 and r["eval_ppl"] > 1 and r["val_ppl"] != r["eval_ppl"]
+        assert r["val_ppl"] > 1 and r["test_ppl"] > 1 and r["val_ppl"] != r["test_ppl"]
     best = min(evaluated, key=lambda r: r["val_ppl"])
     assert summary["final_val_ppl"] == evaluated[-1]["val_ppl"]
     assert summary["best_val_ppl"] == best["val_ppl"]
     assert summary["best_val_round"] == best["round"]
-    assert summary["test_ppl_at_best_val"] == best["eval_ppl"]
-    assert summary["final_ppl"] == evaluated[-1]["eval_ppl"]  # final_ppl stays the test set
+    assert summary["test_ppl_at_best_val"] == best["test_ppl"]
+    assert summary["final_ppl"] == evaluated[-1]["test_ppl"]  # final_ppl stays the test set
     without = plain.run(tmp_path / "plain")
     assert "val_ppl" not in rows_of(tmp_path / "plain")[0] and "final_val_ppl" not in without
 
@@ -436,16 +436,16 @@ def test_curve_table_gives_each_evaluated_round_over_seeds():
     from hetlora.study.report import curve_rows
 
     seed0 = [
-        {"round": 0, "eval_ppl": 100.0, "val_ppl": 110.0},
+        {"round": 0, "test_ppl": 100.0, "val_ppl": 110.0},
         {"round": 1, "train_loss": 4.0},
-        {"round": 2, "eval_ppl": 60.0, "val_ppl": 62.0},
-        {"round": 4, "eval_ppl": 58.0, "val_ppl": 61.0},
+        {"round": 2, "test_ppl": 60.0, "val_ppl": 62.0},
+        {"round": 4, "test_ppl": 58.0, "val_ppl": 61.0},
     ]
     seed1 = [
-        {"round": 0, "eval_ppl": 90.0, "val_ppl": 100.0},
-        {"round": 2, "eval_ppl": 50.0, "val_ppl": 56.0},
+        {"round": 0, "test_ppl": 90.0, "val_ppl": 100.0},
+        {"round": 2, "test_ppl": 50.0, "val_ppl": 56.0},
     ]
-    rows = curve_rows({"H": [seed0, seed1], "FT": [[{"round": 0, "eval_ppl": 80.0}]]})
+    rows = curve_rows({"H": [seed0, seed1], "FT": [[{"round": 0, "test_ppl": 80.0}]]})
     assert [(r["method"], r["round"], r["seeds"]) for r in rows] == [
         ("H", 0, 2),
         ("H", 2, 2),

@@ -193,6 +193,7 @@ def test_every_readme_command_and_snippet_runs_as_pasted(clone: Path):
         if block.skip is None:
             run_block(block, clone, log)
     out = "\n".join(log)
+    print(out)  # each command's time, shown by pytest -rP
     # what the README says these leave behind
     assert (clone / "runs" / "demo" / "adapter" / "adapter_config.json").exists(), out
     assert (clone / "runs" / "mine" / "summary.json").exists(), out

@@ -75,7 +75,7 @@ def assert_same_runs(a: Path, b: Path) -> None:
         assert x.get("client_ranks") == y.get("client_ranks")
         if "weights" in x:
             assert y["weights"] == pytest.approx(x["weights"], rel=1e-5)
-        for key in ("train_loss", "eval_ppl"):
+        for key in ("train_loss", "test_ppl"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-5)
     ta, tb = final_tensors(a), final_tensors(b)

@@ -53,9 +53,9 @@ def test_fold_rejects_with_the_servers_validator_and_builds_one_row():
     assert row["bytes_up"] == sum(row["clients"][c]["bytes_up"] for c in "abc")
     line = round_line({**row, "wall_s": 1.0})
     assert line.startswith("round   1  train loss 5.000") and "rejected: c (" in line
-    evaluated = {**row, "eval_ppl": 12.5, "server_eval_ppl": 30.25, "wall_s": 1.0}
+    evaluated = {**row, "test_ppl": 12.5, "server_eval_ppl": 30.25, "wall_s": 1.0}
     line = round_line({**evaluated, "eval_missing": {"b": "test: no reply"}})
-    assert "eval ppl 12.50  server ppl 30.25" in line
+    assert "test ppl 12.50  server ppl 30.25" in line
     assert "evaluated without: b (test: no reply)" in line
     assert "evaluated without" not in round_line({**evaluated, "eval_missing": {}})
 

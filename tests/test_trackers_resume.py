@@ -15,7 +15,7 @@ def _session(out: Path, rounds: range) -> None:
     trackers = Trackers(["mlflow", "wandb"], {"r_max": 16, "lr": 0.01}, out)
     try:
         for r in rounds:
-            trackers.log_round({"round": r, "eval_ppl": 100.0 - r, "bytes_up": 10 * r})
+            trackers.log_round({"round": r, "test_ppl": 100.0 - r, "bytes_up": 10 * r})
     finally:
         trackers.close()
 
@@ -37,7 +37,7 @@ def test_resumed_run_continues_the_same_tracker_runs(tmp_path: Path, monkeypatch
     (run,) = client.search_runs([client.get_experiment_by_name("hetlora").experiment_id])
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
     history = sorted(
-        (m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "eval_ppl")
+        (m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "test_ppl")
     )
     assert history == [(r, 100.0 - r) for r in range(5)]
     assert run.data.params["r_max"] == "16"
@@ -75,7 +75,7 @@ def test_overwrite_starts_new_tracker_runs(tmp_path: Path, monkeypatch) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("hetlora").experiment_id])
     assert run.info.run_id == new["mlflow"] and run.info.status == "FINISHED"
     history = sorted(
-        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_ppl")
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_ppl")
     )
     assert history == [(r, 100.0 - r) for r in range(3)]
 

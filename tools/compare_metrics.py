@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hetlora.runtime.rounds import read_metrics
+
 #: Keys that measure time, not the method: they differ between any two runs. ``provenance``
 #: (commit, dirty tree, host, versions, date) says where and when a run ran, not what it computed.
 TIMING = {"wall_s", "elapsed_s", "step_s", "compile_s", "seconds", "round_compile_s", "provenance"}
@@ -61,7 +63,7 @@ def differences(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[int, 
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)  # older files with today's key names
 
 
 def main(argv: list[str]) -> int:

@@ -157,14 +157,14 @@ def _final_table(metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Tabl
         title=f"{summary.get('method', 'hetlora')} run: {clients} client{'s' * (clients != 1)}, "
         f"{rounds} round{'s' * (rounds != 1)}"
     )
-    for col in ("round", "train loss", "eval ppl", "ranks", "up", "down", "s"):
+    for col in ("round", "train loss", "test ppl", "ranks", "up", "down", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for m in metrics:
         ranks = m.get("client_ranks") or {}
         table.add_row(
             str(m["round"]),
             f"{m['train_loss']:.3f}" if m.get("train_loss") is not None else "-",
-            f"{m['eval_ppl']:.2f}" if "eval_ppl" in m else "-",
+            f"{m['test_ppl']:.2f}" if "test_ppl" in m else "-",
             _fmt_ranks(list(ranks.values())),
             _fmt_bytes(m.get("bytes_up", 0)),
             _fmt_bytes(m.get("bytes_down", 0)),
@@ -466,7 +466,7 @@ def evaluate(
         else f"(another held-out set than the run's: {data})"
     )
     console.print(
-        f"perplexity {result['eval_ppl']:.4f} measured from {run_dir} "
+        f"perplexity {result['test_ppl']:.4f} measured from {run_dir} "
         f"({result['eval_examples']} held-out examples, bf16={result['bf16']}); {reported}"
     )
 

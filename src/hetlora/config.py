@@ -133,7 +133,7 @@ class Config:
         doc=(
             "per-client share of examples held out as a validation set, separate from the test "
             "split (seeded; the test split is the same as with 0). With a validation set every "
-            "evaluation round measures both (`val_ppl` and `eval_ppl`, the test perplexity); 0 "
+            "evaluation round measures both (`val_ppl` and `test_ppl`, the test perplexity); 0 "
             "(default) has none."
         ),
     )

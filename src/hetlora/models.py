@@ -56,6 +56,18 @@ def default_model_folder() -> Path:
     target = cache_dir() / "models" / _CONVERTED_NAME
     if (target / "config.json").is_file():
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # processes starting at once on a fresh machine convert once: the others wait for it
+    with FileLock(str(target.parent / f".{_CONVERTED_NAME}.lock")):
+        if not (target / "config.json").is_file():
+            _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
+    """Write the packaged GGUF, de-quantised, as a plain HF folder at ``target``."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise HetLoRAError(
@@ -75,19 +87,13 @@ def default_model_folder() -> Path:
         config.pop(key, None)
     plain = type(gguf_model)(type(gguf_model.config).from_dict(config))
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
+        tmp.rename(target)  # whole or not at all: an interrupted conversion leaves no folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model(name: str) -> str:

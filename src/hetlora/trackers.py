@@ -43,8 +43,8 @@ OUTPUTS = ("tensorboard", "mlruns", "wandb", IDS_FILE)
 
 _ROUND_KEYS = (
     "train_loss",
-    "eval_loss",
-    "eval_ppl",
+    "test_loss",
+    "test_ppl",
     "bytes_up",
     "bytes_down",
     "flops",

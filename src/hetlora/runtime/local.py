@@ -14,7 +14,7 @@ from hetlora.evaluate import perplexity
 from hetlora.hardware import resolve_device, use_cpu_attention
 from hetlora.models import load_base_model
 from hetlora.runtime.loop import RoundLoop, assigned_ranks, check_out_dir, initial_server
-from hetlora.runtime.rounds import InProcessClients
+from hetlora.runtime.rounds import InProcessClients, read_metrics
 from hetlora.runtime.workspace import Progress, build_workspace, eval_set, federated_splits
 from hetlora.trackers import check_available
 
@@ -61,7 +61,7 @@ def evaluate_run(run_dir: Path | str, data: str | None = None) -> dict[str, Any]
         values = drop_inapplicable(meta["config"], str(run_dir / "hetlora.json"))
         cfg = make_config({**values, **({"data": data} if data else {})})
         adapter_dir, base_name, bf16 = run_dir, exported_base(run_dir, meta), bool(meta["bf16"])
-        reported: dict[str, Any] = {"round": None, "eval_ppl": meta.get("tier_ppl")}
+        reported: dict[str, Any] = {"round": None, "test_ppl": meta.get("tier_ppl")}
         what = f"tier_ppl at rank {meta.get('rank')}"
         original_data = values.get("data")
     else:
@@ -78,8 +78,8 @@ def evaluate_run(run_dir: Path | str, data: str | None = None) -> dict[str, Any]
             overrides=[f"data={json.dumps(data)}"] if data else None,
         )
         summary = json.loads((run_dir / "summary.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        reported = [r for r in rows if "eval_ppl" in r][-1]
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        reported = [r for r in rows if "test_ppl" in r][-1]
         adapter_dir, base_name, bf16 = run_dir / "adapter", cfg.model, bool(summary["bf16"])
         what = f"metrics.jsonl's round {reported['round']}"
     changed = data is not None and data != original_data
@@ -97,10 +97,10 @@ def evaluate_run(run_dir: Path | str, data: str | None = None) -> dict[str, Any]
     )
     return {
         "round": reported["round"],
-        "reported_ppl": None if changed else reported["eval_ppl"],
+        "reported_ppl": None if changed else reported["test_ppl"],
         "reported_as": what,
-        "eval_loss": loss,
-        "eval_ppl": ppl,
+        "test_loss": loss,
+        "test_ppl": ppl,
         "bf16": bf16,
         "eval_examples": len(items),
     }

@@ -41,6 +41,7 @@ from hetlora.runtime import checkpoint
 from hetlora.runtime.rounds import (
     Transport,
     counts,
+    current_names,
     play_round,
     rank_dynamics,
     round_row,
@@ -204,7 +205,7 @@ class GlobalModel:
             )
 
     def evaluations(self, server: Server) -> dict[str, float]:
-        """The metrics row's evaluation: ``eval_loss``/``eval_ppl`` on the test set, and
+        """The metrics row's evaluation: ``test_loss``/``test_ppl`` on the test set, and
         ``val_loss``/``val_ppl`` on the validation set where the run has one,
         ``server_eval_loss``/``server_eval_ppl`` on the server-side set where the run names one
         (``server_eval_data``). With ``held_out`` also ``eval_missing``: client -> why it was
@@ -215,7 +216,7 @@ class GlobalModel:
             self.held_out.missing.clear()
         if self.val_count:
             out["val_loss"], out["val_ppl"] = self.evaluate(server, split="val")
-        out["eval_loss"], out["eval_ppl"] = self.evaluate(server)
+        out["test_loss"], out["test_ppl"] = self.evaluate(server)
         if self.server_items:
             out["server_eval_loss"], out["server_eval_ppl"] = self.evaluate(server, split="server")
         if self.held_out is not None:
@@ -424,7 +425,7 @@ class RoundLoop:
                     "run cannot recompute (its held-out examples are on the nodes): start afresh"
                 )
             base = {"preds": preds, "rouge_l": combine_rouge([rouge_sums(preds, refs)])}
-        return list(payload["metrics"]), base
+        return [current_names(row) for row in payload["metrics"]], base
 
     def run(self, out_dir: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
         """Run every round, writing the output directory as it goes; returns the summary.
@@ -530,8 +531,8 @@ class RoundLoop:
 
     def _summary(self, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         ws = self.ws
-        evals = [m for m in metrics if "eval_ppl" in m]
-        best = min(evals, key=lambda m: m["eval_ppl"])
+        evals = [m for m in metrics if "test_ppl" in m]
+        best = min(evals, key=lambda m: m["test_ppl"])
         ranks = list(self.server.ranks.values())
         per_client = [c for m in metrics for c in m.get("clients", {}).values()]
         summary = {
@@ -543,9 +544,9 @@ class RoundLoop:
             "clients": len(self.client_ids),
             "bad_rows_skipped": ws.bad_rows_skipped,
             "eval_examples": self.model.eval_count,
-            "base_ppl": evals[0]["eval_ppl"],
-            "final_ppl": evals[-1]["eval_ppl"],
-            "best_ppl": best["eval_ppl"],
+            "base_ppl": evals[0]["test_ppl"],
+            "final_ppl": evals[-1]["test_ppl"],
+            "best_ppl": best["test_ppl"],
             "best_round": best["round"],
             "bytes_up": sum(m.get("bytes_up", 0) for m in metrics),
             "bytes_down": sum(m.get("bytes_down", 0) for m in metrics),
@@ -577,7 +578,7 @@ class RoundLoop:
                     "final_val_ppl": evals[-1]["val_ppl"],
                     "best_val_ppl": best_val["val_ppl"],
                     "best_val_round": best_val["round"],
-                    "test_ppl_at_best_val": best_val["eval_ppl"],
+                    "test_ppl_at_best_val": best_val["test_ppl"],
                 }
             )
         # round -> client -> why its reply was rejected (only rounds that rejected one)

@@ -15,11 +15,13 @@ is printed. A reply the server refuses, or one that never came, is *rejected* (t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -99,6 +101,23 @@ class InProcessClients:
                 "client_end", round=round_idx, client=client, loss=reply.train_loss,
                 rank=reply.rank, rank_received=task.rank,
             )  # fmt: skip
+
+
+#: Keys of ``metrics.jsonl`` rows renamed since files were first written (the test set's loss
+#: and perplexity were ``eval_loss``/``eval_ppl``): older files read with today's names.
+RENAMED = {"eval_loss": "test_loss", "eval_ppl": "test_ppl"}
+
+
+def current_names(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``metrics.jsonl`` row with today's key names (`RENAMED`)."""
+    return {RENAMED.get(k, k): v for k, v in row.items()}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file, older files included, with today's key names."""
+    return [
+        current_names(json.loads(line)) for line in path.read_text().splitlines() if line.strip()
+    ]
 
 
 def sample_clients(
@@ -271,8 +290,8 @@ def round_line(row: dict[str, Any]) -> str:
     loss = row.get("train_loss")
     if loss is not None and not math.isnan(loss):
         parts.append(f"train loss {loss:.3f}")
-    if "eval_ppl" in row:
-        parts.append(f"eval ppl {row['eval_ppl']:.2f}")
+    if "test_ppl" in row:
+        parts.append(f"test ppl {row['test_ppl']:.2f}")
     if "server_eval_ppl" in row:
         parts.append(f"server ppl {row['server_eval_ppl']:.2f}")
     ranks = row.get("client_ranks")

@@ -26,6 +26,7 @@ from typing import Any
 
 from hetlora import provenance
 from hetlora.errors import HetLoRAError
+from hetlora.runtime.rounds import read_metrics
 
 #: Metrics by method: name -> the ``metrics.jsonl`` rows of each of its seeds.
 Runs = dict[str, list[list[dict[str, Any]]]]
@@ -124,7 +125,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         )
     try:
         summary = json.loads(summary_path.read_text())
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        rows = read_metrics(metrics_path)
     except json.JSONDecodeError as exc:
         raise HetLoRAError(f"{run_dir}: unreadable run files ({exc})") from None
     return summary, rows
@@ -218,7 +219,7 @@ def write_tables(
     return paths
 
 
-def _curve(rows: list[dict[str, Any]], x: str, y: str = "eval_ppl") -> tuple[list, list]:
+def _curve(rows: list[dict[str, Any]], x: str, y: str = "test_ppl") -> tuple[list, list]:
     xs, ys, total = [], [], 0.0
     for row in rows:
         if x == "round":
@@ -234,7 +235,7 @@ def _curve(rows: list[dict[str, Any]], x: str, y: str = "eval_ppl") -> tuple[lis
     return xs, ys
 
 
-def _spread(seeds: list[list[dict[str, Any]]], x: str, y: str = "eval_ppl"):
+def _spread(seeds: list[list[dict[str, Any]]], x: str, y: str = "test_ppl"):
     """Mean x, mean y, min y and max y over seeds, point by point (the seeds of one entry share
     their evaluation rounds; a seed with fewer points cuts the others)."""
     curves = [_curve(rows, x, y) for rows in seeds]
@@ -270,14 +271,14 @@ def _save(fig, path: Path) -> Path:
 def plot_curves(runs: Runs, out_dir: Path, title: str = "") -> list[Path]:
     """Perplexity against round, cumulative bytes and cumulative client FLOPs, one line per
     method; with several seeds, the mean over seeds with a min-max band. Test perplexity
-    (``eval_ppl``); where the runs have a validation split, also ``val_vs_round.png``."""
+    (``test_ppl``); where the runs have a validation split, also ``val_vs_round.png``."""
     plt = _pyplot()
     seeded = any(len(seeds) > 1 for seeds in runs.values())
     has_val = all("val_ppl" in seeds[0][0] for seeds in runs.values())
     plots = [
-        ("round", "eval_ppl", "round", "ppl_vs_round.png", False),
-        ("bytes", "eval_ppl", "cumulative bytes sent and received", "ppl_vs_bytes.png", True),
-        ("flops", "eval_ppl", "cumulative client training FLOPs", "ppl_vs_flops.png", True),
+        ("round", "test_ppl", "round", "ppl_vs_round.png", False),
+        ("bytes", "test_ppl", "cumulative bytes sent and received", "ppl_vs_bytes.png", True),
+        ("flops", "test_ppl", "cumulative client training FLOPs", "ppl_vs_flops.png", True),
     ]
     if has_val:
         plots.append(("round", "val_ppl", "round", "val_vs_round.png", False))
@@ -401,14 +402,14 @@ CURVE_COLUMNS = [
 
 
 def curve_rows(runs: Runs) -> list[dict[str, Any]]:
-    """Per method and evaluated round: test (``eval_ppl``) and validation perplexity over the
+    """Per method and evaluated round: test (``test_ppl``) and validation perplexity over the
     seeds (mean, sample std; test min and max); the validation columns are NaN without a
     validation split. Rounds are those every seed of the method evaluated."""
     out = []
     for name, seeds in runs.items():
-        by_round = [{r["round"]: r for r in rows if "eval_ppl" in r} for rows in seeds]
+        by_round = [{r["round"]: r for r in rows if "test_ppl" in r} for rows in seeds]
         for rnd in sorted(set.intersection(*(set(b) for b in by_round))):
-            tests = [b[rnd]["eval_ppl"] for b in by_round]
+            tests = [b[rnd]["test_ppl"] for b in by_round]
             vals = [b[rnd]["val_ppl"] for b in by_round if "val_ppl" in b[rnd]]
             out.append(
                 {
