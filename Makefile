@@ -45,12 +45,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts tools
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts tools
 
-# Two workers (pytest-xdist): most tests are single-threaded model runs, so two cores are kept busy.
-# One test at a time from a shared queue, longest first (tests/conftest.py), so both finish together.
+# pytest-xdist workers, one thread each (tests/conftest.py): one more worker than cores, since the
+# real-process tests (a Flower deployment, the README's commands) spend much of their time waiting
+# on process start-up and polling. One test at a time from a shared queue, longest first, so the
+# workers finish together. TEST_WORKERS=2 on a machine where memory is short.
+TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts tools
 	$(MKDOCS) --quiet --site-dir $(VENV)/site-check
-	$(PY) -m pytest -q -n 2 --maxschedchunk 1 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 $(PYTEST_ARGS)
 
 # The docs site (mkdocs.yml: MkDocs, the Material theme, the API reference from the docstrings by
 # mkdocstrings) into site/; --strict: a broken link or API reference fails. `make test` builds it too.

@@ -11,8 +11,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-# Under pytest-xdist (`make test` runs `-n 2`) each worker gets its share of the cores, for torch
-# here and in the processes the tests start, so that the workers do not oversubscribe the CPU.
+# Under pytest-xdist (`make test` runs 3 workers) each worker gets its share of the cores, at least
+# one thread, for torch here and in the processes the tests start.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
@@ -22,13 +22,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 # longest first. `make test` hands out one test at a time (--maxschedchunk 1), so these start
 # first and the two workers finish together instead of one waiting on the other's last long test.
 SLOW = (
+    "test_flower.py::test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node",
     "test_readme.py::test_every_readme_command_and_snippet_runs_as_pasted",
+    "test_bad_inputs.py::test_every_bad_input_is_one_line_exit_2_and_loses_nothing",
+    "test_flower.py::test_simulation_runtime_gives_the_in_process_adapter",
+    "test_bench.py::test_bench_smoke_writes_every_key",
     "test_default_model.py::test_short_run_on_default_model",
     "test_readme.py::test_docs_pages_marked_blocks_run_as_pasted",
-    "test_flower.py::test_simulation_runtime_gives_the_in_process_adapter",
-    "test_flower.py::test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node",
-    "test_bench.py::test_bench_smoke_writes_every_key",
-    "test_bad_inputs.py::test_every_bad_input_is_one_line_exit_2_and_loses_nothing",
     "test_client_mutants.py::test_step_and_compile_seconds_are_counted_apart",
     "test_reliability.py::test_sigkill_then_resume_matches_an_uninterrupted_run",
 )
