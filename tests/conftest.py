@@ -20,7 +20,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 # The tests that take tens of seconds (real processes, the real default model, torch.compile),
 # longest first. `make test` hands out one test at a time (--maxschedchunk 1), so these start
-# first and the two workers finish together instead of one waiting on the other's last long test.
+# first and the workers finish together instead of one waiting on another's last long test.
 SLOW = (
     "test_flower.py::test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node",
     "test_readme.py::test_every_readme_command_and_snippet_runs_as_pasted",

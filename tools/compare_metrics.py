@@ -62,10 +62,6 @@ def differences(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[int, 
     return count, worst, found
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    return read_metrics(path)  # older files with today's key names
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
@@ -73,7 +69,9 @@ def main(argv: list[str]) -> int:
     a, b = (Path(p) for p in argv)
     pairs = []
     if a.is_dir() and b.is_dir():
-        pairs.append(("metrics.jsonl", _rows(a / "metrics.jsonl"), _rows(b / "metrics.jsonl")))
+        pairs.append(
+            ("metrics.jsonl", read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl"))
+        )
         if (a / "summary.json").is_file() and (b / "summary.json").is_file():
             pairs.append(
                 (
@@ -83,7 +81,7 @@ def main(argv: list[str]) -> int:
                 )
             )
     else:
-        pairs.append((a.name, _rows(a), _rows(b)))
+        pairs.append((a.name, read_metrics(a), read_metrics(b)))
     same = True
     for name, ra, rb in pairs:
         count, worst, found = differences(ra, rb)
