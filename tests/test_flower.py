@@ -197,6 +197,36 @@ def test_rouge_sums_combine_into_rouge_l_and_bad_generation_replies_are_refused(
             records.read_rouge_reply(records.rouge_reply(bad_score, bad_n), asked)
 
 
+def test_an_evaluation_at_several_ranks_is_one_instruction_and_one_reply():
+    """The final evaluation asks for every tier at once: the node cuts the factors it got to
+    each rank (0: as sent) and replies with one (NLL sum, tokens) per rank, in order; a reply
+    with another number of sums, or a bad sum, is refused."""
+    content = records.evaluate_content(_factors(6), "test", [3, 1], 0, ranks=[2, 0, 4, 9])
+    task = records.read_evaluate(content)
+    assert (task.split, task.positions, task.generate, task.ranks) == (
+        "test",
+        [3, 1],
+        False,
+        [2, 0, 4, 9],
+    )
+    for rank, want in ((2, 2), (0, 6), (4, 4), (9, 6)):
+        cut = task.at(rank)
+        assert {b.shape[1] for b, _ in cut.values()} == {want}
+        assert torch.equal(cut["layers.0.q_proj"][0], _factors(6)["layers.0.q_proj"][0][:, :want])
+    sums = [(12.5, 10), (11.0, 10), (10.25, 10), (10.0, 10)]
+    assert records.read_evaluate_reply(records.evaluate_reply(sums), 4) == sums
+    with pytest.raises(HetLoRAError, match="4 sums, 3 ranks"):
+        records.read_evaluate_reply(records.evaluate_reply(sums), 3)
+    for bad in ([(float("nan"), 10)], [(-1.0, 10)], [(2.0, 0)]):
+        with pytest.raises(HetLoRAError, match="evaluation reply with NLL"):
+            records.read_evaluate_reply(records.evaluate_reply(bad), 1)
+    for ranks in ([], [-1], [True]):
+        bad = records.evaluate_content(_factors(6), "test", [0], 0)
+        bad.config_records[records.CONFIG]["ranks"] = ranks
+        with pytest.raises(HetLoRAError, match="ranks"):
+            records.read_evaluate(bad)
+
+
 def test_the_privacy_check_finds_every_kind_of_example_text(tmp_path):
     """``localfed.privacy`` (used by the tests below and by ``make flower-demo``): each line of
     prompts, responses, text rows and message contents is a needle, short lines are not, and
@@ -358,6 +388,16 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
     assert len(local_summary["tier_ppl"]) >= 2
     assert summary["tier_ppl"] == pytest.approx(local_summary["tier_ppl"], rel=1e-5)
+    # every tier in one evaluation message per node
+    (tier_asks,) = {
+        tuple(m.content.config_records[records.CONFIG]["ranks"])
+        for m in grid.sent
+        if m.metadata.message_type == "evaluate"
+        and len(m.content.config_records[records.CONFIG]["ranks"]) > 1
+    }
+    assert sorted(tier_asks) == sorted(int(r) for r in summary["tier_ppl"])
+    asks = [m for m in grid.sent if m.metadata.group_id == "evaluate-test"]
+    assert sum(len(m.content.config_records[records.CONFIG]["ranks"]) > 1 for m in asks) == 3
     for key in ("eval_examples", "val_examples", "final_val_ppl"):
         assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")

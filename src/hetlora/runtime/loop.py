@@ -94,8 +94,8 @@ class HeldOut(Protocol):
     """Held-out examples measured elsewhere (a Flower run's nodes, each on its own split).
 
     ``counts``: examples in the capped sample per split (``"test"``, ``"val"``).
-    ``sums(server, rank, split)``: the `hetlora.evaluate.nll_sums` of every holder of
-    the split's sample, for the server's global adapter cut to ``rank`` (None: whole).
+    ``sums(server, ranks, split)``: rank -> the `hetlora.evaluate.nll_sums` of every holder of
+    the split's sample, for the server's global adapter cut to each of ``ranks`` (None: whole).
     ``rouge_sums(server)``: the `hetlora.evaluate.rouge_sums` of every holder of the ROUGE
     sample (the first ``rouge_examples`` of the test sample), for the global adapter.
     ``missing``: client -> why it was left out of a measurement since the dict was last cleared.
@@ -104,7 +104,9 @@ class HeldOut(Protocol):
     counts: dict[str, int]
     missing: dict[str, str]
 
-    def sums(self, server: Server, rank: int | None, split: str) -> list[tuple[float, int]]: ...
+    def sums(
+        self, server: Server, ranks: Sequence[int | None], split: str
+    ) -> dict[int | None, list[tuple[float, int]]]: ...
 
     def rouge_sums(self, server: Server) -> list[tuple[float, int]]: ...
 
@@ -191,7 +193,7 @@ class GlobalModel:
         Eager even when training is compiled: see docs/performance.md (compiled evaluation).
         """
         if self.held_out is not None and split != "server":
-            return combine_nll(self.held_out.sums(server, rank, split))
+            return combine_nll(self.held_out.sums(server, [rank], split)[rank])
         items = {"val": self.val_items, "server": self.server_items}.get(split, self.eval_items)
         self.show(server, rank)
         with no_compile():
@@ -203,6 +205,14 @@ class GlobalModel:
                 self.ws.device,
                 bf16=self.ws.bf16,
             )
+
+    def evaluate_ranks(self, server: Server, ranks: list[int]) -> dict[int, tuple[float, float]]:
+        """`evaluate` on the test set at each of ``ranks``; with ``held_out``, one request to
+        each holder for all of them."""
+        if self.held_out is not None and ranks:
+            sums = self.held_out.sums(server, ranks, "test")
+            return {rank: combine_nll(sums[rank]) for rank in ranks}
+        return {rank: self.evaluate(server, rank) for rank in ranks}
 
     def evaluations(self, server: Server) -> dict[str, float]:
         """The metrics row's evaluation: ``test_loss``/``test_ppl`` on the test set, and
@@ -476,10 +486,11 @@ class RoundLoop:
             held_out = self.model.held_out
             if held_out is not None:
                 held_out.missing.clear()
-            summary["tier_ppl"] = {}
-            for rank in self.tier_ranks():
-                self._emit("eval", round=f"final, rank {rank}")
-                summary["tier_ppl"][str(rank)] = self.evaluate(rank)[1]
+            ranks = self.tier_ranks()
+            if ranks:
+                self._emit("eval", round=f"final, ranks {', '.join(map(str, ranks))}")
+            tiers = self.model.evaluate_ranks(self.server, ranks)
+            summary["tier_ppl"] = {str(rank): tiers[rank][1] for rank in ranks}
             if self.model.scores_rouge:
                 self._emit("generate", which="final")
                 summary["rouge_l_base"] = base["rouge_l"]

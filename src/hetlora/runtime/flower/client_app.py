@@ -25,9 +25,10 @@ Messages:
   on the factors received, its batches seeded by the client index the server sends: the same
   stream as in-process) and the hyperparameters of the ConfigRecord; replies with the factors
   at the (possibly pruned) rank and the counters of the local training;
-* ``evaluate``: the global factors received, written into the node's model, measured on the
-  positions of its own test or validation split the server names
-  (`hetlora.evaluate.nll_sums`); replies with the NLL sum and the token count only; or,
+* ``evaluate``: the global factors received, written into the node's model (cut to each
+  rank the server names: the final evaluation asks for every tier in one message), measured
+  on the positions of its own test or validation split the server names
+  (`hetlora.evaluate.nll_sums`); replies with the NLL sums and token counts only; or,
   for a generation instruction, greedy generations of those examples scored against their
   responses on the node (`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
   the number of examples, never the text.
@@ -254,20 +255,30 @@ def train(msg: Message, context: Context) -> Message:
 @on_the_node
 def evaluate(msg: Message, context: Context) -> Message:
     """Measure the global factors received on the named examples of the node's own held-out
-    split; reply with the NLL sum and token count, or, for a generation instruction, with the
-    sum of the ROUGE-L scores of greedy generations and how many were scored (no text)."""
+    split; reply with the NLL sum and token count at each rank the instruction names (the final
+    evaluation asks for every tier at once: one message, one download of the adapter), or, for a
+    generation instruction, with the sum of the ROUGE-L scores of greedy generations and how many
+    were scored (no text)."""
     _log_to_stderr()
     ws = node_workspace(context)
     (client,) = ws.client_ids
-    factors, split, positions, generate = records.read_evaluate(msg.content)
-    examples = (ws.val_data if split == "val" else ws.test_data)[client]
-    if any(not 0 <= i < len(examples) for i in positions):
-        raise HetLoRAError(f"evaluation asks for examples outside the {len(examples)} of {split}")
-    chosen = [examples[i] for i in positions]
+    task = records.read_evaluate(msg.content)
+    examples = (ws.val_data if task.split == "val" else ws.test_data)[client]
+    if any(not 0 <= i < len(examples) for i in task.positions):
+        raise HetLoRAError(
+            f"evaluation asks for examples outside the {len(examples)} of {task.split}"
+        )
+    chosen = [examples[i] for i in task.positions]
     r_max = ws.cfg.r_max
-    adapters.write_factors(ws.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
+
+    def show(factors) -> None:
+        adapters.write_factors(
+            ws.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}
+        )
+
     with no_compile():
-        if generate:
+        if task.generate:
+            show(task.factors)
             prompts = [ws.renderer.prompt(ex) for ex in chosen]
             preds = generate_greedy(
                 ws.peft_model, ws.tokenizer, prompts, ws.cfg.max_new_tokens, ws.device, ws.bf16
@@ -275,7 +286,12 @@ def evaluate(msg: Message, context: Context) -> Message:
             score, scored = rouge_sums(preds, [ex.response.strip() for ex in chosen])
             return Message(records.rouge_reply(score, scored), reply_to=msg)
         items = ws.renderer.tokenize_all(chosen, ws.cfg.max_seq_len)
-        nll, tokens = nll_sums(
-            ws.peft_model, items, ws.cfg.eval_batch_size, ws.pad_id, ws.device, ws.bf16
-        )
-    return Message(records.evaluate_reply(nll, tokens), reply_to=msg)
+        sums = []
+        for rank in task.ranks:
+            show(task.at(rank))
+            sums.append(
+                nll_sums(
+                    ws.peft_model, items, ws.cfg.eval_batch_size, ws.pad_id, ws.device, ws.bf16
+                )
+            )
+    return Message(records.evaluate_reply(sums), reply_to=msg)

@@ -19,7 +19,8 @@ count (`hetlora.evaluate.rouge_sums`), which combine into the in-process ROUGE-L
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -32,6 +33,7 @@ from hetlora.runtime.flower import records
 from hetlora.runtime.workspace import held_out_order
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class FederatedHeldOut:
@@ -74,11 +76,19 @@ class FederatedHeldOut:
             raise HetLoRAError("no held-out examples on the nodes: raise test_fraction")
         self.missing: dict[str, str] = {}
 
-    def sums(self, server: Server, rank: int | None, split: str) -> list[tuple[float, int]]:
-        """The nodes' (NLL sum, tokens) for the global adapter cut to ``rank``."""
-        return self._ask(
-            server, rank, split, lambda node, content: records.read_evaluate_reply(content)
+    def sums(
+        self, server: Server, ranks: Sequence[int | None], split: str
+    ) -> dict[int | None, list[tuple[float, int]]]:
+        """The nodes' (NLL sum, tokens) for the global adapter cut to each of ``ranks`` (None:
+        whole), by rank: one message per node for all of them."""
+        asked = len(ranks)
+        by_node = self._ask(
+            server,
+            split,
+            [0 if r is None else r for r in ranks],
+            lambda node, content: records.read_evaluate_reply(content, asked),
         )
+        return {rank: [sums[i] for sums in by_node] for i, rank in enumerate(ranks)}
 
     def rouge_sums(self, server: Server) -> list[tuple[float, int]]:
         """The nodes' (ROUGE-L sum, examples) of greedy generations of the global adapter on
@@ -88,36 +98,33 @@ class FederatedHeldOut:
         def read(node: int, content: RecordDict) -> tuple[float, int]:
             return records.read_rouge_reply(content, len(asked[node]))
 
-        return self._ask(server, None, "rouge", read)
+        return self._ask(server, "rouge", [0], read)
 
     def _ask(
-        self,
-        server: Server,
-        rank: int | None,
-        which: str,
-        read: Callable[[int, RecordDict], tuple[float, int]],
-    ) -> list[tuple[float, int]]:
-        """Send every node with examples in sample ``which`` the global factors (cut to
-        ``rank``); returns what ``read`` (the one check of a reply) makes of each reply, by
-        node id. A node that errs, sends a reply ``read`` refuses, or does not answer is left
-        out, logged and recorded in `missing`."""
+        self, server: Server, which: str, ranks: list[int], read: Callable[[int, RecordDict], T]
+    ) -> list[T]:
+        """Send every node with examples in sample ``which`` the global factors (cut to the
+        largest of ``ranks``, 0 meaning whole) and the ranks to measure them at; returns what
+        ``read`` (the one check of a reply) makes of each reply, in node order. A node that
+        errs, sends a reply ``read`` refuses, or does not answer is left out, logged and
+        recorded in `missing`."""
         factors = server.global_factors()
         if factors is None:
             raise HetLoRAError("federated evaluation needs a global adapter")
-        if rank is not None and rank < rank_of(factors):
-            factors = truncate(factors, rank)
+        if 0 not in ranks and max(ranks) < rank_of(factors):
+            factors = truncate(factors, max(ranks))
         asked = self.positions[which]
         split = "test" if which == "rouge" else which
         messages = [
             Message(
-                records.evaluate_content(factors, split, positions, 0, which == "rouge"),
+                records.evaluate_content(factors, split, positions, 0, which == "rouge", ranks),
                 dst_node_id=node,
                 message_type=MessageType.EVALUATE,
                 group_id=f"evaluate-{which}",
             )
             for node, positions in sorted(asked.items())
         ]
-        got: dict[int, tuple[float, int]] = {}
+        got: dict[int, T] = {}
         seen: set[int] = set()
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
             node = reply.metadata.src_node_id

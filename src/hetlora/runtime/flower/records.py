@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ from flwr.common.constant import ErrorCode
 
 from hetlora.client import TrainSettings
 from hetlora.errors import HetLoRAError
-from hetlora.lora import Factors
+from hetlora.lora import Factors, rank_of, truncate
 from hetlora.methods.base import ClientTask, Reply, TrainStats
 
 ARRAYS = "arrays"
@@ -205,17 +206,26 @@ def reply_content(reply: Reply, private: bool = False) -> RecordDict:
 def _number(metrics: MetricRecord, key: str) -> float:
     if key not in metrics:
         raise HetLoRAError(f"reply lacks metric {key!r}")
-    value = metrics[key]
+    return _as_number(metrics[key], key)
+
+
+def _count(metrics: MetricRecord, key: str) -> int:
+    if key not in metrics:
+        raise HetLoRAError(f"reply lacks metric {key!r}")
+    return _as_count(metrics[key], key)
+
+
+def _as_number(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise HetLoRAError(f"metric {key!r} is not a number: {value!r}")
     return float(value)
 
 
-def _count(metrics: MetricRecord, key: str) -> int:
-    value = _number(metrics, key)
-    if not math.isfinite(value) or value != int(value):
+def _as_count(value: object, key: str) -> int:
+    number = _as_number(value, key)
+    if not math.isfinite(number) or number != int(number):
         raise HetLoRAError(f"metric {key!r} is not a whole number: {value!r}")
-    return int(value)
+    return int(number)
 
 
 def read_reply(content: RecordDict, sent: ClientTask) -> Reply:
@@ -300,50 +310,98 @@ ROUGE, SCORED = "rouge-l-sum", "examples"
 
 
 def evaluate_content(
-    factors: Factors, split: str, positions: list[int], round_idx: int, generate: bool = False
+    factors: Factors,
+    split: str,
+    positions: list[int],
+    round_idx: int,
+    generate: bool = False,
+    ranks: Sequence[int] = (0,),
 ) -> RecordDict:
-    """An evaluation instruction: the global factors (cut to the rank evaluated), the split, the
-    positions of the node's examples in the held-out sample, and whether to score greedy
-    generations of them (ROUGE-L) instead of their NLL."""
+    """An evaluation instruction: the global factors, the split, the positions of the node's
+    examples in the held-out sample, and either the ranks to measure the factors' NLL at (each
+    a cut of the factors; 0: as sent), one entry of the reply per rank, or ``generate``: score
+    greedy generations of the examples (ROUGE-L) instead."""
     config = ConfigRecord(
         {
             "split": split,
             "positions": positions,
             "server-round": round_idx,
             "generate": generate,
+            "ranks": [int(r) for r in ranks],
         }
     )
     return RecordDict({ARRAYS: factors_record(factors), CONFIG: config})
 
 
-def read_evaluate(content: RecordDict) -> tuple[Factors, str, list[int], bool]:
-    """The factors, split, positions and generate flag of an evaluation instruction (on the
-    ClientApp)."""
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation instruction as the ClientApp reads it (`read_evaluate`)."""
+
+    factors: Factors
+    split: str
+    positions: list[int]
+    generate: bool
+    ranks: list[int]
+
+    def at(self, rank: int) -> Factors:
+        """The factors cut to ``rank`` (0, or a rank at or above theirs: as sent)."""
+        if 0 < rank < rank_of(self.factors):
+            return truncate(self.factors, rank)
+        return self.factors
+
+
+def read_evaluate(content: RecordDict) -> Evaluation:
+    """An evaluation instruction, checked (on the ClientApp)."""
     if ARRAYS not in content.array_records or CONFIG not in content.config_records:
         raise HetLoRAError("evaluation instruction without factors or config")
     config = content.config_records[CONFIG]
     split, positions = config.get("split"), config.get("positions", [])
+    ranks = config.get("ranks", [0])
     if split not in ("test", "val") or not isinstance(positions, list):
         raise HetLoRAError(f"malformed evaluation instruction: split {split!r}")
-    factors = read_factors(content.array_records[ARRAYS])
-    return factors, str(split), [int(p) for p in positions], bool(config.get("generate", False))
+    if (
+        not isinstance(ranks, list)
+        or not ranks
+        or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks)
+    ):
+        raise HetLoRAError(f"malformed evaluation instruction: ranks {ranks!r}")
+    return Evaluation(
+        read_factors(content.array_records[ARRAYS]),
+        str(split),
+        [int(p) for p in positions],
+        bool(config.get("generate", False)),
+        [int(r) for r in ranks],
+    )
 
 
-def evaluate_reply(nll: float, tokens: int) -> RecordDict:
-    """The content of an evaluation reply: the summed NLL and its token count, nothing else."""
-    return RecordDict({METRICS: MetricRecord({NLL: float(nll), TOKENS: int(tokens)})})
+def evaluate_reply(sums: Sequence[tuple[float, int]]) -> RecordDict:
+    """The content of an evaluation reply: the summed NLL and its token count at each rank of the
+    instruction, in its order; nothing else."""
+    nll = [float(n) for n, _ in sums]
+    tokens = [int(t) for _, t in sums]
+    return RecordDict({METRICS: MetricRecord({NLL: nll, TOKENS: tokens})})
 
 
-def read_evaluate_reply(content: RecordDict) -> tuple[float, int]:
-    """The (NLL sum, tokens) of an evaluation reply: a finite NLL >= 0 and a whole token count
-    >= 0 (tokens > 0 when the NLL is), else HetLoRAError."""
+def read_evaluate_reply(content: RecordDict, ranks: int) -> list[tuple[float, int]]:
+    """The (NLL sum, tokens) of an evaluation reply at each of the instruction's ``ranks``
+    ranks: finite NLLs >= 0 and whole token counts >= 0 (tokens > 0 where the NLL is), else
+    HetLoRAError."""
     if METRICS not in content.metric_records:
         raise HetLoRAError("evaluation reply without metrics")
     metrics = content.metric_records[METRICS]
-    nll, tokens = _number(metrics, NLL), _count(metrics, TOKENS)
-    if not math.isfinite(nll) or nll < 0 or tokens < 0 or (nll > 0 and tokens == 0):
-        raise HetLoRAError(f"evaluation reply with NLL {nll!r} over {tokens} tokens")
-    return nll, tokens
+    nll, tokens = metrics.get(NLL), metrics.get(TOKENS)
+    if not isinstance(nll, list) or not isinstance(tokens, list):
+        raise HetLoRAError(f"evaluation reply without {NLL!r} and {TOKENS!r} lists")
+    if len(nll) != ranks or len(tokens) != ranks:
+        raise HetLoRAError(f"evaluation reply with {len(nll)} sums, {ranks} ranks were asked")
+    out = []
+    for n, t in zip(nll, tokens, strict=True):
+        n = _as_number(n, NLL)
+        t = _as_count(t, TOKENS)
+        if not math.isfinite(n) or n < 0 or t < 0 or (n > 0 and t == 0):
+            raise HetLoRAError(f"evaluation reply with NLL {n!r} over {t} tokens")
+        out.append((n, t))
+    return out
 
 
 def rouge_reply(score_sum: float, scored: int) -> RecordDict:
