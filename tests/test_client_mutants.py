@@ -348,13 +348,14 @@ def test_run_task_refuses_a_task_without_its_payload(model):
 
 
 def test_step_and_compile_seconds_are_counted_apart(model):
-    """The reported times: compiling (torch.compile's aot_eager backend here) counted in
+    """The reported times: compiling (torch.compile with Dynamo's eager backend here) counted in
     ``compile_seconds`` only, every step's own time summed in ``step_seconds``, both inside
     ``seconds``; a decoder hook that sleeps makes each step measurably long."""
     torch._dynamo.reset()
     pause = 0.15
     use_cpu_attention(model.get_base_model(), CPU)
-    assert compile_layers(model.get_base_model(), backend="aot_eager") == 2
+    # Dynamo's capture is what is timed apart; tests/test_fixed_step.py covers aot_eager
+    assert compile_layers(model.get_base_model(), backend="eager") == 2
     hook = (
         model.get_base_model().get_decoder().register_forward_pre_hook(lambda *_: time.sleep(pause))
     )
