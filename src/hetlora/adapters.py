@@ -89,6 +89,12 @@ def write_factors(peft_model: PeftModel, factors: Factors, adapter: str = GLOBAL
         la.copy_(a)
 
 
+def write_padded(peft_model: PeftModel, factors: Factors, r_max: int) -> None:
+    """Write factors of any rank up to ``r_max`` into the rank-``r_max`` global adapter,
+    zero-padded (the same product ``B A``)."""
+    write_factors(peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
+
+
 def attach(
     peft_model: PeftModel, factors: Factors, rank: int, scale: float, target_modules: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

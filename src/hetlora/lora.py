@@ -63,6 +63,14 @@ def truncate(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int
     return out
 
 
+def cut(factors: Factors, rank: int | None) -> Factors:
+    """``factors`` truncated to ``rank`` where it is below their rank, else as they are (``None``
+    or 0: whole)."""
+    if rank and rank < rank_of(factors):
+        return truncate(factors, rank)
+    return factors
+
+
 def pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad ``B`` (columns) and ``A`` (rows) from their rank up to ``rank``.
 

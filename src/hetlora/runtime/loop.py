@@ -34,7 +34,7 @@ from hetlora.hardware import (
     compiled_graphs,
     no_compile,
 )
-from hetlora.lora import pad, rank_of, truncate
+from hetlora.lora import cut
 from hetlora.methods import hetlora, make_server, server_class
 from hetlora.methods.base import Server
 from hetlora.runtime import checkpoint
@@ -178,10 +178,7 @@ class GlobalModel:
                 for b, _ in adapters.live_factors(model, adapters.GLOBAL).values():
                     b.zero_()  # B = 0: the adapter adds nothing to the (merged) base
             return
-        if rank is not None and rank < rank_of(factors):
-            factors = truncate(factors, rank)
-        r_max = self.cfg.r_max
-        adapters.write_factors(model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()})
+        adapters.write_padded(model, cut(factors, rank), self.cfg.r_max)
 
     def evaluate(
         self, server: Server, rank: int | None = None, split: str = "test"

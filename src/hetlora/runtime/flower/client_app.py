@@ -64,7 +64,6 @@ from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.evaluate import generate_greedy, nll_sums, rouge_sums
 from hetlora.hardware import no_compile
-from hetlora.lora import pad
 from hetlora.models import load_tokenizer
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
@@ -269,16 +268,9 @@ def evaluate(msg: Message, context: Context) -> Message:
             f"evaluation asks for examples outside the {len(examples)} of {task.split}"
         )
     chosen = [examples[i] for i in task.positions]
-    r_max = ws.cfg.r_max
-
-    def show(factors) -> None:
-        adapters.write_factors(
-            ws.peft_model, {n: pad(b, a, r_max) for n, (b, a) in factors.items()}
-        )
-
     with no_compile():
         if task.generate:
-            show(task.factors)
+            adapters.write_padded(ws.peft_model, task.factors, ws.cfg.r_max)
             prompts = [ws.renderer.prompt(ex) for ex in chosen]
             preds = generate_greedy(
                 ws.peft_model, ws.tokenizer, prompts, ws.cfg.max_new_tokens, ws.device, ws.bf16
@@ -288,7 +280,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         items = ws.renderer.tokenize_all(chosen, ws.cfg.max_seq_len)
         sums = []
         for rank in task.ranks:
-            show(task.at(rank))
+            adapters.write_padded(ws.peft_model, task.at(rank), ws.cfg.r_max)
             sums.append(
                 nll_sums(
                     ws.peft_model, items, ws.cfg.eval_batch_size, ws.pad_id, ws.device, ws.bf16

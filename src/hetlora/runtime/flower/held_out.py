@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from hetlora.config import Config
 from hetlora.errors import HetLoRAError
-from hetlora.lora import rank_of, truncate
+from hetlora.lora import cut
 from hetlora.methods.base import Server
 from hetlora.runtime.flower import records
 from hetlora.runtime.workspace import held_out_order
@@ -111,8 +111,8 @@ class FederatedHeldOut:
         factors = server.global_factors()
         if factors is None:
             raise HetLoRAError("federated evaluation needs a global adapter")
-        if 0 not in ranks and max(ranks) < rank_of(factors):
-            factors = truncate(factors, max(ranks))
+        if 0 not in ranks:
+            factors = cut(factors, max(ranks))
         asked = self.positions[which]
         split = "test" if which == "rouge" else which
         messages = [

@@ -36,7 +36,7 @@ from flwr.common.constant import ErrorCode
 
 from hetlora.client import TrainSettings
 from hetlora.errors import HetLoRAError
-from hetlora.lora import Factors, rank_of, truncate
+from hetlora.lora import Factors, cut
 from hetlora.methods.base import ClientTask, Reply, TrainStats
 
 ARRAYS = "arrays"
@@ -345,9 +345,7 @@ class Evaluation:
 
     def at(self, rank: int) -> Factors:
         """The factors cut to ``rank`` (0, or a rank at or above theirs: as sent)."""
-        if 0 < rank < rank_of(self.factors):
-            return truncate(self.factors, rank)
-        return self.factors
+        return cut(self.factors, rank)
 
 
 def read_evaluate(content: RecordDict) -> Evaluation:
@@ -382,8 +380,8 @@ def evaluate_reply(sums: Sequence[tuple[float, int]]) -> RecordDict:
     return RecordDict({METRICS: MetricRecord({NLL: nll, TOKENS: tokens})})
 
 
-def read_evaluate_reply(content: RecordDict, ranks: int) -> list[tuple[float, int]]:
-    """The (NLL sum, tokens) of an evaluation reply at each of the instruction's ``ranks``
+def read_evaluate_reply(content: RecordDict, count: int) -> list[tuple[float, int]]:
+    """The (NLL sum, tokens) of an evaluation reply at each of the instruction's ``count``
     ranks: finite NLLs >= 0 and whole token counts >= 0 (tokens > 0 where the NLL is), else
     HetLoRAError."""
     if METRICS not in content.metric_records:
@@ -392,8 +390,8 @@ def read_evaluate_reply(content: RecordDict, ranks: int) -> list[tuple[float, in
     nll, tokens = metrics.get(NLL), metrics.get(TOKENS)
     if not isinstance(nll, list) or not isinstance(tokens, list):
         raise HetLoRAError(f"evaluation reply without {NLL!r} and {TOKENS!r} lists")
-    if len(nll) != ranks or len(tokens) != ranks:
-        raise HetLoRAError(f"evaluation reply with {len(nll)} sums, {ranks} ranks were asked")
+    if len(nll) != count or len(tokens) != count:
+        raise HetLoRAError(f"evaluation reply with {len(nll)} sums, {count} ranks were asked")
     out = []
     for n, t in zip(nll, tokens, strict=True):
         n = _as_number(n, NLL)
