@@ -13,7 +13,7 @@ OUT ?= runs/demo
 # silences the theme's banner.
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-.PHONY: demo test docs lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate
+.PHONY: demo test docs lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate verdicts
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -146,3 +146,9 @@ paper-results: $(STAMP)
 		mkdir -p $(CURDIR)/$(PAPER_DOCS)/$$run; \
 		cp $$run/metrics.jsonl $$run/summary.json $$run/config.toml $(CURDIR)/$(PAPER_DOCS)/$$run/; \
 	done
+
+# The effects behind docs/reproduction.md's verdict table, one column per data set, recomputed from
+# the committed runs of both studies (tools/verdicts.py).
+verdicts: $(STAMP)
+	$(PY) tools/verdicts.py docs/reproduction/paper docs/reproduction/paper-chat \
+		--label Shakespeare --label "Chit Chat" --out docs/reproduction/verdicts.md
