@@ -388,14 +388,17 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
     assert len(local_summary["tier_ppl"]) >= 2
     assert summary["tier_ppl"] == pytest.approx(local_summary["tier_ppl"], rel=1e-5)
-    # every tier in one evaluation message per node
+    # every tier in one evaluation message per node, but the top one: the last round measured
+    # the final adapter whole on the same examples, and that is its number
+    top = max(int(r) for r in summary["tier_ppl"])
+    assert summary["tier_ppl"][str(top)] == rows["flower"][-1]["test_ppl"]
     (tier_asks,) = {
         tuple(m.content.config_records[records.CONFIG]["ranks"])
         for m in grid.sent
         if m.metadata.message_type == "evaluate"
         and len(m.content.config_records[records.CONFIG]["ranks"]) > 1
     }
-    assert sorted(tier_asks) == sorted(int(r) for r in summary["tier_ppl"])
+    assert sorted(tier_asks) == sorted(int(r) for r in summary["tier_ppl"] if int(r) != top)
     asks = [m for m in grid.sent if m.metadata.group_id == "evaluate-test"]
     assert sum(len(m.content.config_records[records.CONFIG]["ranks"]) > 1 for m in asks) == 3
     for key in ("eval_examples", "val_examples", "final_val_ppl"):
@@ -690,7 +693,9 @@ def test_a_nodes_error_stays_on_the_node(
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts = device_texts(files)
     clients = [json.loads(f.read_text().splitlines()[0])["client_id"] for f in files]
-    trains = client_app.Workspace.train
+    from hetlora.runtime.workspace import Workspace
+
+    trains = Workspace.train
 
     def train(self, task, *args, **kwargs):  # device 0 fails to train, quoting an example
         example = self.train_data[task.client_id][0].response
@@ -705,7 +710,7 @@ def test_a_nodes_error_stays_on_the_node(
             raise HetLoRAError(f"cannot score {refs[0]!r}")
         return scores(preds, refs)
 
-    monkeypatch.setattr(client_app.Workspace, "train", train)
+    monkeypatch.setattr(Workspace, "train", train)
     monkeypatch.setattr(client_app, "rouge_sums", rouge_sums)
     cfg = tiny_config(tiny_model, data="", rounds=1, min_clients=1, rouge_examples=12)
     cfg = replace(cfg, max_new_tokens=4)
@@ -776,7 +781,7 @@ def test_the_nodes_template_decides_the_runs_and_a_node_rendering_otherwise_is_l
 def test_a_small_server_side_file_without_client_ids_is_one_pool(tiny_model, tmp_path, monkeypatch):
     """Six rows without ``client_id`` (fewer than the partitioner's default 10 partitions) are
     pooled, and the relative path is kept absolute in the config."""
-    from hetlora.runtime.workspace import server_eval_set
+    from hetlora.runtime.splits import server_eval_set
 
     monkeypatch.chdir(tmp_path)
     rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(6)]
@@ -796,7 +801,7 @@ def test_a_server_side_set_is_measured_centrally_and_a_silent_node_is_recorded(
     A node that does not answer round 1's evaluation is left out and named in ``eval_missing``
     (that perplexity is over fewer examples)."""
     from hetlora.data import load_clients
-    from hetlora.runtime.workspace import federated_splits
+    from hetlora.runtime.splits import federated_splits
 
     cfg = tiny_config(tiny_model, rounds=1, rouge_examples=3, max_new_tokens=6)
     run_clients = set(federated_splits(cfg)[0])

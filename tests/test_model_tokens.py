@@ -280,7 +280,7 @@ def test_a_row_the_template_refuses_is_a_bad_row_before_training(metaspace_tok, 
 
 
 def test_federated_splits_render_every_conversation(tiny_chat_model: Path, tmp_path) -> None:
-    from hetlora.runtime.workspace import federated_splits
+    from hetlora.runtime.splits import federated_splits
 
     folder = tmp_path / "model"
     folder.mkdir()

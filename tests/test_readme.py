@@ -7,7 +7,7 @@ looks like a fresh clone after the two set-up commands (``configs/``, ``scripts/
 ``<!-- docs-test -->``. Small overrides keep it short, and nothing else is changed:
 
 - ``hetlora run`` and ``hetlora compare`` get ``--set`` keys that make a run one small round
-  (``SMALL``), added after the command's own; ``compare`` runs one group of its file (``--only``);
+  (``SMALL``), added after the command's own; ``compare`` runs one entry of its file (``--only``);
 - ``make TARGET`` runs the command the Makefile's recipe runs (``make -n``), with the same
   overrides;
 - the README's placeholders (``/models/my-llama``, ``my.jsonl``) are a tiny Llama and a small
@@ -49,8 +49,8 @@ SMALL = {
     "compile": "'off'",
 }
 
-#: `hetlora compare` runs only this group of its file.
-COMPARE_GROUP = "HetLoRA [4, 32]"
+#: `hetlora compare` runs only this entry of its file.
+COMPARE_ENTRY = "HetLoRA [4, 32], lr 1e-3"
 
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip:\s*(.+?)\s*-->")
 RUN = re.compile(r"<!--\s*docs-test\s*-->")
@@ -98,7 +98,7 @@ def small(argv: list[str]) -> list[str]:
     if len(argv) > 1 and argv[0].endswith("bin/hetlora") and argv[1] in ("run", "compare"):
         argv = argv + [f"--set={k}={v}" for k, v in SMALL.items()]
         if argv[1] == "compare":
-            argv += ["--only", COMPARE_GROUP]
+            argv += ["--only", COMPARE_ENTRY]
     return argv
 
 

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from peft import PeftModel
@@ -33,28 +33,9 @@ from hetlora.errors import HetLoRAError
 from hetlora.evaluate import response_nll
 from hetlora.hardware import autocast, compile_seconds
 from hetlora.lora import Factors, masked_tail_norm, pruned_rank, rank_of, tail_norm, truncate
-from hetlora.methods.base import ClientTask, Reply, TrainStats
+from hetlora.methods.base import ClientTask, Reply, TrainSettings, TrainStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Hyperparameters of local training (see `hetlora.config.Config`)."""
-
-    local_steps: int
-    lr: float
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lambda_: float = 0.0
-    gamma: float = 0.99
-    r_min: int = 1
-    pruning: bool = True
-    lora_scale: float = 2.0
-    bf16: bool = False
-    fixed_rank: int = 0  # > 0: the fixed-shape step with the adapter at this rank (r_max)
-    fused_ce: bool = True  # the fused chunked cross-entropy (False: plain head, for the bench)
-    train_a: bool = True  # False: A stays frozen at what was received, only B trains (FFA-LoRA)
 
 
 def _local_steps(

@@ -73,6 +73,26 @@ class ClientTask:
         return tensors_nbytes(self.factors if self.kind == "lora" else self.weights or {})
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyperparameters of local training (see `hetlora.config.Config`): what a runtime hands
+    `hetlora.client.run_task` beside the task."""
+
+    local_steps: int
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lambda_: float = 0.0
+    gamma: float = 0.99
+    r_min: int = 1
+    pruning: bool = True
+    lora_scale: float = 2.0
+    bf16: bool = False
+    fixed_rank: int = 0  # > 0: the fixed-shape step with the adapter at this rank (r_max)
+    fused_ce: bool = True  # the fused chunked cross-entropy (False: plain head, for the bench)
+    train_a: bool = True  # False: A stays frozen at what was received, only B trains (FFA-LoRA)
+
+
 @dataclass
 class TrainStats:
     """What a client measured while training (logged in the round's row, never aggregated).

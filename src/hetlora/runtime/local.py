@@ -15,7 +15,8 @@ from hetlora.hardware import resolve_device, use_cpu_attention
 from hetlora.models import load_base_model
 from hetlora.runtime.loop import RoundLoop, assigned_ranks, check_out_dir, initial_server
 from hetlora.runtime.rounds import InProcessClients, read_metrics
-from hetlora.runtime.workspace import Progress, build_workspace, eval_set, federated_splits
+from hetlora.runtime.splits import eval_set, federated_splits
+from hetlora.runtime.workspace import Progress, build_workspace
 from hetlora.trackers import check_available
 
 

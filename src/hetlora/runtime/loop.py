@@ -47,12 +47,8 @@ from hetlora.runtime.rounds import (
     round_row,
     sample_clients,
 )
-from hetlora.runtime.workspace import (
-    Progress,
-    Workspace,
-    eval_set,
-    server_eval_set,
-)
+from hetlora.runtime.splits import eval_set, server_eval_set
+from hetlora.runtime.workspace import Progress, Workspace
 from hetlora.trackers import OUTPUTS as TRACKER_OUTPUTS
 from hetlora.trackers import Trackers
 
@@ -484,10 +480,19 @@ class RoundLoop:
             if held_out is not None:
                 held_out.missing.clear()
             ranks = self.tier_ranks()
-            if ranks:
-                self._emit("eval", round=f"final, ranks {', '.join(map(str, ranks))}")
-            tiers = self.model.evaluate_ranks(self.server, ranks)
-            summary["tier_ppl"] = {str(rank): tiers[rank][1] for rank in ranks}
+            # the last round measured the final adapter whole (the top tier) on the same test
+            # set: that number is the top tier's, unless some holder did not answer then
+            last = metrics[-1]
+            known = {}
+            if ranks and ranks[-1] == self.server.r_max() and "test_ppl" in last:
+                if not last.get("eval_missing"):
+                    known[ranks[-1]] = last["test_ppl"]
+            asked = [rank for rank in ranks if rank not in known]
+            if asked:
+                self._emit("eval", round=f"final, ranks {', '.join(map(str, asked))}")
+            tiers = self.model.evaluate_ranks(self.server, asked)
+            known |= {rank: tiers[rank][1] for rank in asked}
+            summary["tier_ppl"] = {str(rank): known[rank] for rank in ranks}
             if self.model.scores_rouge:
                 self._emit("generate", which="final")
                 summary["rouge_l_base"] = base["rouge_l"]

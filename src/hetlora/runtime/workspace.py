@@ -8,8 +8,7 @@ the client's own seeded batches. The server side adds the held-out sets and the 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +20,8 @@ from hetlora import adapters
 from hetlora.accounting import model_size
 from hetlora.client import TrainSettings, run_task
 from hetlora.config import Config
-from hetlora.data import (
-    Example,
-    cap_examples,
-    has_client_ids,
-    load_clients,
-    split_clients,
-    split_validation,
-)
 from hetlora.data.batching import Tokenized, batch_stream
 from hetlora.data.chat import Renderer, make_renderer
-from hetlora.errors import HetLoRAError
 from hetlora.hardware import (
     compile_layers,
     compile_seconds,
@@ -43,110 +33,11 @@ from hetlora.hardware import (
 )
 from hetlora.methods import SERVERS
 from hetlora.methods.base import ClientTask, Reply
-from hetlora.models import default_target_modules, load_base_model, load_tokenizer
+from hetlora.models import default_target_modules, load_base_model
 from hetlora.runtime import checkpoint
+from hetlora.runtime.splits import Splits, federated_splits
 
 Progress = Callable[[dict[str, Any]], None]
-Splits = dict[str, list[Example]]
-
-
-def federated_splits(
-    cfg: Config, report: dict[str, int] | None = None
-) -> tuple[Splits, Splits, Splits]:
-    """The run's clients, split per client into training, validation and test examples.
-
-    ``max_clients`` picks the clients and ``max_examples_per_client`` caps each one's examples
-    (both seeded), then `hetlora.data.split_clients` takes the test split and
-    `hetlora.data.split_validation` the validation split out of the rest, so the test
-    split does not depend on ``val_fraction``. ``report``, if given, receives
-    ``bad_rows_skipped`` (see `hetlora.data.load_clients`).
-    """
-    if not cfg.data.strip():
-        raise HetLoRAError(
-            "config key 'data' is empty: only the server of a Flower deployment runs without "
-            "data (each node reads its own)"
-        )
-    clients = load_data(cfg, cfg.data, report)
-    if cfg.max_clients and len(clients) > cfg.max_clients:
-        rng = np.random.default_rng([cfg.seed, 0xC11])
-        keep = sorted(rng.choice(sorted(clients), size=cfg.max_clients, replace=False))
-        clients = {c: clients[c] for c in keep}
-    return client_splits(clients, cfg)
-
-
-def load_data(
-    cfg: Config, source: str, report: dict[str, int] | None = None, split: str | None = None
-) -> Splits:
-    """Every client of ``source`` (the run's ``data``, or a node's own file), read with the
-    run's data keys (`hetlora.data.load_clients`); ``split`` defaults to the run's."""
-    return load_clients(
-        source,
-        min_examples=cfg.min_examples,
-        partitioner=cfg.partitioner,
-        num_partitions=cfg.num_partitions,
-        partition_by=cfg.partition_by or None,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-        on_bad_rows=cfg.on_bad_rows,
-        report=report,
-        split=cfg.split if split is None else split,
-        tokenizer_loader=functools.partial(load_tokenizer, cfg.model),
-    )
-
-
-def client_splits(clients: Splits, cfg: Config) -> tuple[Splits, Splits, Splits]:
-    """Training, validation and test examples of ``clients``: the ``max_examples_per_client``
-    cap, then `hetlora.data.split_clients` and `hetlora.data.split_validation`.
-
-    Each client's splits depend only on the seed and its own id and examples, so a node holding
-    one client's data alone splits it as a process holding every client does.
-    """
-    if cfg.max_examples_per_client:
-        clients = cap_examples(clients, cfg.max_examples_per_client, cfg.seed)
-    train, test = split_clients(clients, cfg.test_fraction, cfg.seed)
-    sizes = {c: len(v) for c, v in clients.items()}
-    train, val = split_validation(train, sizes, cfg.val_fraction, cfg.seed)
-    return train, val, test
-
-
-def held_out_order(counts: Mapping[str, int], cap: int, seed: int) -> list[tuple[str, int]]:
-    """The capped held-out sample as (client, position in its split) pairs, in sample order.
-
-    The clients' splits are pooled (sorted clients, each in its own order), shuffled (seeded)
-    and cut at ``cap`` (0: all). Only the counts are needed, so a server that holds no data can
-    tell each node which of its held-out examples are in the sample.
-    """
-    pooled = [(c, i) for c in sorted(counts) for i in range(counts[c])]
-    order = np.random.default_rng([seed, 0xE7]).permutation(len(pooled))
-    if cap:
-        order = order[:cap]
-    return [pooled[i] for i in order]
-
-
-def eval_set(test_data: Splits, cap: int, seed: int) -> list[Example]:
-    """The fixed held-out set: the union of the clients' test splits, shuffled, capped at ``cap``
-    (`held_out_order`)."""
-    order = held_out_order({c: len(v) for c, v in test_data.items()}, cap, seed)
-    if not order:
-        raise HetLoRAError("no held-out examples: raise test_fraction or min_examples")
-    return [test_data[c][i] for c, i in order]
-
-
-def server_eval_set(cfg: Config) -> list[Example]:
-    """The server-side evaluation set (``server_eval_data``, a file the operator owns): every
-    row of it (any client ids pooled, no minimum per client; rows without them are one pool,
-    not partitioned; ``messages`` rows checked against the model's chat template), shuffled
-    and capped at ``eval_examples`` as the held-out set is (`eval_set`)."""
-    source = cfg.server_eval_data
-    one = {} if has_client_ids(source) else {"partitioner": "iid", "num_partitions": 1}
-    clients = load_clients(
-        source,
-        seed=cfg.seed,
-        on_bad_rows=cfg.on_bad_rows,
-        tokenizer_loader=functools.partial(load_tokenizer, cfg.model),
-        **one,
-    )
-    return eval_set(clients, cfg.eval_examples, cfg.seed)
 
 
 @dataclass

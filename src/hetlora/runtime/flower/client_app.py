@@ -52,12 +52,11 @@ import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from hetlora import adapters
 from hetlora.config import Config, make_config
 from hetlora.data import PARTITION_DEFAULTS, has_client_ids
 from hetlora.data.chat import make_renderer
@@ -67,14 +66,10 @@ from hetlora.hardware import no_compile
 from hetlora.models import load_tokenizer
 from hetlora.runtime.flower import records
 from hetlora.runtime.flower.project import config_from_run_config
-from hetlora.runtime.workspace import (
-    Splits,
-    Workspace,
-    build_workspace,
-    client_splits,
-    federated_splits,
-    load_data,
-)
+from hetlora.runtime.splits import Splits, client_splits, federated_splits, load_data
+
+if TYPE_CHECKING:
+    from hetlora.runtime.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +116,7 @@ def node_splits(cfg: Config, node: dict[str, Any]) -> tuple[Splits, Splits, Spli
     node's ``client-id`` (required then); one with it is read as it is, and ``client-id`` or
     ``partition-id`` picks a client (a file of one client needs neither). Without ``data``,
     from the run's shared ``data``. The splits are those of
-    `hetlora.runtime.workspace.client_splits`, as in-process.
+    `hetlora.runtime.splits.client_splits`, as in-process.
     """
     if node.get("data"):
         path, split = str(node["data"]), str(node.get("split", ""))
@@ -170,6 +165,10 @@ def node_info(cfg: Config, node: dict[str, Any]) -> records.NodeInfo:
 @functools.lru_cache(maxsize=1)
 def _workspace(config_toml: str, node_json: str) -> Workspace:
     """This node's own splits and model (kept for the process)."""
+    # PEFT and the model load here, not at import: a process that only answers the query
+    # message imports neither
+    from hetlora.runtime.workspace import build_workspace
+
     cfg = make_config(tomllib.loads(config_toml))
     return build_workspace(cfg, splits=node_splits(cfg, json.loads(node_json)))
 
@@ -258,6 +257,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     evaluation asks for every tier at once: one message, one download of the adapter), or, for a
     generation instruction, with the sum of the ROUGE-L scores of greedy generations and how many
     were scored (no text)."""
+    from hetlora import adapters
+
     _log_to_stderr()
     ws = node_workspace(context)
     (client,) = ws.client_ids

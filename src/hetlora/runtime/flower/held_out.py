@@ -1,6 +1,6 @@
 """Federated evaluation: the nodes measure the global adapter on their own held-out examples.
 
-The held-out sample is the in-process run's (`hetlora.runtime.workspace.held_out_order`:
+The held-out sample is the in-process run's (`hetlora.runtime.splits.held_out_order`:
 the clients' test, or validation, splits pooled, shuffled and capped at ``eval_examples``),
 computed from the counts the nodes declared: each node is told which positions of its own split
 are in it. A node replies with the summed NLL and token count of those examples
@@ -30,7 +30,7 @@ from hetlora.errors import HetLoRAError
 from hetlora.lora import cut
 from hetlora.methods.base import Server
 from hetlora.runtime.flower import records
-from hetlora.runtime.workspace import held_out_order
+from hetlora.runtime.splits import held_out_order
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

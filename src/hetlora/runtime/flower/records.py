@@ -34,17 +34,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from hetlora.client import TrainSettings
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, cut
-from hetlora.methods.base import ClientTask, Reply, TrainStats
+from hetlora.methods.base import ClientTask, Reply, TrainSettings, TrainStats
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 INFO = "info"
 
-#: ConfigRecord key -> `hetlora.client.TrainSettings` field: the local-training
+#: ConfigRecord key -> `hetlora.methods.base.TrainSettings` field: the local-training
 #: hyperparameters the server sends (the node sets its own precision).
 HYPERPARAMETERS = {
     "local-steps": "local_steps",

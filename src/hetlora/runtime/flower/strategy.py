@@ -28,9 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from hetlora.accounting import ModelSize
-from hetlora.client import TrainSettings
 from hetlora.errors import HetLoRAError
-from hetlora.methods.base import ClientTask, Server
+from hetlora.methods.base import ClientTask, Server, TrainSettings
 from hetlora.runtime.flower import records
 from hetlora.runtime.rounds import Exchange, RoundOutcome, fold
 
