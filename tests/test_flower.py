@@ -388,8 +388,8 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
     assert summary["runtime"] == "flower" and len(summary["nodes"]) == 3
     assert len(local_summary["tier_ppl"]) >= 2
     assert summary["tier_ppl"] == pytest.approx(local_summary["tier_ppl"], rel=1e-5)
-    # every tier in one evaluation message per node, but the top one: the last round measured
-    # the final adapter whole on the same examples, and that is its number
+    # the last round's evaluation measures the final adapter whole (0, the top tier's number)
+    # and cut to every other tier, in one message per node
     top = max(int(r) for r in summary["tier_ppl"])
     assert summary["tier_ppl"][str(top)] == rows["flower"][-1]["test_ppl"]
     (tier_asks,) = {
@@ -398,9 +398,11 @@ def test_server_app_over_a_grid_gives_the_in_process_run(
         if m.metadata.message_type == "evaluate"
         and len(m.content.config_records[records.CONFIG]["ranks"]) > 1
     }
-    assert sorted(tier_asks) == sorted(int(r) for r in summary["tier_ppl"] if int(r) != top)
+    assert sorted(tier_asks) == [0] + sorted(int(r) for r in summary["tier_ppl"] if int(r) != top)
     asks = [m for m in grid.sent if m.metadata.group_id == "evaluate-test"]
     assert sum(len(m.content.config_records[records.CONFIG]["ranks"]) > 1 for m in asks) == 3
+    # one test evaluation per node and measured row, no separate final one
+    assert len(asks) == 3 * sum("test_ppl" in r for r in rows["flower"])
     for key in ("eval_examples", "val_examples", "final_val_ppl"):
         assert summary[key] == pytest.approx(local_summary[key], rel=1e-5)
     check = evaluate_run(tmp_path / "flower")

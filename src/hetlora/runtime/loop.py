@@ -199,16 +199,23 @@ class GlobalModel:
                 bf16=self.ws.bf16,
             )
 
-    def evaluate_ranks(self, server: Server, ranks: list[int]) -> dict[int, tuple[float, float]]:
-        """`evaluate` on the test set at each of ``ranks``; with ``held_out``, one request to
-        each holder for all of them."""
+    def evaluate_ranks(
+        self, server: Server, ranks: Sequence[int | None]
+    ) -> dict[int | None, tuple[float, float]]:
+        """`evaluate` on the test set at each of ``ranks`` (None: the whole adapter); with
+        ``held_out``, one request to each holder for all of them."""
         if self.held_out is not None and ranks:
             sums = self.held_out.sums(server, ranks, "test")
             return {rank: combine_nll(sums[rank]) for rank in ranks}
         return {rank: self.evaluate(server, rank) for rank in ranks}
 
-    def evaluations(self, server: Server) -> dict[str, float]:
-        """The metrics row's evaluation: ``test_loss``/``test_ppl`` on the test set, and
+    def evaluations(
+        self, server: Server, tiers: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], dict[int, float]]:
+        """The metrics row's evaluation, and the test perplexity at each of ``tiers`` (measured
+        with the row's own: one request to each holder for all of them).
+
+        The row has ``test_loss``/``test_ppl`` on the test set, and
         ``val_loss``/``val_ppl`` on the validation set where the run has one,
         ``server_eval_loss``/``server_eval_ppl`` on the server-side set where the run names one
         (``server_eval_data``). With ``held_out`` also ``eval_missing``: client -> why it was
@@ -219,12 +226,13 @@ class GlobalModel:
             self.held_out.missing.clear()
         if self.val_count:
             out["val_loss"], out["val_ppl"] = self.evaluate(server, split="val")
-        out["test_loss"], out["test_ppl"] = self.evaluate(server)
+        test = self.evaluate_ranks(server, [None, *tiers])
+        out["test_loss"], out["test_ppl"] = test[None]
         if self.server_items:
             out["server_eval_loss"], out["server_eval_ppl"] = self.evaluate(server, split="server")
         if self.held_out is not None:
             out["eval_missing"] = dict(sorted(self.held_out.missing.items()))
-        return out
+        return out, {rank: test[rank][1] for rank in tiers}
 
     def generations(self, server: Server, examples: list) -> tuple[list[str], list[str]]:
         """Greedy generations of the current global model on the first ``rouge_examples`` of
@@ -332,6 +340,8 @@ class RoundLoop:
         self.progress = progress or (lambda event: None)
         self.summary_extra = summary_extra or {}
         self.model = GlobalModel(ws, held_out)
+        # the tiers' test perplexities, measured with the last round's row (`run_round`)
+        self.final_tiers: dict[int, float] | None = None
         self.sizes = (
             dict(sizes) if sizes is not None else {c: len(ws.train_data[c]) for c in client_ids}
         )
@@ -370,7 +380,14 @@ class RoundLoop:
         row = round_row(outcome, self.server)
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             self._emit("eval", round=round_idx)
-            row.update(self.model.evaluations(self.server))
+            # the last round's adapter is the final one: its tiers below the whole adapter
+            # (which the row measures) go in the same request
+            last = round_idx == cfg.rounds
+            tiers = [r for r in self.tier_ranks() if r < self.server.r_max()] if last else []
+            evals, tier_ppl = self.model.evaluations(self.server, tiers)
+            row.update(evals)
+            if last:
+                self.final_tiers = tier_ppl
         row["wall_s"] = time.perf_counter() - t0
         return row
 
@@ -480,13 +497,13 @@ class RoundLoop:
             if held_out is not None:
                 held_out.missing.clear()
             ranks = self.tier_ranks()
-            # the last round measured the final adapter whole (the top tier) on the same test
-            # set: that number is the top tier's, unless some holder did not answer then
+            # the last round run here measured the final adapter whole (the top tier) and cut
+            # to the other tiers, on the same test set: those are the tiers' numbers, unless
+            # some holder did not answer then (it is asked again)
             last = metrics[-1]
-            known = {}
-            if ranks and ranks[-1] == self.server.r_max() and "test_ppl" in last:
-                if not last.get("eval_missing"):
-                    known[ranks[-1]] = last["test_ppl"]
+            known: dict[int, float] = {}
+            if ranks and self.final_tiers is not None and not last.get("eval_missing"):
+                known = {**self.final_tiers, self.server.r_max(): last["test_ppl"]}
             asked = [rank for rank in ranks if rank not in known]
             if asked:
                 self._emit("eval", round=f"final, ranks {', '.join(map(str, asked))}")
@@ -519,7 +536,7 @@ class RoundLoop:
         The row's ``eval_missing`` covers the ROUGE-L measurement too."""
         self._emit("eval", round=0)
         t0 = time.perf_counter()
-        evals = self.model.evaluations(self.server)
+        evals, _ = self.model.evaluations(self.server)
         base: dict[str, Any] = {"preds": []}
         if self.model.scores_rouge:
             self._emit("generate", which="base")
