@@ -88,6 +88,22 @@ def chosen(study: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
+def status(study: Path) -> str:
+    """How far a study has got: its finished runs, and how many of its methods (groups) have
+    their chosen runs on every seed."""
+    entries = json.loads((study / "comparison.json").read_text())["runs"]
+    groups = list(dict.fromkeys(e.get("group") or e["name"] for e in entries))
+    seeds = {e["seed"] for e in entries}
+    done = chosen(study)
+    complete = sum(set(done.get(g, {})) == seeds for g in groups)
+    finished = sum((study / e["dir"] / "summary.json").is_file() for e in entries)
+    whole = "complete" if complete == len(groups) else "partial"
+    return (
+        f"{finished} runs finished; {complete} of {len(groups)} methods have their chosen runs "
+        f"on all {len(seeds)} seeds ({whole})"
+    )
+
+
 def _at(run: dict[str, Any], round_: int | None) -> float:
     test = run["test"]
     return test[max(test) if round_ is None else round_]
@@ -152,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.label and len(args.label) != len(args.studies):
         parser.error("give one --label per study, or none")
     labels = args.label or [p.name for p in args.studies]
+    pairs = list(zip(labels, args.studies, strict=True))
     text = (
         "Each cell: mean +- sample std of the per-seed differences (per seed); the paired t and "
         "the 95% interval over the seeds, a yardstick only (`tools/verdicts.py`).\n\n"
-        + table({label: chosen(p) for label, p in zip(labels, args.studies, strict=True)})
+        + "".join(f"- {label}: {status(p)}\n" for label, p in pairs)
+        + "\n"
+        + table({label: chosen(p) for label, p in pairs})
     )
     if args.out:
         args.out.write_text(text)
