@@ -151,4 +151,5 @@ paper-results: $(STAMP)
 # the committed runs of both studies (tools/verdicts.py).
 verdicts: $(STAMP)
 	$(PY) tools/verdicts.py docs/reproduction/paper docs/reproduction/paper-chat \
-		--label Shakespeare --label "Chit Chat" --out docs/reproduction/verdicts.md
+		--label Shakespeare --label "Chit Chat" --out docs/reproduction/verdicts.md \
+		--plot docs/reproduction/verdicts.png

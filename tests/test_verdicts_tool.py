@@ -71,3 +71,14 @@ def test_the_committed_shakespeare_study_gives_the_documented_c4_effect():
     table = v.table({"Shakespeare": study})
     assert "| C5 (same lambda) | Zero-pad uniform minus HetLoRA [5, 50] at lambda 0.01 |" in table
     assert "HLoRA" not in table  # not in this study: no row
+
+
+def test_the_plot_has_a_panel_per_study_and_a_row_per_claim_with_an_effect(tmp_path):
+    from PIL import Image
+
+    v = _tool()
+    a = {"Recon+SVD": _runs({0: 60.0, 1: 50.0}), v.HETLORA: _runs({0: 55.0, 1: 48.0})}
+    b = {"Recon+SVD": _runs({0: 30.0, 1: 31.0}), v.HETLORA: _runs({0: 29.0, 1: 31.5})}
+    path = v.plot({"a": a, "b": b}, tmp_path / "forest.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > image.height  # two panels side by side

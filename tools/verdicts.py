@@ -159,23 +159,64 @@ def table(studies: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(studies: dict[str, dict[str, dict[int, dict[str, Any]]]], path: Path) -> Path:
+    """A forest plot of the table: per claim, each study's mean difference with its 95%
+    interval (a yardstick) and its per-seed values; the line at 0 is "no difference"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ROWS if any(effect(st, r) for st in studies.values())]
+    fig, axes = plt.subplots(
+        1, len(studies), figsize=(4.2 * len(studies) + 2.2, 0.45 * len(rows) + 1.4), sharey=True
+    )
+    axes = [axes] if len(studies) == 1 else list(axes)
+    for ax, (label, study) in zip(axes, studies.items(), strict=True):
+        for y, row in enumerate(rows):
+            e = effect(study, row)
+            if e is None:
+                continue
+            ax.plot([e["low"], e["high"]], [y, y], color="tab:blue", linewidth=2)
+            ax.plot([e["mean"]], [y], "o", color="tab:blue")
+            ax.plot(e["diffs"], [y] * len(e["diffs"]), "|", color="black", markersize=8)
+        ax.axvline(0, color="grey", linewidth=1, linestyle="--")
+        ax.set_title(label)
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels([f"{r.claim}: {r.first} - {r.second}" for r in rows], fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(
+        "Paired differences: mean (dot), 95% interval over the seeds (bar), each seed (tick)"
+    )
+    fig.supxlabel("test perplexity, first minus second (each data set on its own scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("studies", nargs="+", type=Path)
     parser.add_argument("--label", action="append", default=[], help="a column's name, in order")
     parser.add_argument("--out", type=Path, help="write the table here (default: stdout)")
+    parser.add_argument("--plot", type=Path, help="also draw the table as a forest plot (PNG)")
     args = parser.parse_args(argv)
     if args.label and len(args.label) != len(args.studies):
         parser.error("give one --label per study, or none")
     labels = args.label or [p.name for p in args.studies]
     pairs = list(zip(labels, args.studies, strict=True))
+    studies = {label: chosen(p) for label, p in pairs}
     text = (
         "Each cell: mean +- sample std of the per-seed differences (per seed); the paired t and "
         "the 95% interval over the seeds, a yardstick only (`tools/verdicts.py`).\n\n"
         + "".join(f"- {label}: {status(p)}\n" for label, p in pairs)
         + "\n"
-        + table({label: chosen(p) for label, p in pairs})
+        + table(studies)
     )
+    if args.plot:
+        plot(studies, args.plot)
+        text += f"\n![the table as a forest plot]({args.plot.name})\n"
     if args.out:
         args.out.write_text(text)
     else:
