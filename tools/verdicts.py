@@ -88,13 +88,13 @@ def chosen(study: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
-def status(study: Path) -> str:
+def status(study: Path, done: dict[str, dict[int, dict[str, Any]]] | None = None) -> str:
     """How far a study has got: its finished runs, and how many of its methods (groups) have
-    their chosen runs on every seed."""
+    their chosen runs on every seed; ``done`` is `chosen`'s result where the caller has it."""
     entries = json.loads((study / "comparison.json").read_text())["runs"]
     groups = list(dict.fromkeys(e.get("group") or e["name"] for e in entries))
     seeds = {e["seed"] for e in entries}
-    done = chosen(study)
+    done = chosen(study) if done is None else done
     complete = sum(set(done.get(g, {})) == seeds for g in groups)
     finished = sum((study / e["dir"] / "summary.json").is_file() for e in entries)
     whole = "complete" if complete == len(groups) else "partial"
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         "Each cell: mean +- sample std of the per-seed differences (per seed); the paired t and "
         "the 95% interval over the seeds, a yardstick only (`tools/verdicts.py`).\n\n"
-        + "".join(f"- {label}: {status(p)}\n" for label, p in pairs)
+        + "".join(f"- {label}: {status(p, studies[label])}\n" for label, p in pairs)
         + "\n"
         + table(studies)
     )
