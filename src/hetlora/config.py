@@ -22,10 +22,13 @@ from typing import Any
 import tomli_w
 
 from hetlora.data import BAD_ROW_ACTIONS, BUILTIN, PARTITION_DEFAULTS, PARTITIONERS
+from hetlora.data.chat import CHAT_TEMPLATES
 from hetlora.errors import HetLoRAError
+from hetlora.hardware import COMPILE_MODES, DEVICES, PRECISIONS
 from hetlora.lora import PADDINGS
 from hetlora.methods import METHODS, SERVERS
 from hetlora.methods.recon_svd import SVD_PATHS
+from hetlora.trackers import TRACKERS
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,6 @@ def _methods_with(option: str) -> str:
 
 
 AGGREGATIONS = tuple(dict.fromkeys(a for cls in SERVERS.values() for a in cls.aggregations))
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-COMPILE_MODES = ("auto", "on", "off")
-CHAT_TEMPLATES = ("auto", "on", "off")
-TRACKERS = ("tensorboard", "mlflow", "wandb")
 SVD_PATHS = ("auto", *SVD_PATHS)  # auto: the method's own (`Server.svd_default`)
 
 

@@ -27,6 +27,12 @@ def cpu_has_bf16() -> bool:
     return False
 
 
+#: The values of the config keys ``precision``, ``device`` and ``compile``.
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("auto", "on", "off")
+
+
 def resolve_device(choice: str) -> torch.device:
     """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
     if choice == "cuda" and not torch.cuda.is_available():

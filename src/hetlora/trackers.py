@@ -29,13 +29,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hetlora.config import TRACKERS
 from hetlora.errors import HetLoRAError, first_line
 
 __all__ = ["OUTPUTS", "TRACKERS", "Trackers", "check_available", "round_scalars"]
 
 log = logging.getLogger(__name__)
 
+#: The trackers a run can report to (config key ``report_to``).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 #: Where the MLflow and W&B run ids of a run directory are kept, to resume them.
 IDS_FILE = "trackers.json"
 #: What the trackers write inside a run directory (removed by ``--overwrite``).

@@ -49,6 +49,8 @@ __all__ = [
 
 #: Roles a ``messages`` turn may have.
 ROLES = ("system", "user", "assistant")
+#: The values of the config key ``chat_template`` (`make_renderer`'s ``mode``).
+CHAT_TEMPLATES = ("auto", "on", "off")
 
 _FIX = (
     "use an instruct model whose tokenizer has one, or add a Jinja 'chat_template' to the "
