@@ -119,42 +119,41 @@ def test_the_server_refuses_a_reply_above_c():
 # -- noise on the server ------------------------------------------------------------------------
 
 
-def test_noise_std_is_sigma_c_over_m_on_reached_positions_and_zero_above():
+def test_noise_std_is_sigma_c_over_m_on_every_position():
     """Clients that send back exactly what they received: the aggregate minus the global factors
-    is the noise over m. 40 rounds x 3 modules, 1,728 noisy numbers a round below rank 6."""
+    is the noise over m, on every rank position (not only below the round's largest rank: the
+    release must not show which ranks were sampled). 40 rounds x 3 modules x 8 positions."""
     g = factors(8, 0)
     p = plan(clip_norm=0.5, noise_multiplier=1.3)
     m = p.per_round
-    ranks = {"a": 2, "b": 6, "c": 4, "d": 3}
-    draws, above = [], []
+    draws = []
     for round_idx in range(1, 41):
-        agg = dp.NoisyZeroPadSum(g, p, padding="keep")
-        for r in ranks.values():
+        agg = dp.NoisyUpdateSum(g, p)
+        for r in (2, 6, 4):  # one of the m sampled clients never replied
             agg.add(truncate(g, r))
-        # replies equal to what they received: their updates are zero; the clients that reach
-        # position j only move it, so below rank 2 the sum is exactly zero without noise
-        out = agg.result(round_idx, max(ranks.values()), m)
+        out = agg.result(round_idx, m)
         for n in g:
-            draws.append((out[n][0][:, :2] - g[n][0][:, :2]).flatten() * m)
-            draws.append((out[n][1][:2] - g[n][1][:2]).flatten() * m)
-            above.append(out[n][0][:, 6:] - g[n][0][:, 6:])
-            above.append(out[n][1][6:] - g[n][1][6:])
+            draws.append((out[n][0] - g[n][0]).flatten() * m)
+            draws.append((out[n][1] - g[n][1]).flatten() * m)
     noise = torch.cat(draws).double()
     expected = p.noise_multiplier * p.clip_norm
-    # 40 x 3 x (2 x 24 + ... ) numbers: the std of a std estimate over n normals is std/sqrt(2n)
+    # the std of a std estimate over n normals is std / sqrt(2n)
     n = noise.numel()
     assert abs(float(noise.std()) / expected - 1) < 4 / math.sqrt(2 * n)
     assert abs(float(noise.mean())) < 4 * expected / math.sqrt(n)
-    assert all(float(x.abs().max()) == 0.0 for x in above)  # "keep": unreached positions kept
 
 
-def test_dead_positions_get_no_noise_so_the_live_rank_is_the_running_minimum():
-    """Zero-padding zeroes the positions above a round's largest rank in B and A; no gradient
-    reaches them again, so noise there would only revive them. Rounds whose largest ranks are
-    6, 8, 4, 8: the live global rank is 6, 6, 4, 4, as without DP."""
+def test_dead_positions_get_no_noise_and_the_global_keeps_rank_r_max():
+    """A position zero in both global factors gets no gradient, so no noise either (the mask
+    depends on released state only); every other position is averaged with noise, so the global
+    adapter keeps its live rank whatever ranks a round sampled (no zero-padding collapse)."""
     from hetlora.lora import live_rank
 
     g = factors(8, 0)
+    g = {n: (b.clone(), a.clone()) for n, (b, a) in g.items()}
+    for b, a in g.values():
+        b[:, 7] = 0
+        a[7] = 0  # position 7 dead
     server = HetLoRAServer(
         g, {"a": 8, "b": 6, "c": 4}, aggregation="uniform", pruning=False, dp=plan(per_round=1)
     )
@@ -168,27 +167,30 @@ def test_dead_positions_get_no_noise_so_the_live_rank_is_the_running_minimum():
         server.add(update)
         server.finish()
         live.append(live_rank(server.global_factors())[1])
-    assert live == [6, 6, 4, 4]
-    b, a = server.global_factors()["l0.q"]
-    assert float(b[:, 4:].abs().sum()) == 0 and float(a[4:].abs().sum()) == 0
+    assert live == [7, 7, 7, 7]
+    for b, a in server.global_factors().values():
+        assert float(b[:, 7].abs().sum()) == 0 and float(a[7].abs().sum()) == 0
 
 
-def test_noise_is_seeded_by_the_plan_and_the_round():
+def test_noise_is_seeded_by_the_plan_and_the_round_with_all_128_bits():
     g = factors(8, 0)
-    a = dp.NoisyZeroPadSum(g, plan(noise_seed=5))
-    b = dp.NoisyZeroPadSum(g, plan(noise_seed=5))
-    c = dp.NoisyZeroPadSum(g, plan(noise_seed=6))
-    for agg in (a, b, c):
+    high = 5 + (1 << 100)  # differs from 5 only above bit 64
+    results = {}
+    for seed in (5, 5, 6, high):
+        agg = dp.NoisyUpdateSum(g, plan(noise_seed=seed))
         agg.add(truncate(g, 8))
-    ra, rb, rc = a.result(3, 8, 4), b.result(3, 8, 4), c.result(3, 8, 4)
-    torch.testing.assert_close(ra["l0.q"][0], rb["l0.q"][0])
-    assert not torch.equal(ra["l0.q"][0], rc["l0.q"][0])
-    assert not torch.equal(ra["l0.q"][0], a.result(4, 8, 4)["l0.q"][0])
+        results.setdefault(seed, []).append(agg.result(3, 4)["l0.q"][0])
+    torch.testing.assert_close(results[5][0], results[5][1])
+    assert not torch.equal(results[5][0], results[6][0])
+    assert not torch.equal(results[5][0], results[high][0])
+    again = dp.NoisyUpdateSum(g, plan(noise_seed=5))
+    again.add(truncate(g, 8))
+    assert not torch.equal(results[5][0], again.result(4, 4)["l0.q"][0])
 
 
-def test_zero_padding_under_dp_is_the_uniform_average_plus_noise_over_m():
-    """With sigma -> 0 the DP aggregate is HetLoRA's uniform zero-padding over all m sampled;
-    a refused reply counts as no change (the divisor stays m)."""
+def test_the_dp_aggregate_is_the_mean_of_the_padded_updates_over_m():
+    """With sigma -> 0 the DP aggregate is G plus the sum of the zero-padded updates over all m
+    sampled clients; a missing reply adds nothing (the divisor stays m)."""
     g = factors(8, 0)
     p = plan(noise_multiplier=1e-12, clip_norm=1e6, per_round=3)
     server = HetLoRAServer(g, {"a": 4, "b": 8, "c": 2}, aggregation="uniform", pruning=False, dp=p)
@@ -202,12 +204,83 @@ def test_zero_padding_under_dp_is_the_uniform_average_plus_noise_over_m():
     weights = server.finish()  # c never replied
     assert weights == pytest.approx({"a": 1 / 3, "b": 1 / 3})
     for n in SHAPES:
-        pad_a = torch.zeros(SHAPES[n][0], 8)
-        pad_a[:, :4] = replies["a"][n][0]
-        # G + (sum over the replies of pad(B_k) - G) / m: with all m replies HetLoRA's uniform
-        # zero-padding; c's missing reply adds nothing (no change to G)
-        expected_b = g[n][0] + ((pad_a - g[n][0]) + (replies["b"][n][0] - g[n][0])) / 3
-        torch.testing.assert_close(server.global_factors()[n][0], expected_b, rtol=1e-5, atol=1e-5)
+        for i in (0, 1):  # B, then A
+            pad = torch.zeros_like(g[n][i])
+            own = replies["a"][n][i]
+            if i == 0:
+                pad[:, :4] = own - g[n][0][:, :4]
+            else:
+                pad[:4] = own - g[n][1][:4]
+            expected = g[n][i] + (pad + (replies["b"][n][i] - g[n][i])) / 3
+            torch.testing.assert_close(
+                server.global_factors()[n][i], expected, rtol=1e-5, atol=1e-5
+            )
+
+
+def test_a_refused_or_missing_reply_is_a_zero_update_and_no_round_is_skipped():
+    """The sensitivity holds whatever arrives: the release with a client's reply refused (or
+    missing) is the release with that client sending back what it received, and a DP round with
+    no valid reply at all still releases ``G + Z / m`` (skipping it would show that)."""
+    from hetlora.accounting import ModelSize
+    from hetlora.runtime.rounds import Exchange, RoundOutcome, fold
+
+    g = factors(8, 0)
+    ranks = {"a": 4, "b": 8, "c": 2}
+    releases = []
+    for c_sends in ("received", "refused", "missing"):
+        server = HetLoRAServer(g, ranks, aggregation="uniform", pruning=False, dp=plan(per_round=3))
+        exchanges = []
+        for c in ranks:
+            task = server.task(c)
+            step = factors(task.rank, 9, 1e-3)
+            sent = {n: (b + step[n][0], a + step[n][1]) for n, (b, a) in task.factors.items()}
+            if c == "c":
+                if c_sends == "received":
+                    sent = task.factors
+                elif c_sends == "refused":
+                    sent = {n: (b * math.nan, a) for n, (b, a) in task.factors.items()}
+            reply = (
+                None
+                if c == "c" and c_sends == "missing"
+                else Reply(c, 10, factors=sent, rank=task.rank)
+            )
+            exchanges.append(Exchange(c, task, reply, "no reply" if reply is None else ""))
+        outcome = fold(server, exchanges, 3, 0.0, RoundOutcome(1, list(ranks)), ModelSize(1, 1, 1))
+        assert not outcome.skipped
+        releases.append(server.global_factors())
+    for n in SHAPES:
+        for other in releases[1:]:
+            torch.testing.assert_close(other[n][0], releases[0][n][0], rtol=0, atol=1e-12)
+    server = HetLoRAServer(g, ranks, aggregation="uniform", pruning=False, dp=plan(per_round=3))
+    outcome = fold(server, [], 1, 0.0, RoundOutcome(1, []), ModelSize(1, 1, 1))
+    assert not outcome.skipped and server.round == 1
+    assert not torch.equal(server.global_factors()["l0.q"][0], g["l0.q"][0])
+
+
+def test_a_secret_noise_seed_also_draws_the_client_sample():
+    """With ``dp_noise_seed = 0`` the seed is a 128-bit secret and the round's clients come from
+    it, not from the config's public ``seed``; a fixed noise seed samples as without DP."""
+    from hetlora.runtime.rounds import round_clients, sample_clients
+
+    cfg = make_config(
+        {"pruning": False, "aggregation": "uniform", "dp_clip_norm": 1.0,
+         "dp_noise_multiplier": 1.0, "clients_per_round": 8}
+    )  # fmt: skip
+    ids = [f"c{i:03d}" for i in range(240)]
+    secret = dp.plan(cfg, len(ids))
+    assert secret.secret and 0 <= secret.noise_seed < 2**128
+    server = HetLoRAServer(
+        factors(8, 0), dict.fromkeys(ids, 4), "uniform", pruning=False, dp=secret
+    )
+    public = [sample_clients(cfg.seed, ids, 8, r) for r in range(1, 6)]
+    drawn = [round_clients(cfg, server, ids, r) for r in range(1, 6)]
+    assert drawn == [round_clients(cfg, server, ids, r) for r in range(1, 6)]  # reproducible
+    assert drawn != public and all(len(d) == 8 == len(set(d)) for d in drawn)
+    assert dp.plan(cfg, len(ids)).noise_seed != secret.noise_seed  # a new secret each run
+    fixed = make_config({**cfg.to_dict(), "dp_noise_seed": 3})
+    server.dp = dp.plan(fixed, len(ids))
+    assert not server.dp.secret
+    assert [round_clients(fixed, server, ids, r) for r in range(1, 6)] == public
 
 
 def test_without_dp_the_servers_are_unchanged():
@@ -288,8 +361,8 @@ ON = ["dp_clip_norm=1.0", "dp_noise_multiplier=1.0"]
         (ON, "method 'hetlora' needs pruning = false"),
         ([*ON, "pruning=false"], "aggregation = 'uniform' ('sparsity' weights depend on the data)"),
         (
-            [*ON, "pruning=false", "aggregation='uniform'", "padding='rankwise'"],
-            "padding 'zero' or 'keep'",
+            [*ON, "pruning=false", "aggregation='uniform'", "padding='keep'"],
+            "padding left at 'zero'",
         ),
         (
             ["dp_clip_norm=1.0", "method='homlora'"],

@@ -434,7 +434,8 @@ def test_dp_over_a_grid_gives_the_in_process_run_without_the_clients_losses(
 ):
     """Differential privacy on Flower: the nodes clip (the server sends the clip norm and, for
     FFA, that A is frozen), the server adds the seeded noise: the same adapter and epsilon as
-    in-process, and no reply carries the node's training loss or tail norm."""
+    in-process, and no reply carries the node's training loss, tail norm, timings or token
+    counts."""
     extra = {"dp_clip_norm": 0.05, "dp_noise_multiplier": 1.0, "dp_noise_seed": 4}
     if method == "hetlora":
         extra.update(pruning=False, aggregation="uniform")
@@ -465,7 +466,8 @@ def test_dp_over_a_grid_gives_the_in_process_run_without_the_clients_losses(
     assert len(train_replies) == len(trains)
     for reply in train_replies:
         metrics = reply.content.metric_records["metrics"]
-        assert math.isnan(metrics["train-loss"]) and math.isnan(metrics["tail-after"])
+        assert all(math.isnan(metrics[k]) for k in records.PRIVATE_METRICS)
+        assert all(metrics[k] == 0 for k in records.PRIVATE_COUNTS)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert summary["epsilon"] == local_summary["epsilon"] and summary["delta"] == 1e-5

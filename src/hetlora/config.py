@@ -239,8 +239,8 @@ class Config:
             "norm C on the device; the server adds Gaussian noise of std `sigma * C` to the sum and "
             "divides by clients_per_round. 0 (default): off. `hetlora` then needs `pruning = false` "
             'and `aggregation = "uniform"` (the self-pruning decision and the sparsity weights '
-            "depend on the data) and `padding` `zero` or `keep`; `homlora` and `ffa` weight clients "
-            "uniformly."
+            "depend on the data), the server averages the zero-padded updates (`padding` does not "
+            "apply) and a round is never skipped; `homlora` and `ffa` weight clients uniformly."
         ),
     )
     dp_noise_multiplier: float = key(default=0.0, doc="sigma, the noise std over C.")
@@ -262,8 +262,8 @@ class Config:
         default=0,
         doc=(
             "> 0 seeds the server's noise, together with `seed` (reproducible studies: anyone who "
-            "knows the seeds can remove the noise); 0 (default): a secret seed drawn at the start, "
-            "kept in the server's checkpoint only."
+            "knows the seeds can remove the noise); 0 (default): a 128-bit secret drawn at the "
+            "start, kept in the server's checkpoint only, that also draws the client sample."
         ),
     )
 
@@ -285,8 +285,8 @@ class Config:
     min_clients: int = key(
         default=1,
         doc=(
-            "a round with fewer valid replies is skipped (global state unchanged); at most "
-            "clients_per_round."
+            "a round with fewer valid replies is skipped (global state unchanged; not under "
+            "differential privacy); at most clients_per_round."
         ),
     )
     max_update_norm: float = key(

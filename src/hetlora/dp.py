@@ -9,23 +9,21 @@ clients, and account for the privacy spent. Here, for clients of different ranks
   ``D_k = (B - B0, A - A0)`` over every module and both factors (zero-padded to r_max this is the
   same vector: the padding adds zeros) is scaled to L2 norm at most C, and the reply is
   ``(B0, A0) + min(1, C / ||D_k||) D_k``. The server checks it again (`check_reply`).
-* **Noise, on the server** (`NoisyZeroPadSum`): with m the number of clients sampled in
+* **Noise, on the server** (`NoisyUpdateSum`): with m the number of clients sampled in
   the round (fixed by ``clients_per_round``, not the number that replied),
 
-      G_B' = G_B + (sum_k [pad(B0_k + D_k) - G_B] + Z_B) / m       (likewise A)
+      G_B' = G_B + (sum_k pad(D_k) + Z_B) / m       (likewise A)
 
-  which is HetLoRA's zero-padding with uniform weights, ``(1/m) sum_k pad(B_k)``, when all m
-  replies are accepted, plus ``Z / m``; a missing or refused reply counts as no change. The data
-  enter only through the clipped ``D_k``, supported on a client's first r_k rank positions.
-  ``Z`` has standard deviation ``sigma * C`` on the rank positions a client's data can reach
-  this round: below the largest rank among the round's sampled clients, and where the global
-  factors are not both zero (`reachable`; a position zero in B and A gets no gradient).
-  Elsewhere it is zero: no client's data can move those positions, so noise there buys no
-  privacy (the Gaussian mechanism on the subspace the data can move gives the same guarantee),
-  and they follow the padding rule as without DP (``zero``: 0; ``keep``: the previous value).
-  So zero-padding still kills the positions above a round's largest rank for good, and the
-  live global rank falls to the running minimum of the rounds' largest ranks, as without DP;
-  noise on a dead position would revive it and undo that.
+  the average of the zero-padded clipped updates plus ``Z / m``. A missing or refused reply
+  adds nothing (``D_k = 0``), so whether a reply arrives moves the release by at most its own
+  clipped update, and a round is never skipped. ``Z`` has standard deviation ``sigma * C`` on
+  every rank position where the global B column or A row is non-zero (`reachable`: a position
+  zero in both gets no gradient and the mask depends on released state only). Unlike HetLoRA's
+  ``(1/m) sum_k pad(B_k)``, positions above a client's rank get no pull towards zero from it
+  and the noise covers every position, not only those below the round's largest rank: both
+  would make the release depend on which ranks were sampled, and the accountant's
+  amplification by sampling needs the sample hidden. So the global adapter keeps rank r_max
+  under DP (no zero-padding collapse, no self-pruning).
 * **The accountant** (`epsilon`): the run samples ``m`` of ``N`` clients uniformly without
   replacement each round; the released sum changes by at most ``2C`` when one client's data are
   replaced by another's (``||D_k - D_k'|| <= 2C``), so each round is
@@ -37,7 +35,9 @@ clients, and account for the privacy spent. Here, for clients of different ranks
 Everything else a client releases must be public: under DP the aggregation weights are uniform,
 ranks are the seeded assignment (self-pruning, a data-dependent rank decision, is off), and
 HetLoRA's sparsity weights (a function of ``||dW_k||``) are not used (`hetlora.config`'s
-rules refuse the combinations that would leak).
+rules refuse the combinations that would leak). With a secret noise seed the client sample is
+drawn from it too (`sample_clients`), so that nodes knowing the config's ``seed`` cannot
+compute it.
 """
 
 from __future__ import annotations
@@ -132,9 +132,11 @@ class DPPlan:
         num_clients, per_round: N and m of the sampling.
         rounds: the planned rounds (what a target epsilon was calibrated for).
         target_epsilon: the target, 0 when sigma was given.
-        noise_seed: seeds the server's noise; a secret drawn at the start unless the config
-            fixes one, joined with the run's seed (then anyone who knows both can subtract the
-            noise: for studies only).
+        noise_seed: seeds the server's noise (128 bits); a secret drawn at the start unless
+            the config fixes one, joined with the run's seed (then anyone who knows both can
+            subtract the noise: for studies only).
+        secret: whether ``noise_seed`` is the secret; then it also draws the client sample,
+            which the accountant's amplification by sampling needs hidden.
     """
 
     clip_norm: float
@@ -145,6 +147,7 @@ class DPPlan:
     rounds: int
     target_epsilon: float = 0.0
     noise_seed: int = 0
+    secret: bool = False
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon spent after ``rounds`` rounds."""
@@ -174,16 +177,17 @@ def plan(cfg, num_clients: int) -> DPPlan | None:
         rounds=cfg.rounds,
         target_epsilon=cfg.dp_target_epsilon,
         noise_seed=_noise_seed(cfg),
+        secret=not cfg.dp_noise_seed,
     )
 
 
 def _noise_seed(cfg) -> int:
-    """A secret (``dp_noise_seed = 0``), or the fixed seed joined with the run's ``seed``, so
-    that the seeds of a study draw independent noise."""
+    """128 bits: a secret (``dp_noise_seed = 0``), or the fixed seed joined with the run's
+    ``seed``, so that the seeds of a study draw independent noise."""
     if not cfg.dp_noise_seed:
-        return secrets.randbits(63)
-    state = np.random.SeedSequence([cfg.dp_noise_seed, cfg.seed, 0xD9]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
+        return secrets.randbits(128)
+    state = np.random.SeedSequence([cfg.dp_noise_seed, cfg.seed, 0xD9]).generate_state(2, np.uint64)
+    return int(state[0]) << 64 | int(state[1])
 
 
 def update_norm(received: Mapping[str, tuple], reply: Mapping[str, tuple]) -> float:
@@ -242,38 +246,31 @@ def reachable(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (b != 0).any(dim=0) | (a != 0).any(dim=1)
 
 
-class NoisyZeroPadSum:
-    """One round's DP aggregate (see the module docstring): the sum of the clients' padded
-    updates relative to the global factors, Gaussian noise, a fixed divisor.
+class NoisyUpdateSum:
+    """One round's DP aggregate (see the module docstring): the sum of the clients' clipped,
+    zero-padded updates relative to the global factors, Gaussian noise on every reachable
+    position, a fixed divisor.
 
     Args:
         global_factors: G, the factors the round started from (rank r_max).
         plan: clip norm, noise multiplier and the noise seed.
-        padding: ``zero`` or ``keep``: what positions no sampled client reaches become.
         noise_a: add noise to A too (False when A is frozen and never changes, as in FFA-LoRA).
     """
 
-    def __init__(
-        self, global_factors: Factors, plan: DPPlan, padding: str = "zero", noise_a: bool = True
-    ) -> None:
-        if padding not in ("zero", "keep"):
-            raise HetLoRAError(f"DP aggregation supports padding 'zero' or 'keep', not {padding!r}")
+    def __init__(self, global_factors: Factors, plan: DPPlan, noise_a: bool = True) -> None:
         self.global_factors = global_factors
         self.plan = plan
-        self.padding = padding
         self.noise_a = noise_a
         self._sum = {
             n: (torch.zeros_like(b, dtype=torch.float64), torch.zeros_like(a, dtype=torch.float64))
             for n, (b, a) in global_factors.items()
         }
-        self.count = 0
         self._live = {n: reachable(b, a).double() for n, (b, a) in global_factors.items()}
 
     def add(self, reply: Factors) -> None:
-        """Fold in one checked reply at its rank: ``pad(reply) - G``, its update kept on the
-        reachable positions only (`reachable`: an honest client's update is exactly zero
-        elsewhere; a reply that moves a dead position would be released there without noise,
-        so the server drops that part)."""
+        """Fold in one checked reply at its rank r: its update ``reply - G[:r]``, zero-padded,
+        kept on the reachable positions only (`reachable`: an honest client's update is
+        exactly zero elsewhere, and what a reply put there would be released without noise)."""
         for name, (b, a) in reply.items():
             g_b, g_a = self.global_factors[name]
             r = b.shape[1]
@@ -281,38 +278,46 @@ class NoisyZeroPadSum:
             live = self._live[name][:r]
             s_b[:, :r] += (b.double() - g_b[:, :r].double()) * live
             s_a[:r] += (a.double() - g_a[:r].double()) * live[:, None]
-            s_b[:, r:] -= g_b[:, r:].double()
-            s_a[r:] -= g_a[r:].double()
-        self.count += 1
 
-    def result(self, round_idx: int, sampled_rank: int, divisor: int) -> Factors:
-        """``G + (sum + Z) / divisor`` on the positions a client's data can reach this round,
-        the padding rule above ``sampled_rank`` (the largest rank of the round's sampled
-        clients). A position is reachable below ``sampled_rank`` where the global B column or
-        A row is non-zero (`reachable`): where both are zero every gradient is zero, no
-        update moves it, and it gets no noise. The noise is drawn from a generator seeded by the
-        plan's seed and the round, the same numbers whatever the mask, in module order."""
-        seed = np.random.SeedSequence([self.plan.noise_seed, round_idx, 0xD9]).generate_state(1)
-        gen = torch.Generator().manual_seed(int(seed[0]))
+    def result(self, round_idx: int, divisor: int) -> Factors:
+        """``G + (sum + Z) / divisor``, ``Z`` of std ``sigma * C`` on every reachable position
+        (zero elsewhere, and on A when ``noise_a`` is False), drawn in module order from
+        `noise_generator` for the round."""
+        gen = noise_generator(self.plan.noise_seed, round_idx)
         std = self.plan.noise_multiplier * self.plan.clip_norm
         out: Factors = {}
         for name in sorted(self._sum):
             g_b, g_a = self.global_factors[name]
             s_b, s_a = self._sum[name]
-            r = sampled_rank
-            live = self._live[name][:r]
-            z_b = torch.randn(s_b[:, :r].shape, generator=gen, dtype=torch.float64) * std
-            z_a = torch.randn(s_a[:r].shape, generator=gen, dtype=torch.float64) * std
-            z_b *= live
-            z_a *= live[:, None]
+            live = self._live[name]
+            z_b = torch.from_numpy(gen.standard_normal(tuple(s_b.shape))) * std * live
+            z_a = torch.from_numpy(gen.standard_normal(tuple(s_a.shape))) * std * live[:, None]
             if not self.noise_a:
                 z_a.zero_()
-            b = g_b.double().clone()
-            a = g_a.double().clone()
-            b[:, :r] += (s_b[:, :r] + z_b) / divisor
-            a[:r] += (s_a[:r] + z_a) / divisor
-            if self.padding == "zero":
-                b[:, r:] = 0
-                a[r:] = 0
+            b = g_b.double() + (s_b + z_b) / divisor
+            a = g_a.double() + (s_a + z_a) / divisor
             out[name] = (b.to(g_b.dtype), a.to(g_a.dtype))
         return out
+
+
+def noise_generator(seed: int, round_idx: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one round's server-side randomness: PCG64DXSM (a 128-bit state) seeded
+    from the plan's 128-bit seed and the round; ``stream`` 0 draws the noise, 1 the secret
+    client sample (`sample_clients`). Not a cryptographically secure generator: see
+    docs/privacy.md."""
+    return np.random.Generator(
+        np.random.PCG64DXSM(np.random.SeedSequence(seed, spawn_key=(round_idx, stream)))
+    )
+
+
+def sample_clients(
+    plan: DPPlan, client_ids: list[str], per_round: int, round_idx: int
+) -> list[str] | None:
+    """The round's clients drawn from the plan's secret seed (uniformly, without replacement,
+    in ``client_ids`` order) when the noise seed is secret; None when the config fixes the
+    noise seed (a study: the run samples from its public ``seed`` as without DP)."""
+    if not plan.secret:
+        return None
+    gen = noise_generator(plan.noise_seed, round_idx, stream=1)
+    picked = sorted(gen.choice(len(client_ids), min(per_round, len(client_ids)), replace=False))
+    return [client_ids[i] for i in picked]

@@ -18,9 +18,9 @@ gives sparsity weights per module. The ``padding`` option gives alternatives to 
 that are not in the paper (``keep``, ``rankwise``; see `hetlora.lora.WeightedFactorSum`).
 
 With a `hetlora.dp.DPPlan` (config ``dp_clip_norm > 0``) the round's aggregate is
-`hetlora.dp.NoisyZeroPadSum` instead: uniform zero-padding over the clipped replies plus
-Gaussian noise, divided by the number of sampled clients; pruning is off and the weights are
-uniform (the config refuses anything else).
+`hetlora.dp.NoisyUpdateSum` instead: the sum of the clipped, zero-padded updates plus
+Gaussian noise, divided by the number of sampled clients; pruning is off, the weights are
+uniform and ``padding`` does not apply (the config refuses anything else).
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ class HetLoRAServer(Server):
     @classmethod
     def check_config(cls, cfg) -> None:
         """Under DP, nothing a client releases may depend on its data beyond the clipped
-        update: no self-pruning, uniform weights, and a padding of one sensitivity."""
+        update: no self-pruning, uniform weights; the aggregate is `hetlora.dp`'s (the
+        ``padding`` rules would make the release depend on the sampled ranks)."""
         if not cfg.dp_clip_norm > 0:
             return
         leaks = []
@@ -179,10 +180,10 @@ class HetLoRAServer(Server):
             leaks.append(
                 f"aggregation = 'uniform' ({cfg.aggregation!r} weights depend on the data)"
             )
-        if cfg.padding not in ("zero", "keep"):
+        if cfg.padding != "zero":
             leaks.append(
-                "padding 'zero' or 'keep' ('rankwise' divides each position by the clients "
-                "reaching it, a different sensitivity per position)"
+                "padding left at 'zero' (the server averages the zero-padded updates; "
+                f"{cfg.padding!r} does not apply)"
             )
         if leaks:
             raise HetLoRAError(
@@ -207,11 +208,9 @@ class HetLoRAServer(Server):
             )
         if padding not in PADDINGS:
             raise HetLoRAError(f"padding must be one of {', '.join(PADDINGS)}; got {padding!r}")
-        if dp is not None and (
-            pruning or aggregation != "uniform" or padding not in ("zero", "keep")
-        ):
+        if dp is not None and (pruning or aggregation != "uniform" or padding != "zero"):
             raise HetLoRAError(
-                "differential privacy needs pruning off, uniform weights and zero or keep padding"
+                "differential privacy needs pruning off, uniform weights and padding 'zero'"
             )
         r_max = rank_of(initial_factors)
         for c, r in ranks.items():
@@ -248,7 +247,6 @@ class HetLoRAServer(Server):
 
     def task(self, client_id: str) -> ClientTask:
         rank = self.state.ranks[client_id]
-        self._sampled_rank = max(self._sampled_rank, rank)
         return ClientTask(
             client_id=client_id,
             kind="lora",
@@ -283,9 +281,7 @@ class HetLoRAServer(Server):
         assigned, finite values; under DP the clipping bound)."""
         if self.dp is not None:
             if self._noisy is None:
-                self._noisy = dp_.NoisyZeroPadSum(
-                    self.state.factors, self.dp, self.options["padding"], noise_a=self.train_a
-                )
+                self._noisy = dp_.NoisyUpdateSum(self.state.factors, self.dp, self.train_a)
             self._noisy.add(update.factors)
             self._scores[update.client_id] = 1.0
             return
@@ -301,13 +297,14 @@ class HetLoRAServer(Server):
     def finish(self) -> dict[str, float]:
         """Close the round: the next state (aggregated factors, pruned ranks kept, round
         advanced); returns each client's normalised weight."""
-        if not self._scores:
-            raise HetLoRAError("no client updates to aggregate")
-        if self.dp is not None:
+        if self.dp is not None:  # never skipped: no reply is a zero update
             m = self.dp.per_round
-            factors = self._noisy.result(self.state.round + 1, self._sampled_rank, m)
+            noisy = self._noisy or dp_.NoisyUpdateSum(self.state.factors, self.dp, self.train_a)
+            factors = noisy.result(self.state.round + 1, m)
             weights = {c: 1.0 / m for c in self._scores}
         else:
+            if not self._scores:
+                raise HetLoRAError("no client updates to aggregate")
             total, n = sum(self._scores.values()), len(self._scores)
             weights = {c: (w / total if total > 0 else 1.0 / n) for c, w in self._scores.items()}
             factors = self._sum.result(self.options["padding"], self.state.factors)
@@ -318,10 +315,9 @@ class HetLoRAServer(Server):
 
     def reset_round(self) -> None:
         self._sum: WeightedFactorSum | None = None
-        self._noisy: dp_.NoisyZeroPadSum | None = None
+        self._noisy: dp_.NoisyUpdateSum | None = None
         self._new_ranks: dict[str, int] = {}
         self._scores: dict[str, float] = {}  # client -> unnormalised weight
-        self._sampled_rank = 0  # the largest rank among this round's tasks (DP noise positions)
 
     def global_factors(self) -> Factors:
         return self.state.factors

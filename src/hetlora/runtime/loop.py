@@ -44,8 +44,8 @@ from hetlora.runtime.rounds import (
     current_names,
     play_round,
     rank_dynamics,
+    round_clients,
     round_row,
-    sample_clients,
 )
 from hetlora.runtime.splits import eval_set, server_eval_set
 from hetlora.runtime.workspace import Progress, Workspace
@@ -352,9 +352,8 @@ class RoundLoop:
         self.progress({"event": event, **fields})
 
     def sample_clients(self, round_idx: int) -> list[str]:
-        """The round's clients: a seeded choice without replacement."""
-        cfg = self.cfg
-        return sample_clients(cfg.seed, self.client_ids, cfg.clients_per_round, round_idx)
+        """The round's clients: a seeded choice without replacement (`round_clients`)."""
+        return round_clients(self.cfg, self.server, self.client_ids, round_idx)
 
     def evaluate(self, rank: int | None = None, split: str = "test") -> tuple[float, float]:
         """Mean NLL and perplexity of the global model; see `GlobalModel.evaluate`."""

@@ -10,7 +10,8 @@ A round is drawn in three boxes::
 `round_row`, the one row builder of both runtimes; `round_line` is the one way a row
 is printed. A reply the server refuses, or one that never came, is *rejected* (the row's
 ``rejected``: client -> reason); with fewer than ``min_clients`` accepted replies the round is
-``skipped`` and the server's state is unchanged.
+``skipped`` and the server's state is unchanged (not under differential privacy, where a
+missing reply is a zero update: `hetlora.dp`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hetlora import dp
 from hetlora.accounting import ModelSize, train_flops
 from hetlora.errors import HetLoRAError
 from hetlora.lora import live_rank
@@ -130,6 +132,17 @@ def sample_clients(
     return [client_ids[i] for i in picked]
 
 
+def round_clients(cfg, server: Server, client_ids: Sequence[str], round_idx: int) -> list[str]:
+    """The round's clients: `sample_clients` from the config's ``seed``, or under differential
+    privacy with a secret noise seed from that secret (`hetlora.dp.sample_clients`)."""
+    plan = getattr(server, "dp", None)
+    if plan is not None and (
+        secret := dp.sample_clients(plan, list(client_ids), cfg.clients_per_round, round_idx)
+    ):
+        return secret
+    return sample_clients(cfg.seed, client_ids, cfg.clients_per_round, round_idx)
+
+
 def client_entry(ex: Exchange, size: ModelSize) -> dict[str, Any]:
     """One client's entry in the row's ``clients`` (an exchange with a task and a reply)."""
     task, reply = ex.task, ex.reply
@@ -196,7 +209,7 @@ def fold(
             log.warning("round %d: reply of %s rejected: %s", outcome.round, client, exc)
             outcome.rejected[client] = str(exc)
         ex.reply = None  # only the entry is kept
-    if accepted < min_clients:
+    if accepted < min_clients and getattr(server, "dp", None) is None:
         log.warning(
             "round %d skipped: %d valid replies, fewer than min_clients = %d",
             outcome.round,

@@ -179,8 +179,10 @@ def read_train(content: RecordDict, bf16: bool) -> tuple[ClientTask, int, TrainS
 
 
 #: Of `RESULT_METRICS`, what depends on the node's data beyond the clipped factors: under
-#: differential privacy a reply carries NaN for these (the accountant bounds the factors only).
-PRIVATE_METRICS = ("train-loss", "tail-after")
+#: differential privacy a reply carries NaN for these, and 0 for the token counts (the
+#: accountant bounds the factors only; the row's ``tokens`` and ``flops`` are then 0).
+PRIVATE_METRICS = ("train-loss", "tail-after", "seconds", "step-seconds")
+PRIVATE_COUNTS = ("tokens", "target-tokens")
 
 
 def reply_content(reply: Reply, private: bool = False) -> RecordDict:
@@ -191,6 +193,7 @@ def reply_content(reply: Reply, private: bool = False) -> RecordDict:
     measured = {key: getattr(reply.stats, field) for key, field in RESULT_METRICS.items()}
     if private:
         measured.update({key: math.nan for key in PRIVATE_METRICS})
+        measured.update({key: 0 for key in PRIVATE_COUNTS})
     metrics = MetricRecord(
         {
             "num-examples": int(reply.num_examples),

@@ -49,7 +49,7 @@ from hetlora.runtime.flower.project import (
 )
 from hetlora.runtime.flower.strategy import HetLoRAStrategy
 from hetlora.runtime.loop import RoundLoop, assigned_ranks, check_out_dir, initial_server
-from hetlora.runtime.rounds import Exchange, round_line, sample_clients
+from hetlora.runtime.rounds import Exchange, round_clients, round_line
 from hetlora.runtime.workspace import Progress, build_workspace
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def flower_run(
         nodes,
         ws.settings,
         ws.size,
-        sample_clients=lambda r: sample_clients(cfg.seed, clients, cfg.clients_per_round, r),
+        sample_clients=lambda r: round_clients(cfg, server, clients, r),
         min_clients=min_clients,
         max_update_norm=cfg.max_update_norm,
     )
