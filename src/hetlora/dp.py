@@ -36,8 +36,8 @@ Everything else a client releases must be public: under DP the aggregation weigh
 ranks are the seeded assignment (self-pruning, a data-dependent rank decision, is off), and
 HetLoRA's sparsity weights (a function of ``||dW_k||``) are not used (`hetlora.config`'s
 rules refuse the combinations that would leak). With a secret noise seed the client sample is
-drawn from it too (`sample_clients`), so that nodes knowing the config's ``seed`` cannot
-compute it.
+drawn from it too (`hetlora.runtime.rounds.round_clients`), so that nodes knowing the config's
+``seed`` cannot compute it.
 """
 
 from __future__ import annotations
@@ -303,21 +303,8 @@ class NoisyUpdateSum:
 def noise_generator(seed: int, round_idx: int, stream: int = 0) -> np.random.Generator:
     """The generator of one round's server-side randomness: PCG64DXSM (a 128-bit state) seeded
     from the plan's 128-bit seed and the round; ``stream`` 0 draws the noise, 1 the secret
-    client sample (`sample_clients`). Not a cryptographically secure generator: see
-    docs/privacy.md."""
+    client sample (`hetlora.runtime.rounds.round_clients`). Not a cryptographically secure
+    generator: see docs/privacy.md."""
     return np.random.Generator(
         np.random.PCG64DXSM(np.random.SeedSequence(seed, spawn_key=(round_idx, stream)))
     )
-
-
-def sample_clients(
-    plan: DPPlan, client_ids: list[str], per_round: int, round_idx: int
-) -> list[str] | None:
-    """The round's clients drawn from the plan's secret seed (uniformly, without replacement,
-    in ``client_ids`` order) when the noise seed is secret; None when the config fixes the
-    noise seed (a study: the run samples from its public ``seed`` as without DP)."""
-    if not plan.secret:
-        return None
-    gen = noise_generator(plan.noise_seed, round_idx, stream=1)
-    picked = sorted(gen.choice(len(client_ids), min(per_round, len(client_ids)), replace=False))
-    return [client_ids[i] for i in picked]

@@ -280,9 +280,7 @@ class HetLoRAServer(Server):
         """Fold in one reply checked by `check` (names, shapes at a rank within the one
         assigned, finite values; under DP the clipping bound)."""
         if self.dp is not None:
-            if self._noisy is None:
-                self._noisy = dp_.NoisyUpdateSum(self.state.factors, self.dp, self.train_a)
-            self._noisy.add(update.factors)
+            self._dp_sum().add(update.factors)
             self._scores[update.client_id] = 1.0
             return
         score = client_score(update, self.options["aggregation"], self.options["per_module"])
@@ -299,8 +297,7 @@ class HetLoRAServer(Server):
         advanced); returns each client's normalised weight."""
         if self.dp is not None:  # never skipped: no reply is a zero update
             m = self.dp.per_round
-            noisy = self._noisy or dp_.NoisyUpdateSum(self.state.factors, self.dp, self.train_a)
-            factors = noisy.result(self.state.round + 1, m)
+            factors = self._dp_sum().result(self.state.round + 1, m)
             weights = {c: 1.0 / m for c in self._scores}
         else:
             if not self._scores:
@@ -312,6 +309,12 @@ class HetLoRAServer(Server):
         self.state = ServerState(factors=factors, ranks=ranks, round=self.state.round + 1)
         self.reset_round()
         return weights
+
+    def _dp_sum(self) -> dp_.NoisyUpdateSum:
+        """The round's DP aggregate, made on first use (a checkpoint between rounds has none)."""
+        if self._noisy is None:
+            self._noisy = dp_.NoisyUpdateSum(self.state.factors, self.dp, self.train_a)
+        return self._noisy
 
     def reset_round(self) -> None:
         self._sum: WeightedFactorSum | None = None

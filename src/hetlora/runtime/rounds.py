@@ -126,7 +126,10 @@ def sample_clients(
     seed: int, client_ids: Sequence[str], per_round: int, round_idx: int
 ) -> list[str]:
     """The round's clients: a seeded choice without replacement, in ``client_ids`` order."""
-    rng = np.random.default_rng([seed, round_idx, 0x5A])
+    return _choose(np.random.default_rng([seed, round_idx, 0x5A]), client_ids, per_round)
+
+
+def _choose(rng: np.random.Generator, client_ids: Sequence[str], per_round: int) -> list[str]:
     k = min(per_round, len(client_ids))
     picked = sorted(rng.choice(len(client_ids), k, replace=False))
     return [client_ids[i] for i in picked]
@@ -134,12 +137,11 @@ def sample_clients(
 
 def round_clients(cfg, server: Server, client_ids: Sequence[str], round_idx: int) -> list[str]:
     """The round's clients: `sample_clients` from the config's ``seed``, or under differential
-    privacy with a secret noise seed from that secret (`hetlora.dp.sample_clients`)."""
+    privacy with a secret noise seed from that secret (`hetlora.dp.noise_generator`'s stream 1)."""
     plan = getattr(server, "dp", None)
-    if plan is not None and (
-        secret := dp.sample_clients(plan, list(client_ids), cfg.clients_per_round, round_idx)
-    ):
-        return secret
+    if plan is not None and plan.secret:
+        rng = dp.noise_generator(plan.noise_seed, round_idx, stream=1)
+        return _choose(rng, client_ids, cfg.clients_per_round)
     return sample_clients(cfg.seed, client_ids, cfg.clients_per_round, round_idx)
 
 
