@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,8 +45,6 @@ from localfed.deploy import NodeSpec
 from localfed.launch import deploy_locally, simulate_locally
 from localfed.loopback import LoopbackGrid, run_server_app, server_identity
 from localfed.privacy import device_texts, leaks
-
-WORKDIRS: list[Path] = []  # every federation's folder, for the final leftover check
 
 
 def tiny_config(model: Path, **extra):
@@ -85,10 +84,35 @@ def process_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
-def workdir(tmp_path: Path, name: str) -> Path:
-    path = tmp_path / name
-    WORKDIRS.append(path.resolve())
-    return path
+def processes_naming(folder: Path) -> list[tuple[int, str]]:
+    """The live processes whose command line or environment names `folder` (every Flower process
+    of a federation has its FLWR_HOME there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            text = (entry / "cmdline").read_bytes() + b"\0" + (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        text = text.replace(b"\0", b" ").decode(errors="replace")
+        if state != "Z" and str(folder) in text:
+            found.append((int(entry.name), text[:160]))
+    return found
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A federation's folder; when the test ends, no process it started may still run (checked
+    in the teardown of the test itself, so it holds whichever worker runs the test)."""
+    path = (tmp_path / "fed").resolve()
+    yield path
+    if Path("/proc").is_dir():
+        deadline = time.monotonic() + 10  # a stopped process may take a moment to go
+        while (leftovers := processes_naming(path)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert leftovers == [], f"processes left running: {leftovers}"
 
 
 # -- records: what every reply goes through (no processes) --------------------------------------
@@ -893,7 +917,7 @@ def test_bad_declarations_and_a_node_without_data_leave_the_node_out(
 
 
 def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_node(
-    tiny_model, tmp_path
+    tiny_model, tmp_path, workdir
 ):
     """A private deployment: TLS + SuperNode authentication, 2 SuperNodes each reading only its
     own file, a server config without data, 1 round; no device's marker or text reaches the
@@ -906,7 +930,7 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     sim.run(tmp_path / "local")
     # every client on its own SuperNode with its own file, declaring the rank the engine gave it
     nodes = [{"data": str(f), "rank": ranks[c]} for f, c in zip(files, sim.client_ids, strict=True)]
-    fed_dir = workdir(tmp_path, "fed")
+    fed_dir = workdir
     intruder = {}
 
     def start_intruder(fed) -> None:  # before the run starts: it must give up on its own
@@ -945,36 +969,13 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
     assert len(server_side) >= 3 and leaks(server_side, markers + texts) == []
 
 
-def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path):
+def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path, workdir):
     """`flwr run` on Flower's simulation runtime (Ray, CPU, 127.0.0.1), 2 virtual SuperNodes."""
     cfg = tiny_config(tiny_model, rounds=1, max_clients=2, clients_per_round=2)
     LocalRun(cfg).run(tmp_path / "local")
-    result = simulate_locally(
-        cfg, tmp_path / "sim", 2, workdir=workdir(tmp_path, "fed"), env=process_env()
-    )
+    result = simulate_locally(cfg, tmp_path / "sim", 2, workdir=workdir, env=process_env())
     assert [r["round"] for r in result.rows] == [0, 1] and result.summary["runtime"] == "flower"
     local = load_file(tmp_path / "local" / "adapter" / "adapter_model.safetensors")
     sim = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
     for key in local:
         torch.testing.assert_close(sim[key], local[key], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-def test_no_process_is_left_running():
-    """Nothing started by the tests above runs any more: no process names one of their folders
-    in its command line or environment (every Flower process there has its FLWR_HOME)."""
-    if not WORKDIRS:
-        pytest.skip("no deployment test ran in this session")
-    leftovers = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            text = (entry / "cmdline").read_bytes() + b"\0" + (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        text = text.replace(b"\0", b" ").decode(errors="replace")
-        if state != "Z" and any(str(w) in text for w in WORKDIRS):
-            leftovers.append((int(entry.name), text[:160]))
-    assert leftovers == []
