@@ -102,3 +102,21 @@ def test_more_rounds_are_refused_where_the_noise_was_calibrated_for_the_plan(tmp
     else:
         raise AssertionError("a DP run with a target epsilon was extended")
     check_matches(payload, {**config, "rounds": 2}, "m", "d")  # the same plan resumes
+
+
+def test_a_dp_run_with_a_given_sigma_extends_as_a_straight_one(tiny_model, tmp_path):
+    """With sigma given (no target epsilon) more rounds are allowed: the accountant composes them
+    all, the seeded noise goes on, and the summary's planned rounds are the new ones."""
+    dp = ["pruning=false", "aggregation='uniform'", "dp_clip_norm=0.05"]
+    dp += ["dp_noise_multiplier=1.0", "dp_noise_seed=5", "rouge_examples=0", "eval_examples=8"]
+    settings = [f"model='{tiny_model}'", *[s for s in SETTINGS if not s.startswith("lambda_")]]
+    settings = [s for s in settings if not s.startswith(("gamma", "rouge", "eval_ex"))] + dp
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    assert _run("--out", str(straight), *_sets([*settings, "rounds=2"])).exit_code == 0
+    assert _run("--out", str(extended), *_sets([*settings, "rounds=1"])).exit_code == 0
+    res = _run("--resume", str(extended), "--set", "rounds=2")
+    assert res.exit_code == 0, res.output
+    assert _rows(extended) == _rows(straight)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (extended, straight))
+    assert a["dp_planned_rounds"] == b["dp_planned_rounds"] == 2
+    assert a["epsilon"] == b["epsilon"] > 0

@@ -11,6 +11,7 @@ every client's adapter put in, trained and taken out in turn), or Flower's Grid 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -431,6 +432,10 @@ class RoundLoop:
         prepared = functools.partial(checkpoint.model_fingerprint, self.ws.peft_model)
         checkpoint.check_matches(payload, self.cfg.to_dict(), model_fp, data_fp, prepared)
         self.server = payload["server"]
+        plan = getattr(self.server, "dp", None)
+        if plan is not None and not plan.target_epsilon and plan.rounds != self.cfg.rounds:
+            # a given sigma: the run may go on to more rounds (the accountant composes them all)
+            self.server.dp = dataclasses.replace(plan, rounds=self.cfg.rounds)
         self.round = payload["round"]
         self.initial_ranks = payload["initial_ranks"]
         self.model.set_base(self.server)
