@@ -54,6 +54,35 @@ def test_the_table_and_plot_come_from_the_chosen_runs(tmp_path, capsys):
     assert "plot:" in capsys.readouterr().out
 
 
+def test_the_grid_of_c_marks_the_chosen_point_and_an_edge(tmp_path):
+    study = _study(tmp_path)
+    runs = [{"name": "HetLoRA, no DP", "dir": "hetlora-no-dp/seed-0", "seed": 0}]
+    for clip, val in ((0.01, 90.0), (0.1, 85.0), (1.0, 140.0)):
+        name = f"HetLoRA, eps 8, C {clip:g}"
+        folder = name.lower().replace(", ", "-").replace(" ", "-").replace(".", "-") + "/seed-0"
+        (study / folder).mkdir(parents=True, exist_ok=True)
+        summary = {"final_ppl": val, "final_val_ppl": val, "dp_clip_norm": clip}
+        if clip == 0.1:  # the chosen run the table reads keeps its facts
+            summary = {**json.loads((study / folder / "summary.json").read_text()), **summary}
+        (study / folder / "summary.json").write_text(json.dumps(summary))
+        runs.append({"name": name, "dir": folder, "group": "HetLoRA, eps 8", "seed": 0})
+    runs.append(
+        {"name": "HetLoRA, eps 8, C 0.1", "dir": "x/seed-1", "group": "HetLoRA, eps 8", "seed": 1}
+    )
+    (study / "comparison.json").write_text(json.dumps({"runs": runs}))
+    tool = _tool()
+    assert tool.main([str(study)]) == 0
+    text = (study / "privacy_utility.md").read_text()
+    assert "The base model's test perplexity: 120.00." in text
+    assert "| HetLoRA, eps 8 | 0.01: 90.00 · **0.1: 85.00** · 1: 140.00 | no |" in text
+    found = tool.rows(study)
+    # the same grid with its lower edge chosen
+    edge = [{**r, "entry": "HetLoRA, eps 8, C 0.01"} if r["target"] == 8 else r for r in found]
+    assert "| HetLoRA, eps 8 | **0.01: 90.00** · 0.1: 85.00 · 1: 140.00 | yes |" in tool.grids(
+        study, edge
+    )
+
+
 def test_a_study_without_reports_is_an_error(tmp_path, capsys):
     assert _tool().main([str(tmp_path)]) == 2
     assert "summary.csv" in capsys.readouterr().err

@@ -6,7 +6,9 @@
 Reads the study's ``summary.csv`` (one row per method and epsilon: the grid point chosen on
 validation and its test perplexity over the seeds) and the chosen runs' ``summary.json``
 (epsilon spent, delta, noise multiplier, clip norm, base perplexity). Writes
-``privacy_utility.md`` (the table, with the commit and host the runs record) and
+``privacy_utility.md`` (the table, with the commit and host the runs record, and each DP group's
+grid of C with its validation perplexity, the chosen C marked and flagged where it sits on the
+grid's edge) and
 ``privacy_utility.png`` (test perplexity against epsilon, mean and each seed, the base model's
 perplexity as a line). Groups are named ``<method>, no DP`` or ``<method>, eps <target>``.
 """
@@ -63,6 +65,40 @@ def rows(study: Path) -> list[dict]:
                 }
             )
     return sorted(out, key=lambda r: (r["method"], -r["target"]))
+
+
+def grids(study: Path, found: list[dict]) -> str:
+    """Each DP group's C grid on the tune seed (``comparison.json``'s seed-0 runs of the group):
+    the validation perplexity at every C, the chosen one in bold, and whether it is an edge."""
+    listed = json.loads((study / "comparison.json").read_text())["runs"]
+    chosen = {
+        r["method"] + (f", eps {r['target']:g}" if not math.isinf(r["target"]) else ""): r["entry"]
+        for r in found
+    }
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for run in listed:
+        group = run.get("group") or ""
+        summary = study / run["dir"] / "summary.json"
+        if run.get("seed", 0) != 0 or not NAME.match(group) or not summary.is_file():
+            continue
+        facts = json.loads(summary.read_text())
+        if facts.get("dp_clip_norm"):
+            val = facts.get("final_val_ppl", math.nan)
+            points.setdefault(group, []).append((facts["dp_clip_norm"], val, run["name"]))
+    lines = [
+        "| group | C: validation ppl at seed 0 (chosen in bold) | chosen C at the grid's edge |",
+        "|---|---|---|",
+    ]
+    for group, grid in sorted(points.items()):
+        grid.sort()
+        cells = [
+            f"**{c:g}: {v:.2f}**" if name == chosen.get(group) else f"{c:g}: {v:.2f}"
+            for c, v, name in grid
+        ]
+        picked = [i for i, (_, _, name) in enumerate(grid) if name == chosen.get(group)]
+        edge = "-" if not picked else ("yes" if picked[0] in (0, len(grid) - 1) else "no")
+        lines.append(f"| {group} | {' · '.join(cells)} | {edge} |")
+    return "\n".join(lines) + "\n"
 
 
 def _num(x, fmt: str) -> str:
@@ -164,7 +200,11 @@ def main(argv: list[str]) -> int:
         return 2
     provenance = sorted({(r["commit"], r["host"]) for r in found})
     made = "; ".join(f"commit {c} on {h}" for c, h in provenance)
-    text = f"Runs made by {made}.\n\n" + table(found)
+    base = found[0]["base_ppl"]
+    text = f"Runs made by {made}. The base model's test perplexity: {base:.2f}.\n\n"
+    text += table(found)
+    if (study / "comparison.json").is_file():
+        text += "\nThe grid of C of each DP group on the tune seed:\n\n" + grids(study, found)
     (study / "privacy_utility.md").write_text(text)
     plot(found, study / "privacy_utility.png")
     print(text, end="")
