@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from safetensors.torch import load_file
 
 from hetlora.client import TrainSettings
@@ -249,6 +249,37 @@ def test_an_evaluation_at_several_ranks_is_one_instruction_and_one_reply():
         bad.config_records[records.CONFIG]["ranks"] = ranks
         with pytest.raises(HetLoRAError, match="ranks"):
             records.read_evaluate(bad)
+
+
+def test_a_node_answers_only_the_evaluations_an_honest_server_asks_for():
+    """Per run and kind of measurement, a node refuses an example named twice, fewer examples
+    than its min-eval-examples, other examples than its first request, and more than rounds + 2
+    requests; an honest server's requests (the same positions each time) pass."""
+    from hetlora.runtime.flower.client_app import guard_evaluation
+
+    def context(**node):
+        return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+
+    ctx = context()
+    for _ in range(5):  # rounds 0-3 and the final repeat
+        guard_evaluation(ctx, "test", False, [4, 2, 9], rounds=3)
+    with pytest.raises(HetLoRAError, match="more than rounds \\+ 2 = 5 requests"):
+        guard_evaluation(ctx, "test", False, [2, 4, 9], rounds=3)
+    guard_evaluation(ctx, "test", True, [2], rounds=3)  # ROUGE-L: its own sample and count
+    guard_evaluation(ctx, "val", False, [0, 1], rounds=3)
+    with pytest.raises(HetLoRAError, match="other examples than the first request"):
+        guard_evaluation(ctx, "val", False, [0], rounds=3)
+    with pytest.raises(HetLoRAError, match="other examples than the first request"):
+        guard_evaluation(ctx, "test", True, [3], rounds=3)
+    with pytest.raises(HetLoRAError, match="more than once"):
+        guard_evaluation(context(), "test", False, [1, 1], rounds=3)
+    strict = context(**{"min-eval-examples": 3})
+    with pytest.raises(HetLoRAError, match="fewer than this node's min-eval-examples 3"):
+        guard_evaluation(strict, "test", False, [5, 6], rounds=3)
+    guard_evaluation(strict, "test", False, [5, 6, 7], rounds=3)
+    for bad in (0, True, "2"):
+        with pytest.raises(HetLoRAError, match="min-eval-examples must be an integer"):
+            guard_evaluation(context(**{"min-eval-examples": bad}), "test", False, [1], rounds=3)
 
 
 def test_the_privacy_check_finds_every_kind_of_example_text(tmp_path):
@@ -967,6 +998,10 @@ def test_deployment_gives_the_in_process_adapter_and_refuses_an_unregistered_nod
         *fed_dir.rglob("flwr-run*"),
     ]
     assert len(server_side) >= 3 and leaks(server_side, markers + texts) == []
+    # each node keeps its evaluation record across the run's messages (in context.state): round
+    # 1's test measurement is its second request
+    node_logs = [p.read_text() for p in fed_dir.rglob("*.log") if p.stem.startswith("node")]
+    assert node_logs and all("evaluation test-nll: request 2 of this run" in t for t in node_logs)
 
 
 def test_simulation_runtime_gives_the_in_process_adapter(tiny_model, tmp_path, workdir):

@@ -14,7 +14,9 @@ A SuperNode says which client it is and what it can afford in its node config
   named client needs none), or ``partition-id``: the client's index in the sorted client list
   of the data (Flower's simulation runtime sets it for every virtual SuperNode);
 * ``rank``: its rank budget (the server caps it at r_max), or ``tier``: the name of one of the
-  run's ``tiers``; with neither, the server assigns the rank the in-process runtime would.
+  run's ``tiers``; with neither, the server assigns the rank the in-process runtime would;
+* ``min-eval-examples`` (optional, default 1): the fewest of its held-out examples an
+  evaluation may name (`guard_evaluation`).
 
 Messages:
 
@@ -31,7 +33,8 @@ Messages:
   (`hetlora.evaluate.nll_sums`); replies with the NLL sums and token counts only; or,
   for a generation instruction, greedy generations of those examples scored against their
   responses on the node (`hetlora.evaluate.rouge_sums`): replies with the ROUGE-L sum and
-  the number of examples, never the text.
+  the number of examples, never the text. A request an honest server would not make is
+  refused first (`guard_evaluation`).
 
 A handler that fails replies with an error that names only the exception's type
 (`.records.node_error`); the error itself, which may quote the device's rows, is logged
@@ -54,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from hetlora.config import Config, make_config
@@ -73,7 +76,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NODE_KEYS = ("partition-id", "num-partitions", "client-id", "rank", "tier", "data", "split")
+NODE_KEYS = (
+    "partition-id",
+    "num-partitions",
+    "client-id",
+    "rank",
+    "tier",
+    "data",
+    "split",
+    "min-eval-examples",
+)
+#: The node's record, in its run's ``context.state``, of the evaluations it has answered.
+EVALUATIONS = "hetlora-evaluations"
 
 
 def node_config(cfg: Config, node: dict[str, Any]) -> Config:
@@ -249,6 +263,45 @@ def train(msg: Message, context: Context) -> Message:
     return Message(records.reply_content(reply, private), reply_to=msg)
 
 
+def guard_evaluation(
+    context: Context, split: str, generate: bool, positions: list[int], rounds: int
+) -> None:
+    """What a server may ask of this node's held-out examples, checked before any is used.
+
+    The server names the examples (so that the federated sample is the in-process one), which
+    would let a curious server ask for one example at a time, or for other examples each time,
+    and read single examples' scores off the sums. So within a run, for each kind of
+    measurement (split, and NLL or ROUGE-L): no example twice; at least the node config's
+    ``min-eval-examples`` (default 1); the same examples as the first request of the run; and at
+    most ``rounds + 2`` requests (an honest server makes at most one a round, the base model's
+    and a final repeat for a holder that missed the last). Raises `HetLoRAError` (the node
+    answers with an error and the server leaves it out of that measurement)."""
+    if len(set(positions)) != len(positions):
+        raise HetLoRAError("evaluation names an example more than once")
+    least = context.node_config.get("min-eval-examples", 1)
+    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+        raise HetLoRAError(f"node config min-eval-examples must be an integer >= 1, got {least!r}")
+    if len(positions) < least:
+        raise HetLoRAError(
+            f"evaluation asks for {len(positions)} examples, fewer than this node's "
+            f"min-eval-examples {least}"
+        )
+    kind = f"{split}-{'rouge' if generate else 'nll'}"
+    if EVALUATIONS not in context.state:
+        context.state[EVALUATIONS] = ConfigRecord()
+    seen = context.state[EVALUATIONS]
+    if f"{kind}-positions" not in seen:
+        seen[f"{kind}-positions"], seen[f"{kind}-count"] = sorted(positions), 0
+    elif list(seen[f"{kind}-positions"]) != sorted(positions):
+        raise HetLoRAError(
+            f"evaluation ({kind}) asks for other examples than the first request of this run"
+        )
+    if int(seen[f"{kind}-count"]) >= rounds + 2:
+        raise HetLoRAError(f"evaluation ({kind}): more than rounds + 2 = {rounds + 2} requests")
+    seen[f"{kind}-count"] = int(seen[f"{kind}-count"]) + 1
+    log.info("evaluation %s: request %d of this run", kind, seen[f"{kind}-count"])
+
+
 @app.evaluate()
 @on_the_node
 def evaluate(msg: Message, context: Context) -> Message:
@@ -268,6 +321,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise HetLoRAError(
             f"evaluation asks for examples outside the {len(examples)} of {task.split}"
         )
+    guard_evaluation(context, task.split, task.generate, list(task.positions), ws.cfg.rounds)
     chosen = [examples[i] for i in task.positions]
     with no_compile():
         if task.generate:
