@@ -44,7 +44,7 @@ from hetlora.runtime.local import LocalRun, evaluate_run
 from localfed.deploy import NodeSpec
 from localfed.launch import deploy_locally, simulate_locally
 from localfed.loopback import LoopbackGrid, run_server_app, server_identity
-from localfed.privacy import device_texts, leaks
+from localfed.privacy import device_texts, leaked_into, leaks
 
 
 def tiny_config(model: Path, **extra):
@@ -285,7 +285,7 @@ def test_a_node_answers_only_the_evaluations_an_honest_server_asks_for():
 def test_the_privacy_check_finds_every_kind_of_example_text(tmp_path):
     """``localfed.privacy`` (used by the tests below and by ``make flower-demo``): each line of
     prompts, responses, text rows and message contents is a needle, short lines are not, and
-    a needle anywhere in a file's bytes is found."""
+    a needle anywhere in a file's bytes is found, as it is, escaped or in part."""
     rows = [
         {
             "prompt": "To be, or not to be, that is the question",
@@ -315,6 +315,19 @@ def test_the_privacy_check_finds_every_kind_of_example_text(tmp_path):
     assert leaks([server], texts) == []
     (server / "sub" / "w.bin").write_bytes(b"\x00\x01" + texts[2].encode() + b"\xff")
     assert leaks([server, data], texts) == [str(server / "sub" / "w.bin"), str(data)]
+    # escaped as JSON or repr writes it, or quoted in part (an error message's first characters)
+    quoted = "Whether 'tis nobler in the mind to suffer — “the question”"
+    for name, written in (
+        ("json.log", json.dumps({"error": quoted})),
+        ("repr.log", f"ValueError({quoted!r})"),
+        ("head.log", f"bad row: {quoted[:30]}..."),
+        ("tail.log", f"...{quoted[-30:]}"),
+    ):
+        folder = tmp_path / name.removesuffix(".log")
+        folder.mkdir()
+        (folder / name).write_text(written, encoding="utf-8")
+        assert leaks([folder], [quoted]) == [str(folder / name)], name
+        assert leaked_into(written, [quoted]) == 1, name
 
 
 def test_node_config_names_its_client_and_the_app_carries_the_config(tiny_model, tmp_path):
@@ -676,7 +689,11 @@ def device_files(folder: Path, clients: int, per_client: int = 70) -> tuple[Path
     for i, (client, examples) in enumerate(chosen[:clients]):
         marker = f"CANARY{i}xQZV"  # fixed: the same tokens, the same run, on every try
         own = [
-            {"client_id": client, "prompt": ex.prompt, "response": f"{ex.response} {marker}"}
+            {
+                "client_id": client,
+                "prompt": f"{marker} {ex.prompt}",
+                "response": f"{ex.response} {marker}",
+            }
             for ex in examples[:per_client]
         ]
         path = folder / f"device-{i}" / "data.jsonl"
