@@ -58,12 +58,18 @@ def test_custom_target_modules(tiny_model, tmp_path):
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "o_proj"}
 
 
-def test_unknown_target_module_is_a_clear_error(tiny_model, tmp_path):
+@pytest.mark.parametrize("modules", ["['nope']", "['q_proj','qkv_proj','gate_up_proj']"])
+def test_unknown_target_module_is_a_clear_error(modules, tiny_model, tmp_path):
+    """A name that matches no module is refused, also beside names that match (PEFT alone
+    would adapt q_proj only, as a Llama list on Phi-3's fused layers would)."""
     result = run_cli(
-        tmp_path / "out", f"model='{tiny_model}'", "min_examples=150", "target_modules=['nope']"
+        tmp_path / "out", f"model='{tiny_model}'", "min_examples=150", f"target_modules={modules}"
     )
     assert result.exit_code == 2
-    assert "nope" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    unmatched = [m for m in ("nope", "qkv_proj", "gate_up_proj") if m in modules]
+    assert f"target_modules {unmatched} name no module" in result.stderr
+    assert "q_proj" in result.stderr.split("its linear layers:")[1]  # what it could name
 
 
 def test_user_jsonl_with_clients(tiny_model, tmp_path):

@@ -39,12 +39,30 @@ def lora_config(rank: int, scale: float, target_modules: list[str]) -> LoraConfi
 
 
 def wrap(model: torch.nn.Module, rank: int, scale: float, target_modules: list[str]) -> PeftModel:
-    """Wrap the frozen base once, with the global adapter at ``rank`` (PEFT's init: B = 0)."""
+    """Wrap the frozen base once, with the global adapter at ``rank`` (PEFT's init: B = 0).
+
+    Every name of ``target_modules`` must name a module (PEFT's rule: the module's name, or the
+    last parts of its dotted path); PEFT itself only refuses a list of which none matches, and a
+    list written for another family (``q_proj`` on Phi-3's fused ``qkv_proj``) would train
+    fewer modules than asked without a word."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _linear(m)})
+        raise HetLoRAError(
+            f"target_modules {unmatched} name no module of this model (its linear layers: "
+            f"{', '.join(leaves)})"
+        )
     try:
         peft_model = get_peft_model(model, lora_config(rank, scale, target_modules))
     except ValueError as exc:
         raise HetLoRAError(f"cannot put LoRA on modules {target_modules}: {exc}") from None
     return peft_model
+
+
+def _linear(module: torch.nn.Module) -> bool:
+    """A layer LoRA can adapt: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def live_factors(
