@@ -269,6 +269,30 @@ def test_csv_cells_are_read_as_written(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize("line", [2, 3])
+def test_a_csv_row_with_more_fields_than_its_header_is_refused(tmp_path: Path, line) -> None:
+    """An unquoted comma: on the first row pandas would shift the cells one column left (the
+    extra field taken for an index) without a word; on any row it is one error naming it."""
+    rows = ["1,Say bye,Bye", "2,Say hi,Hello, world"]
+    path = tmp_path / "d.csv"
+    path.write_text("client_id,prompt,response\n" + "\n".join(rows[::-1] if line == 2 else rows))
+    with pytest.raises(HetLoRAError, match=f"line {line} has 4 fields, the header 3: quote"):
+        load_clients(str(path))
+    path.write_text('client_id,prompt,response\n1,Say hi,"Hello, world"\n')
+    assert load_clients(str(path)) == {"1": [Example("Say hi", "Hello, world")]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line(tmp_path: Path, suffix) -> None:
+    path = tmp_path / f"d{suffix}"
+    good = '{"text": "abc"}\n' if suffix == ".jsonl" else "text\nabc\n"
+    bad = '{"text": "caf\xe9"}\n' if suffix == ".jsonl" else "caf\xe9\n"
+    path.write_bytes(good.encode() * 2 + bad.encode("latin-1"))
+    line = 3 if suffix == ".jsonl" else 5
+    with pytest.raises(HetLoRAError, match=f"line {line} is not UTF-8 \\(byte 0xe9\\)"):
+        load_clients(str(path))
+
+
 def test_csv_text_column_of_numbers_is_text(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("client_id,text\n10,3.50\n2,1e3\n10,-0\n")

@@ -22,6 +22,8 @@ column of floats usually holds integers that went through a missing value.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import functools
 import json
 import logging
@@ -68,6 +70,43 @@ def _is_blank(path: Path, *, text: bool) -> bool:
     return True
 
 
+def _check_utf8(path: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming the line (the readers would take the bytes
+    in and fail later, on the first cell of it that is read)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 16):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line += exc.object[: exc.start].count(b"\n")  # the chunk after held bytes
+                raise HetLoRAError(
+                    f"{path}: line {line} is not UTF-8 (byte {exc.object[exc.start]:#04x}): save the "
+                    "file as UTF-8"
+                ) from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise HetLoRAError(f"{path}: ends inside a UTF-8 character") from None
+
+
+def _check_csv_fields(path: Path) -> None:
+    """Refuse a CSV row with more fields than its header: pandas would take the first such row's
+    extra field for an index and shift its cells one column left without a word (an unquoted
+    comma in a response, say)."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        rows = csv.reader(fh)
+        header = next(rows, [])
+        for row in rows:
+            if len(row) > len(header):
+                raise HetLoRAError(
+                    f"{path}: line {rows.line_num} has {len(row)} fields, the header "
+                    f"{len(header)}: quote a field that holds a comma"
+                )
+
+
 def read_file(path: Path) -> Any:
     """Read a data file into a ``datasets.Dataset``, with a temporary cache folder.
 
@@ -86,6 +125,10 @@ def read_file(path: Path) -> Any:
         )
     if _is_blank(path, text=builder != "parquet"):
         raise HetLoRAError(f"data file {path} is empty")
+    if builder != "parquet":
+        _check_utf8(path)
+    if builder == "csv":
+        _check_csv_fields(path)
     options = _csv_options(path) if builder == "csv" else {}
     if builder == "parquet":  # datasets fails on a Parquet file of 0 rows: read its metadata
         import pyarrow.parquet as pq
