@@ -208,6 +208,26 @@ def test_generation_starts_with_bos_and_stops_at_every_stop_id(granite: Path) ->
     assert stopped == tok.decode(new[:1]).strip() != free
 
 
+def test_generation_is_greedy_whatever_the_models_generation_config_sets(granite: Path) -> None:
+    """A model folder's own repetition penalty, n-gram ban, minimum length or suppressed tokens
+    do not apply: the generation is the argmax of every step (and the config is given back)."""
+    tok = AutoTokenizer.from_pretrained(granite)
+    model = AutoModelForCausalLM.from_pretrained(granite, dtype=torch.float32)
+    ids = tok("Good morrow, cousin.")["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(8):
+            x = torch.cat([x, model(x).logits[0, -1].argmax().view(1, 1)], 1)
+    argmax = x[0, len(ids) :].tolist()
+    config = model.generation_config
+    config.eos_token_id = -1  # no stop: 8 tokens
+    config.repetition_penalty, config.no_repeat_ngram_size = 1.5, 1
+    config.min_new_tokens, config.suppress_tokens = 8, [argmax[0]]
+    (text,) = generate_greedy(model, tok, [ids], 8, "cpu")
+    assert text == tok.decode(argmax, skip_special_tokens=True).strip()
+    assert model.generation_config is config and config.repetition_penalty == 1.5
+
+
 #: A Llama 2 style template over a Metaspace tokenizer: turns written back to back.
 INST_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"

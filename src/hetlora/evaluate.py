@@ -8,6 +8,7 @@ forward (`logit_transform`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
@@ -261,7 +262,8 @@ def generate_greedy(
     bf16: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, one at a time, cut at the first stop token
-    (`stop_ids`).
+    (`stop_ids`), whatever sampling or penalties the model's generation config sets
+    (`_only_greedy`).
 
     A prompt is token ids (as `hetlora.data.chat.Renderer.prompt` gives them), or a text,
     which is tokenised as the tokenizer starts a text
@@ -271,6 +273,45 @@ def generate_greedy(
     was_training = model.training
     model.eval()
     stops = stop_ids(model, tokenizer)
+    with _only_greedy(model):
+        outs = _generate(model, tokenizer, prompts, max_new_tokens, device, bf16, stops)
+    model.train(was_training)
+    return outs
+
+
+#: What greedy decoding keeps of a model's own generation config: its special tokens and its
+#: cache (Gemma 2's ``hybrid``); its sampling and penalties (``repetition_penalty``,
+#: ``no_repeat_ngram_size``, ``min_length``, ``suppress_tokens``...) go.
+_KEPT_GENERATION_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "cache_implementation",
+)
+
+
+@contextlib.contextmanager
+def _only_greedy(model: torch.nn.Module):
+    """The model's generation config reduced to `_KEPT_GENERATION_KEYS` for the block
+    (``generate`` fills every setting it is not given from it, a config passed in too)."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = getattr(target, "generation_config", None)
+    if own is None:
+        yield
+        return
+    kept = {k: getattr(own, k) for k in _KEPT_GENERATION_KEYS if getattr(own, k, None) is not None}
+    target.generation_config = GenerationConfig(**kept)
+    try:
+        yield
+    finally:
+        target.generation_config = own
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, device, bf16, stops) -> list[str]:
+    """`generate_greedy`'s loop over the prompts."""
     start = None
     outs = []
     for prompt in prompts:
@@ -288,7 +329,6 @@ def generate_greedy(
                 eos_token_id=stops,
             )
         outs.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    model.train(was_training)
     return outs
 
 
