@@ -228,6 +228,39 @@ def test_generation_is_greedy_whatever_the_models_generation_config_sets(granite
     assert model.generation_config is config and config.repetition_penalty == 1.5
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_the_template_end_of_turn_is_a_stop_and_a_base_models_reply_ends_there(
+    granite: Path, tmp_path: Path
+) -> None:
+    """A base model's generation config names only its end of text, while templated examples
+    end each reply with the template's end-of-turn token (ChatML's ``<|im_end|>`` here): the
+    renderer finds that token, and a generation stops at it."""
+    tok = AutoTokenizer.from_pretrained(granite)
+    assert make_renderer(tok, "auto").end_of_turn == []  # no template
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    renderer = make_renderer(tok, "auto")
+    assert renderer.end_of_turn == [end] and end != tok.eos_token_id
+    tok.chat_template = CHATML.replace("<|im_end|>", "")  # a turn ended by plain text: none
+    assert make_renderer(tok, "auto").end_of_turn == []
+    tok.chat_template = CHATML.replace("<|im_end|>", "{{ eos_token }}")
+    assert make_renderer(tok, "auto").end_of_turn == [tok.eos_token_id]
+
+    model = AutoModelForCausalLM.from_pretrained(granite, dtype=torch.float32)
+    model.generation_config.eos_token_id = -1
+    ids = tok("Good morrow, cousin.")["input_ids"]
+    free = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+    new = free[0, len(ids) :].tolist()
+    (stopped,) = generate_greedy(model, tok, [ids], 6, "cpu", extra_stops=[new[1]])
+    assert stopped == tok.decode(new[:1]).strip()
+
+
 #: A Llama 2 style template over a Metaspace tokenizer: turns written back to back.
 INST_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"

@@ -56,7 +56,13 @@ class ChatModel:
             start += 1
             prompt = self.renderer.chat_prompt(turns[start:])
         return generate_greedy(
-            self.model, self.tokenizer, [prompt], self.max_new_tokens, self.device, self.bf16
+            self.model,
+            self.tokenizer,
+            [prompt],
+            self.max_new_tokens,
+            self.device,
+            self.bf16,
+            extra_stops=self.renderer.end_of_turn,
         )[0]
 
 

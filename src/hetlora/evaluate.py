@@ -260,10 +260,12 @@ def generate_greedy(
     max_new_tokens: int,
     device,
     bf16: bool = False,
+    extra_stops: Sequence[int] = (),
 ) -> list[str]:
     """Greedy continuations of ``prompts``, one at a time, cut at the first stop token
-    (`stop_ids`), whatever sampling or penalties the model's generation config sets
-    (`_only_greedy`).
+    (`stop_ids`, and ``extra_stops``: the chat template's end of turn,
+    `hetlora.data.chat.Renderer.end_of_turn`), whatever sampling or penalties the model's
+    generation config sets (`_only_greedy`).
 
     A prompt is token ids (as `hetlora.data.chat.Renderer.prompt` gives them), or a text,
     which is tokenised as the tokenizer starts a text
@@ -273,6 +275,7 @@ def generate_greedy(
     was_training = model.training
     model.eval()
     stops = stop_ids(model, tokenizer)
+    stops += [i for i in extra_stops if i not in stops]
     with _only_greedy(model):
         outs = _generate(model, tokenizer, prompts, max_new_tokens, device, bf16, stops)
     model.train(was_training)

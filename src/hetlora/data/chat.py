@@ -257,6 +257,26 @@ class Renderer:
             return (("user", example.prompt), ("assistant", example.response))
         return None
 
+    @cached_property
+    def end_of_turn(self) -> list[int]:
+        """The special token the chat template ends an assistant turn with (``<|im_end|>``,
+        ``<|eot_id|>``, ``<end_of_turn>``), found by rendering a probe conversation; empty
+        without a template or where the turn ends otherwise. A generation stops there too: a
+        base model's generation config names only its end of text, while the examples it was
+        trained on end each reply with this token."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return []
+        probe = (("user", "Hi"), ("assistant", "Hello"))
+        try:
+            head = _apply(self.tokenizer, probe[:1], generation_prompt=True) + probe[1][1]
+            full = _apply(self.tokenizer, probe, generation_prompt=False)
+        except HetLoRAError:
+            return []
+        if not full.startswith(head) or not full[len(head) :]:
+            return []
+        first = token_ids(self.tokenizer, full[len(head) :])[:1]
+        return first if first and first[0] in self.tokenizer.all_special_ids else []
+
     def tokenize(self, example: Example, max_len: int) -> Tokenized:
         """Token ids and loss mask of one example."""
         turns = self.conversation(example)

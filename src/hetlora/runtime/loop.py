@@ -248,6 +248,7 @@ class GlobalModel:
                 self.cfg.max_new_tokens,
                 self.ws.device,
                 bf16=self.ws.bf16,
+                extra_stops=self.ws.renderer.end_of_turn,
             )
         return preds, [ex.response.strip() for ex in sample]
 

@@ -328,7 +328,13 @@ def evaluate(msg: Message, context: Context) -> Message:
             adapters.write_padded(ws.peft_model, task.factors, ws.cfg.r_max)
             prompts = [ws.renderer.prompt(ex) for ex in chosen]
             preds = generate_greedy(
-                ws.peft_model, ws.tokenizer, prompts, ws.cfg.max_new_tokens, ws.device, ws.bf16
+                ws.peft_model,
+                ws.tokenizer,
+                prompts,
+                ws.cfg.max_new_tokens,
+                ws.device,
+                ws.bf16,
+                extra_stops=ws.renderer.end_of_turn,
             )
             score, scored = rouge_sums(preds, [ex.response.strip() for ex in chosen])
             return Message(records.rouge_reply(score, scored), reply_to=msg)
