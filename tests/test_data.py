@@ -230,6 +230,31 @@ def test_json_array_text_with_client_id(tmp_path: Path) -> None:
     assert load_clients(str(path)) == {"a": [Example("", "y")], "b": [Example("", "x")]}
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_columns_of_several_types_keep_each_cells_value(tmp_path: Path, suffix) -> None:
+    """A column holding strings and numbers: the string "42" stays text, "007" and 7 stay two
+    clients, and only the number in a text column is a bad row."""
+    rows = [
+        {"client_id": "007", "prompt": "a", "response": "x"},
+        {"client_id": 7, "prompt": "b", "response": "y"},
+        {"client_id": "u", "prompt": "c", "response": "42"},
+        {"client_id": "u", "prompt": "d", "response": 5},
+        {"client_id": "u", "prompt": "e", "response": "null"},
+    ]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        path.write_text(json.dumps(rows))
+    with pytest.raises(HetLoRAError, match="1 bad row of 5: row 4: column 'response' must be a "):
+        load_clients(str(path))
+    assert load_clients(str(path), on_bad_rows="skip") == {
+        "007": [Example("a", "x")],
+        "7": [Example("b", "y")],
+        "u": [Example("c", "42"), Example("e", "null")],
+    }
+
+
 def test_csv_with_client_id(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text('client_id,text\nu1,hello\nu2,"a, b"\nu1,world\n')

@@ -23,6 +23,7 @@ column of floats usually holds integers that went through a missing value.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import functools
 import json
@@ -150,7 +151,7 @@ def read_file(path: Path) -> Any:
     try:
         with tempfile.TemporaryDirectory(prefix="hetlora-datasets-") as cache_dir:
             try:  # keep_in_memory: the table does not refer to files in cache_dir
-                return datasets.load_dataset(
+                ds = datasets.load_dataset(
                     builder,
                     data_files=str(path),
                     split="train",
@@ -174,6 +175,43 @@ def read_file(path: Path) -> Any:
         datasets.logging.set_verbosity(verbosity)
         if bars_were_on:
             datasets.enable_progress_bars()
+    mixed = [n for n, f in ds.features.items() if type(f).__name__ == "Json"]
+    return _with_json_cells(ds, path, mixed) if builder == "json" and mixed else ds
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """``datasets`` without its progress bars for the block (as they were after it)."""
+    import datasets
+
+    were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
+
+
+def _with_json_cells(ds: Any, path: Path, names: list[str]) -> Any:
+    """``ds`` with its columns ``names`` (of values of several types) rebuilt from the file as
+    JSON text per cell, which `_column` decodes to the values written. ``datasets`` keeps such
+    a column as text in which a string that looks like a number is not quoted, so ``"42"``
+    came back as the number 42 and ``"007"`` did not decode at all."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:  # JSON Lines
+        whole = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(whole, dict):  # columns: {"name": [values], ...}
+        keys = list(whole)
+        whole = [dict(zip(keys, row, strict=True)) for row in zip(*whole.values(), strict=True)]
+    if not isinstance(whole, list) or len(whole) != len(ds):
+        raise HetLoRAError(f"{path}: cannot match its rows to the {len(ds)} read")
+    for name in names:
+        cells = [json.dumps(row.get(name)) if isinstance(row, dict) else "null" for row in whole]
+        ds = ds.remove_columns(name).add_column(name, cells, feature=ds.features[name])
+    return ds
 
 
 def _csv_options(path: Path) -> dict[str, Any]:
@@ -294,7 +332,9 @@ def _drop_bad_rows(
     logger.warning('%s: skipped (on_bad_rows = "skip") %s', path, described)
     keep = [i for i in range(ds.num_rows) if i not in problems]
     # flatten: _column reads the table itself, which must hold only the kept rows
-    clean = ds.select(keep, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+    clean = ds.select(keep, keep_in_memory=True)
+    with _quiet_datasets():  # no progress bar of its own for a copy of the kept rows
+        clean = clean.flatten_indices(keep_in_memory=True)
     return clean, n
 
 
