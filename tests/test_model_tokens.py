@@ -448,3 +448,39 @@ def test_english_words_are_rouge_scores_own_tokens() -> None:
     stemmer = porter.PorterStemmer()
     assert len(texts) > 3000
     assert all(words(t) == tokenize.tokenize(t, stemmer) for t in texts if t.isascii())
+
+
+@pytest.mark.parametrize(
+    ("which", "prompt", "response"),
+    [
+        ("metaspace", "Q: who comes here?\n", "The king."),  # no space in the text before "The"
+        ("metaspace", "Q: who comes here?", " The king."),
+        ("byte-level", "Answer: ", "the king."),  # the space merges into the response's word
+        ("byte-level", "Answer:\n", "the king."),
+    ],
+)
+def test_a_raw_row_is_tokenised_as_one_text_cut_where_the_prompt_ends(
+    which, prompt, response, metaspace_tok, tiny_model
+) -> None:
+    """Prompt and response tokenised apart would start the response as a text of its own (a
+    Metaspace tokenizer puts a space before it; a prompt ending in a space leaves a lone space
+    token). As one text: the ids are the joint text's, a token reaching into the response is a
+    target, and a generation continues from the same prompt ids."""
+    tok = metaspace_tok if which == "metaspace" else AutoTokenizer.from_pretrained(tiny_model)
+    joint = tok(prompt + response, add_special_tokens=False)
+    item = make_renderer(tok, "auto").tokenize(Example(prompt, response), 512)
+    start = start_ids(tok)
+    assert list(item.ids) == start + joint["input_ids"] + [tok.eos_token_id]
+    ends = [
+        end
+        for _, end in tok(prompt + response, return_offsets_mapping=True, add_special_tokens=False)[
+            "offset_mapping"
+        ]
+    ]
+    n = len(start) + sum(1 for end in ends if end <= len(prompt))
+    assert item.n_prompt == n and n < len(item.ids) - 1
+    assert make_renderer(tok, "auto").prompt(Example(prompt, response)) == list(item.ids[:n])
+    apart = tok(prompt, add_special_tokens=False)["input_ids"]
+    apart += tok(response, add_special_tokens=False)["input_ids"]
+    if (which, prompt[-1]) in (("metaspace", "\n"), ("byte-level", " ")):
+        assert apart != joint["input_ids"]  # the case the joint text is for

@@ -69,17 +69,37 @@ def fit(context: list[int], answer: list[int], max_len: int) -> tuple[list[int],
     return context, answer
 
 
+def pair_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """The ids of ``prompt + response`` tokenised as one text, cut where the prompt ends: a
+    token that ends within the prompt is the prompt's, one that reaches into the response
+    (``"Answer:" + " The"`` as ``Ġ``+``The`` merged: ``ĠThe``) is the response's.
+
+    Tokenising the two apart would start the response as a text of its own: a Metaspace
+    tokenizer (Llama 2, Mistral, Phi-3) puts a space before it that the text does not have, and
+    a prompt ending in a space leaves a lone space token no text tokenises to. A tokenizer
+    without character offsets (a slow one) tokenises them apart.
+    """
+    if not response or not prompt or not getattr(tokenizer, "is_fast", False):
+        return token_ids(tokenizer, prompt), token_ids(tokenizer, response)
+    enc = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    n = 0
+    while n < len(ids) and offsets[n][1] <= len(prompt):
+        n += 1
+    return list(ids[:n]), list(ids[n:])
+
+
 def tokenize(
     tokenizer, prompt: str, response: str, max_len: int, start: Sequence[int] | None = None
 ) -> Tokenized:
-    """Tokenise one example as ``start + prompt + response + eos`` in at most ``max_len``
-    tokens: the prompt is cut on the left (after ``start``, which always stays at position 0)
-    and the response on the right. ``start`` defaults to `start_ids`; it is part of the
-    prompt (never a target).
+    """Tokenise one example as ``start + prompt + response + eos`` (`pair_ids`) in at most
+    ``max_len`` tokens: the prompt is cut on the left (after ``start``, which always stays at
+    position 0) and the response on the right. ``start`` defaults to `start_ids`; it is part
+    of the prompt (never a target).
     """
     start = start_ids(tokenizer) if start is None else list(start)
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    p, r = fit(token_ids(tokenizer, prompt), r, max(max_len - len(start), 1))
+    p, r = pair_ids(tokenizer, prompt, response)
+    p, r = fit(p, r + [tokenizer.eos_token_id], max(max_len - len(start), 1))
     return Tokenized(ids=tuple(start + p + r), n_prompt=len(start) + len(p))
 
 

@@ -31,7 +31,7 @@ from functools import cached_property
 from typing import Any
 
 from hetlora.data import Example
-from hetlora.data.batching import Tokenized, fit, start_ids, token_ids, tokenize
+from hetlora.data.batching import Tokenized, fit, pair_ids, start_ids, token_ids, tokenize
 from hetlora.errors import HetLoRAError, first_line
 
 __all__ = [
@@ -293,10 +293,11 @@ class Renderer:
 
     def prompt(self, example: Example) -> list[int]:
         """The token ids a generation continues: every turn before the last assistant turn,
-        with the template's assistant header (or the raw prompt after `start`)."""
+        with the template's assistant header (or the raw prompt after `start`, as training cut
+        it from the response: `hetlora.data.batching.pair_ids`)."""
         turns = self.conversation(example)
-        if turns is None:
-            return self.start + token_ids(self.tokenizer, example.prompt)
+        if turns is None:  # the prompt as training cut it from its response
+            return self.start + pair_ids(self.tokenizer, example.prompt, example.response)[0]
         last = max(i for i, (role, text) in enumerate(turns) if role == "assistant" and text)
         return self._template_ids(turns[:last])
 
