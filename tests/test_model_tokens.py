@@ -484,3 +484,17 @@ def test_a_raw_row_is_tokenised_as_one_text_cut_where_the_prompt_ends(
     apart += tok(response, add_special_tokens=False)["input_ids"]
     if (which, prompt[-1]) in (("metaspace", "\n"), ("byte-level", " ")):
         assert apart != joint["input_ids"]  # the case the joint text is for
+
+
+def test_an_exported_tokenizer_keeps_its_own_pad_token(tmp_path: Path) -> None:
+    """Training pads with the end-of-sequence token where a tokenizer has no pad token (the
+    loss mask goes by position); an export saves the tokenizer as it came, since a collator
+    that masks pad tokens would take the end of sequence out of the loss."""
+    from hetlora.models import load_tokenizer
+
+    folder = make_tiny_model(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    assert load_tokenizer(str(folder)).pad_token == tok.eos_token
+    assert load_tokenizer(str(folder), pad=False).pad_token is None

@@ -198,7 +198,7 @@ def export_run(
                 staging,
                 base_name=base_model or portable_name(cfg.model),
             )
-            load_tokenizer(cfg.model).save_pretrained(str(staging))
+            load_tokenizer(cfg.model, pad=False).save_pretrained(str(staging))
             meta = {
                 "run": str(run_dir.resolve()),
                 "method": cfg.method,
@@ -221,7 +221,7 @@ def export_run(
                 loaded = PeftModel.from_pretrained(_base_model(cfg.model), str(adapter_dir))
                 merged = loaded.merge_and_unload().to(torch_dtype)
                 merged.save_pretrained(str(staging))
-            load_tokenizer(cfg.model).save_pretrained(str(staging))
+            load_tokenizer(cfg.model, pad=False).save_pretrained(str(staging))
         make_readable(staging)
         if out_dir.exists():
             out_dir.rmdir()

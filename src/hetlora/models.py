@@ -141,8 +141,11 @@ def portable_name(name: str) -> str:
     return DEFAULT_HUB_ID if name == DEFAULT_MODEL else name
 
 
-def load_tokenizer(name: str) -> Any:
-    """The tokenizer of model ``name`` (its pad token the end-of-sequence token if it has none).
+def load_tokenizer(name: str, pad: bool = True) -> Any:
+    """The tokenizer of model ``name`` (with ``pad``, its pad token the end-of-sequence token if
+    it has none: batches are padded, and the loss mask goes by position, so the end of
+    sequence stays a target; an exported tokenizer keeps its own, ``pad = False``, as a
+    collator that masks pad tokens would take the end of sequence out of the loss).
 
     Raises:
         HetLoRAError: it cannot be loaded, or has no end-of-sequence token.
@@ -153,7 +156,7 @@ def load_tokenizer(name: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as exc:
         raise HetLoRAError(f"cannot load model {name!r}: {first_line(exc)}") from None
-    if tokenizer.pad_token_id is None:
+    if pad and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise HetLoRAError(f"the tokenizer of {name!r} has no end-of-sequence token")
