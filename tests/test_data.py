@@ -255,6 +255,25 @@ def test_json_columns_of_several_types_keep_each_cells_value(tmp_path: Path, suf
     }
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_single_json_column_of_several_types_is_one_bad_row(tmp_path: Path, suffix) -> None:
+    rows = [{"text": "hello there"}, {"text": 5}, {"text": "general kenobi"}]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        path.write_text(json.dumps(rows))
+    with pytest.raises(HetLoRAError, match="1 bad row of 3: row 2: column 'text' must be a"):
+        load_clients(str(path), partitioner="iid", num_partitions=1)
+
+
+def test_a_csv_with_a_leading_blank_line_or_a_long_field_reads(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    long = "x" * 200_000
+    path.write_text(f"\nclient_id,prompt,response\n1,hi,ok\n1,{long},ok\n")
+    assert load_clients(str(path)) == {"1": [Example("hi", "ok"), Example(long, "ok")]}
+
+
 def test_csv_with_client_id(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text('client_id,text\nu1,hello\nu2,"a, b"\nu1,world\n')

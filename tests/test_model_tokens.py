@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import make_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from hetlora.config import make_config
 from hetlora.data import Example, load_clients
@@ -247,6 +247,9 @@ def test_the_template_end_of_turn_is_a_stop_and_a_base_models_reply_ends_there(
     end = tok.convert_tokens_to_ids("<|im_end|>")
     renderer = make_renderer(tok, "auto")
     assert renderer.end_of_turn == [end] and end != tok.eos_token_id
+    tok.chat_template = CHATML.replace("<|im_end|>", "<|eot_id|>")  # special, not named
+    tok.add_tokens([AddedToken("<|eot_id|>", special=True)])
+    assert make_renderer(tok, "auto").end_of_turn == [tok.convert_tokens_to_ids("<|eot_id|>")]
     tok.chat_template = CHATML.replace("<|im_end|>", "")  # a turn ended by plain text: none
     assert make_renderer(tok, "auto").end_of_turn == []
     tok.chat_template = CHATML.replace("<|im_end|>", "{{ eos_token }}")

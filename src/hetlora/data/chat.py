@@ -275,7 +275,9 @@ class Renderer:
         if not full.startswith(head) or not full[len(head) :]:
             return []
         first = token_ids(self.tokenizer, full[len(head) :])[:1]
-        return first if first and first[0] in self.tokenizer.all_special_ids else []
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})  # Llama 3's <|eot_id|>
+        special = set(self.tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+        return first if first and first[0] in special else []
 
     def tokenize(self, example: Example, max_len: int) -> Tokenized:
         """Token ids and loss mask of one example."""

@@ -28,6 +28,7 @@ import csv
 import functools
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -97,15 +98,19 @@ def _check_csv_fields(path: Path) -> None:
     """Refuse a CSV row with more fields than its header: pandas would take the first such row's
     extra field for an index and shift its cells one column left without a word (an unquoted
     comma in a response, say)."""
+    csv.field_size_limit(sys.maxsize)  # pandas has no limit on a field's length
     with path.open(encoding="utf-8-sig", newline="") as fh:
         rows = csv.reader(fh)
-        header = next(rows, [])
-        for row in rows:
-            if len(row) > len(header):
-                raise HetLoRAError(
-                    f"{path}: line {rows.line_num} has {len(row)} fields, the header "
-                    f"{len(header)}: quote a field that holds a comma"
-                )
+        try:
+            header = next((r for r in rows if r), [])  # pandas skips blank lines
+            for row in rows:
+                if len(row) > len(header):
+                    raise HetLoRAError(
+                        f"{path}: line {rows.line_num} has {len(row)} fields, the header "
+                        f"{len(header)}: quote a field that holds a comma"
+                    )
+        except csv.Error as exc:
+            raise HetLoRAError(f"cannot read {path} as csv: line {rows.line_num}: {exc}") from None
 
 
 def read_file(path: Path) -> Any:
@@ -208,9 +213,13 @@ def _with_json_cells(ds: Any, path: Path, names: list[str]) -> Any:
         whole = [dict(zip(keys, row, strict=True)) for row in zip(*whole.values(), strict=True)]
     if not isinstance(whole, list) or len(whole) != len(ds):
         raise HetLoRAError(f"{path}: cannot match its rows to the {len(ds)} read")
+    whole = [row if isinstance(row, dict) else {"text": row} for row in whole]  # as datasets
     for name in names:
-        cells = [json.dumps(row.get(name)) if isinstance(row, dict) else "null" for row in whole]
-        ds = ds.remove_columns(name).add_column(name, cells, feature=ds.features[name])
+        cells = [json.dumps(row.get(name)) for row in whole]
+        feature = ds.features[name]
+        temp = f"{_ROW}{name}"  # added before the old column goes: a table keeps a column
+        ds = ds.add_column(temp, cells, feature=feature).remove_columns(name)
+        ds = ds.rename_column(temp, name)
     return ds
 
 
