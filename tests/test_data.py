@@ -230,6 +230,14 @@ def test_json_array_text_with_client_id(tmp_path: Path) -> None:
     assert load_clients(str(path)) == {"a": [Example("", "y")], "b": [Example("", "x")]}
 
 
+def _write_json(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as JSON Lines (``.jsonl``) or as one JSON array (``.json``)."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    path.write_text(json.dumps(rows))
+    return path
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_json_columns_of_several_types_keep_each_cells_value(tmp_path: Path, suffix) -> None:
     """A column holding strings and numbers: the string "42" stays text, "007" and 7 stay two
@@ -241,11 +249,7 @@ def test_json_columns_of_several_types_keep_each_cells_value(tmp_path: Path, suf
         {"client_id": "u", "prompt": "d", "response": 5},
         {"client_id": "u", "prompt": "e", "response": "null"},
     ]
-    path = tmp_path / f"d{suffix}"
-    if suffix == ".jsonl":
-        write_jsonl(path, rows)
-    else:
-        path.write_text(json.dumps(rows))
+    path = _write_json(tmp_path / f"d{suffix}", rows)
     with pytest.raises(HetLoRAError, match="1 bad row of 5: row 4: column 'response' must be a "):
         load_clients(str(path))
     assert load_clients(str(path), on_bad_rows="skip") == {
@@ -258,11 +262,7 @@ def test_json_columns_of_several_types_keep_each_cells_value(tmp_path: Path, suf
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_single_json_column_of_several_types_is_one_bad_row(tmp_path: Path, suffix) -> None:
     rows = [{"text": "hello there"}, {"text": 5}, {"text": "general kenobi"}]
-    path = tmp_path / f"d{suffix}"
-    if suffix == ".jsonl":
-        write_jsonl(path, rows)
-    else:
-        path.write_text(json.dumps(rows))
+    path = _write_json(tmp_path / f"d{suffix}", rows)
     with pytest.raises(HetLoRAError, match="1 bad row of 3: row 2: column 'text' must be a"):
         load_clients(str(path), partitioner="iid", num_partitions=1)
 

@@ -149,11 +149,7 @@ def read_file(path: Path) -> Any:
     import datasets
 
     # Quiet while reading: our error message replaces datasets' own log lines and bars.
-    bars_were_on = not datasets.are_progress_bars_disabled()
-    verbosity = datasets.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(logging.CRITICAL)
-    try:
+    with _quiet_datasets():
         with tempfile.TemporaryDirectory(prefix="hetlora-datasets-") as cache_dir:
             try:  # keep_in_memory: the table does not refer to files in cache_dir
                 ds = datasets.load_dataset(
@@ -176,24 +172,24 @@ def read_file(path: Path) -> Any:
                 ):
                     raise HetLoRAError(f"data file {path} has no rows") from exc
                 raise HetLoRAError(f"cannot read {path} as {builder}: {_one_line(exc)}") from exc
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
     mixed = [n for n, f in ds.features.items() if type(f).__name__ == "Json"]
     return _with_json_cells(ds, path, mixed) if builder == "json" and mixed else ds
 
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """``datasets`` without its progress bars for the block (as they were after it)."""
+    """``datasets`` without its progress bars and log lines for the block (as they were
+    after it)."""
     import datasets
 
     were_on = not datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if were_on:
             datasets.enable_progress_bars()
 
