@@ -315,6 +315,62 @@ def test_a_conversation_is_tokenised_once_as_rendered(metaspace_tok) -> None:
     )
 
 
+#: Phi-3's chat template: every turn ends with ``<|end|>``, and only a whole conversation
+#: (no generation prompt) with the end-of-text token after its last turn.
+PHI3_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}"
+    "{{ eos_token }}{% endif %}"
+)
+#: A template that renders an earlier assistant turn otherwise than the last one (Qwen3's
+#: reasoning block, kept on the last turn only).
+LAST_TURN_ONLY_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if loop.last and m['role'] == 'assistant' %}"
+    "<think></think>{% endif %}{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_markup_after_a_whole_conversation_belongs_to_its_last_turn(tiny_model: Path) -> None:
+    """Phi-3 closes a whole conversation with its end-of-text token, not written between
+    turns: a multi-turn conversation is tokenised as the template renders it, each turn trained
+    up to its ``<|end|>``, the last one with the end-of-text token too; a template that renders
+    an earlier turn otherwise is still refused."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<|think|>"]}
+    )
+    tok.chat_template = PHI3_TEMPLATE
+    turns = (
+        ("user", "What say you?"),
+        ("assistant", "Nothing, my lord."),
+        ("user", "Nothing?"),
+        ("assistant", "Nothing will come of nothing."),
+    )
+    item = render_conversation(tok, turns, 256)
+    text = tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
+    assert text.endswith("<|end|>\n<|endoftext|>") and "<|end|>\n<|user|>" in text
+    assert list(item.ids) == tok(text, add_special_tokens=False)["input_ids"]
+    answers = [t for t, keep in zip(item.ids, item.target, strict=True) if keep]
+    assert tok.decode(answers) == (
+        "Nothing, my lord.<|end|>\nNothing will come of nothing.<|end|>\n<|endoftext|>"
+    )
+    cut = render_conversation(tok, turns, len(item.ids) - 1)  # the first exchange only
+    assert cut.ids == item.ids[: len(cut.ids)]
+    assert tok.decode([t for t, k in zip(cut.ids, cut.target, strict=True) if k]) == (
+        "Nothing, my lord.<|end|>\n"
+    )
+    assert render_conversation(tok, turns[:2], 256).ids[-1] == tok.eos_token_id
+    assert make_renderer(tok, "auto").end_of_turn == [tok.convert_tokens_to_ids("<|end|>")]
+    tok.chat_template = LAST_TURN_ONLY_TEMPLATE
+    render_conversation(tok, turns[:2], 256)  # one exchange: nothing to compare
+    with pytest.raises(HetLoRAError, match="renders the start of a conversation differently"):
+        render_conversation(tok, turns, 256)
+    same = (*turns[:2], ("user", "Again?"), turns[1])  # the same answer twice
+    with pytest.raises(HetLoRAError, match="renders the start of a conversation differently"):
+        render_conversation(tok, same, 256)
+
+
 def test_a_row_the_template_refuses_is_a_bad_row_before_training(metaspace_tok, tmp_path) -> None:
     rows = [
         {"client_id": f"c{i % 2}", "messages": [{"role": "user", "content": f"Say {i}."}]}

@@ -12,8 +12,9 @@ is the text between ``render(m[:i], add_generation_prompt=True)`` and ``render(m
 The whole rendering is tokenised once, as Hugging Face's ``apply_chat_template(tokenize=True)``
 does (no special tokens added: the template writes its own BOS), and a token is trained on
 when its character offsets overlap an assistant turn, so the ids are the rendered
-conversation's whatever the tokenizer (byte-level or Metaspace); a template whose renderings
-are not prefixes of each other is refused.
+conversation's whatever the tokenizer (byte-level or Metaspace). Markup written only after
+a whole conversation (Phi-3's end-of-text token) belongs to its last assistant turn; any other
+template whose renderings are not prefixes of each other is refused.
 
 ``chat_template`` (a config key) decides which rows go through the template:
 
@@ -25,6 +26,7 @@ are not prefixes of each other is refused.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -52,6 +54,11 @@ ROLES = ("system", "user", "assistant")
 #: The values of the config key ``chat_template`` (`make_renderer`'s ``mode``).
 CHAT_TEMPLATES = ("auto", "on", "off")
 
+_NOT_PREFIXES = (
+    "the tokenizer's chat template renders the start of a conversation differently from the "
+    "whole conversation, so the assistant turns cannot be located; use a template whose "
+    "renderings of growing conversations extend each other"
+)
 _FIX = (
     "use an instruct model whose tokenizer has one, or add a Jinja 'chat_template' to the "
     "model folder's tokenizer_config.json"
@@ -120,6 +127,9 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     one the template writes, `template_bos`), so an example
     always ends in answer tokens and never trains on a cut-off prompt alone.
 
+    A template may close a whole conversation with markup it does not write between turns
+    (Phi-3's EOS after the last ``<|end|>``): that text belongs to the last assistant turn only.
+
     Raises:
         HetLoRAError: the template fails, renders a prefix of the conversation as text that is
             not a prefix of the whole (the assistant positions would be ambiguous), or the
@@ -127,20 +137,24 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
     """
     require_offsets(tokenizer)
     spans: list[tuple[int, int]] = []  # characters of each assistant turn
-    done = ""
+    done, closing = "", ""
     for i, (role, _) in enumerate(turns):
         if role != "assistant":
             continue
         before = _apply(tokenizer, turns[:i], generation_prompt=True)
         after = _apply(tokenizer, turns[: i + 1], generation_prompt=False)
-        if not before.startswith(done) or not after.startswith(before):
-            raise HetLoRAError(
-                "the tokenizer's chat template renders the start of a conversation differently "
-                "from the whole conversation, so the assistant turns cannot be located; "
-                "use a template whose renderings of growing conversations extend each other"
-            )
+        if spans and not before.startswith(done):  # text written only after a whole conversation
+            keep = _token_boundary(tokenizer, done, len(os.path.commonprefix([done, before])))
+            closing = closing or done[keep:]
+            if done[keep:] != closing or keep <= spans[-1][0] or not _is_markup(tokenizer, closing):
+                raise HetLoRAError(_NOT_PREFIXES)
+            spans[-1] = (spans[-1][0], keep)
+        if not after.startswith(before):
+            raise HetLoRAError(_NOT_PREFIXES)
         spans.append((len(before), len(after)))
         done = after
+    if not done.endswith(closing):
+        raise HetLoRAError(_NOT_PREFIXES)
     enc = tokenizer(done, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     target = [any(s < end and max(e, s + 1) > begin for begin, end in spans) for s, e in offsets]
@@ -157,6 +171,29 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
         target = [False] * (keep + len(ctx)) + [True] * len(ans)
     n_prompt = target.index(True) if True in target else len(ids)
     return Tokenized(ids=tuple(ids), n_prompt=n_prompt, target=tuple(target))
+
+
+def _token_boundary(tokenizer, text: str, at: int) -> int:
+    """The last token end of ``text`` at or before character ``at`` (a shared character prefix
+    may end inside a token: Phi-3's closing ``<|endoftext|>`` and its next ``<|user|>`` share
+    ``<|``)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return max((e for _, e in offsets["offset_mapping"] if e <= at), default=0)
+
+
+def _is_markup(tokenizer, text: str) -> bool:
+    """Whether ``text`` is special tokens and white space only (template markup, no words)."""
+    return all(
+        i in _special_ids(tokenizer) or not tokenizer.decode([i]).strip()
+        for i in token_ids(tokenizer, text)
+    )
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """The tokenizer's special tokens: its named ones and its special added tokens (Llama 3's
+    ``<|eot_id|>``)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
 
 
 def require_offsets(tokenizer) -> None:
@@ -275,9 +312,7 @@ class Renderer:
         if not full.startswith(head) or not full[len(head) :]:
             return []
         first = token_ids(self.tokenizer, full[len(head) :])[:1]
-        added = getattr(self.tokenizer, "added_tokens_decoder", {})  # Llama 3's <|eot_id|>
-        special = set(self.tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
-        return first if first and first[0] in special else []
+        return first if first and first[0] in _special_ids(self.tokenizer) else []
 
     def tokenize(self, example: Example, max_len: int) -> Tokenized:
         """Token ids and loss mask of one example."""
