@@ -371,6 +371,39 @@ def test_markup_after_a_whole_conversation_belongs_to_its_last_turn(tiny_model: 
         render_conversation(tok, same, 256)
 
 
+#: Llama 3.1-3.3's system header: today's date unless the caller gives ``date_string``.
+DATED_TEMPLATE = (
+    "{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+    "{% endif %}<|system|>Today Date: {{ date_string }}<|end|>"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_template_that_writes_todays_date_renders_one_fixed_day(tiny_model: Path) -> None:
+    """Llama 3's template writes the day it renders into every conversation: the tokens of a
+    run would change with the day it (or its resume, ``hetlora evaluate``) runs. Every
+    rendering sees `TEMPLATE_DATE`, and the template keeps the caller's clock otherwise."""
+    import datetime
+
+    from hetlora.data.chat import TEMPLATE_DATE
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<|system|>"]}
+    )
+    tok.chat_template = DATED_TEMPLATE
+    turns = (("user", "What say you?"), ("assistant", "Nothing, my lord."))
+    today = datetime.datetime.now().strftime("%d %b %Y")
+    assert today in tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    item = render_conversation(tok, turns, 256)
+    text = tok.decode(item.ids)
+    assert "Today Date: 26 Jul 2024" in text and TEMPLATE_DATE.strftime("%d %b %Y") in text
+    renderer = make_renderer(tok, "auto", [Example("", "", messages=turns)])
+    assert "26 Jul 2024" in tok.decode(renderer.prompt(Example("", "", messages=turns)))
+    assert today in tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+
+
 def test_a_row_the_template_refuses_is_a_bad_row_before_training(metaspace_tok, tmp_path) -> None:
     rows = [
         {"client_id": f"c{i % 2}", "messages": [{"role": "user", "content": f"Say {i}."}]}

@@ -26,8 +26,10 @@ template whose renderings are not prefixes of each other is refused.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -102,13 +104,41 @@ def example_from_messages(value: list[dict[str, Any]]) -> Example:
     return Example(prompt=before[-1] if before else "", response=turns[last][1], messages=turns)
 
 
+#: The day a chat template that writes today's date (Llama 3.1-3.3's "Today Date", Granite's)
+#: sees: Llama 3.1's own fallback date, so that a run's tokens do not depend on the day it runs
+#: (a resume, ``hetlora evaluate`` or ``hetlora chat`` on another day renders the same text).
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+
+
+class _TemplateClock(datetime.datetime):
+    """The ``datetime`` Hugging Face's ``strftime_now`` reads, stopped at `TEMPLATE_DATE`."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return TEMPLATE_DATE
+
+
+@contextlib.contextmanager
+def _template_date() -> Iterator[None]:
+    """Templates rendered inside see `TEMPLATE_DATE` as today (every template call of
+    ``strftime_now``, the date Llama 3's template writes when no ``date_string`` is given)."""
+    from transformers.utils import chat_template_utils as templates
+
+    clock, templates.datetime = templates.datetime, _TemplateClock
+    try:
+        yield
+    finally:
+        templates.datetime = clock
+
+
 def _apply(tokenizer, turns: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in turns],
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
-        )
+        with _template_date():
+            return tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in turns],
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
     except Exception as exc:  # a Jinja error raised by the template itself
         raise HetLoRAError(
             f"the tokenizer's chat template failed on a conversation: {first_line(exc)}"
