@@ -152,8 +152,6 @@ def test_a_run_on_a_local_bos_model_trains_and_generates_from_bos_with_its_own_l
             "compile": "off",
             "r_min": 2,
             "r_max": 4,
-            # PEFT has no default targets for Granite (a one-line error says so)
-            "target_modules": ["q_proj", "v_proj"],
         }
     )
     summary = LocalRun(cfg).run(tmp_path / "run")

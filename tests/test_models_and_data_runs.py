@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
+import torch
 from tiny import make_tiny_model
 from typer.testing import CliRunner
 
@@ -43,6 +45,34 @@ def test_other_architecture_families(arch, tmp_path):
     expected = {"gpt2": ["c_attn"]}.get(arch, ["q_proj", "v_proj"])
     assert summary["target_modules"] == expected
     assert summary["final_ppl"] > 0
+
+
+def test_default_targets_where_peft_lists_none() -> None:
+    """PEFT lists no LoRA targets for Phi-3, Granite, SmolLM3, OLMo 2 or LFM2: the attention's
+    query and value layers by their usual names are taken (Phi-3 fuses them as qkv_proj), and a
+    model with neither is one error that lists its linear layers."""
+    from transformers import AutoModelForCausalLM, GraniteConfig, Phi3Config
+
+    from hetlora.models import default_target_modules
+
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    phi3 = AutoModelForCausalLM.from_config(Phi3Config(**small, pad_token_id=0))
+    granite = AutoModelForCausalLM.from_config(GraniteConfig(**small))
+    assert default_target_modules(phi3) == ["qkv_proj"]
+    assert default_target_modules(granite) == ["q_proj", "v_proj"]
+    odd = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    odd.config = types.SimpleNamespace(model_type="odd")
+    with pytest.raises(
+        HetLoRAError, match=r"model type 'odd'; set target_modules \(its linear layers: 0\)"
+    ):
+        default_target_modules(odd)
 
 
 def test_custom_target_modules(tiny_model, tmp_path):

@@ -48,10 +48,9 @@ def wrap(model: torch.nn.Module, rank: int, scale: float, target_modules: list[s
     names = [name for name, _ in model.named_modules()]
     unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _linear(m)})
         raise HetLoRAError(
             f"target_modules {unmatched} name no module of this model (its linear layers: "
-            f"{', '.join(leaves)})"
+            f"{', '.join(sorted(linear_leaves(model)))})"
         )
     try:
         peft_model = get_peft_model(model, lora_config(rank, scale, target_modules))
@@ -60,9 +59,13 @@ def wrap(model: torch.nn.Module, rank: int, scale: float, target_modules: list[s
     return peft_model
 
 
-def _linear(module: torch.nn.Module) -> bool:
-    """A layer LoRA can adapt: ``nn.Linear`` or GPT-2's ``Conv1D``."""
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+def linear_leaves(model: torch.nn.Module) -> set[str]:
+    """The last names of the layers LoRA can adapt (``nn.Linear``, GPT-2's ``Conv1D``)."""
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    }
 
 
 def live_factors(

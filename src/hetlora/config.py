@@ -81,8 +81,9 @@ class Config:
         default_factory=list,
         doc=(
             "module names that get LoRA; empty means the architecture's default (q_proj, v_proj for "
-            "Llama/Gemma/Qwen; c_attn for GPT-2). Every name must name a module of the model (an "
-            "error lists its linear layers: Phi-3 fuses them as qkv_proj, gate_up_proj)."
+            "Llama/Gemma/Qwen and others with such layers; qkv_proj for Phi-3; c_attn for GPT-2). "
+            "Every name must name a module of the model (an error lists its linear layers: Phi-3 "
+            "fuses them as qkv_proj, gate_up_proj)."
         ),
     )
     data: str = key(

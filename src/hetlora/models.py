@@ -179,12 +179,22 @@ def load_base_model(name: str, device: torch.device | str = "cpu") -> BaseModel:
 
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """PEFT's default LoRA targets for the model's architecture (q_proj, v_proj for Llama)."""
+    """PEFT's default LoRA targets for the model's architecture (q_proj, v_proj for Llama);
+    for a type PEFT does not list (Granite, SmolLM3, OLMo 2, LFM2, Phi-3), the attention's query
+    and value layers by their usual names: q_proj and v_proj, or Phi-3's fused qkv_proj."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
+    from hetlora.adapters import linear_leaves
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in mapping:
-        raise HetLoRAError(
-            f"no default LoRA target modules for model type {model_type!r}; set target_modules"
-        )
-    return list(mapping[model_type])
+    if model_type in mapping:
+        return list(mapping[model_type])
+    leaves = linear_leaves(model)
+    for names in (["q_proj", "v_proj"], ["qkv_proj"]):
+        if leaves >= set(names):
+            log.info("model type %r: LoRA on %s (its query and value layers)", model_type, names)
+            return names
+    raise HetLoRAError(
+        f"no default LoRA target modules for model type {model_type!r}; set target_modules "
+        f"(its linear layers: {', '.join(sorted(leaves))})"
+    )
