@@ -49,8 +49,9 @@ def test_other_architecture_families(arch, tmp_path):
 
 def test_default_targets_where_peft_lists_none() -> None:
     """PEFT lists no LoRA targets for Phi-3, Granite, SmolLM3, OLMo 2 or LFM2: the attention's
-    query and value layers by their usual names are taken (Phi-3 fuses them as qkv_proj), and a
-    model with neither is one error that lists its linear layers."""
+    query and value layers by their usual names are taken (Phi-3 fuses them as qkv_proj); a
+    model with neither, or a multimodal one (whose encoders have such layers too), is one error
+    that lists its linear layers."""
     from transformers import AutoModelForCausalLM, GraniteConfig, Phi3Config
 
     from hetlora.models import default_target_modules
@@ -73,6 +74,9 @@ def test_default_targets_where_peft_lists_none() -> None:
         HetLoRAError, match=r"model type 'odd'; set target_modules \(its linear layers: 0\)"
     ):
         default_target_modules(odd)
+    granite.config.vision_config = {"hidden_size": 8}  # as a multimodal Gemma 3's
+    with pytest.raises(HetLoRAError, match=r"multimodal model, vision_config: a name its enc"):
+        default_target_modules(granite)
 
 
 def test_custom_target_modules(tiny_model, tmp_path):

@@ -181,20 +181,29 @@ def load_base_model(name: str, device: torch.device | str = "cpu") -> BaseModel:
 def default_target_modules(model: torch.nn.Module) -> list[str]:
     """PEFT's default LoRA targets for the model's architecture (q_proj, v_proj for Llama);
     for a type PEFT does not list (Granite, SmolLM3, OLMo 2, LFM2, Phi-3), the attention's query
-    and value layers by their usual names: q_proj and v_proj, or Phi-3's fused qkv_proj."""
+    and value layers by their usual names: q_proj and v_proj, or Phi-3's fused qkv_proj. A
+    multimodal model PEFT does not list (Gemma 3, whose vision tower has q_proj too) needs
+    ``target_modules``."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
     from hetlora.adapters import linear_leaves
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     if model_type in mapping:
         return list(mapping[model_type])
     leaves = linear_leaves(model)
+    towers = [k for k in ("vision_config", "audio_config") if getattr(config, k, None)]
     for names in (["q_proj", "v_proj"], ["qkv_proj"]):
-        if leaves >= set(names):
+        if leaves >= set(names) and not towers:
             log.info("model type %r: LoRA on %s (its query and value layers)", model_type, names)
             return names
+    also = (
+        f" (a multimodal model, {' and '.join(towers)}: a name its encoders share adapts them too)"
+        if towers
+        else ""
+    )
     raise HetLoRAError(
-        f"no default LoRA target modules for model type {model_type!r}; set target_modules "
-        f"(its linear layers: {', '.join(sorted(leaves))})"
+        f"no default LoRA target modules for model type {model_type!r}{also}; set "
+        f"target_modules (its linear layers: {', '.join(sorted(leaves))})"
     )
