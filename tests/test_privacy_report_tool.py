@@ -70,15 +70,19 @@ def test_the_grid_of_c_marks_the_chosen_point_and_an_edge(tmp_path):
         {"name": "HetLoRA, eps 8, C 0.1", "dir": "x/seed-1", "group": "HetLoRA, eps 8", "seed": 1}
     )
     (study / "comparison.json").write_text(json.dumps({"runs": runs}))
+    (study / "x/seed-1").mkdir(parents=True)  # the winner's other seed: not a tune seed
+    (study / "x/seed-1/summary.json").write_text(
+        json.dumps({"final_ppl": 50.0, "final_val_ppl": 50.0, "dp_clip_norm": 0.1})
+    )
     tool = _tool()
     assert tool.main([str(study)]) == 0
     text = (study / "privacy_utility.md").read_text()
     assert "The base model's test perplexity: 120.00." in text
-    assert "| HetLoRA, eps 8 | 0.01: 90.00 · **0.1: 85.00** · 1: 140.00 | no |" in text
+    assert "| HetLoRA, eps 8 | 0.01: 90.00 · **0.1: 85.00** · 1: 140.00 | 0 | no |" in text
     found = tool.rows(study)
     # the same grid with its lower edge chosen
     edge = [{**r, "entry": "HetLoRA, eps 8, C 0.01"} if r["target"] == 8 else r for r in found]
-    assert "| HetLoRA, eps 8 | **0.01: 90.00** · 0.1: 85.00 · 1: 140.00 | yes |" in tool.grids(
+    assert "| HetLoRA, eps 8 | **0.01: 90.00** · 0.1: 85.00 · 1: 140.00 | 0 | yes |" in tool.grids(
         study, edge
     )
 

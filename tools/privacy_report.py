@@ -68,36 +68,42 @@ def rows(study: Path) -> list[dict]:
 
 
 def grids(study: Path, found: list[dict]) -> str:
-    """Each DP group's C grid on the tune seed (``comparison.json``'s seed-0 runs of the group):
-    the validation perplexity at every C, the chosen one in bold, and whether it is an edge."""
+    """Each DP group's C grid on its tune seeds (the seeds every C point of the group has run,
+    as the study's choice takes them): the mean validation perplexity at every C, the chosen
+    one in bold, and whether it is an edge."""
     listed = json.loads((study / "comparison.json").read_text())["runs"]
     chosen = {
         r["method"] + (f", eps {r['target']:g}" if not math.isinf(r["target"]) else ""): r["entry"]
         for r in found
     }
-    points: dict[str, list[tuple[float, float, str]]] = {}
+    runs: dict[str, dict[tuple[float, str], dict[int, float]]] = {}  # group -> (C, name) -> seeds
     for run in listed:
         group = run.get("group") or ""
         summary = study / run["dir"] / "summary.json"
-        if run.get("seed", 0) != 0 or not NAME.match(group) or not summary.is_file():
+        if not NAME.match(group) or not summary.is_file():
             continue
         facts = json.loads(summary.read_text())
         if facts.get("dp_clip_norm"):
-            val = facts.get("final_val_ppl", math.nan)
-            points.setdefault(group, []).append((facts["dp_clip_norm"], val, run["name"]))
+            point = runs.setdefault(group, {}).setdefault((facts["dp_clip_norm"], run["name"]), {})
+            point[run.get("seed", 0)] = facts.get("final_val_ppl", math.nan)
     lines = [
-        "| group | C: validation ppl at seed 0 (chosen in bold) | chosen C at the grid's edge |",
-        "|---|---|---|",
+        "| group | C: validation ppl on the tune seeds (chosen in bold) | tune seeds "
+        "| chosen C at the grid's edge |",
+        "|---|---|---|---|",
     ]
-    for group, grid in sorted(points.items()):
-        grid.sort()
+    for group, by_point in sorted(runs.items()):
+        common = sorted(set.intersection(*(set(seeds) for seeds in by_point.values())))
+        grid = sorted(
+            (c, sum(seeds[s] for s in common) / len(common), name)
+            for (c, name), seeds in by_point.items()
+        )
         cells = [
             f"**{c:g}: {v:.2f}**" if name == chosen.get(group) else f"{c:g}: {v:.2f}"
             for c, v, name in grid
         ]
         picked = [i for i, (_, _, name) in enumerate(grid) if name == chosen.get(group)]
         edge = "-" if not picked else ("yes" if picked[0] in (0, len(grid) - 1) else "no")
-        lines.append(f"| {group} | {' · '.join(cells)} | {edge} |")
+        lines.append(f"| {group} | {' · '.join(cells)} | {', '.join(map(str, common))} | {edge} |")
     return "\n".join(lines) + "\n"
 
 
@@ -204,7 +210,7 @@ def main(argv: list[str]) -> int:
     text = f"Runs made by {made}. The base model's test perplexity: {base:.2f}.\n\n"
     text += table(found)
     if (study / "comparison.json").is_file():
-        text += "\nThe grid of C of each DP group on the tune seed:\n\n" + grids(study, found)
+        text += "\nThe grid of C of each DP group on its tune seeds:\n\n" + grids(study, found)
     (study / "privacy_utility.md").write_text(text)
     plot(found, study / "privacy_utility.png")
     print(text, end="")
