@@ -42,3 +42,5 @@ def test_every_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path):
         assert r["untouched"], r
         assert r["stdout"] == "", r  # nothing above the error: no stray progress bar
     assert not (tmp_path / "out").exists()
+    page = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    assert bad_inputs.table(records, tmp_path) in page  # `python tools/bad_inputs.py` wrote it

@@ -446,12 +446,21 @@ def main() -> None:
     runner = cli_in_process if parser.parse_args().in_process else cli
     with tempfile.TemporaryDirectory() as tmp:
         records = run_cases(Path(tmp), lambda what: runner)
-        tmp_name = str(Path(tmp).resolve())
-    print("| bad input | command (in a temporary folder holding the files) | exit | message |")
-    print("|---|---|---|---|")
+        print(table(records, Path(tmp)), end="")
+
+
+def table(records: list[dict], tmp: Path) -> str:
+    """The Markdown table of `run_cases`' records (run in ``tmp``), as docs/reliability.md
+    has it."""
+    lines = [
+        "| bad input | command (in a temporary folder holding the files) | exit | message |",
+        "|---|---|---|---|",
+    ]
+    name = str(tmp.resolve())
     for r in records:
-        message = r["stderr"].replace(f"{tmp_name}/", "").replace(tmp_name, ".").replace("|", "\\|")
-        print(f"| {r['what']} | `hetlora {r['argv']}` | {r['code']} | {message} |")
+        message = r["stderr"].replace(f"{name}/", "").replace(name, ".").replace("|", "\\|")
+        lines.append(f"| {r['what']} | `hetlora {r['argv']}` | {r['code']} | {message} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
