@@ -112,7 +112,11 @@ def test_messages_row_problems_are_named() -> None:
         "bad role": ([{"role": "bot", "content": "x"}], "messages[0] role must be one of"),
         "content not text": (
             [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}],
-            "messages[1] content must be a string",
+            "messages[1] content must be a string or a list of text parts, got int",
+        ),
+        "an image part": (
+            [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}],
+            "messages[0] content must be a string or a list of text parts, got a 'image' part",
         ),
         "no answer": ([{"role": "user", "content": "q"}], "no assistant turn"),
         "blank answer": (
@@ -153,6 +157,32 @@ def test_messages_rows_make_clients_with_and_without_client_id(tmp_path: Path) -
     assert sorted(ex.response for v in parts.values() for ex in v) == sorted(
         f"That is {4 * i}." for i in range(6)
     )
+
+
+def test_text_parts_are_a_turns_text(tmp_path: Path) -> None:
+    """Content as a list of text parts (the OpenAI form), in some rows of a file and plain
+    strings in others, reads as the parts' texts joined (and a string answer that looks like
+    a number stays that string)."""
+    rows = [conversation(i, "a") for i in range(4)]
+    rows[3]["messages"][-1]["content"] = "42"
+    for row in rows[:2]:
+        for turn in row["messages"]:
+            words = turn["content"].split(" ", 1)
+            turn["content"] = [{"type": "text", "text": w} for w in (words[0] + " ", words[1])]
+    for suffix in (".jsonl", ".parquet"):
+        path = tmp_path / f"parts{suffix}"
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows[:2]), path)
+            plain = [conversation(i, "a") for i in range(2)]
+        else:
+            write_jsonl(path, rows)
+            plain = [conversation(i, "a") for i in range(4)]
+            plain[3]["messages"][-1]["content"] = "42"
+        got = [ex.messages for ex in load_clients(str(path))["a"]]
+        assert got == [tuple((t["role"], t["content"]) for t in r["messages"]) for r in plain]
 
 
 def test_saved_datasets_folders_read_like_the_file(tmp_path: Path) -> None:

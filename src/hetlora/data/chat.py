@@ -49,6 +49,7 @@ __all__ = [
     "render_conversation",
     "require_offsets",
     "template_bos",
+    "turn_text",
 ]
 
 #: Roles a ``messages`` turn may have.
@@ -71,7 +72,8 @@ def messages_problem(value: Any) -> str | None:
     """Why one ``messages`` value is not a usable conversation, or ``None`` if it is.
 
     A usable conversation is a non-empty list of ``{"role", "content"}`` objects with roles in
-    `ROLES`, string contents, and at least one assistant turn with non-blank content.
+    `ROLES`, contents that are strings or lists of text parts (`turn_text`), and at least one
+    assistant turn with non-blank content.
     """
     if value is None:
         return "column 'messages' is null"
@@ -81,15 +83,38 @@ def messages_problem(value: Any) -> str | None:
     for j, turn in enumerate(value):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             return f"messages[{j}] must be an object with 'role' and 'content', got {turn!r:.60}"
-        role, content = turn["role"], turn["content"]
+        role = turn["role"]
         if role not in ROLES:
             return f"messages[{j}] role must be one of {', '.join(ROLES)}, got {role!r:.40}"
-        if not isinstance(content, str):
-            return f"messages[{j}] content must be a string, got {type(content).__name__}"
+        try:
+            content = turn_text(turn["content"])
+        except ValueError as exc:
+            return f"messages[{j}] content must be a string or a list of text parts, {exc}"
         has_answer = has_answer or (role == "assistant" and bool(content.strip()))
     if not has_answer:
         return "messages has no assistant turn with content (nothing to train on)"
     return None
+
+
+def turn_text(content: Any) -> str:
+    """A turn's text: its ``content`` string, or the texts of a list of parts (the OpenAI
+    form, ``[{"type": "text", "text": ...}]``) joined as chat templates write them.
+
+    Raises:
+        ValueError: ``content`` is neither, or has a part other than text (an image).
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"got {type(content).__name__}")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a {kind!r} part" if kind else f"the part {part!r:.40}"
+            raise ValueError(f"got {what} (only text parts can be trained on)")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def example_from_messages(value: list[dict[str, Any]]) -> Example:
@@ -98,7 +123,7 @@ def example_from_messages(value: list[dict[str, Any]]) -> Example:
     ``response`` is the last assistant turn (the ROUGE-L reference) and ``prompt`` the last
     non-assistant turn before it (shown next to it in ``samples.jsonl``).
     """
-    turns = tuple((str(t["role"]), str(t["content"])) for t in value)
+    turns = tuple((str(t["role"]), turn_text(t["content"])) for t in value)
     last = max(i for i, (role, content) in enumerate(turns) if role == "assistant" and content)
     before = [content for role, content in turns[:last] if role != "assistant"]
     return Example(prompt=before[-1] if before else "", response=turns[last][1], messages=turns)

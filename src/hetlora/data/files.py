@@ -172,8 +172,20 @@ def read_file(path: Path) -> Any:
                 ):
                     raise HetLoRAError(f"data file {path} has no rows") from exc
                 raise HetLoRAError(f"cannot read {path} as {builder}: {_one_line(exc)}") from exc
-    mixed = [n for n, f in ds.features.items() if type(f).__name__ == "Json"]
+    mixed = [n for n, f in ds.features.items() if _holds_json(f)]
     return _with_json_cells(ds, path, mixed) if builder == "json" and mixed else ds
+
+
+def _holds_json(feature: Any) -> bool:
+    """Whether a column's feature is, or holds, ``datasets``' ``Json`` (values of several types:
+    a ``messages`` column whose contents are strings in some turns and lists of parts in
+    others)."""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _holds_json(inner)
 
 
 @contextlib.contextmanager
@@ -195,8 +207,9 @@ def _quiet_datasets():
 
 
 def _with_json_cells(ds: Any, path: Path, names: list[str]) -> Any:
-    """``ds`` with its columns ``names`` (of values of several types) rebuilt from the file as
-    JSON text per cell, which `_column` decodes to the values written. ``datasets`` keeps such
+    """``ds`` with its columns ``names`` (of values of several types, or holding such values:
+    a ``messages`` column with string and list contents) rebuilt from the file as JSON text per
+    cell, which `_column` decodes to the values written. ``datasets`` keeps such
     a column as text in which a string that looks like a number is not quoted, so ``"42"``
     came back as the number 42 and ``"007"`` did not decode at all."""
     text = path.read_text(encoding="utf-8")
@@ -213,6 +226,10 @@ def _with_json_cells(ds: Any, path: Path, names: list[str]) -> Any:
     for name in names:
         cells = [json.dumps(row.get(name)) for row in whole]
         feature = ds.features[name]
+        if type(feature).__name__ != "Json":  # a column that holds one: JSON text as a whole
+            from datasets.features import Json
+
+            feature = Json()
         temp = f"{_ROW}{name}"  # added before the old column goes: a table keeps a column
         ds = ds.add_column(temp, cells, feature=feature).remove_columns(name)
         ds = ds.rename_column(temp, name)
@@ -247,7 +264,7 @@ def _column(ds: Any, name: str) -> list[Any]:
     a number (and is reported as a bad row) instead of becoming the text ``"7"``.
     """
     values = ds.data.column(name).to_pylist()
-    if type(ds.features.get(name)).__name__ == "Json":
+    if type(ds.features.get(name)).__name__ == "Json":  # `_with_json_cells` made it one
         values = [None if v is None else json.loads(v) for v in values]
     return values
 
