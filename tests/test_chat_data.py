@@ -183,6 +183,13 @@ def test_text_parts_are_a_turns_text(tmp_path: Path) -> None:
             plain[3]["messages"][-1]["content"] = "42"
         got = [ex.messages for ex in load_clients(str(path))["a"]]
         assert got == [tuple((t["role"], t["content"]) for t in r["messages"]) for r in plain]
+    jsonl = [ex.messages for ex in load_clients(str(tmp_path / "parts.jsonl"))["a"]]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))  # one JSON document, the same rows
+    assert [ex.messages for ex in load_clients(str(tmp_path / "rows.json"))["a"]] == jsonl
+    one = json.loads(json.dumps(rows[0]))
+    one["messages"][0]["content"] = "Answer in one line."  # one line, its contents mixed
+    write_jsonl(tmp_path / "one.jsonl", [one])
+    assert [ex.messages for ex in load_clients(str(tmp_path / "one.jsonl"))["a"]] == jsonl[:1]
 
 
 def test_saved_datasets_folders_read_like_the_file(tmp_path: Path) -> None:

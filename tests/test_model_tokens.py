@@ -328,12 +328,22 @@ LAST_TURN_ONLY_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+#: gpt-oss's way: the last assistant turn ends with <|return|> where earlier ones end with
+#: <|end|> (the closing replaces a turn's own end, it is not written after it).
+LAST_TURN_ENDS_OTHERWISE_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if loop.last and m['role'] == 'assistant' and not add_generation_prompt %}"
+    "{{ eos_token }}{% else %}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 
 def test_markup_after_a_whole_conversation_belongs_to_its_last_turn(tiny_model: Path) -> None:
     """Phi-3 closes a whole conversation with its end-of-text token, not written between
     turns: a multi-turn conversation is tokenised as the template renders it, each turn trained
     up to its ``<|end|>``, the last one with the end-of-text token too; a template that renders
-    an earlier turn otherwise is still refused."""
+    an earlier turn otherwise, or ends the last turn with other markup than the earlier ones,
+    is still refused."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.add_special_tokens(
         {"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<|think|>"]}
@@ -367,6 +377,9 @@ def test_markup_after_a_whole_conversation_belongs_to_its_last_turn(tiny_model: 
     same = (*turns[:2], ("user", "Again?"), turns[1])  # the same answer twice
     with pytest.raises(HetLoRAError, match="renders the start of a conversation differently"):
         render_conversation(tok, same, 256)
+    tok.chat_template = LAST_TURN_ENDS_OTHERWISE_TEMPLATE  # a closing in place of <|end|>
+    with pytest.raises(HetLoRAError, match="renders the start of a conversation differently"):
+        render_conversation(tok, turns, 256)
 
 
 #: Llama 3.1-3.3's system header: today's date unless the caller gives ``date_string``.

@@ -75,8 +75,11 @@ def test_default_targets_where_peft_lists_none() -> None:
     ):
         default_target_modules(odd)
     granite.config.vision_config = {"hidden_size": 8}  # as a multimodal Gemma 3's
-    with pytest.raises(HetLoRAError, match=r"multimodal model, vision_config: a name its enc"):
+    with pytest.raises(HetLoRAError, match=r"multimodal model: a name its enc"):
         default_target_modules(granite)
+    odd.config.model_type = "gemma4"  # PEFT's default is a pattern over the language model
+    with pytest.raises(HetLoRAError, match=r"'gemma4' \(a multimodal model: a name"):
+        default_target_modules(odd)
 
 
 def test_custom_target_modules(tiny_model, tmp_path):

@@ -85,6 +85,11 @@ def test_the_grid_of_c_marks_the_chosen_point_and_an_edge(tmp_path):
     assert "| HetLoRA, eps 8 | **0.01: 90.00** · 0.1: 85.00 · 1: 140.00 | 0 | yes |" in tool.grids(
         study, edge
     )
+    # a study under way whose points share no seed yet: NaN, as the study's own choice has it
+    listed = json.loads((study / "comparison.json").read_text())["runs"]
+    only_one = [r for r in listed if r["seed"] == 1 or r["name"] != "HetLoRA, eps 8, C 0.1"]
+    (study / "comparison.json").write_text(json.dumps({"runs": only_one}))
+    assert "0.01: nan · **0.1: nan** · 1: nan |  | no |" in tool.grids(study, found)
 
 
 def test_a_study_without_reports_is_an_error(tmp_path, capsys):

@@ -93,8 +93,8 @@ def grids(study: Path, found: list[dict]) -> str:
     ]
     for group, by_point in sorted(runs.items()):
         common = sorted(set.intersection(*(set(seeds) for seeds in by_point.values())))
-        grid = sorted(
-            (c, sum(seeds[s] for s in common) / len(common), name)
+        grid = sorted(  # NaN where the points share no seed yet (a study under way)
+            (c, sum(seeds[s] for s in common) / len(common) if common else math.nan, name)
             for (c, name), seeds in by_point.items()
         )
         cells = [

@@ -190,19 +190,19 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in mapping:
-        return list(mapping[model_type])
-    leaves = linear_leaves(model)
+    default = mapping.get(model_type)
+    if default is not None and not isinstance(default, str):
+        return list(default)
+    # a multimodal model: its config names its encoders, or PEFT's default is a pattern that
+    # keeps them out (Gemma 4); names alone would adapt the encoders' layers too
     towers = [k for k in ("vision_config", "audio_config") if getattr(config, k, None)]
+    multimodal = bool(towers) or isinstance(default, str)
+    leaves = linear_leaves(model)
     for names in (["q_proj", "v_proj"], ["qkv_proj"]):
-        if leaves >= set(names) and not towers:
+        if leaves >= set(names) and not multimodal:
             log.info("model type %r: LoRA on %s (its query and value layers)", model_type, names)
             return names
-    also = (
-        f" (a multimodal model, {' and '.join(towers)}: a name its encoders share adapts them too)"
-        if towers
-        else ""
-    )
+    also = " (a multimodal model: a name its encoders share adapts them too)" if multimodal else ""
     raise HetLoRAError(
         f"no default LoRA target modules for model type {model_type!r}{also}; set "
         f"target_modules (its linear layers: {', '.join(sorted(leaves))})"

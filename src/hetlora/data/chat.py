@@ -201,7 +201,14 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], max_len: in
         if spans and not before.startswith(done):  # text written only after a whole conversation
             keep = _token_boundary(tokenizer, done, len(os.path.commonprefix([done, before])))
             closing = closing or done[keep:]
-            if done[keep:] != closing or keep <= spans[-1][0] or not _is_markup(tokenizer, closing):
+            if (
+                done[keep:] != closing
+                or keep <= spans[-1][0]
+                or not _is_markup(tokenizer, closing)
+                # written after any whole conversation (Phi-3's EOS), not in place of a turn's
+                # own end (gpt-oss's <|return|> for <|end|>)
+                or not _apply(tokenizer, turns[:i], generation_prompt=False).endswith(closing)
+            ):
                 raise HetLoRAError(_NOT_PREFIXES)
             spans[-1] = (spans[-1][0], keep)
         if not after.startswith(before):

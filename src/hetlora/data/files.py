@@ -213,13 +213,13 @@ def _with_json_cells(ds: Any, path: Path, names: list[str]) -> Any:
     a column as text in which a string that looks like a number is not quoted, so ``"42"``
     came back as the number 42 and ``"007"`` did not decode at all."""
     text = path.read_text(encoding="utf-8")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:  # JSON Lines
+    try:  # JSON Lines, as datasets tries first: one object a line (one line: one row)
         whole = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(whole, dict):  # columns: {"name": [values], ...}
-        keys = list(whole)
-        whole = [dict(zip(keys, row, strict=True)) for row in zip(*whole.values(), strict=True)]
+        lines = all(isinstance(row, dict) for row in whole)
+    except json.JSONDecodeError:
+        lines = False
+    if not lines:  # one JSON document: a list of rows
+        whole = json.loads(text)
     if not isinstance(whole, list) or len(whole) != len(ds):
         raise HetLoRAError(f"{path}: cannot match its rows to the {len(ds)} read")
     whole = [row if isinstance(row, dict) else {"text": row} for row in whole]  # as datasets
