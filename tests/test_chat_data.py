@@ -192,6 +192,41 @@ def test_text_parts_are_a_turns_text(tmp_path: Path) -> None:
     assert [ex.messages for ex in load_clients(str(tmp_path / "one.jsonl"))["a"]] == jsonl[:1]
 
 
+def test_sharegpt_conversations_read_as_messages(tmp_path: Path, chat_tok) -> None:
+    """ShareGPT's ``conversations`` (``from``: system / human / gpt, ``value``) reads as the
+    same conversations as ``messages``; a turn of another speaker or shape is a bad row named
+    in ShareGPT's terms, and with the tokenizer the rows are rendered while checking."""
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    rows = [conversation(i, "ab"[i % 2]) for i in range(6)]
+    shared = [
+        {
+            "client_id": r["client_id"],
+            "conversations": [
+                {"from": speaker[t["role"]], "value": t["content"]} for t in r["messages"]
+            ],
+        }
+        for r in rows
+    ]
+    want = load_clients(str(write_jsonl(tmp_path / "m.jsonl", rows)))
+    got = load_clients(str(write_jsonl(tmp_path / "s.jsonl", shared)))
+    assert {c: [ex.messages for ex in v] for c, v in got.items()} == {
+        c: [ex.messages for ex in v] for c, v in want.items()
+    }
+    assert got["a"][0].response == "That is 0."
+    checked = load_clients(str(tmp_path / "s.jsonl"), tokenizer_loader=lambda: chat_tok)
+    assert sum(map(len, checked.values())) == 6
+    shared[1]["conversations"][1]["from"] = "function_call"
+    shared[4]["conversations"][0] = {"role": "system", "content": "x"}
+    shared[5]["conversations"][-1]["value"] = 3
+    with pytest.raises(HetLoRAError) as info:
+        load_clients(str(write_jsonl(tmp_path / "bad.jsonl", shared)))
+    message = str(info.value)
+    assert "3 bad rows of 6" in message
+    assert "row 2: conversations[1] 'from' must be one of system, human, user, gpt" in message
+    assert "row 5: conversations[0] must be an object with 'from' and 'value'" in message
+    assert "row 6: conversations[4] content must be a string or a list of text parts" in message
+
+
 def test_saved_datasets_folders_read_like_the_file(tmp_path: Path) -> None:
     import datasets
 

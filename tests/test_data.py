@@ -530,7 +530,7 @@ def test_malformed_json(tmp_path: Path) -> None:
 
 def test_missing_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"client_id": 1, "prompt": "a", "answer": "b"}])
-    pattern = r"needs columns \(messages\), \(prompt, response\) or \(text\).*found: client_id, prompt, answer"
+    pattern = r"needs columns \(messages\), \(conversations\), \(prompt, response\) or \(text\).*found: client_id, prompt, answer"
     with pytest.raises(HetLoRAError, match=pattern):
         load_clients(str(path))
 

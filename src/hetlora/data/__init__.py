@@ -117,10 +117,10 @@ def load_clients(
         report: if given, receives ``bad_rows_skipped``, the number of rows dropped (0 for
             the built-in data sets, whose rows are all usable).
         split: the split of a ``DatasetDict`` folder or hub dataset (only for those sources).
-        tokenizer_loader: returns the model's tokenizer; ``messages`` rows of a data file are
-            then also rendered with its chat template and tokenised while checking, so a row
-            the template refuses is a bad row (it is called only for data with ``messages``
-            rows, and for ``"chitchat"``, whose system turns are folded into the user turn for
+        tokenizer_loader: returns the model's tokenizer; ``messages`` (or ``conversations``)
+            rows of a data file are then also rendered with its chat template and tokenised
+            while checking, so a row the template refuses is a bad row (it is called only for
+            data with such rows, and for ``"chitchat"``, whose system turns are folded into the user turn for
             a template that refuses them, see `hetlora.data.chitchat.fold_system`).
 
     Raises:

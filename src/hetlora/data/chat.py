@@ -41,12 +41,15 @@ from hetlora.errors import HetLoRAError, first_line
 __all__ = [
     "ROLES",
     "Renderer",
+    "SHAREGPT_ROLES",
     "example_from_messages",
+    "from_sharegpt",
     "conversation_problem",
     "make_renderer",
     "messages_problem",
     "refuses_system",
     "render_conversation",
+    "sharegpt_problem",
     "require_offsets",
     "template_bos",
     "turn_text",
@@ -94,6 +97,49 @@ def messages_problem(value: Any) -> str | None:
     if not has_answer:
         return "messages has no assistant turn with content (nothing to train on)"
     return None
+
+
+#: The speakers of a ShareGPT ``conversations`` turn (its ``from``) and the roles they are.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+def from_sharegpt(value: Any) -> Any:
+    """A ShareGPT ``conversations`` value (``[{"from": "human", "value": ...}, {"from": "gpt",
+    ...}]``, as axolotl and LLaMA-Factory read it) as a ``messages`` value; a turn of another
+    shape, or from another speaker, is kept as it is for `sharegpt_problem` to name."""
+    if not isinstance(value, list):
+        return value
+    return [
+        {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+        if isinstance(turn, dict) and turn.get("from") in SHAREGPT_ROLES and "value" in turn
+        else turn
+        for turn in value
+    ]
+
+
+def sharegpt_problem(value: Any) -> str | None:
+    """Why one ``conversations`` value is not a usable conversation (`messages_problem` of
+    `from_sharegpt`), or ``None`` if it is."""
+    if isinstance(value, list):
+        for j, turn in enumerate(value):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                return (
+                    f"conversations[{j}] must be an object with 'from' and 'value', "
+                    f"got {turn!r:.60}"
+                )
+            if turn["from"] not in SHAREGPT_ROLES:
+                return (
+                    f"conversations[{j}] 'from' must be one of {', '.join(SHAREGPT_ROLES)}, "
+                    f"got {turn['from']!r:.40}"
+                )
+    why = messages_problem(from_sharegpt(value))
+    return None if why is None else why.replace("messages", "conversations", 1)
 
 
 def turn_text(content: Any) -> str:

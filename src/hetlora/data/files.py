@@ -5,9 +5,12 @@ A file is read with Hugging Face ``datasets`` (packaged builders on a local file
 throw-away cache folder: no hub access, nothing left in the user's cache). Accepted columns:
 
 * ``client_id``, ``prompt``, ``response``, or ``client_id``, ``text``: natural clients;
-* ``client_id``, ``messages``: natural clients of conversations (`hetlora.data.chat`);
-* ``prompt``, ``response``, ``messages`` or ``text`` alone: the rows are split into clients by
-  an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids ``partition-000``, ...
+* ``client_id``, ``messages``: natural clients of conversations (`hetlora.data.chat`), or
+  ``conversations`` in ShareGPT's form (``from``/``value`` turns,
+  `hetlora.data.chat.from_sharegpt`);
+* ``prompt``, ``response``, ``messages``, ``conversations`` or ``text`` alone: the rows are
+  split into clients by an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids
+  ``partition-000``, ...
 
 Text-only rows become examples with an empty prompt. Extra columns are ignored (except the
 Dirichlet ``partition_by`` column).
@@ -35,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from hetlora.data import PARTITION_DEFAULTS, Example
-from hetlora.data.chat import conversation_problem, example_from_messages, messages_problem
+from hetlora.data.chat import (
+    conversation_problem,
+    example_from_messages,
+    from_sharegpt,
+    messages_problem,
+    sharegpt_problem,
+)
 from hetlora.errors import HetLoRAError
 
 __all__ = ["FORMATS", "dataset_clients", "read_file"]
@@ -247,10 +256,10 @@ def _csv_options(path: Path) -> dict[str, Any]:
         header = pd.read_csv(path, nrows=0)
     except Exception as exc:  # an unreadable header is the file's fault
         raise HetLoRAError(f"cannot read {path} as csv: {_one_line(exc)}") from exc
-    if "messages" in {str(c) for c in header.columns}:
+    if listed := {"messages", "conversations"} & {str(c) for c in header.columns}:
         raise HetLoRAError(
-            f"{path}: a CSV cannot hold lists, so its 'messages' column cannot be a conversation: "
-            "use JSONL or parquet (or prompt/response columns)"
+            f"{path}: a CSV cannot hold lists, so its '{min(listed)}' column cannot be a "
+            "conversation: use JSONL or parquet (or prompt/response columns)"
         )
     features = datasets.Features({str(c): datasets.Value("string") for c in header.columns})
     return {"features": features, "keep_default_na": False, "na_filter": False}
@@ -293,16 +302,23 @@ def _client_id_problem(value: Any) -> str | None:
 
 
 def _text_columns(ds: Any, path: Path | str) -> list[str]:
-    """The text columns the rows are read from: (messages), (prompt, response) or (text)."""
+    """The text columns the rows are read from: (messages), (conversations: ShareGPT's),
+    (prompt, response) or (text)."""
     columns = set(ds.column_names)
-    for names in (["messages"], ["prompt", "response"], ["text"]):
+    for names in (["messages"], ["conversations"], ["prompt", "response"], ["text"]):
         if set(names) <= columns:
             return names
     raise HetLoRAError(
-        f"{path}: needs columns (messages), (prompt, response) or (text), optionally with "
-        "client_id; "
+        f"{path}: needs columns (messages), (conversations), (prompt, response) or (text), "
+        "optionally with client_id; "
         f"found: {', '.join(ds.column_names) or 'none'}"
     )
+
+
+def _as_messages(column: str) -> Callable[[Any], Any]:
+    """A conversation column's value as a ``messages`` value (ShareGPT's ``conversations``
+    translated, `hetlora.data.chat.from_sharegpt`)."""
+    return from_sharegpt if column == "conversations" else lambda value: value
 
 
 def _drop_bad_rows(
@@ -321,15 +337,25 @@ def _drop_bad_rows(
     the columns are known to be usable.
     """
     columns = _text_columns(ds, path)
-    messages_check = messages_problem
-    if tokenizer_loader is not None and "messages" in columns:
-        messages_check = functools.partial(conversation_problem, tokenizer_loader())
-    checks = [
-        (name, messages_check)
-        if name == "messages"
-        else (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
-        for name in columns
-    ]
+    checks: list[tuple[str, Callable[[Any], str | None]]]
+    if columns == ["messages"] or columns == ["conversations"]:
+        shape = messages_problem if columns == ["messages"] else sharegpt_problem
+        if tokenizer_loader is not None:  # the structure first, then the template
+            tokenizer = tokenizer_loader()
+            as_messages = _as_messages(columns[0])
+            checks = [
+                (
+                    columns[0],
+                    lambda v: shape(v) or conversation_problem(tokenizer, as_messages(v)),
+                )
+            ]
+        else:
+            checks = [(columns[0], shape)]
+    else:
+        checks = [
+            (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
+            for name in columns
+        ]
     if "client_id" in ds.column_names:
         checks.append(("client_id", _client_id_problem))
     elif label is not None and label in ds.column_names:
@@ -463,8 +489,9 @@ def dataset_clients(
     if report is not None:
         report["bad_rows_skipped"] = skipped
     columns = _text_columns(ds, path)
-    if columns == ["messages"]:
-        examples = [example_from_messages(v) for v in _column(ds, "messages")]
+    if columns == ["messages"] or columns == ["conversations"]:
+        as_messages = _as_messages(columns[0])
+        examples = [example_from_messages(as_messages(v)) for v in _column(ds, columns[0])]
     elif columns == ["text"]:
         examples = [Example(prompt="", response=t) for t in _column(ds, "text")]
     else:
