@@ -293,6 +293,35 @@ def test_parquet_with_client_id(tmp_path: Path) -> None:
     assert clients == {"1": [Example("p", "x"), Example("q", "y")], "2": [Example("r", "z")]}
 
 
+def test_alpaca_rows_read_as_prompt_and_response(tmp_path: Path) -> None:
+    """Alpaca's instruction / input / output: the prompt is the instruction, and the input after
+    a blank line where there is one (empty or null: none); without an input column too."""
+    rows = [
+        {"client_id": "a", "instruction": "Name a prime.", "input": "", "output": "7."},
+        {"client_id": "a", "instruction": "Add them.", "input": "2 and 3", "output": "5."},
+        {"client_id": "b", "instruction": "Say hi.", "input": None, "output": "Hi."},
+    ]
+    assert load_clients(str(write_jsonl(tmp_path / "a.jsonl", rows))) == {
+        "a": [Example("Name a prime.", "7."), Example("Add them.\n\n2 and 3", "5.")],
+        "b": [Example("Say hi.", "Hi.")],
+    }
+    for row in rows:
+        del row["input"]
+    path = tmp_path / "no-input.csv"
+    path.write_text(
+        "client_id,instruction,output\n"
+        + "".join(f"{r['client_id']},{r['instruction']},{r['output']}\n" for r in rows)
+    )
+    assert load_clients(str(path))["a"][1] == Example("Add them.", "5.")
+    rows[0]["output"], rows[1]["input"] = "", 3
+    with pytest.raises(
+        HetLoRAError,
+        match=r"2 bad rows of 3: row 1: column 'output' is empty; "
+        r"row 2: column 'input' must be a string",
+    ):
+        load_clients(str(write_jsonl(tmp_path / "bad.jsonl", rows)))
+
+
 def test_csv_cells_are_read_as_written(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text(
@@ -530,7 +559,10 @@ def test_malformed_json(tmp_path: Path) -> None:
 
 def test_missing_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"client_id": 1, "prompt": "a", "answer": "b"}])
-    pattern = r"needs columns \(messages\), \(conversations\), \(prompt, response\) or \(text\).*found: client_id, prompt, answer"
+    pattern = (
+        r"needs columns \(messages\), \(conversations\), \(prompt, response\), \(instruction, "
+        r"output\) or \(text\).*found: client_id, prompt, answer"
+    )
     with pytest.raises(HetLoRAError, match=pattern):
         load_clients(str(path))
 

@@ -8,6 +8,9 @@ throw-away cache folder: no hub access, nothing left in the user's cache). Accep
 * ``client_id``, ``messages``: natural clients of conversations (`hetlora.data.chat`), or
   ``conversations`` in ShareGPT's form (``from``/``value`` turns,
   `hetlora.data.chat.from_sharegpt`);
+* ``instruction``, ``output`` (and ``input``, Alpaca's form: the prompt is the instruction and
+  the input, where there is one, after a blank line) with or without ``client_id``, as
+  ``prompt``, ``response``;
 * ``prompt``, ``response``, ``messages``, ``conversations`` or ``text`` alone: the rows are
   split into clients by an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids
   ``partition-000``, ...
@@ -303,14 +306,15 @@ def _client_id_problem(value: Any) -> str | None:
 
 def _text_columns(ds: Any, path: Path | str) -> list[str]:
     """The text columns the rows are read from: (messages), (conversations: ShareGPT's),
-    (prompt, response) or (text)."""
+    (prompt, response), (instruction, input, output: Alpaca's, input optional) or (text)."""
     columns = set(ds.column_names)
-    for names in (["messages"], ["conversations"], ["prompt", "response"], ["text"]):
+    alpaca = ["instruction", "input", "output"] if "input" in columns else ["instruction", "output"]
+    for names in (["messages"], ["conversations"], ["prompt", "response"], alpaca, ["text"]):
         if set(names) <= columns:
             return names
     raise HetLoRAError(
-        f"{path}: needs columns (messages), (conversations), (prompt, response) or (text), "
-        "optionally with client_id; "
+        f"{path}: needs columns (messages), (conversations), (prompt, response), (instruction, "
+        "output) or (text), optionally with client_id; "
         f"found: {', '.join(ds.column_names) or 'none'}"
     )
 
@@ -355,7 +359,10 @@ def _drop_bad_rows(
         checks = [
             (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
             for name in columns
+            if name != "input"
         ]
+        if "input" in columns:  # Alpaca's optional input: empty or null where there is none
+            checks.append(("input", lambda v: None if v is None else _text_problem(v, "input", allow_empty=True)))
     if "client_id" in ds.column_names:
         checks.append(("client_id", _client_id_problem))
     elif label is not None and label in ds.column_names:
@@ -494,6 +501,14 @@ def dataset_clients(
         examples = [example_from_messages(as_messages(v)) for v in _column(ds, columns[0])]
     elif columns == ["text"]:
         examples = [Example(prompt="", response=t) for t in _column(ds, "text")]
+    elif columns[0] == "instruction":  # Alpaca's: the input, where there is one, after a blank line
+        inputs = _column(ds, "input") if "input" in columns else [""] * ds.num_rows
+        examples = [
+            Example(prompt=f"{i}\n\n{x}" if x and x.strip() else i, response=o)
+            for i, x, o in zip(
+                _column(ds, "instruction"), inputs, _column(ds, "output"), strict=True
+            )
+        ]
     else:
         examples = [
             Example(prompt=p, response=r)
