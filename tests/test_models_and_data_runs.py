@@ -172,3 +172,45 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
     result = run_cli(tmp_path / "out", "model='someone/not-a-cached-model'", "min_examples=150")
     assert result.exit_code == 2
     assert "cannot load model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hetlora_data_shows_clients_tokens_and_the_loss_of_an_example(tiny_model, tmp_path):
+    """``hetlora data`` counts what a run with the same keys trains on (its splits), the share
+    of examples max_seq_len cuts, and shows the first example with its loss tokens."""
+    from hetlora.config import make_config
+    from hetlora.data.chat import make_renderer
+    from hetlora.models import load_tokenizer
+    from hetlora.runtime.splits import federated_splits
+
+    rows = [
+        {"client_id": f"u{i % 3}", "prompt": f"Question {i}?", "response": "Answer " * (1 + i % 7)}
+        for i in range(60)
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = [f"model='{tiny_model}'", f"data='{path}'", "min_examples=5", "max_seq_len=16"]
+    args = ["data", "--json"] + [a for k in keys for a in ("--set", k)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    cfg = {"model": str(tiny_model), "data": str(path), "min_examples": 5, "max_seq_len": 16}
+    train, _, test = federated_splits(make_config(cfg))
+    assert facts["clients"] == 3 and facts["train"] == sum(map(len, train.values()))
+    assert facts["test"] == sum(map(len, test.values())) and facts["val"] == 0
+    assert facts["examples_per_client"] == {
+        "min": 20,
+        "p10": 20,
+        "median": 20,
+        "p90": 20,
+        "max": 20,
+    }
+    renderer = make_renderer(load_tokenizer(str(tiny_model)), "auto")
+    lengths = [len(renderer.tokenize(ex, 1 << 30).ids) for v in train.values() for ex in v]
+    assert facts["tokens_sampled"] == len(lengths) and facts["tokens_max"] == max(lengths)
+    assert facts["truncated"] == pytest.approx(sum(n > 16 for n in lengths) / len(lengths))
+    assert 0 < facts["truncated"] < 1 and facts["kept_mean"] <= 16
+    first = train["u0"][0]
+    assert facts["example"]["answer"].startswith(first.response.strip().split()[0])
+    assert facts["example"]["context"].startswith(first.prompt[:8])
+    shown = CliRunner().invoke(app, args[:1] + args[2:])
+    assert shown.exit_code == 0 and "with loss" in shown.stdout and "loss in bold" in shown.stdout

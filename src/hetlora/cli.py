@@ -567,6 +567,64 @@ def chat(
 
 
 @app.command()
+def data(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML file of config keys (those of a run)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set data=my.jsonl (repeatable)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the facts as one JSON object.")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Show a run's data before training: clients, splits, tokens per example, how many
+    max_seq_len cuts, and one example with the tokens the loss is on (in bold)."""
+    _quiet_libraries(verbose)
+    with _one_line_errors():
+        from hetlora.config import load_config
+        from hetlora.runtime.splits import data_overview
+
+        facts = data_overview(load_config(config, set_ or []))
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps(facts, indent=1) + "\n")
+        return
+    q = facts["examples_per_client"]
+    table = Table(title=f"data: {facts['data']}", show_header=False)
+    rows = [
+        ("clients", f"{facts['clients']}"),
+        ("examples (train / val / test)", f"{facts['train']} / {facts['val']} / {facts['test']}"),
+        (
+            "examples per client",
+            f"min {q['min']}, 10% {q['p10']}, median {q['median']}, 90% {q['p90']}, max {q['max']}",
+        ),
+        ("rounds a client takes part in", f"{facts['rounds_per_client']:.2f} on average"),
+        ("bad rows skipped", f"{facts['bad_rows_skipped']}"),
+        ("chat template", "yes" if facts["chat_template"] else "no (raw text)"),
+        (
+            f"tokens per example ({facts['tokens_sampled']} sampled)",
+            f"mean {facts['tokens_mean']:.1f}, 90% {facts['tokens_p90']}, max {facts['tokens_max']}",
+        ),
+        (
+            f"cut at max_seq_len = {facts['max_seq_len']}",
+            f"{100 * facts['truncated']:.1f} % of examples; {facts['kept_mean']:.1f} tokens kept, "
+            f"{facts['loss_mean']:.1f} with loss, on average",
+        ),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    example = facts["example"]
+    console.print(f"first training example of client {escape(example['client'])} (loss in bold):")
+    console.print(escape(example["context"]) + "[bold]" + escape(example["answer"]) + "[/bold]")
+
+
+@app.command()
 def defaults() -> None:
     """Print every config key with its default value as TOML, each under its description."""
     from hetlora.config import defaults_toml

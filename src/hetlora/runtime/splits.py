@@ -1,5 +1,6 @@
 """The run's data as examples per client: the training, validation and test splits, the
-held-out sample and the server-side evaluation set.
+held-out sample, the server-side evaluation set, and what ``hetlora data`` shows of them
+(`data_overview`).
 
 Everything here reads data and the tokenizer only (no model, no PEFT), so a Flower node that
 is only asked who it is (`hetlora.runtime.flower.client_app`) imports no more than this.
@@ -8,7 +9,9 @@ is only asked who it is (`hetlora.runtime.flower.client_app`) imports no more th
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from hetlora.data import (
     split_clients,
     split_validation,
 )
+from hetlora.data.chat import make_renderer
 from hetlora.errors import HetLoRAError
 from hetlora.models import load_tokenizer
 
@@ -124,3 +128,69 @@ def server_eval_set(cfg: Config) -> list[Example]:
         **one,
     )
     return eval_set(clients, cfg.eval_examples, cfg.seed)
+
+
+def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
+    """The facts ``hetlora data`` prints, as a dict (JSON-ready).
+
+    ``clients``, the per-split totals and the quantiles of examples per client count every
+    example; the token figures come from a seeded sample of at most ``sample`` training
+    examples (``tokens_sampled`` of them), each tokenised as training does: ``tokens`` whole,
+    ``kept`` after the cut at ``max_seq_len``, ``loss`` the tokens the loss is taken on.
+    ``example`` is the first training example of the first client: its ``context`` text and
+    its ``answer``, the text of the tokens with loss.
+    """
+    report: dict[str, int] = {}
+    train, val, test = federated_splits(cfg, report)
+    clients = sorted(train)
+    sizes = np.array([len(train[c]) + len(val[c]) + len(test[c]) for c in clients])
+    tokenizer = load_tokenizer(cfg.model)
+    examples = [ex for c in clients for ex in train[c]]
+    renderer = make_renderer(tokenizer, cfg.chat_template, examples)
+    picked = random.Random(cfg.seed).sample(examples, min(sample, len(examples)))
+    whole = [len(item.ids) for item in renderer.tokenize_all(picked, 1 << 30)]
+    cut = renderer.tokenize_all(picked, cfg.max_seq_len)
+    loss = [_loss_positions(item) for item in cut]
+    first = renderer.tokenize(train[clients[0]][0], cfg.max_seq_len)
+    marks = _loss_mask(first)
+    answer = [t for t, m in zip(first.ids, marks, strict=True) if m]
+    context = [t for t, m in zip(first.ids, marks, strict=True) if not m]
+    per_round = min(cfg.clients_per_round, len(clients))
+    return {
+        "data": cfg.data,
+        "clients": len(clients),
+        "bad_rows_skipped": report.get("bad_rows_skipped", 0),
+        "train": sum(len(v) for v in train.values()),
+        "val": sum(len(v) for v in val.values()),
+        "test": sum(len(v) for v in test.values()),
+        "examples_per_client": {
+            q: int(np.quantile(sizes, p, method="lower"))
+            for q, p in (("min", 0), ("p10", 0.1), ("median", 0.5), ("p90", 0.9), ("max", 1))
+        },
+        "rounds_per_client": cfg.rounds * per_round / len(clients),
+        "chat_template": renderer.templated,
+        "max_seq_len": cfg.max_seq_len,
+        "tokens_sampled": len(picked),
+        "tokens_mean": float(np.mean(whole)),
+        "tokens_p90": int(np.quantile(whole, 0.9, method="lower")),
+        "tokens_max": int(max(whole)),
+        "truncated": float(np.mean([n > cfg.max_seq_len for n in whole])),
+        "kept_mean": float(np.mean([len(item.ids) for item in cut])),
+        "loss_mean": float(np.mean(loss)),
+        "example": {
+            "client": clients[0],
+            "context": tokenizer.decode(context),
+            "answer": tokenizer.decode(answer),
+        },
+    }
+
+
+def _loss_mask(item: Any) -> list[bool]:
+    """Per token of a tokenised example, whether the loss is taken on it."""
+    if item.target is not None:
+        return list(item.target)
+    return [i >= item.n_prompt for i in range(len(item.ids))]
+
+
+def _loss_positions(item: Any) -> int:
+    return sum(_loss_mask(item))
