@@ -132,6 +132,16 @@ CASES: list[tuple[str, list[str], str]] = [
         "not found",
     ),
     (
+        "hetlora data on a missing data file",
+        ["data", "--set", "data='{tmp}/absent.jsonl'"],
+        "not found",
+    ),
+    (
+        "hetlora data with an unknown key",
+        ["data", "--set", "max_seq=64"],
+        "unknown config key 'max_seq' (did you mean 'max_seq_len'?)",
+    ),
+    (
         "missing data file at a relative path shaped like a hub id",
         ["run", "--out", "{out}", "--set", "data='mydata/train.jsonl'"],
         "data file not found: mydata/train.jsonl",
