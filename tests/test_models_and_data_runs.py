@@ -212,5 +212,8 @@ def test_hetlora_data_shows_clients_tokens_and_the_loss_of_an_example(tiny_model
     first = train["u0"][0]
     assert facts["example"]["answer"].startswith(first.response.strip().split()[0])
     assert facts["example"]["context"].startswith(first.prompt[:8])
-    shown = CliRunner().invoke(app, args[:1] + args[2:])
+    assert facts["per_client"] == [20, 20, 20] and len(facts["token_lengths"]) == len(lengths)
+    plot = tmp_path / "data.png"
+    shown = CliRunner().invoke(app, [*args[:1], *args[2:], "--plot", str(plot)])
     assert shown.exit_code == 0 and "with loss" in shown.stdout and "loss in bold" in shown.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000

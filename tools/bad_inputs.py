@@ -137,6 +137,11 @@ CASES: list[tuple[str, list[str], str]] = [
         "not found",
     ),
     (
+        "hetlora data --plot onto a folder",
+        ["data", "--set", "model='{tiny}'", "--set", "max_clients=2", "--plot", "{empty_dir}"],
+        "cannot write --plot",
+    ),
+    (
         "hetlora data with an unknown key",
         ["data", "--set", "max_seq=64"],
         "unknown config key 'max_seq' (did you mean 'max_seq_len'?)",

@@ -579,6 +579,10 @@ def data(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the facts as one JSON object.")
     ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also write a PNG: examples per client, tokens per example."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Show a run's data before training: clients, splits, tokens per example, how many
@@ -589,10 +593,17 @@ def data(
         from hetlora.runtime.splits import data_overview
 
         facts = data_overview(load_config(config, set_ or []))
+        if plot is not None:
+            from hetlora.study.report import plot_data
+
+            try:
+                plot_data(facts, plot)
+            except OSError as exc:
+                raise HetLoRAError(f"cannot write --plot {plot}: {exc.strerror or exc}") from None
     if as_json:
         import json
 
-        sys.stdout.write(json.dumps(facts, indent=1) + "\n")
+        sys.stdout.write(json.dumps(facts) + "\n")
         return
     q = facts["examples_per_client"]
     table = Table(title=f"data: {facts['data']}", show_header=False)
@@ -622,6 +633,8 @@ def data(
     example = facts["example"]
     console.print(f"first training example of client {escape(example['client'])} (loss in bold):")
     console.print(escape(example["context"]) + "[bold]" + escape(example["answer"]) + "[/bold]")
+    if plot is not None:
+        console.print(f"plot: {plot}")
 
 
 @app.command()

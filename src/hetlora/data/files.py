@@ -362,7 +362,12 @@ def _drop_bad_rows(
             if name != "input"
         ]
         if "input" in columns:  # Alpaca's optional input: empty or null where there is none
-            checks.append(("input", lambda v: None if v is None else _text_problem(v, "input", allow_empty=True)))
+            checks.append(
+                (
+                    "input",
+                    lambda v: None if v is None else _text_problem(v, "input", allow_empty=True),
+                )
+            )
     if "client_id" in ds.column_names:
         checks.append(("client_id", _client_id_problem))
     elif label is not None and label in ds.column_names:

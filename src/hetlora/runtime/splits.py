@@ -137,8 +137,9 @@ def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
     example; the token figures come from a seeded sample of at most ``sample`` training
     examples (``tokens_sampled`` of them), each tokenised as training does: ``tokens`` whole,
     ``kept`` after the cut at ``max_seq_len``, ``loss`` the tokens the loss is taken on.
-    ``example`` is the first training example of the first client: its ``context`` text and
-    its ``answer``, the text of the tokens with loss.
+    ``per_client`` lists every client's examples, most first, and ``token_lengths`` the sampled
+    examples' whole lengths. ``example`` is the first training example of the first client: its
+    ``context`` text and its ``answer``, the text of the tokens with loss.
     """
     report: dict[str, int] = {}
     train, val, test = federated_splits(cfg, report)
@@ -177,6 +178,8 @@ def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
         "truncated": float(np.mean([n > cfg.max_seq_len for n in whole])),
         "kept_mean": float(np.mean([len(item.ids) for item in cut])),
         "loss_mean": float(np.mean(loss)),
+        "per_client": sorted(sizes.tolist(), reverse=True),
+        "token_lengths": whole,
         "example": {
             "client": clients[0],
             "context": tokenizer.decode(context),

@@ -268,6 +268,38 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plot_data(facts: dict[str, Any], path: Path) -> Path:
+    """``hetlora data``'s plot (`hetlora.runtime.splits.data_overview`'s facts): every
+    client's examples, most first (log scale), and the sampled examples' lengths in tokens with
+    the ``max_seq_len`` cut."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    sizes = facts["per_client"]
+    left.bar(range(1, len(sizes) + 1), sizes, width=1.0)
+    left.set_yscale("log")
+    left.set_xlabel("client (most examples first)")
+    left.set_ylabel("examples")
+    left.set_title(f"{facts['clients']} clients")
+    right.hist(facts["token_lengths"], bins=40)
+    right.axvline(facts["max_seq_len"], color="black", linestyle="--", linewidth=1)
+    right.set_xlabel("tokens per example (whole)")
+    right.set_ylabel("examples")
+    right.set_title(
+        f"max_seq_len {facts['max_seq_len']} cuts {100 * facts['truncated']:.1f} % "
+        f"(of {facts['tokens_sampled']} sampled)"
+    )
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"data: {facts['data']}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120, format="png")  # at this path, whatever its suffix
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_curves(runs: Runs, out_dir: Path, title: str = "") -> list[Path]:
     """Perplexity against round, cumulative bytes and cumulative client FLOPs, one line per
     method; with several seeds, the mean over seeds with a min-max band. Test perplexity
