@@ -35,14 +35,14 @@ def run_cli(out, *items):
     return CliRunner().invoke(app, args)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "phi3"])
 def test_other_architecture_families(arch, tmp_path):
     folder = make_tiny_model(tmp_path / arch, arch=arch)
     out = tmp_path / "out"
     result = run_cli(out, f"model='{folder}'", "min_examples=150")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    expected = {"gpt2": ["c_attn"]}.get(arch, ["q_proj", "v_proj"])
+    expected = {"gpt2": ["c_attn"], "phi3": ["qkv_proj"]}.get(arch, ["q_proj", "v_proj"])
     assert summary["target_modules"] == expected
     assert summary["final_ppl"] > 0
 

