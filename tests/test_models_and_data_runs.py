@@ -35,14 +35,21 @@ def run_cli(out, *items):
     return CliRunner().invoke(app, args)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "phi3", "gemma3"])
 def test_other_architecture_families(arch, tmp_path):
     folder = make_tiny_model(tmp_path / arch, arch=arch)
     out = tmp_path / "out"
     result = run_cli(out, f"model='{folder}'", "min_examples=150")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    expected = {"gpt2": ["c_attn"], "phi3": ["qkv_proj"]}.get(arch, ["q_proj", "v_proj"])
+    language = [  # multimodal Gemma 3: its language model's layers, not its vision tower's
+        f"model.language_model.layers.{i}.self_attn.{n}"
+        for i in (0, 1)
+        for n in ("q_proj", "v_proj")
+    ]
+    expected = {"gpt2": ["c_attn"], "phi3": ["qkv_proj"], "gemma3": language}.get(
+        arch, ["q_proj", "v_proj"]
+    )
     assert summary["target_modules"] == expected
     assert summary["final_ppl"] > 0
 
@@ -50,8 +57,8 @@ def test_other_architecture_families(arch, tmp_path):
 def test_default_targets_where_peft_lists_none() -> None:
     """PEFT lists no LoRA targets for Phi-3, Granite, SmolLM3, OLMo 2 or LFM2: the attention's
     query and value layers by their usual names are taken (Phi-3 fuses them as qkv_proj); a
-    model with neither, or a multimodal one (whose encoders have such layers too), is one error
-    that lists its linear layers."""
+    model with neither, or a multimodal one without a language model of such layers, is one
+    error that lists its linear layers."""
     from transformers import AutoModelForCausalLM, GraniteConfig, Phi3Config
 
     from hetlora.models import default_target_modules
@@ -74,11 +81,8 @@ def test_default_targets_where_peft_lists_none() -> None:
         HetLoRAError, match=r"model type 'odd'; set target_modules \(its linear layers: 0\)"
     ):
         default_target_modules(odd)
-    granite.config.vision_config = {"hidden_size": 8}  # as a multimodal Gemma 3's
-    with pytest.raises(HetLoRAError, match=r"multimodal model: a name its enc"):
-        default_target_modules(granite)
-    odd.config.model_type = "gemma4"  # PEFT's default is a pattern over the language model
-    with pytest.raises(HetLoRAError, match=r"'gemma4' \(a multimodal model: a name"):
+    odd.config.model_type = "gemma4"  # PEFT's default is a pattern: multimodal, no decoder
+    with pytest.raises(HetLoRAError, match=r"'gemma4' \(a multimodal model whose language"):
         default_target_modules(odd)
 
 

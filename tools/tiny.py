@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite", "phi3")
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite", "phi3", "gemma3")
 
 #: A small chat template for the tiny tokenizer (``make_tiny_model(chat_template=True)``): a
 #: plain-text role header per turn, each turn ended by the end-of-sequence token.
@@ -95,6 +95,28 @@ def make_tiny_model(
             head_dim=hidden // 4,
             max_position_embeddings=512,
             **special,
+        )
+    elif arch == "gemma3":  # multimodal: a vision tower beside the language model
+        text = dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=512,
+            **special,
+        )
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        )
+        config = AutoConfig.for_model(
+            "gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4, **special
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHITECTURES}")

@@ -81,7 +81,8 @@ class Config:
         default_factory=list,
         doc=(
             "module names that get LoRA; empty means the architecture's default (q_proj, v_proj for "
-            "Llama/Gemma/Qwen and others with such layers; qkv_proj for Phi-3; c_attn for GPT-2). "
+            "Llama/Gemma/Qwen and others with such layers; qkv_proj for Phi-3; c_attn for GPT-2; "
+            "those of the language model alone, by full name, for a multimodal Gemma 3). "
             "Every name must name a module of the model (an error lists its linear layers: Phi-3 "
             "fuses them as qkv_proj, gate_up_proj)."
         ),

@@ -182,8 +182,8 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     """PEFT's default LoRA targets for the model's architecture (q_proj, v_proj for Llama);
     for a type PEFT does not list (Granite, SmolLM3, OLMo 2, LFM2, Phi-3), the attention's query
     and value layers by their usual names: q_proj and v_proj, or Phi-3's fused qkv_proj. A
-    multimodal model PEFT does not list (Gemma 3, whose vision tower has q_proj too) needs
-    ``target_modules``."""
+    multimodal model (its config names a vision or audio encoder, or PEFT's default is a
+    pattern: Gemma 3, 3n, 4) gets those of its language model alone, by full name."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
     from hetlora.adapters import linear_leaves
@@ -197,13 +197,48 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     # keeps them out (Gemma 4); names alone would adapt the encoders' layers too
     towers = [k for k in ("vision_config", "audio_config") if getattr(config, k, None)]
     multimodal = bool(towers) or isinstance(default, str)
+    if multimodal:
+        return _language_model_targets(model, model_type, mapping)
     leaves = linear_leaves(model)
     for names in (["q_proj", "v_proj"], ["qkv_proj"]):
-        if leaves >= set(names) and not multimodal:
+        if leaves >= set(names):
             log.info("model type %r: LoRA on %s (its query and value layers)", model_type, names)
             return names
-    also = " (a multimodal model: a name its encoders share adapts them too)" if multimodal else ""
     raise HetLoRAError(
-        f"no default LoRA target modules for model type {model_type!r}{also}; set "
-        f"target_modules (its linear layers: {', '.join(sorted(leaves))})"
+        f"no default LoRA target modules for model type {model_type!r}; set target_modules "
+        f"(its linear layers: {', '.join(sorted(leaves))})"
+    )
+
+
+def _language_model_targets(model: torch.nn.Module, model_type: str | None, mapping) -> list[str]:
+    """A multimodal model's default targets: the query and value layers of its language model
+    (``get_decoder()``) alone, by their full names, so that its encoders' layers of the same
+    names (Gemma 3's vision tower has q_proj and v_proj too) stay as they are."""
+    from hetlora.adapters import linear_leaves
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    prefix = next((n for n, m in model.named_modules() if m is decoder and n), None)
+    text_type = getattr(getattr(decoder, "config", None), "model_type", None)
+    leaves = linear_leaves(decoder) if prefix else set()
+    default = mapping.get(text_type)
+    for names in (
+        [] if isinstance(default, str) else list(default or []),
+        ["q_proj", "v_proj"],
+        ["qkv_proj"],
+    ):
+        if names and leaves >= set(names):
+            full = [
+                f"{prefix}.{n}" for n, _ in decoder.named_modules() if n.rsplit(".", 1)[-1] in names
+            ]
+            log.info(
+                "model type %r (multimodal): LoRA on %s of its language model (%s)",
+                model_type,
+                names,
+                prefix,
+            )
+            return full
+    raise HetLoRAError(
+        f"no default LoRA target modules for model type {model_type!r} (a multimodal model "
+        "whose language model has no q_proj/v_proj: a name its encoders share adapts them "
+        f"too); set target_modules (its linear layers: {', '.join(sorted(linear_leaves(model)))})"
     )
