@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -215,16 +216,31 @@ def test_sharegpt_conversations_read_as_messages(tmp_path: Path, chat_tok) -> No
     assert got["a"][0].response == "That is 0."
     checked = load_clients(str(tmp_path / "s.jsonl"), tokenizer_loader=lambda: chat_tok)
     assert sum(map(len, checked.values())) == 6
+    refusing = copy.deepcopy(chat_tok)  # a template that refuses system turns: rendered, so refused
+    refusing.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+        "{% endif %}" + chat_tok.chat_template
+    )
+    with pytest.raises(HetLoRAError, match=r"6 bad rows of 6: row 1: .*no system turns"):
+        load_clients(str(tmp_path / "s.jsonl"), tokenizer_loader=lambda: refusing)
     shared[1]["conversations"][1]["from"] = "function_call"
+    shared[2]["conversations"][1]["from"] = ["gpt"]
     shared[4]["conversations"][0] = {"role": "system", "content": "x"}
     shared[5]["conversations"][-1]["value"] = 3
-    with pytest.raises(HetLoRAError) as info:
-        load_clients(str(write_jsonl(tmp_path / "bad.jsonl", shared)))
+    for skip in (False, True):
+        path = write_jsonl(tmp_path / "bad.jsonl", shared)
+        if skip:
+            kept = load_clients(str(path), on_bad_rows="skip")
+            assert sum(map(len, kept.values())) == 2
+            continue
+        with pytest.raises(HetLoRAError) as info:
+            load_clients(str(path))
     message = str(info.value)
-    assert "3 bad rows of 6" in message
+    assert "4 bad rows of 6" in message
     assert "row 2: conversations[1] 'from' must be one of system, human, user, gpt" in message
+    assert "row 3: conversations[1] 'from' must be one of" in message
     assert "row 5: conversations[0] must be an object with 'from' and 'value'" in message
-    assert "row 6: conversations[4] content must be a string or a list of text parts" in message
+    assert "row 6: conversations[4] value must be a string or a list of text parts" in message
 
 
 def test_saved_datasets_folders_read_like_the_file(tmp_path: Path) -> None:

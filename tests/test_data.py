@@ -294,16 +294,17 @@ def test_parquet_with_client_id(tmp_path: Path) -> None:
 
 
 def test_alpaca_rows_read_as_prompt_and_response(tmp_path: Path) -> None:
-    """Alpaca's instruction / input / output: the prompt is the instruction, and the input after
-    a blank line where there is one (empty or null: none); without an input column too."""
+    """Alpaca's instruction / input / output: the prompt is the instruction, the input where
+    there is one (empty or null: none) and then the output, each after a blank line; without an
+    input column too."""
     rows = [
         {"client_id": "a", "instruction": "Name a prime.", "input": "", "output": "7."},
         {"client_id": "a", "instruction": "Add them.", "input": "2 and 3", "output": "5."},
         {"client_id": "b", "instruction": "Say hi.", "input": None, "output": "Hi."},
     ]
     assert load_clients(str(write_jsonl(tmp_path / "a.jsonl", rows))) == {
-        "a": [Example("Name a prime.", "7."), Example("Add them.\n\n2 and 3", "5.")],
-        "b": [Example("Say hi.", "Hi.")],
+        "a": [Example("Name a prime.\n\n", "7."), Example("Add them.\n\n2 and 3\n\n", "5.")],
+        "b": [Example("Say hi.\n\n", "Hi.")],
     }
     for row in rows:
         del row["input"]
@@ -312,7 +313,7 @@ def test_alpaca_rows_read_as_prompt_and_response(tmp_path: Path) -> None:
         "client_id,instruction,output\n"
         + "".join(f"{r['client_id']},{r['instruction']},{r['output']}\n" for r in rows)
     )
-    assert load_clients(str(path))["a"][1] == Example("Add them.", "5.")
+    assert load_clients(str(path))["a"][1] == Example("Add them.\n\n", "5.")
     rows[0]["output"], rows[1]["input"] = "", 3
     with pytest.raises(
         HetLoRAError,

@@ -179,45 +179,95 @@ def test_hub_id_offline_is_a_clear_error(tmp_path):
 
 
 def test_hetlora_data_shows_clients_tokens_and_the_loss_of_an_example(tiny_model, tmp_path):
-    """``hetlora data`` counts what a run with the same keys trains on (its splits), the share
-    of examples max_seq_len cuts, and shows the first example with its loss tokens."""
+    """``hetlora data`` counts what a run with the same keys trains on (its splits), the
+    examples' lengths, the share max_seq_len cuts and the loss tokens, and shows the first
+    example in order with its loss tokens apart."""
     from hetlora.config import make_config
     from hetlora.data.chat import make_renderer
     from hetlora.models import load_tokenizer
     from hetlora.runtime.splits import federated_splits
 
+    sizes = {"u0": 20, "u1": 30, "u2": 40, "u3": 60}
     rows = [
-        {"client_id": f"u{i % 3}", "prompt": f"Question {i}?", "response": "Answer " * (1 + i % 7)}
-        for i in range(60)
+        {"client_id": c, "prompt": f"Question {i}?", "response": "Answer " * (1 + i % 7)}
+        for c, n in sizes.items()
+        for i in range(n)
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    keys = [f"model='{tiny_model}'", f"data='{path}'", "min_examples=5", "max_seq_len=16"]
-    args = ["data", "--json"] + [a for k in keys for a in ("--set", k)]
+    cfg = {
+        "model": str(tiny_model),
+        "data": str(path),
+        "min_examples": 5,
+        "max_seq_len": 16,
+        "val_fraction": 0.2,
+    }
+    args = ["data", "--json"] + [a for k, v in cfg.items() for a in ("--set", f"{k}={v!r}")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
-    cfg = {"model": str(tiny_model), "data": str(path), "min_examples": 5, "max_seq_len": 16}
-    train, _, test = federated_splits(make_config(cfg))
-    assert facts["clients"] == 3 and facts["train"] == sum(map(len, train.values()))
-    assert facts["test"] == sum(map(len, test.values())) and facts["val"] == 0
+    train, val, test = federated_splits(make_config(cfg))
+    assert facts["clients"] == 4 and facts["train"] == sum(map(len, train.values()))
+    assert facts["val"] == sum(map(len, val.values())) > 0
+    assert facts["test"] == sum(map(len, test.values()))
     assert facts["examples_per_client"] == {
         "min": 20,
         "p10": 20,
-        "median": 20,
-        "p90": 20,
-        "max": 20,
+        "median": 30,
+        "p90": 40,
+        "max": 60,
     }
+    assert facts["per_client"] == [60, 40, 30, 20]
     renderer = make_renderer(load_tokenizer(str(tiny_model)), "auto")
-    lengths = [len(renderer.tokenize(ex, 1 << 30).ids) for v in train.values() for ex in v]
+    every = [ex for c in sorted(train) for ex in train[c]]
+    lengths = [len(renderer.tokenize(ex, 1 << 30).ids) for ex in every]
+    cut = [renderer.tokenize(ex, 16) for ex in every]
     assert facts["tokens_sampled"] == len(lengths) and facts["tokens_max"] == max(lengths)
+    assert facts["tokens_mean"] == pytest.approx(sum(lengths) / len(lengths))
     assert facts["truncated"] == pytest.approx(sum(n > 16 for n in lengths) / len(lengths))
+    assert facts["loss_mean"] == pytest.approx(sum(c.n_target for c in cut) / len(cut))
     assert 0 < facts["truncated"] < 1 and facts["kept_mean"] <= 16
     first = train["u0"][0]
-    assert facts["example"]["answer"].startswith(first.response.strip().split()[0])
-    assert facts["example"]["context"].startswith(first.prompt[:8])
-    assert facts["per_client"] == [20, 20, 20] and len(facts["token_lengths"]) == len(lengths)
+    (context, on_context), (answer, on_answer) = facts["example"]["segments"]
+    assert not on_context and on_answer and context.startswith(first.prompt[:8])
+    assert answer.startswith(first.response.strip().split()[0])
     plot = tmp_path / "data.png"
     shown = CliRunner().invoke(app, [*args[:1], *args[2:], "--plot", str(plot)])
     assert shown.exit_code == 0 and "with loss" in shown.stdout and "loss in bold" in shown.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_hetlora_data_shows_a_conversation_in_order(tiny_chat_model, tmp_path):
+    """A multi-turn conversation's example is shown as it is rendered: each answer after its
+    question, the loss on the answers alone."""
+    from hetlora.config import make_config
+    from hetlora.runtime.splits import data_overview
+
+    turns = [("user", "Hello there"), ("assistant", "First answer"), ("user", "Second question")]
+    turns.append(("assistant", "Second answer"))
+    row = {"client_id": "a", "messages": [{"role": r, "content": c} for r, c in turns]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text((json.dumps(row) + "\n") * 10)
+    cfg = {"model": str(tiny_chat_model), "data": str(path), "min_examples": 5}
+    segments = data_overview(make_config(cfg))["example"]["segments"]
+    assert [loss for _, loss in segments] == [False, True, False, True]
+    text = "".join(t for t, _ in segments)
+    assert text.index("First answer") < text.index("Second question") < text.index("Second answer")
+    assert "Hello" in segments[0][0] and "First answer" in segments[1][0]
+
+
+def test_compile_takes_a_multimodal_models_language_layers(tmp_path):
+    """The layers ``compile = "on"`` compiles are the language model's, not the vision
+    tower's, even where both have as many."""
+    from transformers import AutoModelForCausalLM
+
+    from hetlora.hardware import compile_layers
+
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_model(tmp_path / "g3", arch="gemma3", layers=1)
+    )
+    assert compile_layers(model, backend="aot_eager") == 1
+    language = model.model.language_model.layers[0]
+    vision = model.model.vision_tower.encoder.layers[0]
+    assert language._compiled_call_impl is not None and vision._compiled_call_impl is None
+

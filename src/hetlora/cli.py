@@ -632,7 +632,11 @@ def data(
     console.print(table)
     example = facts["example"]
     console.print(f"first training example of client {escape(example['client'])} (loss in bold):")
-    console.print(escape(example["context"]) + "[bold]" + escape(example["answer"]) + "[/bold]")
+    console.print(
+        "".join(
+            f"[bold]{escape(t)}[/bold]" if loss else escape(t) for t, loss in example["segments"]
+        )
+    )
     if plot is not None:
         console.print(f"plot: {plot}")
 

@@ -146,8 +146,9 @@ def compiled_graphs() -> int:
 def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every decoder layer of ``model`` in place; returns how many.
 
-    The decoder layers are the longest ``nn.ModuleList`` in the model (``model.layers`` of
-    Llama/Qwen/Gemma, ``transformer.h`` of GPT-2).
+    The decoder layers are the longest ``nn.ModuleList`` in the model's decoder
+    (``get_decoder()``: ``model.layers`` of Llama/Qwen/Gemma, ``transformer.h`` of GPT-2, the
+    language model of a multimodal Gemma 3, not its vision tower).
     All layers share one compiled graph: parameters are graph inputs (Dynamo inlines
     ``nn.Module``s), so the compile cost is one layer's whatever the depth, provided every
     layer sees inputs of the same kind. Two things would split them: the layers' shapes changing
@@ -160,7 +161,9 @@ def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
     ``backend`` is torch.compile's (the tests use ``aot_eager``: Dynamo's graph capture and
     AOTAutograd without inductor's kernel build).
     """
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    scope = decoder if isinstance(decoder, torch.nn.Module) else model  # not a vision tower's
+    lists = [m for m in scope.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
     layers = list(max(lists, key=len)) if lists else []
     if layers and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()

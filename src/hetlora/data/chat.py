@@ -117,7 +117,7 @@ def from_sharegpt(value: Any) -> Any:
         return value
     return [
         {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
-        if isinstance(turn, dict) and turn.get("from") in SHAREGPT_ROLES and "value" in turn
+        if isinstance(turn, dict) and _speaker(turn) in SHAREGPT_ROLES and "value" in turn
         else turn
         for turn in value
     ]
@@ -133,13 +133,21 @@ def sharegpt_problem(value: Any) -> str | None:
                     f"conversations[{j}] must be an object with 'from' and 'value', "
                     f"got {turn!r:.60}"
                 )
-            if turn["from"] not in SHAREGPT_ROLES:
+            if _speaker(turn) not in SHAREGPT_ROLES:
                 return (
                     f"conversations[{j}] 'from' must be one of {', '.join(SHAREGPT_ROLES)}, "
                     f"got {turn['from']!r:.40}"
                 )
     why = messages_problem(from_sharegpt(value))
-    return None if why is None else why.replace("messages", "conversations", 1)
+    if why is None:
+        return None
+    return why.replace("messages", "conversations", 1).replace("] content must", "] value must")
+
+
+def _speaker(turn: dict[str, Any]) -> str | None:
+    """A ShareGPT turn's ``from``, where it is a string."""
+    speaker = turn.get("from")
+    return speaker if isinstance(speaker, str) else None
 
 
 def turn_text(content: Any) -> str:

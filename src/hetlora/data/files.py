@@ -8,9 +8,9 @@ throw-away cache folder: no hub access, nothing left in the user's cache). Accep
 * ``client_id``, ``messages``: natural clients of conversations (`hetlora.data.chat`), or
   ``conversations`` in ShareGPT's form (``from``/``value`` turns,
   `hetlora.data.chat.from_sharegpt`);
-* ``instruction``, ``output`` (and ``input``, Alpaca's form: the prompt is the instruction and
-  the input, where there is one, after a blank line) with or without ``client_id``, as
-  ``prompt``, ``response``;
+* ``instruction``, ``output`` (and ``input``, Alpaca's form: the prompt is the instruction, the
+  input where there is one and the output, each after a blank line) with or without
+  ``client_id``, as ``prompt``, ``response``;
 * ``prompt``, ``response``, ``messages``, ``conversations`` or ``text`` alone: the rows are
   split into clients by an ``flwr-datasets`` partitioner (``iid`` or ``dirichlet``), with ids
   ``partition-000``, ...
@@ -506,10 +506,10 @@ def dataset_clients(
         examples = [example_from_messages(as_messages(v)) for v in _column(ds, columns[0])]
     elif columns == ["text"]:
         examples = [Example(prompt="", response=t) for t in _column(ds, "text")]
-    elif columns[0] == "instruction":  # Alpaca's: the input, where there is one, after a blank line
+    elif columns[0] == "instruction":  # Alpaca's: the input after a blank line, the output too
         inputs = _column(ds, "input") if "input" in columns else [""] * ds.num_rows
         examples = [
-            Example(prompt=f"{i}\n\n{x}" if x and x.strip() else i, response=o)
+            Example(prompt=(f"{i}\n\n{x}" if x and x.strip() else i) + "\n\n", response=o)
             for i, x, o in zip(
                 _column(ds, "instruction"), inputs, _column(ds, "output"), strict=True
             )

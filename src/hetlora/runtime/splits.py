@@ -138,8 +138,8 @@ def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
     examples (``tokens_sampled`` of them), each tokenised as training does: ``tokens`` whole,
     ``kept`` after the cut at ``max_seq_len``, ``loss`` the tokens the loss is taken on.
     ``per_client`` lists every client's examples, most first, and ``token_lengths`` the sampled
-    examples' whole lengths. ``example`` is the first training example of the first client: its
-    ``context`` text and its ``answer``, the text of the tokens with loss.
+    examples' whole lengths. ``example`` is the first training example of the first client (with one) as
+    ``segments``: its text in order, in runs of tokens with the loss on them or not.
     """
     report: dict[str, int] = {}
     train, val, test = federated_splits(cfg, report)
@@ -151,11 +151,16 @@ def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
     picked = random.Random(cfg.seed).sample(examples, min(sample, len(examples)))
     whole = [len(item.ids) for item in renderer.tokenize_all(picked, 1 << 30)]
     cut = renderer.tokenize_all(picked, cfg.max_seq_len)
-    loss = [_loss_positions(item) for item in cut]
-    first = renderer.tokenize(train[clients[0]][0], cfg.max_seq_len)
+    loss = [item.n_target for item in cut]
+    shown = next(c for c in clients if train[c])
+    first = renderer.tokenize(train[shown][0], cfg.max_seq_len)
+    segments: list[tuple[str, bool]] = []  # the example's text in order, runs of loss or not
     marks = _loss_mask(first)
-    answer = [t for t, m in zip(first.ids, marks, strict=True) if m]
-    context = [t for t, m in zip(first.ids, marks, strict=True) if not m]
+    start = 0
+    for i in range(1, len(marks) + 1):
+        if i == len(marks) or marks[i] != marks[start]:
+            segments.append((tokenizer.decode(list(first.ids[start:i])), marks[start]))
+            start = i
     per_round = min(cfg.clients_per_round, len(clients))
     return {
         "data": cfg.data,
@@ -180,20 +185,16 @@ def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
         "loss_mean": float(np.mean(loss)),
         "per_client": sorted(sizes.tolist(), reverse=True),
         "token_lengths": whole,
-        "example": {
-            "client": clients[0],
-            "context": tokenizer.decode(context),
-            "answer": tokenizer.decode(answer),
-        },
+        "example": {"client": shown, "segments": segments},
     }
 
 
 def _loss_mask(item: Any) -> list[bool]:
-    """Per token of a tokenised example, whether the loss is taken on it."""
-    if item.target is not None:
-        return list(item.target)
-    return [i >= item.n_prompt for i in range(len(item.ids))]
-
-
-def _loss_positions(item: Any) -> int:
-    return sum(_loss_mask(item))
+    """Per token of a tokenised example, whether the loss is taken on it (the first token,
+    which nothing predicts, never)."""
+    marks = (
+        list(item.target)
+        if item.target is not None
+        else [i >= item.n_prompt for i in range(len(item.ids))]
+    )
+    return [False, *marks[1:]]

@@ -290,7 +290,7 @@ def plot_data(facts: dict[str, Any], path: Path) -> Path:
     )
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"data: {facts['data']}")
+    fig.suptitle(f"data: {facts['data']}", parse_math=False)  # a path may hold "$"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     try:
