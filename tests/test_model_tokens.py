@@ -292,14 +292,18 @@ def metaspace_tok() -> PreTrainedTokenizerFast:
     return fast
 
 
+#: Two exchanges, the second answer longer than the first.
+LEAR = (
+    ("user", "What say you?"),
+    ("assistant", "Nothing, my lord."),
+    ("user", "Nothing?"),
+    ("assistant", "Nothing will come of nothing."),
+)
+
+
 def test_a_conversation_is_tokenised_once_as_rendered(metaspace_tok) -> None:
     tok = metaspace_tok
-    turns = (
-        ("user", "What say you?"),
-        ("assistant", "Nothing, my lord."),
-        ("user", "Nothing?"),
-        ("assistant", "Nothing will come of nothing."),
-    )
+    turns = LEAR
     item = render_conversation(tok, turns, 256)
     text = tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
     assert list(item.ids) == tok(text, add_special_tokens=False)["input_ids"]
@@ -349,12 +353,7 @@ def test_markup_after_a_whole_conversation_belongs_to_its_last_turn(tiny_model: 
         {"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>", "<|think|>"]}
     )
     tok.chat_template = PHI3_TEMPLATE
-    turns = (
-        ("user", "What say you?"),
-        ("assistant", "Nothing, my lord."),
-        ("user", "Nothing?"),
-        ("assistant", "Nothing will come of nothing."),
-    )
+    turns = LEAR
     item = render_conversation(tok, turns, 256)
     text = tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
     assert text.endswith("<|end|>\n<|endoftext|>") and "<|end|>\n<|user|>" in text

@@ -270,4 +270,3 @@ def test_compile_takes_a_multimodal_models_language_layers(tmp_path):
     language = model.model.language_model.layers[0]
     vision = model.model.vision_tower.encoder.layers[0]
     assert language._compiled_call_impl is not None and vision._compiled_call_impl is None
-

@@ -80,33 +80,23 @@ def make_tiny_model(
         "tie_word_embeddings": True,
         **config,
     }
+    text = dict(  # a decoder's shape, the language model of the multimodal one too
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=512,
+        **special,
+    )
     if arch == "gpt2":
         config = AutoConfig.for_model(
             "gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **special
         )
     elif arch in ("llama", "qwen2", "gemma", "gemma2", "granite", "phi3"):
-        config = AutoConfig.for_model(
-            arch,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
-            max_position_embeddings=512,
-            **special,
-        )
+        config = AutoConfig.for_model(arch, **text)
     elif arch == "gemma3":  # multimodal: a vision tower beside the language model
-        text = dict(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
-            max_position_embeddings=512,
-            **special,
-        )
         vision = dict(
             hidden_size=32,
             intermediate_size=64,
