@@ -226,12 +226,15 @@ def _with_json_cells(ds: Any, path: Path, names: list[str]) -> Any:
     came back as the number 42 and ``"007"`` did not decode at all."""
     text = path.read_text(encoding="utf-8")
     try:  # JSON Lines, as datasets tries first: one object a line (one line: one row)
-        whole = [json.loads(line) for line in text.splitlines() if line.strip()]
-        lines = all(isinstance(row, dict) for row in whole)
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError:
-        lines = False
-    if not lines:  # one JSON document: a list of rows
-        whole = json.loads(text)
+        rows = None
+    whole: Any = rows
+    if rows is None or not all(isinstance(row, dict) for row in rows):
+        try:  # one JSON document: a list of rows
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = rows  # lines of other values than objects
     if not isinstance(whole, list) or len(whole) != len(ds):
         raise HetLoRAError(f"{path}: cannot match its rows to the {len(ds)} read")
     whole = [row if isinstance(row, dict) else {"text": row} for row in whole]  # as datasets
