@@ -195,19 +195,26 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
         return list(default)
     # a multimodal model: its config names its encoders, or PEFT's default is a pattern that
     # keeps them out (Gemma 4); names alone would adapt the encoders' layers too
-    towers = [k for k in ("vision_config", "audio_config") if getattr(config, k, None)]
-    multimodal = bool(towers) or isinstance(default, str)
-    if multimodal:
+    towers = any(getattr(config, k, None) for k in ("vision_config", "audio_config"))
+    if towers or isinstance(default, str):
         return _language_model_targets(model, model_type, mapping)
     leaves = linear_leaves(model)
-    for names in (["q_proj", "v_proj"], ["qkv_proj"]):
-        if leaves >= set(names):
-            log.info("model type %r: LoRA on %s (its query and value layers)", model_type, names)
-            return names
+    if names := _query_value(leaves):
+        log.info("model type %r: LoRA on %s (its query and value layers)", model_type, names)
+        return names
     raise HetLoRAError(
         f"no default LoRA target modules for model type {model_type!r}; set target_modules "
         f"(its linear layers: {', '.join(sorted(leaves))})"
     )
+
+
+def _query_value(leaves: set[str], default: Any = None) -> list[str]:
+    """The attention's query and value layers among layer names ``leaves``: ``default`` (a list
+    of PEFT's) where all are there, else q_proj and v_proj, or Phi-3's fused qkv_proj; ``[]``
+    if none of these."""
+    own = [] if default is None or isinstance(default, str) else list(default)
+    usual = (own, ["q_proj", "v_proj"], ["qkv_proj"])
+    return next((list(names) for names in usual if names and leaves >= set(names)), [])
 
 
 def _language_model_targets(model: torch.nn.Module, model_type: str | None, mapping) -> list[str]:
@@ -219,24 +226,17 @@ def _language_model_targets(model: torch.nn.Module, model_type: str | None, mapp
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((n for n, m in model.named_modules() if m is decoder and n), None)
     text_type = getattr(getattr(decoder, "config", None), "model_type", None)
-    leaves = linear_leaves(decoder) if prefix else set()
-    default = mapping.get(text_type)
-    for names in (
-        [] if isinstance(default, str) else list(default or []),
-        ["q_proj", "v_proj"],
-        ["qkv_proj"],
-    ):
-        if names and leaves >= set(names):
-            full = [
-                f"{prefix}.{n}" for n, _ in decoder.named_modules() if n.rsplit(".", 1)[-1] in names
-            ]
-            log.info(
-                "model type %r (multimodal): LoRA on %s of its language model (%s)",
-                model_type,
-                names,
-                prefix,
-            )
-            return full
+    names = _query_value(linear_leaves(decoder), mapping.get(text_type)) if prefix else []
+    if names:
+        log.info(
+            "model type %r (multimodal): LoRA on %s of its language model (%s)",
+            model_type,
+            names,
+            prefix,
+        )
+        return [
+            f"{prefix}.{n}" for n, _ in decoder.named_modules() if n.rsplit(".", 1)[-1] in names
+        ]
     raise HetLoRAError(
         f"no default LoRA target modules for model type {model_type!r} (a multimodal model "
         "whose language model has no q_proj/v_proj: a name its encoders share adapts them "

@@ -322,10 +322,12 @@ def _text_columns(ds: Any, path: Path | str) -> list[str]:
     )
 
 
-def _as_messages(column: str) -> Callable[[Any], Any]:
-    """A conversation column's value as a ``messages`` value (ShareGPT's ``conversations``
-    translated, `hetlora.data.chat.from_sharegpt`)."""
-    return from_sharegpt if column == "conversations" else lambda value: value
+#: The columns that hold a conversation: how a value's shape is checked, and how it is read as
+#: a ``messages`` value (ShareGPT's translated, `hetlora.data.chat.from_sharegpt`).
+_CONVERSATIONS: dict[str, tuple[Callable[[Any], str | None], Callable[[Any], Any]]] = {
+    "messages": (messages_problem, lambda value: value),
+    "conversations": (sharegpt_problem, from_sharegpt),
+}
 
 
 def _drop_bad_rows(
@@ -345,19 +347,16 @@ def _drop_bad_rows(
     """
     columns = _text_columns(ds, path)
     checks: list[tuple[str, Callable[[Any], str | None]]]
-    if columns == ["messages"] or columns == ["conversations"]:
-        shape = messages_problem if columns == ["messages"] else sharegpt_problem
+    if columns[0] in _CONVERSATIONS:
+        shape, as_messages = _CONVERSATIONS[columns[0]]
+        check = shape
         if tokenizer_loader is not None:  # the structure first, then the template
             tokenizer = tokenizer_loader()
-            as_messages = _as_messages(columns[0])
-            checks = [
-                (
-                    columns[0],
-                    lambda v: shape(v) or conversation_problem(tokenizer, as_messages(v)),
-                )
-            ]
-        else:
-            checks = [(columns[0], shape)]
+
+            def check(v: Any) -> str | None:
+                return shape(v) or conversation_problem(tokenizer, as_messages(v))
+
+        checks = [(columns[0], check)]
     else:
         checks = [
             (name, functools.partial(_text_problem, name=name, allow_empty=name == "prompt"))
@@ -504,8 +503,8 @@ def dataset_clients(
     if report is not None:
         report["bad_rows_skipped"] = skipped
     columns = _text_columns(ds, path)
-    if columns == ["messages"] or columns == ["conversations"]:
-        as_messages = _as_messages(columns[0])
+    if columns[0] in _CONVERSATIONS:
+        as_messages = _CONVERSATIONS[columns[0]][1]
         examples = [example_from_messages(as_messages(v)) for v in _column(ds, columns[0])]
     elif columns == ["text"]:
         examples = [Example(prompt="", response=t) for t in _column(ds, "text")]

@@ -9,6 +9,7 @@ is only asked who it is (`hetlora.runtime.flower.client_app`) imports no more th
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -155,12 +156,11 @@ def data_overview(cfg: Config, sample: int = 2000) -> dict[str, Any]:
     shown = next(c for c in clients if train[c])
     first = renderer.tokenize(train[shown][0], cfg.max_seq_len)
     segments: list[tuple[str, bool]] = []  # the example's text in order, runs of loss or not
-    marks = _loss_mask(first)
     start = 0
-    for i in range(1, len(marks) + 1):
-        if i == len(marks) or marks[i] != marks[start]:
-            segments.append((tokenizer.decode(list(first.ids[start:i])), marks[start]))
-            start = i
+    for on_loss, run in itertools.groupby(_loss_mask(first)):
+        end = start + len(list(run))
+        segments.append((tokenizer.decode(list(first.ids[start:end])), on_loss))
+        start = end
     per_round = min(cfg.clients_per_round, len(clients))
     return {
         "data": cfg.data,
