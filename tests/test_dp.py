@@ -374,6 +374,7 @@ ON = ["dp_clip_norm=1.0", "dp_noise_multiplier=1.0"]
             "'dp_clip_norm' = 1.0 applies to methods 'hetlora', 'homlora', 'ffa' only",
         ),
         ([*ON, "method='ffa'", "aggregation='data_size'"], "example counts depend on the data"),
+        ([*ON, "method='homlora'", "aggregation='data_size'"], "example counts depend on the data"),
         (
             ["dp_noise_multiplier=1.0"],
             "'dp_noise_multiplier' = 1.0 applies to dp_clip_norm > 0 only",

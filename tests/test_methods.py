@@ -56,6 +56,20 @@ def test_homlora_is_example_weighted_fedavg_of_factors():
         torch.testing.assert_close(server.global_factors()[n][1], 0.75 * fa[n][1] + 0.25 * fb[n][1])
 
 
+def test_homlora_uniform_weights_from_the_config():
+    cfg = make_config({"method": "homlora", "rank": 4, "aggregation": "uniform"})
+    server = make_server(cfg, factors(4, 0), {"a": 4, "b": 4}, ["a", "b"])
+    fa, fb = factors(4, 1), factors(4, 2)
+    server.add(reply("a", fa, n=30))
+    server.add(reply("b", fb, n=10))
+    assert server.finish() == pytest.approx({"a": 0.5, "b": 0.5})
+    for n in SHAPES:
+        torch.testing.assert_close(server.global_factors()[n][0], (fa[n][0] + fb[n][0]) / 2)
+        torch.testing.assert_close(server.global_factors()[n][1], (fa[n][1] + fb[n][1]) / 2)
+    with pytest.raises(HetLoRAError, match="method 'homlora' weights clients 'uniform' or by"):
+        make_config({"method": "homlora", "aggregation": "sparsity_data_size"})
+
+
 def test_recon_svd_one_client_at_full_rank_returns_its_product():
     server = ReconSVDServer(factors(6, 0), {"a": 6})
     mine = factors(6, 3)

@@ -200,8 +200,8 @@ class Config:
         default="sparsity",
         doc=(
             "client weights: `sparsity` (||B_k A_k||_F, HetLoRA), `uniform`, `data_size` (number of "
-            "training examples) or `sparsity_data_size` (the two multiplied). `ffa` and `fedex` "
-            "take `uniform` or `data_size` (left at the default it means `data_size`)."
+            "training examples) or `sparsity_data_size` (the two multiplied). `homlora`, `ffa` and "
+            "`fedex` take `uniform` or `data_size` (left at the default it means `data_size`)."
         ),
     )
     per_module_weights: bool = key(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, rank_of
 
 
@@ -159,6 +160,15 @@ class BaseUpdate:
 
     deltas: dict[str, torch.Tensor] | None = None
     weights: dict[str, torch.Tensor] | None = None
+
+
+def check_uniform_under_dp(cfg) -> None:
+    """Refuse data-size weights under differential privacy (example counts depend on the data)."""
+    if cfg.dp_clip_norm > 0 and cfg.aggregation == "data_size":
+        raise HetLoRAError(
+            "differential privacy (dp_clip_norm > 0) weights clients uniformly: example "
+            "counts depend on the data; remove aggregation = 'data_size' or set 'uniform'"
+        )
 
 
 class Server(ABC):

@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from hetlora import dp as dp_
-from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors
+from hetlora.methods.base import check_uniform_under_dp
 from hetlora.methods.hetlora import HetLoRAServer, ServerState
 
 
@@ -50,11 +50,7 @@ class FFAServer(HetLoRAServer):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.dp_clip_norm > 0 and cfg.aggregation == "data_size":
-            raise HetLoRAError(
-                "differential privacy (dp_clip_norm > 0) weights clients uniformly: example "
-                "counts depend on the data; remove aggregation = 'data_size' or set 'uniform'"
-            )
+        check_uniform_under_dp(cfg)
 
     def __init__(
         self,
