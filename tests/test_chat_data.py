@@ -289,6 +289,8 @@ def test_chat_template_modes(chat_tok, tiny_model: Path) -> None:
     assert (
         chat_tok.decode(on.prompt(pair)) == "### user: Who art thou?<|endoftext|>\n### assistant:"
     )
+    alpaca = Example(prompt="Who art thou?\n\n", response="A friend.")  # Alpaca's separator
+    assert on.tokenize(alpaca, 64) == on.tokenize(pair, 64)
     assert make_renderer(chat_tok, "off", [pair]).tokenize(pair, 64) == auto.tokenize(pair, 64)
     text = Example(prompt="", response="Words, words, words.")
     with pytest.raises(HetLoRAError, match=r"this data has no prompts \(text rows\)"):

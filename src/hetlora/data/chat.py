@@ -20,7 +20,8 @@ template whose renderings are not prefixes of each other is refused.
 
 * ``auto`` (default): ``messages`` rows do (the tokenizer must have a template);
   ``prompt``/``response`` and ``text`` rows are tokenised raw, as before;
-* ``on``: ``prompt``/``response`` rows too, as one user turn and one assistant turn;
+* ``on``: ``prompt``/``response`` rows too, as one user turn (the prompt without its trailing
+  white space, e.g. the blank line after an Alpaca instruction) and one assistant turn;
 * ``off``: nothing does (``messages`` rows are then refused).
 """
 
@@ -406,8 +407,8 @@ class Renderer:
         """The turns ``example`` is rendered from, or ``None`` for raw prompt + response."""
         if example.messages:
             return example.messages
-        if self.mode == "on":
-            return (("user", example.prompt), ("assistant", example.response))
+        if self.mode == "on":  # the separator raw concatenation needs is not the user's text
+            return (("user", example.prompt.rstrip()), ("assistant", example.response))
         return None
 
     @cached_property
