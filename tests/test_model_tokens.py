@@ -5,6 +5,7 @@ rendering as the run trained, and ROUGE-L on any script."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -412,6 +413,29 @@ def test_a_template_that_writes_todays_date_renders_one_fixed_day(tiny_model: Pa
     renderer = make_renderer(tok, "auto", [Example("", "", messages=turns)])
     assert "26 Jul 2024" in tok.decode(renderer.prompt(Example("", "", messages=turns)))
     assert today in tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+
+
+def test_renderings_in_threads_leave_the_callers_clock() -> None:
+    """Two threads inside the fixed-date patch at once, the first leaving first: without a
+    lock the second would restore the patched clock and keep it for everyone after."""
+    from transformers.utils import chat_template_utils as templates
+
+    from hetlora.data.chat import _template_date
+
+    clock, entered, release = templates.datetime, threading.Event(), threading.Event()
+
+    def second() -> None:
+        with _template_date():
+            entered.set()
+            release.wait(10)
+
+    with _template_date():
+        other = threading.Thread(target=second)
+        other.start()
+        entered.wait(0.5)  # with the lock it waits for this block to end
+    release.set()
+    other.join(10)
+    assert entered.is_set() and templates.datetime is clock
 
 
 def test_a_row_the_template_refuses_is_a_bad_row_before_training(metaspace_tok, tmp_path) -> None:

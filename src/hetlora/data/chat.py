@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -198,17 +199,21 @@ class _TemplateClock(datetime.datetime):
         return TEMPLATE_DATE
 
 
+_TEMPLATE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _template_date() -> Iterator[None]:
     """Templates rendered inside see `TEMPLATE_DATE` as today (every template call of
     ``strftime_now``, the date Llama 3's template writes when no ``date_string`` is given)."""
     from transformers.utils import chat_template_utils as templates
 
-    clock, templates.datetime = templates.datetime, _TemplateClock
-    try:
-        yield
-    finally:
-        templates.datetime = clock
+    with _TEMPLATE_LOCK:  # one thread's restore must not undo, or keep, another's patch
+        clock, templates.datetime = templates.datetime, _TemplateClock
+        try:
+            yield
+        finally:
+            templates.datetime = clock
 
 
 def _apply(tokenizer, turns: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
