@@ -89,6 +89,42 @@ def test_loss_is_the_models_own(which: str, request) -> None:
     assert abs(float(untransformed) - float(own)) > 0.01  # the transform matters here
 
 
+NEWER = ["qwen3", "smollm3", "gemma3n_text", "gemma4_text", "qwen3_5_text", "lfm2"]
+
+
+@pytest.mark.parametrize("arch", NEWER)
+def test_newer_families_loss_and_targets(arch: str, tmp_path: Path) -> None:
+    """The newer on-device families (Gemma 3n with its logit softcapping, AltUp and per-layer
+    inputs; Gemma 4; the hybrids Qwen3.5 and LFM2, whose attention is one layer in several):
+    the loss of a batch is the model's own, through an adapter on the default targets, which
+    are the attention's query and value layers and nothing else."""
+    from hetlora.adapters import wrap
+    from hetlora.models import default_target_modules
+
+    folder = make_tiny_model(tmp_path / arch, arch=arch, layers=2)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    targets = default_target_modules(model)
+    assert targets == ["q_proj", "v_proj"]
+    attention = {n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    peft = wrap(model, 2, 2.0, targets)
+    for name, module in peft.named_modules():
+        if name.endswith(("lora_B.default", "lora_B.global")):
+            torch.nn.init.normal_(module.weight, std=0.1)  # an adapter that changes the logits
+    adapted = {
+        n.removeprefix("base_model.model.") for n, m in peft.named_modules() if hasattr(m, "lora_A")
+    }
+    assert adapted == attention and attention  # a hybrid's other mixers stay as they are
+    batch = _batch(tok, ["To be, or not to be: that is the question.", "Alas, poor Yorick!"])
+    with torch.no_grad():
+        own = float(peft(**batch).loss)
+        with peft.disable_adapter():
+            assert abs(float(peft(**batch).loss) - own) > 1e-4  # the adapter is in the loss
+        for fused in (True, False):
+            nll, n = response_nll(peft, batch, fused)
+            assert float(nll / n) == pytest.approx(own, rel=1e-5)
+
+
 @pytest.mark.parametrize("which", ["gemma2", "granite"])
 def test_a_run_on_a_local_bos_model_trains_and_generates_from_bos_with_its_own_loss(
     which: str, request, tmp_path: Path, monkeypatch

@@ -35,7 +35,7 @@ def run_cli(out, *items):
     return CliRunner().invoke(app, args)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "phi3", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "phi3", "gemma3", "qwen3_5_text"])
 def test_other_architecture_families(arch, tmp_path):
     folder = make_tiny_model(tmp_path / arch, arch=arch)
     out = tmp_path / "out"

