@@ -106,7 +106,11 @@ def test_newer_families_loss_and_targets(arch: str, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     targets = default_target_modules(model)
     assert targets == ["q_proj", "v_proj"]
-    attention = {n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    kinds = getattr(model.config, "layer_types", None) or ["full_attention"] * 2
+    softmax = [i for i, kind in enumerate(kinds) if kind in ("full_attention", "sliding_attention")]
+    if arch in ("qwen3_5_text", "lfm2"):
+        assert softmax == [1]  # the hybrid's first layer is its other mixer (linear, conv)
+    attention = {f"model.layers.{i}.self_attn.{n}" for i in softmax for n in ("q_proj", "v_proj")}
     peft = wrap(model, 2, 2.0, targets)
     for name, module in peft.named_modules():
         if name.endswith(("lora_B.default", "lora_B.global")):

@@ -121,6 +121,8 @@ def make_tiny_model(
         config = AutoConfig.for_model(
             "gpt2", n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **special
         )
+    elif arch in ("qwen3_5_text", "lfm2") and layers < 2:
+        raise ValueError(f"a tiny {arch} needs layers >= 2 (its other mixer, then attention)")
     elif arch in ARCHITECTURES and arch not in ("gpt2", "gemma3"):
         family = _FAMILY.get(arch, lambda n, vocab: {})(layers, len(fast))
         config = AutoConfig.for_model(arch, **{**text, **family, **config})

@@ -486,7 +486,12 @@ def make_renderer(
             "chat_template = 'off' cannot read messages rows (they need the chat template); "
             "use chat_template = 'auto'"
         )
-    if mode == "on" and examples and not has_messages and not any(ex.prompt for ex in examples):
+    if (
+        mode == "on"
+        and examples
+        and not has_messages
+        and not any(ex.prompt.strip() for ex in examples)
+    ):
         raise HetLoRAError(
             "chat_template = 'on' renders prompt/response rows as a user and an assistant turn; "
             "this data has no prompts (text rows): use chat_template = 'auto' or 'off'"

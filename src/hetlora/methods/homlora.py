@@ -38,7 +38,7 @@ class HomLoRAServer(HetLoRAServer):
     def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
         weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
         dp = dp_.plan(cfg, len(client_ids))
-        return cls(initial_factors, client_ids, cfg.rank or cfg.r_max, weighting, dp=dp)
+        return cls(initial_factors, client_ids, cfg.rank or cfg.r_max, dp, aggregation=weighting)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -49,9 +49,12 @@ class HomLoRAServer(HetLoRAServer):
         initial_factors: Factors,
         client_ids: Sequence[str],
         rank: int,
-        aggregation: str = "data_size",
         dp: DPPlan | None = None,
+        *,
+        aggregation: str = "data_size",
     ) -> None:
+        if aggregation not in self.aggregations:
+            raise ValueError(f"aggregation must be one of {self.aggregations}, got {aggregation!r}")
         super().__init__(
             truncate(initial_factors, rank),
             {c: rank for c in client_ids},
