@@ -22,14 +22,19 @@ compare() { # $1 code tree, $2 config file, $3 out
   echo "== $2 on $1 finished rc=$rc at $(date)"
   return $rc
 }
-# $1: keep (1) or drop (0) the [[compare]] rows of HomLoRA with aggregation set; header always kept
+# Rows for main's code: HomLoRA rows that set aggregation (the snapshots refuse the key), with
+# every row of their tuning group; $1 1 keeps those, 0 the others. Blocks are cut at each
+# [[compare]] line and each read as TOML, so comments and quoting do not decide.
 split_config() {
   $PY - "$1" "$2" "$3" <<'PY'
-import re, sys
+import re, sys, tomllib
 keep, src, dst = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
-head, *rows = re.split(r"(?m)^(?=\[\[compare\]\])", open(src).read())
-new = lambda r: 'method = "homlora"' in r and "aggregation" in r
-open(dst, "w").write(head + "".join(r for r in rows if new(r) == keep))
+head, *blocks = re.split(r"(?m)^(?=\[\[compare\]\])", open(src).read())
+rows = [tomllib.loads(b)["compare"][0] for b in blocks]
+new = lambda r: r.get("method") == "homlora" and "aggregation" in r
+groups = {r.get("group") or r["name"] for r in rows if new(r)}
+picked = [b for b, r in zip(blocks, rows) if ((r.get("group") or r["name"]) in groups) == keep]
+open(dst, "w").write(head + "".join(picked))
 PY
 }
 run_study() { # $1 snapshot, $2 config (in main), $3 out, $4 docs
@@ -39,8 +44,9 @@ run_study() { # $1 snapshot, $2 config (in main), $3 out, $4 docs
   split_config 1 $base.toml $base-main.toml
   split_config 0 $base.toml $base-snap.toml
   if grep -q '^\[\[compare\]\]' $base-main.toml; then
-    compare /work/main $base-main.toml $3 && compare $1 $base-snap.toml $3 \
-      && compare /work/main $base.toml $3  # trains nothing: every row has run
+    compare /work/main $base-main.toml $3 || return
+    if grep -q '^\[\[compare\]\]' $base-snap.toml; then compare $1 $base-snap.toml $3 || return; fi
+    compare /work/main $base.toml $3  # trains nothing: every row has run
   else
     compare $1 $base.toml $3
   fi
