@@ -66,7 +66,7 @@ def test_processes_starting_at_once_convert_the_packaged_model_once(tmp_path, mo
     monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def slow_convert(target):
+    def slow_convert(gguf_file, target):
         calls.append(target)
         time.sleep(0.3)
         target.mkdir()

@@ -171,6 +171,40 @@ def test_model_resolution_errors(tmp_path):
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_a_gguf_file_is_a_model(tmp_path, monkeypatch):
+    """``model = "x.gguf"``: converted once into a plain folder in the cache whose logits are
+    the original's (llama.cpp's q/k layout undone), then run; a later load converts nothing.
+    Another file, or a GGUF transformers cannot read, is one clear error."""
+    from tiny import make_tiny_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hetlora import models
+
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_gguf(tmp_path / "gguf")
+    folder = resolve_model(str(path))
+    assert folder.startswith(str(tmp_path / "cache" / "models" / "tiny-"))
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf" / "hf")
+    converted = AutoModelForCausalLM.from_pretrained(folder)
+    text = "To be, or not to be: that is the question."
+    ids = AutoTokenizer.from_pretrained(tmp_path / "gguf" / "hf")(text, return_tensors="pt")
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == ids["input_ids"][0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**ids).logits, original(**ids).logits)
+    monkeypatch.setattr(models, "_convert", lambda *a: pytest.fail("converted twice"))
+    result = run_cli(tmp_path / "out", f"model='{path}'", "min_examples=150")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["final_ppl"] > 0
+    monkeypatch.undo()
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(HetLoRAError, match=r"is a file: give a Hugging Face model folder"):
+        resolve_model(str(tmp_path / "gguf" / "hf" / "config.json"))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
+    with pytest.raises(HetLoRAError, match=r"cannot load GGUF file .*bad\.gguf: "):
+        resolve_model(str(tmp_path / "bad.gguf"))
+    assert not list((tmp_path / "cache" / "models").glob("bad-*"))  # nothing half-written
+
+
 def test_hub_id_offline_is_a_clear_error(tmp_path):
     # HF_HUB_OFFLINE=1 in tests: a hub id cannot be fetched, and says so in one line
     result = run_cli(tmp_path / "out", "model='someone/not-a-cached-model'", "min_examples=150")

@@ -198,6 +198,16 @@ CASES: list[tuple[str, list[str], str]] = [
         "has no config.json",
     ),
     (
+        "model path that is a file, not a folder",
+        ["run", "--out", "{out}", "--set", "model='{a_file}'"],
+        "is a file: give a Hugging Face model folder",
+    ),
+    (
+        "a .gguf model file that is not GGUF",
+        ["run", "--out", "{out}", "--set", "model='{fake_gguf}'"],
+        "cannot load GGUF file",
+    ),
+    (
         "unknown LoRA target module",
         [
             "run",
@@ -378,6 +388,7 @@ def make_fixtures(tmp: Path, env: dict[str, str], runner: Runner = cli) -> dict[
         "full_out": str(full),
         "empty_dir": str(tmp / "empty-dir"),
         "a_file": write("a-file.txt", "x"),
+        "fake_gguf": write("model.gguf", "not a GGUF file"),
         "bad_key_toml": write("bad.toml", "rouunds = 3\n"),
         "broken_toml": write("broken.toml", "rounds = = 3\n"),
         "plain_toml": write("plain.toml", "rounds = 1\n"),

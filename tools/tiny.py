@@ -142,3 +142,79 @@ def make_tiny_model(
         raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHITECTURES}")
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
+
+
+def make_tiny_gguf(folder: Path | str) -> Path:
+    """The tiny Llama of `make_tiny_model` written as ``folder/tiny.gguf`` (F32 tensors, its BPE
+    tokenizer as GGUF's ``gpt2`` model), as llama.cpp's converter lays a Llama out: the query
+    and key rows permuted per head. Returns the file; ``folder/hf`` holds the original."""
+    import json
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def permuted(w, heads: int):  # llama.cpp's rotary layout of q and k
+        return (
+            w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
+
+    folder = Path(folder)
+    hf = make_tiny_model(folder / "hf")
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(hf)
+    c = model.config
+    path = folder / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tok.backend_tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    special = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(
+        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    )
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.pad_token_id)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {
+        "attn_norm": "input_layernorm",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    for i in range(c.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        q = permuted(sd[layer + "self_attn.q_proj.weight"], c.num_attention_heads)
+        k = permuted(sd[layer + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        w.add_tensor(f"blk.{i}.attn_q.weight", q)
+        w.add_tensor(f"blk.{i}.attn_k.weight", k)
+        for short, long in names.items():
+            w.add_tensor(f"blk.{i}.{short}.weight", sd[f"{layer}{long}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

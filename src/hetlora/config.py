@@ -74,7 +74,8 @@ class Config:
         default="smollm2-135m",
         doc=(
             '`"smollm2-135m"` (the packaged SmolLM2-135M-Instruct), a local Hugging Face causal-LM '
-            "folder, or a hub id where a network exists."
+            "folder, a `.gguf` file (converted once, de-quantised, into a folder in the cache), or "
+            "a hub id where a network exists."
         ),
     )
     target_modules: list[str] = key(

