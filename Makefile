@@ -13,7 +13,7 @@ OUT ?= runs/demo
 # silences the theme's banner.
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-.PHONY: demo test docs lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate verdicts
+.PHONY: demo test docs lint install clean reproduce reproduce-paper reproduce-paper-long reproduce-paper-chat reproduce-privacy privacy-results paper-continue paper-results flower-demo bench mutate verdicts llamacpp-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -153,3 +153,10 @@ verdicts: $(STAMP)
 	$(PY) tools/verdicts.py docs/reproduction/paper docs/reproduction/paper-chat \
 		--label Shakespeare --label "Chit Chat" --out docs/reproduction/verdicts.md \
 		--plot docs/reproduction/verdicts.png
+
+# `hetlora export --gguf` against llama.cpp itself (the prebuilt one of node-llama-cpp, from npm;
+# needs Node.js): next-token probabilities of PEFT's adapter and of llama.cpp with adapter.gguf
+# (tools/llamacpp_check.py; figures in docs/running.md, "Export").
+llamacpp-check: $(STAMP)
+	cd tools/llamacpp && npm install --no-audit --no-fund --silent
+	HF_HUB_OFFLINE=1 $(PY) tools/llamacpp_check.py

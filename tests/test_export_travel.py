@@ -159,3 +159,65 @@ def test_export_names_a_portable_base_and_merges_in_a_chosen_dtype(finished, tmp
             app, ["export", str(run_dir), "--rank", "2", "--out", str(tmp_path / "bad"), *bad]
         )
         assert res.exit_code == 2 and line in res.stderr, res.output
+
+
+def test_a_gguf_export_is_llama_cpps_lora_of_the_gguf_base(tmp_path, monkeypatch):
+    """`hetlora export --gguf` on a run whose model is a GGUF file: llama.cpp's LoRA layout.
+    Its A and B are PEFT's at the rank, B's rows in the order the base GGUF stores the layer's
+    rows (llama.cpp adds ``scale B A`` to the stored weight), recovered here from the two
+    files' weights, not from the export's code; alpha is ``scale * rank``, as PEFT's."""
+    import types
+
+    import gguf
+    from safetensors.torch import load_file
+    from tiny import make_tiny_gguf
+
+    from hetlora.errors import HetLoRAError
+    from hetlora.export import export_gguf_lora
+
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "cache"))
+    base = make_tiny_gguf(tmp_path / "g")
+    run = tmp_path / "run"
+    args = ["run", "--out", str(run), "--set", f"model='{base}'"]
+    for item in SETTINGS:
+        args += ["--set", item]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    res = CliRunner().invoke(
+        app, ["export", str(run), "--rank", "3", "--out", str(tmp_path / "x"), "--gguf"]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"its base for llama.cpp: {base}" in res.output
+    peft = tmp_path / "peft"
+    assert (
+        CliRunner().invoke(app, ["export", str(run), "--rank", "3", "--out", str(peft)]).exit_code
+        == 0
+    )
+    config = json.loads((peft / "adapter_config.json").read_text())
+    theirs = load_file(peft / "adapter_model.safetensors")
+
+    reader = gguf.GGUFReader(tmp_path / "x" / "adapter.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == pytest.approx(config["lora_alpha"])
+    mine = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    stored = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(base).tensors}
+    hf = load_file(tmp_path / "g" / "hf" / "model.safetensors")
+    assert len(mine) == len(theirs) == 8  # q and v of 2 layers, A and B each
+    for i in range(2):
+        for short, long in (("attn_q", "q_proj"), ("attn_v", "v_proj")):
+            key = f"base_model.model.model.layers.{i}.self_attn.{long}"
+            a, b = theirs[f"{key}.lora_A.weight"], theirs[f"{key}.lora_B.weight"]
+            assert a.shape[0] == 3
+            # the stored rows of this layer, found among the original's rows
+            weight, original = (
+                stored[f"blk.{i}.{short}.weight"],
+                hf[f"model.layers.{i}.self_attn.{long}.weight"],
+            )
+            rows = torch.cdist(weight, original).argmin(dim=1)
+            torch.testing.assert_close(original[rows], weight)
+            assert (short == "attn_v") == bool((rows == torch.arange(len(rows))).all())
+            torch.testing.assert_close(mine[f"blk.{i}.{short}.weight.lora_a"], a)
+            torch.testing.assert_close(mine[f"blk.{i}.{short}.weight.lora_b"], b[rows])
+    with pytest.raises(HetLoRAError, match=r"--gguf writes adapters of llama models .*'qwen2'"):
+        export_gguf_lora({}, 1, 1.0, types.SimpleNamespace(model_type="qwen2"), tmp_path / "q", "q")

@@ -491,6 +491,13 @@ def export(
         str | None,
         typer.Option("--dtype", help="With --merge: fp32, bf16 or fp16 (default: the base's own)."),
     ] = None,
+    gguf: Annotated[
+        bool,
+        typer.Option(
+            "--gguf",
+            help="Write the adapter for llama.cpp (OUT/adapter.gguf; Llama-family models).",
+        ),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Export the global adapter cut to one device tier's rank (PEFT format), or merged.
@@ -498,15 +505,21 @@ def export(
     A device of rank R runs the first R columns of B and rows of A at the same scale. The
     adapter folder holds PEFT's files, the tokenizer and hetlora.json (the run's config and the
     tier's perplexity); it loads with AutoPeftModelForCausalLM, `hetlora evaluate` and
-    `hetlora chat`. The merged folder loads with from_pretrained.
+    `hetlora chat`. The merged folder loads with from_pretrained. With --gguf the folder holds
+    adapter.gguf, which llama.cpp loads onto the base's GGUF (`llama-cli -m BASE.gguf --lora
+    OUT/adapter.gguf`), and hetlora.json.
     """
     _quiet_libraries(verbose)
     with _one_line_errors():
-        from hetlora.export import export_run
+        from hetlora.export import export_run, read_export_meta
 
-        path = export_run(run_dir, rank, out, merge=merge, base_model=base_model, dtype=dtype)
-    kind = "merged model" if merge else "adapter"
+        path = export_run(
+            run_dir, rank, out, merge=merge, base_model=base_model, dtype=dtype, gguf=gguf
+        )
+    kind = "merged model" if merge else "llama.cpp adapter" if gguf else "adapter"
     console.print(f"wrote the rank-{rank} {kind} to {path}")
+    if gguf and (base := read_export_meta(path).get("base_gguf")):
+        console.print(f"its base for llama.cpp: {base}", highlight=False)
 
 
 @app.command()

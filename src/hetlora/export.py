@@ -67,6 +67,60 @@ def export_adapter(
     return out_dir
 
 
+#: Model types whose adapters export to llama.cpp's GGUF LoRA format: the GGUF architecture,
+#: and whether llama.cpp's converter permutes the query and key rows per head (its rotary
+#: layout), which the adapter's B must follow.
+GGUF_LAYOUTS = {"llama": ("llama", True)}
+
+
+def _llama_rows(b: torch.Tensor, heads: int) -> torch.Tensor:
+    """The rows of a query or key projection (here its LoRA B) in llama.cpp's rotary order:
+    per head, the two rotated halves interleaved."""
+    return (
+        b.reshape(heads, 2, b.shape[0] // heads // 2, b.shape[1]).transpose(1, 2).reshape(b.shape)
+    )
+
+
+def export_gguf_lora(
+    factors: Factors, rank: int, scale: float, model_config: Any, path: Path, name: str
+) -> Path:
+    """Write ``factors`` cut to ``rank`` as a llama.cpp LoRA adapter (GGUF, F32), for the GGUF
+    of the same base: tensors ``<base tensor>.lora_a`` (r x in) and ``.lora_b`` (out x r),
+    ``adapter.lora.alpha = scale * rank`` (llama.cpp scales by alpha / r, as PEFT does)."""
+    import gguf
+
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in GGUF_LAYOUTS:
+        raise HetLoRAError(
+            f"--gguf writes adapters of {', '.join(GGUF_LAYOUTS)} models (llama.cpp's tensor "
+            f"layout, checked against llama.cpp); this run's model is {model_type!r}: export the "
+            "PEFT adapter and convert it with llama.cpp's convert_lora_to_gguf.py"
+        )
+    arch, permuted = GGUF_LAYOUTS[model_type]
+    layers = model_config.num_hidden_layers
+    tensor_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    heads = {"attn_q": model_config.num_attention_heads, "attn_k": model_config.num_key_value_heads}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(scale * rank))
+    for module, (b, a) in sorted(truncate(factors, rank).items()):
+        base = tensor_names.get_name(module)
+        if base is None:
+            raise HetLoRAError(f"module {module} has no tensor in llama.cpp's {arch} layout")
+        kind = base.rsplit(".", 1)[-1]
+        if permuted and kind in heads:
+            b = _llama_rows(b, heads[kind])
+        writer.add_tensor(f"{base}.weight.lora_a", a.float().contiguous().numpy())
+        writer.add_tensor(f"{base}.weight.lora_b", b.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def read_adapter(folder: Path, base: str | None = None) -> tuple[Factors, dict[str, Any]]:
     """The factors and config of a saved PEFT LoRA adapter folder, loaded by PEFT onto ``base``
     (default: the base model the folder names)."""
@@ -152,12 +206,14 @@ def export_run(
     merge: bool = False,
     base_model: str | None = None,
     dtype: str | None = None,
+    gguf: bool = False,
 ) -> Path:
     """Export a finished run's global adapter at ``rank`` (or the base merged with it).
 
     The adapter folder holds PEFT's files, the tokenizer and ``hetlora.json``; its
     ``base_model_name_or_path`` is ``base_model`` if given, else `hetlora.models.portable_name`
     of the run's model. ``merge`` writes the merged model in ``dtype`` (default: the base's own).
+    ``gguf`` writes ``adapter.gguf`` (`export_gguf_lora`, for llama.cpp) and ``hetlora.json``.
     """
     from hetlora.config import load_config
     from hetlora.models import load_tokenizer, portable_name, resolve_model
@@ -178,6 +234,8 @@ def export_run(
         raise HetLoRAError("--base-model applies to an adapter export, not to --merge")
     if not merge and dtype is not None:
         raise HetLoRAError("--dtype applies to --merge (an adapter keeps fp32 factors)")
+    if gguf and (merge or base_model is not None):
+        raise HetLoRAError("--gguf writes an adapter alone: without --merge or --base-model")
     cfg = load_config(run_dir / "config.toml", stored=True)
     summary = _summary(run_dir)
     base_path = resolve_model(cfg.model)
@@ -187,8 +245,28 @@ def export_run(
     staging = Path(
         tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None)
     )
+    meta = {
+        "run": str(run_dir.resolve()),
+        "method": cfg.method,
+        "rank": rank,
+        "scale": scale,
+        "base_model": cfg.model,
+        "tier_ppl": (summary.get("tier_ppl") or {}).get(str(rank)),
+        "bf16": summary.get("bf16"),
+        "chat_template_used": summary.get("chat_template_used"),
+        "config": cfg.to_dict(),
+    }
     try:
-        if not merge:
+        if gguf:
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(base_path)
+            name = f"hetlora {cfg.method} rank {rank} of {Path(cfg.model).name}"
+            export_gguf_lora(factors, rank, scale, model_config, staging / "adapter.gguf", name)
+            meta["format"] = "gguf"
+            meta["base_gguf"] = _base_gguf(cfg.model)
+            (staging / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        elif not merge:
             export_adapter(
                 factors,
                 rank,
@@ -199,17 +277,6 @@ def export_run(
                 base_name=base_model or portable_name(cfg.model),
             )
             load_tokenizer(cfg.model, pad=False).save_pretrained(str(staging))
-            meta = {
-                "run": str(run_dir.resolve()),
-                "method": cfg.method,
-                "rank": rank,
-                "scale": scale,
-                "base_model": cfg.model,
-                "tier_ppl": (summary.get("tier_ppl") or {}).get(str(rank)),
-                "bf16": summary.get("bf16"),
-                "chat_template_used": summary.get("chat_template_used"),
-                "config": cfg.to_dict(),
-            }
             (staging / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         else:
             from peft import PeftModel
@@ -229,6 +296,16 @@ def export_run(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _base_gguf(model: str) -> str | None:
+    """The GGUF file the run's base model came from (the packaged model's, or the run's own
+    ``.gguf``): llama.cpp loads the adapter onto it; None for a folder or hub id."""
+    from hetlora.models import DEFAULT_MODEL, packaged_gguf
+
+    if model == DEFAULT_MODEL:
+        return str(packaged_gguf())
+    return model if model.lower().endswith(".gguf") else None
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:

