@@ -179,7 +179,8 @@ def test_a_gguf_export_is_llama_cpps_lora_of_the_gguf_base(tmp_path, monkeypatch
     base = make_tiny_gguf(tmp_path / "g")
     run = tmp_path / "run"
     args = ["run", "--out", str(run), "--set", f"model='{base}'"]
-    for item in SETTINGS:
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for item in [*SETTINGS, f"target_modules={every}"]:
         args += ["--set", item]
     assert CliRunner().invoke(app, args).exit_code == 0
     res = CliRunner().invoke(
@@ -188,10 +189,12 @@ def test_a_gguf_export_is_llama_cpps_lora_of_the_gguf_base(tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert f"its base for llama.cpp: {base}" in res.output
     peft = tmp_path / "peft"
-    assert (
-        CliRunner().invoke(app, ["export", str(run), "--rank", "3", "--out", str(peft)]).exit_code
-        == 0
-    )
+    plain = ["export", str(run), "--rank", "3", "--out", str(peft)]
+    refused = CliRunner().invoke(app, plain)  # AutoPeftModel cannot load a .gguf base
+    assert refused.exit_code == 2
+    assert "name its Hugging Face original with --base-model" in refused.stderr
+    hf_folder = str(tmp_path / "g" / "hf")
+    assert CliRunner().invoke(app, [*plain, "--base-model", hf_folder]).exit_code == 0
     config = json.loads((peft / "adapter_config.json").read_text())
     theirs = load_file(peft / "adapter_model.safetensors")
 
@@ -203,21 +206,40 @@ def test_a_gguf_export_is_llama_cpps_lora_of_the_gguf_base(tmp_path, monkeypatch
     mine = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(base).tensors}
     hf = load_file(tmp_path / "g" / "hf" / "model.safetensors")
-    assert len(mine) == len(theirs) == 8  # q and v of 2 layers, A and B each
+    assert len(mine) == len(theirs) == 28  # 7 modules of 2 layers, A and B each
+    kinds = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     for i in range(2):
-        for short, long in (("attn_q", "q_proj"), ("attn_v", "v_proj")):
-            key = f"base_model.model.model.layers.{i}.self_attn.{long}"
+        for short, long in kinds.items():
+            key = f"base_model.model.model.layers.{i}.{long}"
             a, b = theirs[f"{key}.lora_A.weight"], theirs[f"{key}.lora_B.weight"]
             assert a.shape[0] == 3
             # the stored rows of this layer, found among the original's rows
-            weight, original = (
-                stored[f"blk.{i}.{short}.weight"],
-                hf[f"model.layers.{i}.self_attn.{long}.weight"],
-            )
+            weight = stored[f"blk.{i}.{short}.weight"]
+            original = hf[f"model.layers.{i}.{long}.weight"]
             rows = torch.cdist(weight, original).argmin(dim=1)
             torch.testing.assert_close(original[rows], weight)
-            assert (short == "attn_v") == bool((rows == torch.arange(len(rows))).all())
+            # llama.cpp keeps the query's and key's rows (4 heads; 2 for the key) in its order
+            in_order = bool((rows == torch.arange(len(rows))).all())
+            assert in_order == (short not in ("attn_q", "attn_k"))
             torch.testing.assert_close(mine[f"blk.{i}.{short}.weight.lora_a"], a)
             torch.testing.assert_close(mine[f"blk.{i}.{short}.weight.lora_b"], b[rows])
     with pytest.raises(HetLoRAError, match=r"--gguf writes adapters of llama models .*'qwen2'"):
         export_gguf_lora({}, 1, 1.0, types.SimpleNamespace(model_type="qwen2"), tmp_path / "q", "q")
+    tied = types.SimpleNamespace(
+        model_type="llama",
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    head = {"lm_head": (torch.zeros(5, 1), torch.zeros(1, 3))}
+    with pytest.raises(HetLoRAError, match=r"tied embeddings is the token embedding in llama"):
+        export_gguf_lora(head, 1, 1.0, tied, tmp_path / "t.gguf", "t")

@@ -202,7 +202,20 @@ def test_a_gguf_file_is_a_model(tmp_path, monkeypatch):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
     with pytest.raises(HetLoRAError, match=r"cannot load GGUF file .*bad\.gguf: "):
         resolve_model(str(tmp_path / "bad.gguf"))
-    assert not list((tmp_path / "cache" / "models").glob("bad-*"))  # nothing half-written
+    import gguf
+
+    adapter = gguf.GGUFWriter(str(tmp_path / "adapter.gguf"), "llama")
+    adapter.add_type(gguf.GGUFType.ADAPTER)
+    adapter.add_tensor("blk.0.attn_q.weight.lora_a", torch.zeros(2, 64).numpy())
+    adapter.write_header_to_file()
+    adapter.write_kv_data_to_file()
+    adapter.write_tensors_to_file()
+    adapter.close()
+    with pytest.raises(HetLoRAError, match=r"adapter\.gguf is a LoRA adapter, not a model"):
+        resolve_model(str(tmp_path / "adapter.gguf"))  # not a default 7B Llama made at random
+    models = tmp_path / "cache" / "models"
+    left = [p.name for p in models.iterdir() if not p.name.endswith(".lock")]
+    assert left == [folder.rsplit("/", 1)[-1]]  # the refused files left nothing half-written
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path):

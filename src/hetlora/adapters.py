@@ -45,12 +45,25 @@ def wrap(model: torch.nn.Module, rank: int, scale: float, target_modules: list[s
     last parts of its dotted path); PEFT itself only refuses a list of which none matches, and a
     list written for another family (``q_proj`` on Phi-3's fused ``qkv_proj``) would train
     fewer modules than asked without a word."""
-    names = [name for name, _ in model.named_modules()]
-    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    modules = dict(model.named_modules())
+    matched = {t: [n for n in modules if n == t or n.endswith("." + t)] for t in target_modules}
+    unmatched = [t for t, found in matched.items() if not found]
     if unmatched:
         raise HetLoRAError(
             f"target_modules {unmatched} name no module of this model (its linear layers: "
             f"{', '.join(sorted(linear_leaves(model)))})"
+        )
+    # PEFT's embedding LoRA keeps other factors (lora_embedding_A/B) than the ones trained,
+    # aggregated and exported here: it would stay at its init, without a word
+    embeddings = [
+        t
+        for t, found in matched.items()
+        if any(isinstance(modules[n], torch.nn.Embedding) for n in found)
+    ]
+    if embeddings:
+        raise HetLoRAError(
+            f"target_modules {embeddings} name an embedding layer; LoRA here goes on linear "
+            f"layers only ({', '.join(sorted(linear_leaves(model)))})"
         )
     try:
         peft_model = get_peft_model(model, lora_config(rank, scale, target_modules))

@@ -109,6 +109,11 @@ def export_gguf_lora(
         base = tensor_names.get_name(module)
         if base is None:
             raise HetLoRAError(f"module {module} has no tensor in llama.cpp's {arch} layout")
+        if base == "output" and getattr(model_config, "tie_word_embeddings", False):
+            raise HetLoRAError(
+                f"module {module}: the output layer of a model with tied embeddings is the "
+                "token embedding in llama.cpp, which would apply the adapter to the input too"
+            )
         kind = base.rsplit(".", 1)[-1]
         if permuted and kind in heads:
             b = _llama_rows(b, heads[kind])
@@ -179,8 +184,8 @@ def exported_base(folder: Path | str, meta: dict[str, Any]) -> str:
     ``base_model_name_or_path``."""
     from hetlora.models import DEFAULT_MODEL
 
-    if meta.get("base_model") == DEFAULT_MODEL:
-        return DEFAULT_MODEL
+    if meta.get("base_model") == DEFAULT_MODEL or str(meta.get("base_model")).endswith(".gguf"):
+        return str(meta["base_model"])  # the weights the run trained on, not a hub original
     with (Path(folder) / "adapter_config.json").open() as fh:
         return str(json.load(fh).get("base_model_name_or_path") or meta.get("base_model") or "")
 
@@ -238,7 +243,20 @@ def export_run(
         raise HetLoRAError("--gguf writes an adapter alone: without --merge or --base-model")
     cfg = load_config(run_dir / "config.toml", stored=True)
     summary = _summary(run_dir)
+    from_gguf = cfg.model.lower().endswith(".gguf")
+    if from_gguf and not (merge or gguf) and base_model is None:
+        raise HetLoRAError(
+            f"the run's model is a GGUF file ({cfg.model}), which AutoPeftModelForCausalLM "
+            "cannot load: name its Hugging Face original with --base-model HUB_ID_OR_FOLDER, "
+            "or export --gguf for llama.cpp"
+        )
     base_path = resolve_model(cfg.model)
+    # the converted folder's name carries the file's version (another cache folder may hold it)
+    if from_gguf and summary.get("model") and Path(summary["model"]).name != Path(base_path).name:
+        raise HetLoRAError(
+            f"{cfg.model} changed after the run (it trained on {summary['model']}): the adapter "
+            "belongs to the file as it was"
+        )
     factors, config = read_adapter(run_dir / "adapter", base=cfg.model)
     rank, scale, targets = tier_settings(factors, config, rank)
     torch_dtype = _merged_dtype(base_path, dtype) if merge else None

@@ -103,15 +103,29 @@ def _converted(gguf_file: Path, target: Path) -> Path:
 def _convert(gguf_file: Path, target: Path) -> None:
     """Write ``gguf_file``, de-quantised, as a plain HF folder at ``target``."""
     log.info("converting %s to a Hugging Face folder in %s (once)", gguf_file.name, target)
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         with _one_gguf_parse():
-            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+            fields = gguf.GGUFReader(gguf_file).fields
+            _check_gguf_model(gguf_file, fields)
+            gguf_model, loading = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, output_loading_info=True
+            )
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except HetLoRAError:
+        raise
     except Exception as exc:  # an architecture transformers cannot read from GGUF, a bad file
         raise HetLoRAError(f"cannot load GGUF file {gguf_file}: {first_line(exc)}") from exc
+    missing = [k for k in loading.get("missing_keys", ()) if k != "lm_head.weight"]
+    if missing or loading.get("mismatched_keys"):
+        raise HetLoRAError(
+            f"cannot load GGUF file {gguf_file}: transformers left {len(missing)} weights "
+            f"unread (e.g. {(missing or loading['mismatched_keys'])[0]}) and would fill them "
+            "at random"
+        )
     config = gguf_model.config.to_dict()
     for key in ("quantization_config", "_name_or_path"):
         config.pop(key, None)
@@ -124,6 +138,27 @@ def _convert(gguf_file: Path, target: Path) -> None:
         tmp.rename(target)  # whole or not at all: an interrupted conversion leaves no folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_gguf_model(gguf_file: Path, fields: dict) -> None:
+    """Refuse a GGUF that is no whole model before transformers reads it: an adapter (its
+    missing shape keys would make transformers build a default 7B Llama) or a file without
+    its architecture's layer count."""
+
+    def value(key: str):
+        field = fields.get(key)
+        return field.contents() if field is not None else None
+
+    if value("general.type") == "adapter":
+        raise HetLoRAError(
+            f"{gguf_file} is a LoRA adapter, not a model: give the base model's GGUF as model"
+        )
+    arch = value("general.architecture")
+    if not arch or value(f"{arch}.block_count") is None:
+        raise HetLoRAError(
+            f"cannot load GGUF file {gguf_file}: it names no architecture with a layer count "
+            f"(general.architecture = {arch!r})"
+        )
 
 
 @contextlib.contextmanager
