@@ -109,7 +109,12 @@ def _convert(gguf_file: Path, target: Path) -> None:
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         with _one_gguf_parse():
-            fields = gguf.GGUFReader(gguf_file).fields
+            try:
+                fields = gguf.GGUFReader(gguf_file).fields
+            except (ValueError, OSError) as exc:
+                raise HetLoRAError(
+                    f"cannot load GGUF file {gguf_file}: not a GGUF file ({first_line(exc)})"
+                ) from None
             _check_gguf_model(gguf_file, fields)
             gguf_model, loading = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, output_loading_info=True
