@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -110,8 +111,6 @@ def main() -> None:
     original = [] if args.packaged else ["--base-model", str(work / "gguf" / "hf")]
     for out, extra in ((work / "peft", original), (work / "llamacpp", ["--gguf"])):
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         hetlora("export", str(run), "--rank", str(args.rank), "--out", str(out), *extra)
 

@@ -162,6 +162,12 @@ class BaseUpdate:
     weights: dict[str, torch.Tensor] | None = None
 
 
+def fedavg_weighting(cfg) -> str:
+    """The client weights of a FedAvg-style method: ``uniform``, else ``data_size`` (the
+    ``aggregation`` key's default, ``sparsity``, means ``data_size`` here)."""
+    return "uniform" if cfg.aggregation == "uniform" else "data_size"
+
+
 def check_uniform_under_dp(cfg) -> None:
     """Refuse data-size weights under differential privacy (example counts depend on the data)."""
     if cfg.dp_clip_norm > 0 and cfg.aggregation == "data_size":

@@ -36,7 +36,7 @@ import torch
 
 from hetlora.errors import HetLoRAError
 from hetlora.lora import Factors, WeightedFactorSum, rank_of, truncate
-from hetlora.methods.base import BaseUpdate, ClientTask, Reply, Server
+from hetlora.methods.base import BaseUpdate, ClientTask, Reply, Server, fedavg_weighting
 
 
 class FedExServer(Server):
@@ -56,7 +56,7 @@ class FedExServer(Server):
 
     @classmethod
     def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
-        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        weighting = fedavg_weighting(cfg)
         return cls(initial_factors, ranks, cfg.lora_scale, weighting)
 
     def __init__(

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from hetlora import dp as dp_
 from hetlora.lora import Factors
-from hetlora.methods.base import check_uniform_under_dp
+from hetlora.methods.base import check_uniform_under_dp, fedavg_weighting
 from hetlora.methods.hetlora import HetLoRAServer, ServerState
 
 
@@ -45,7 +45,7 @@ class FFAServer(HetLoRAServer):
 
     @classmethod
     def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
-        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        weighting = fedavg_weighting(cfg)
         return cls(initial_factors, ranks, weighting, dp=dp_.plan(cfg, len(client_ids)))
 
     @classmethod

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from hetlora import dp as dp_
 from hetlora.dp import DPPlan
 from hetlora.lora import Factors, truncate
-from hetlora.methods.base import check_uniform_under_dp
+from hetlora.methods.base import check_uniform_under_dp, fedavg_weighting
 from hetlora.methods.hetlora import HetLoRAServer
 
 
@@ -36,7 +36,7 @@ class HomLoRAServer(HetLoRAServer):
 
     @classmethod
     def from_config(cls, cfg, initial_factors, ranks, client_ids, base_weights):
-        weighting = "uniform" if cfg.aggregation == "uniform" else "data_size"
+        weighting = fedavg_weighting(cfg)
         dp = dp_.plan(cfg, len(client_ids))
         return cls(initial_factors, client_ids, cfg.rank or cfg.r_max, dp, aggregation=weighting)
 
